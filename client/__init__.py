@@ -1,0 +1,1 @@
+"""Device client: local training, the device loop, and the device's local store."""

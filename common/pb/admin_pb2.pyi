@@ -1,0 +1,124 @@
+from common.pb import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "current_version", "spec", "num_parameters", "strategy", "created_unix_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    current_version: int
+    spec: _tensor_pb2.ModelSpec
+    num_parameters: int
+    strategy: str
+    created_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., num_parameters: _Optional[int] = ..., strategy: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class VersionInfo(_message.Message):
+    __slots__ = ("version", "sha256", "parent_version", "round_id", "created_unix_ms", "metrics", "description")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    sha256: str
+    parent_version: int
+    round_id: str
+    created_unix_ms: int
+    metrics: _containers.ScalarMap[str, float]
+    description: str
+    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., parent_version: _Optional[int] = ..., round_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+
+class RoundInfo(_message.Message):
+    __slots__ = ("round_id", "number", "status", "base_version", "result_version", "selected", "participants", "dropouts", "bytes_in", "bytes_out", "seconds", "metrics", "failure_reason", "started_unix_ms")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    number: int
+    status: str
+    base_version: int
+    result_version: int
+    selected: int
+    participants: int
+    dropouts: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    metrics: _containers.ScalarMap[str, float]
+    failure_reason: str
+    started_unix_ms: int
+    def __init__(self, round_id: _Optional[str] = ..., number: _Optional[int] = ..., status: _Optional[str] = ..., base_version: _Optional[int] = ..., result_version: _Optional[int] = ..., selected: _Optional[int] = ..., participants: _Optional[int] = ..., dropouts: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., failure_reason: _Optional[str] = ..., started_unix_ms: _Optional[int] = ...) -> None: ...
+
+class GetRoundHistoryRequest(_message.Message):
+    __slots__ = ("model_name", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class GetRoundHistoryResponse(_message.Message):
+    __slots__ = ("rounds",)
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
+    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...

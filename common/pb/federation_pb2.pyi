@@ -1,0 +1,191 @@
+from common.pb import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("enrollment_key", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENROLLMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    enrollment_key: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, enrollment_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("device_id", "token")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    token: str
+    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class CheckInRequest(_message.Message):
+    __slots__ = ("max_wait_ms",)
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    max_wait_ms: int
+    def __init__(self, max_wait_ms: _Optional[int] = ...) -> None: ...
+
+class CheckInResponse(_message.Message):
+    __slots__ = ("task", "wait", "finished")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    wait: Wait
+    finished: Finished
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+
+class Wait(_message.Message):
+    __slots__ = ("retry_after_ms", "reason")
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    retry_after_ms: int
+    reason: str
+    def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class FitConfig(_message.Message):
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "momentum", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    proximal_mu: float
+    momentum: float
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., momentum: _Optional[float] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    round_number: int
+    model_name: str
+    model_version: int
+    model_spec: _tensor_pb2.ModelSpec
+    config: FitConfig
+    deadline_unix_ms: int
+    model_bytes: int
+    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ...) -> None: ...
+
+class DownloadModelRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("model_name", "version", "manifest", "total_bytes", "sha256")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    manifest: _tensor_pb2.Manifest
+    total_bytes: int
+    sha256: bytes
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round_id", "base_version", "manifest", "total_bytes", "num_examples")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    base_version: int
+    manifest: _tensor_pb2.Manifest
+    total_bytes: int
+    num_examples: int
+    def __init__(self, round_id: _Optional[str] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadUpdateResponse(_message.Message):
+    __slots__ = ("received_bytes",)
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
+
+class ReportMetricsRequest(_message.Message):
+    __slots__ = ("round_id", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportMetricsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeclineTaskRequest(_message.Message):
+    __slots__ = ("round_id", "reason")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    reason: str
+    def __init__(self, round_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

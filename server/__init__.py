@@ -1,0 +1,1 @@
+"""Aggregation server: gRPC services over a domain layer of rounds, strategies and storage."""
