@@ -1,0 +1,329 @@
+"""The device loop: register, check in, download, train, report, upload, retry.
+
+A device pulls work over gRPC and never opens a port. Transient failures
+(server away, deadline exceeded) are retried with capped exponential
+backoff and full jitter; a call refused because the round moved on sends
+the device back to check in. SIGTERM lets the current step finish, then
+the loop exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+import numpy as np
+import torch
+
+from common.config import setting
+from common.data import Dataset, federated_digits
+from common.models import ModelSpec, build_model
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc
+from common.tensors import (
+    CHUNK_BYTES,
+    ChunkAssembler,
+    Manifest,
+    iter_chunks,
+    to_wire,
+)
+from client.storage import Credentials, LocalStore
+from client.training import LocalTrainingConfig, train_local
+
+log = logging.getLogger("xeno.client")
+
+DEVICE_ID_KEY = "x-xeno-device-id"
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+ROUND_MOVED_ON = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings of one device client process."""
+
+    server: str = setting("127.0.0.1:50051", "aggregation server HOST:PORT", "XENO_SERVER")
+    state_dir: str = setting(
+        "data/device", "folder of the device's local store (credentials)", "XENO_STATE_DIR"
+    )
+    partition: int = setting(
+        0, "which shard of the digits data this device holds (0-based)", "XENO_PARTITION"
+    )
+    num_partitions: int = setting(10, "number of shards the data is split into", "XENO_NUM_PARTITIONS")
+    alpha: float = setting(0.5, "Dirichlet concentration of the label partition", "XENO_ALPHA")
+    data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
+    test_fraction: float = setting(0.2, "fraction of digits held out (not trained on)", "XENO_TEST_FRACTION")
+    local_epochs: int | None = setting(
+        None, "override the server's local epochs", "XENO_CLIENT_LOCAL_EPOCHS"
+    )
+    batch_size: int | None = setting(None, "override the server's batch size", "XENO_CLIENT_BATCH_SIZE")
+    learning_rate: float | None = setting(
+        None, "override the server's learning rate", "XENO_CLIENT_LEARNING_RATE"
+    )
+    proximal_mu: float | None = setting(
+        None, "override the server's FedProx mu", "XENO_CLIENT_PROXIMAL_MU"
+    )
+    enrollment_key: str = setting("", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY")
+    reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
+    seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
+    max_wait_ms: int = setting(10_000, "longest long-poll of one check-in", "XENO_MAX_WAIT_MS")
+    max_backoff: float = setting(30.0, "cap of the reconnect backoff in seconds", "XENO_MAX_BACKOFF")
+    torch_threads: int = setting(
+        1, "torch threads (1 is best when devices share a machine)", "XENO_TORCH_THREADS"
+    )
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, 2015)."""
+
+    def __init__(self, base: float = 0.1, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class DeviceClient:
+    def __init__(
+        self, config: ClientConfig, data: Dataset, stop: threading.Event | None = None
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.stop = stop or threading.Event()
+        self.store = LocalStore(config.state_dir)
+        self.backoff = Backoff(cap=config.max_backoff)
+        self.rounds_done = 0
+        self._creds: Credentials | None = None
+        self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
+        self._stub = federation_pb2_grpc.FederationStub(self._channel)
+        self._models: dict[str, torch.nn.Module] = {}
+
+    # -------------------------------------------------------------- credentials
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        assert self._creds is not None
+        return ((DEVICE_ID_KEY, self._creds.device_id), ("authorization", f"Bearer {self._creds.token}"))
+
+    def _ensure_registered(self) -> None:
+        if self._creds is not None:
+            return
+        if self.config.reset:
+            self.store.clear_credentials()
+        creds = self.store.load_credentials(self.config.server)
+        if creds is None:
+            resp = self._stub.Register(
+                pb.RegisterRequest(
+                    enrollment_key=self.config.enrollment_key,
+                    labels={"runtime": "xeno-fl-python"},
+                ),
+                timeout=30,
+            )
+            creds = Credentials(self.config.server, resp.device_id, resp.token)
+            self.store.save_credentials(creds)
+            log.info("registered as %s", creds.device_id)
+        self._creds = creds
+
+    # -------------------------------------------------------------- main loop
+    def run(self) -> int:
+        """Loop until the federation finishes or stop is set; returns an exit code."""
+        while not self.stop.is_set():
+            try:
+                self._ensure_registered()
+                response = self._check_in()
+                if response is None:
+                    break
+                outcome = response.WhichOneof("outcome")
+                if outcome == "finished":
+                    log.info("federation finished: %s", response.finished.reason)
+                    return 0
+                if outcome == "wait":
+                    self.stop.wait(response.wait.retry_after_ms / 1000.0 * random.uniform(0.5, 1.0))
+                    continue
+                self._run_task(response.task)
+                self.backoff.reset()
+            except grpc.RpcError as err:
+                self._handle_error(err)
+            except (RuntimeError, ValueError, FloatingPointError) as exc:
+                delay = self.backoff.next_delay()
+                log.error("task failed: %s; checking in again in %.1fs", exc, delay)
+                self.stop.wait(delay)
+        log.info("stopping after %d round(s)", self.rounds_done)
+        return 0
+
+    def _handle_error(self, err: grpc.RpcError) -> None:
+        code = err.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            log.warning("credentials refused (%s); registering again", err.details())
+            self.store.clear_credentials()
+            self._creds = None
+            self.stop.wait(self.backoff.next_delay())
+        elif code in ROUND_MOVED_ON:
+            log.info("round moved on (%s: %s); checking in again", code.name, err.details())
+        elif code in RETRYABLE:
+            delay = self.backoff.next_delay()
+            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            self.stop.wait(delay)
+        else:
+            delay = self.backoff.next_delay()
+            log.error("request refused: %s: %s; retrying in %.1fs", code.name, err.details(), delay)
+            self.stop.wait(delay)
+
+    def _check_in(self) -> pb.CheckInResponse | None:
+        """Long poll that gives up early when stop is set (returns None then)."""
+        future = self._stub.CheckIn.future(
+            pb.CheckInRequest(max_wait_ms=self.config.max_wait_ms),
+            metadata=self._metadata(),
+            timeout=self.config.max_wait_ms / 1000.0 + 30,
+        )
+        while not future.done():
+            if self.stop.wait(0.05):
+                future.cancel()
+                return None
+        return future.result()  # type: ignore[no-any-return]
+
+    # -------------------------------------------------------------- one task
+    def _run_task(self, task: pb.Task) -> None:
+        deadline_s = max(1.0, task.deadline_unix_ms / 1000.0 - time.time() + 5)
+        spec = ModelSpec.from_json(task.model_spec.architecture, task.model_spec.config_json)
+        manifest, weights = self._download(task, deadline_s)
+        model = self._model_for(spec, manifest)
+        fit = task.config
+        cfg = self.config
+        result = train_local(
+            model,
+            weights,
+            self.data,
+            LocalTrainingConfig(
+                local_epochs=cfg.local_epochs or fit.local_epochs or 1,
+                batch_size=cfg.batch_size or fit.batch_size or 32,
+                learning_rate=cfg.learning_rate or fit.learning_rate or 0.05,
+                proximal_mu=fit.proximal_mu if cfg.proximal_mu is None else cfg.proximal_mu,
+                momentum=fit.momentum,
+            ),
+            seed=cfg.seed * 1_000_003 + task.round_number,
+        )
+        self._stub.ReportMetrics(
+            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
+            metadata=self._metadata(),
+            timeout=30,
+        )
+        self._upload(task, manifest, result.delta, result.num_examples, deadline_s)
+        self.rounds_done += 1
+        log.info(
+            "round %d: trained on %d examples, train accuracy %.3f",
+            task.round_number, result.num_examples, result.metrics["train_accuracy"],
+        )
+
+    def _model_for(self, spec: ModelSpec, manifest: Manifest) -> torch.nn.Module:
+        key = spec.architecture + spec.config_json()
+        model = self._models.get(key)
+        if model is None:
+            model = build_model(spec)
+            if Manifest.from_state_dict(model.state_dict()) != manifest:
+                raise RuntimeError("the server's manifest does not match the model spec it sent")
+            self._models = {key: model}
+        return model
+
+    def _download(self, task: pb.Task, timeout: float) -> tuple[Manifest, np.ndarray]:
+        stream = self._stub.DownloadModel(
+            pb.DownloadModelRequest(round_id=task.round_id), metadata=self._metadata(), timeout=timeout
+        )
+        first = next(stream)
+        if first.WhichOneof("part") != "header":
+            raise RuntimeError("model stream did not start with a header")
+        header = first.header
+        manifest = Manifest.from_proto(header.manifest)
+        assembler = ChunkAssembler(header.total_bytes)
+        digest = hashlib.sha256()
+        for msg in stream:
+            assembler.add(msg.data)
+            digest.update(msg.data)
+        weights = assembler.finish()
+        if digest.digest() != header.sha256:
+            raise RuntimeError("downloaded model fails its SHA-256 check")
+        return manifest, weights
+
+    def _upload(
+        self, task: pb.Task, manifest: Manifest, delta: np.ndarray, num_examples: int, timeout: float
+    ) -> None:
+        data = to_wire(delta)
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(
+                header=pb.UpdateHeader(
+                    round_id=task.round_id,
+                    base_version=task.model_version,
+                    manifest=manifest.to_proto(),
+                    total_bytes=len(data),
+                    num_examples=num_examples,
+                )
+            )
+            for chunk in iter_chunks(data, CHUNK_BYTES):
+                yield pb.UpdateChunk(data=chunk)
+
+        try:
+            self._stub.UploadUpdate(messages(), metadata=self._metadata(), timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            # A retry after a lost response: the server already counted this update.
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def load_partition(config: ClientConfig) -> Dataset:
+    if not 0 <= config.partition < config.num_partitions:
+        raise ValueError(
+            f"--partition {config.partition} is outside 0..{config.num_partitions - 1}"
+        )
+    fed = federated_digits(config.num_partitions, config.alpha, config.data_seed, config.test_fraction)
+    return fed.clients[config.partition]
+
+
+def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
+    """Entry point of `xeno-fl client` and of simulated device processes."""
+    torch.set_num_threads(max(1, config.torch_threads))
+    stop = threading.Event()
+    if install_signal_handlers:
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: finishing the current step, then exiting", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    client = DeviceClient(config, load_partition(config), stop)
+    try:
+        return client.run()
+    finally:
+        client.close()

@@ -1,0 +1,205 @@
+"""`xeno-fl`: one command with subcommands for operators, devices and simulations.
+
+    xeno-fl server    run the aggregation server
+    xeno-fl client    run a device client
+    xeno-fl simulate  a server and N device processes on this machine
+    xeno-fl admin     inspect models, versions and rounds
+
+Every flag also reads an environment variable (shown in --help); a flag
+wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from common.config import add_arguments, from_namespace
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("opacus").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from client.runtime import ClientConfig
+    from server.app import ServerConfig
+    from server.simulation import SimulationConfig
+
+    parser = argparse.ArgumentParser(
+        prog="xeno-fl", description=__doc__, formatter_class=_Formatter
+    )
+    parser.add_argument(
+        "--log-level", default=os.environ.get("XENO_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (default: info) [env XENO_LOG_LEVEL]",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "server", help="run the aggregation server",
+        description="Run the aggregation server: devices connect to it over gRPC; rounds, "
+        "versions and metrics are stored in the database given by --db.",
+    )
+    add_arguments(p, ServerConfig)
+
+    p = sub.add_parser(
+        "client", help="run a device client",
+        description="Run one device: it registers with the server, then trains on its own data "
+        "partition whenever it is selected for a round, until the federation finishes or "
+        "it receives SIGTERM.",
+    )
+    add_arguments(p, ClientConfig)
+
+    p = sub.add_parser(
+        "simulate", help="simulate a federation on this machine",
+        description="Start a real server and --clients device processes on 127.0.0.1, run "
+        "--rounds rounds on the digits data split by a Dirichlet label partition, show "
+        "progress and print the accuracy per round.",
+    )
+    add_arguments(p, SimulationConfig)
+
+    p = sub.add_parser(
+        "admin", help="inspect models, versions and rounds",
+        description="Query a running server's Admin service (--server), or read a database "
+        "directly (--db) when no server runs.",
+    )
+    p.add_argument("--server", default=os.environ.get("XENO_SERVER"),
+                   help="server HOST:PORT [env XENO_SERVER]")
+    p.add_argument("--db", default=None, help="read this database URL directly instead")
+    p.add_argument("--token", default=os.environ.get("XENO_ADMIN_TOKEN", ""),
+                   help="admin bearer token [env XENO_ADMIN_TOKEN]")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
+    admin_sub.add_parser("models", help="list models")
+    for name, text in (("versions", "list a model's versions with metrics"),
+                       ("rounds", "a model's round history")):
+        q = admin_sub.add_parser(name, help=text)
+        q.add_argument("--model", default=os.environ.get("XENO_MODEL", "digits-mlp"),
+                       help="model name (default: digits-mlp) [env XENO_MODEL]")
+        if name == "rounds":
+            q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "server":
+        from server.app import ServerConfig, serve
+
+        return serve(from_namespace(ServerConfig, args))
+    if args.command == "client":
+        from client.runtime import ClientConfig, run_device
+
+        return run_device(from_namespace(ClientConfig, args))
+    if args.command == "simulate":
+        from server.simulation import SimulationConfig, simulate
+
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+        return simulate(from_namespace(SimulationConfig, args))
+    return _admin(args)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.pb import admin_pb2 as pb
+
+    if bool(args.server) == bool(args.db):
+        print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
+        return 2
+    call = _admin_caller(args)
+    if args.admin_command == "models":
+        resp: Any = call("ListModels", pb.ListModelsRequest())
+        rows = [(m.name, m.current_version, m.num_parameters, m.strategy, m.spec.config_json)
+                for m in resp.models]
+        cols = ("model", "version", "parameters", "strategy", "config")
+    elif args.admin_command == "versions":
+        resp = call("ListVersions", pb.ListVersionsRequest(model_name=args.model))
+        rows = [(v.version, v.parent_version or "-", _fmt(v.metrics.get("accuracy")),
+                 _fmt(v.metrics.get("loss")), v.sha256[:12], v.description) for v in resp.versions]
+        cols = ("version", "parent", "accuracy", "loss", "sha256", "description")
+    else:
+        resp = call("GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model, limit=args.limit))
+        rows = [(r.number, r.status, r.result_version or "-", f"{r.participants}/{r.selected}",
+                 r.dropouts, _fmt(r.metrics.get("accuracy")), f"{r.seconds:.2f}",
+                 r.failure_reason) for r in resp.rounds]
+        cols = ("round", "status", "version", "participants", "dropouts", "accuracy",
+                "seconds", "failure")
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    table = Table()
+    for c in cols:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*[str(x) for x in row])
+    Console().print(table)
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _admin_caller(args: argparse.Namespace) -> Any:
+    import grpc
+
+    if args.server:
+        from common.pb import admin_pb2_grpc
+
+        channel = grpc.insecure_channel(args.server)
+        stub = admin_pb2_grpc.AdminStub(channel)
+        metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+
+        def remote(method: str, request: Any) -> Any:
+            try:
+                return getattr(stub, method)(request, metadata=metadata, timeout=30)
+            except grpc.RpcError as err:
+                raise SystemExit(f"error: {err.code().name}: {err.details()}") from None
+
+        return remote
+
+    from server.services.admin import AdminServicer
+    from server.store import Store
+
+    servicer = AdminServicer(Store(args.db))
+
+    class _Context:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise SystemExit(f"error: {details}")
+
+    def local(method: str, request: Any) -> Any:
+        return getattr(servicer, method)(request, _Context())
+
+    return local
+
+
+if __name__ == "__main__":
+    sys.exit(main())

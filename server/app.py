@@ -1,0 +1,252 @@
+"""Assemble and run the aggregation server: store, coordinator, servicers, interceptors.
+
+`XenoServer` is what `xeno-fl server`, `xeno-fl simulate`, the benchmarks
+and the end-to-end tests all start: a real gRPC server on a TCP port with
+health checking and reflection, over the domain layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.config import setting
+from common.data import digits_split
+from common.evaluation import evaluate
+from common.models import ModelSpec, build_model, mlp_for_params
+from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.registry import DeviceRegistry
+from server.rounds import RoundConfig, RoundCoordinator
+from server.services.admin import AdminServicer
+from server.services.common import AuthInterceptor
+from server.services.federation import FederationServicer
+from server.store import Store
+from server.strategies import FitInstructions, StrategyName, make_strategy
+
+log = logging.getLogger("xeno.server")
+
+FEDERATION_SERVICE = federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one aggregation server process."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: all interfaces)", "XENO_HOST")
+    port: int = setting(50051, "TCP port to listen on; 0 picks a free one", "XENO_PORT")
+    db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL", "XENO_DB")
+    model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
+    hidden: str = setting(
+        "64", "MLP hidden layer sizes, comma-separated (used when the model is created)",
+        "XENO_HIDDEN",
+    )
+    params: int = setting(
+        0, "size the MLP's hidden layer for about this many parameters instead of --hidden",
+        "XENO_PARAMS",
+    )
+    seed: int = setting(0, "seed of the initial weights", "XENO_SEED")
+    strategy: str = setting(
+        "fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad", "XENO_STRATEGY"
+    )
+    server_lr: float | None = setting(
+        None, "server learning rate (default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones)",
+        "XENO_SERVER_LR",
+    )
+    proximal_mu: float = setting(0.01, "FedProx proximal weight mu sent to devices", "XENO_PROXIMAL_MU")
+    local_epochs: int = setting(5, "local epochs per round on each device", "XENO_LOCAL_EPOCHS")
+    batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
+    learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
+    momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
+    min_clients: int = setting(
+        2, "fewest updates that complete a round (and devices needed to start one)",
+        "XENO_MIN_CLIENTS",
+    )
+    clients_per_round: int = setting(
+        10, "target updates per round; the round closes as soon as this many arrive",
+        "XENO_CLIENTS_PER_ROUND",
+    )
+    overselect: float = setting(
+        0.0, "select this fraction more devices than the target, to absorb dropouts",
+        "XENO_OVERSELECT",
+    )
+    round_deadline: float = setting(
+        60.0, "seconds after which a round closes with what it has (or fails)",
+        "XENO_ROUND_DEADLINE",
+    )
+    selection_window: float = setting(
+        2.0, "seconds to wait for more devices once min-clients are available",
+        "XENO_SELECTION_WINDOW",
+    )
+    rounds: int = setting(0, "stop after this many completed rounds (0: run forever)", "XENO_ROUNDS")
+    eval_data: str = setting(
+        "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
+    )
+    data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
+    test_fraction: float = setting(0.2, "fraction of digits held out for evaluation", "XENO_TEST_FRACTION")
+    enrollment_key: str = setting(
+        "", "secret devices must present to register (empty: open enrollment)",
+        "XENO_ENROLLMENT_KEY",
+    )
+    admin_token: str = setting(
+        "", "bearer token admin calls must carry (empty: admin API open)", "XENO_ADMIN_TOKEN"
+    )
+    max_workers: int = setting(
+        256, "gRPC worker threads (each waiting device holds one during its long poll)",
+        "XENO_MAX_WORKERS",
+    )
+
+    def model_spec(self) -> ModelSpec:
+        if self.params > 0:
+            return mlp_for_params(self.params)
+        hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
+        return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})
+
+    def round_config(self) -> RoundConfig:
+        return RoundConfig(
+            min_clients=self.min_clients,
+            clients_per_round=self.clients_per_round,
+            overselect=self.overselect,
+            round_deadline_s=self.round_deadline,
+            selection_window_s=self.selection_window,
+            rounds=self.rounds,
+        )
+
+    def fit_instructions(self) -> FitInstructions:
+        return FitInstructions(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+        )
+
+
+def ensure_model(store: Store, config: ServerConfig) -> None:
+    """Create the configured model (version 1) unless the store already has it."""
+    if store.get_model(config.model) is not None:
+        return
+    spec = config.model_spec()
+    module = build_model(spec, seed=config.seed)
+    state = module.state_dict()
+    store.create_model(
+        config.model, spec, Manifest.from_state_dict(state), config.strategy, flatten_state_dict(state)
+    )
+    log.info("created model %s (%s) at version 1", config.model, spec)
+
+
+def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
+    if config.eval_data == "none":
+        return None
+    if config.eval_data != "digits":
+        raise ValueError(f"unknown eval data {config.eval_data!r}; use digits or none")
+    _, test = digits_split(config.data_seed, config.test_fraction)
+    module = build_model(spec)
+
+    def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
+        load_flat_into_module(module, vector)
+        loss, acc = evaluate(module, test)
+        return {"accuracy": acc, "loss": loss}
+
+    return evaluate_vector
+
+
+class XenoServer:
+    """A running aggregation server (gRPC + round driver)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        StrategyName(config.strategy)  # fail early with a clear message on a typo
+        self.store = Store(config.db)
+        self.store.create_schema()
+        ensure_model(self.store, config)
+        model = self.store.get_model(config.model)
+        assert model is not None
+        strategy = make_strategy(
+            config.strategy, config.fit_instructions(), config.server_lr, config.proximal_mu
+        )
+        self.coordinator = RoundCoordinator(
+            self.store,
+            config.model,
+            strategy,
+            config.round_config(),
+            evaluator=make_evaluator(model.spec, config),  # type: ignore[arg-type]
+        )
+        self.registry = DeviceRegistry(self.store, config.enrollment_key)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+            interceptors=[AuthInterceptor(self.registry.authenticate, config.admin_token)],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        federation_pb2_grpc.add_FederationServicer_to_server(
+            FederationServicer(self.registry, self.coordinator), self._grpc
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> XenoServer:
+        self._grpc.start()
+        self.coordinator.start()
+        for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s (model %s, db %s)", self.address, self.config.model, _safe_url(self.config.db))
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.coordinator.stop()
+        self._grpc.stop(grace).wait()
+        self.store.close()
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT or until the configured rounds are done."""
+    server = XenoServer(config).start()
+    print(f"xeno-fl server listening on {server.address}", flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not done.is_set():
+        if config.rounds and server.coordinator.finished:
+            # Give devices a moment to hear "finished" before the port closes.
+            done.wait(3.0)
+            break
+        done.wait(0.5)
+    server.stop()
+    return 0

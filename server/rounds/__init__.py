@@ -1,0 +1,19 @@
+"""Round coordination: cohort selection, deadlines, streaming aggregation, new versions."""
+
+from server.rounds.coordinator import (
+    CheckInOutcome,
+    RoundConfig,
+    RoundCoordinator,
+    RoundSummary,
+    TaskInfo,
+    UploadSession,
+)
+
+__all__ = [
+    "CheckInOutcome",
+    "RoundConfig",
+    "RoundCoordinator",
+    "RoundSummary",
+    "TaskInfo",
+    "UploadSession",
+]

@@ -1,0 +1,631 @@
+"""The round state machine of one federated model: the server's domain core.
+
+Devices check in (long poll); when enough are available the coordinator
+selects a cohort, hands each its task, serves the global model, folds each
+accepted update into a running weighted sum, and closes the round when the
+target number of updates has arrived, when every selected device is
+accounted for, or at the deadline. A round with fewer than `min_clients`
+updates fails cleanly and the next one starts; stragglers are ignored.
+
+Memory is O(d): one float64 accumulator plus a fixed pool of float32
+staging buffers. An upload is staged, validated whole (length, finiteness)
+and only then added in one vectorized step, so a refused or truncated
+upload never touches the aggregate. Nothing here knows about gRPC; the
+clock is injectable and `step()` drives time-based transitions, so tests
+run the state machine without a network.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
+from server.errors import ErrorKind, FederationError
+from server.store import ModelRecord, ParticipantRecord, Store
+from server.strategies import FitInstructions, Strategy
+
+log = logging.getLogger("xeno.server.rounds")
+audit = logging.getLogger("xeno.audit")
+
+Evaluator = Callable[[np.ndarray], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """How rounds are run; see `xeno-fl server --help` for each setting."""
+
+    min_clients: int = 2
+    clients_per_round: int = 10
+    overselect: float = 0.0
+    round_deadline_s: float = 60.0
+    selection_window_s: float = 2.0
+    rounds: int = 0
+    max_wait_s: float = 10.0
+    availability_ttl_s: float = 15.0
+    max_examples_weight: int = 1_000_000
+    staging_buffers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError("min_clients must be at least 1")
+        if self.clients_per_round < self.min_clients:
+            raise ValueError("clients_per_round must be at least min_clients")
+        if self.overselect < 0:
+            raise ValueError("overselect must be non-negative")
+        if not math.isfinite(self.round_deadline_s) or self.round_deadline_s <= 0:
+            raise ValueError("round_deadline_s must be a finite positive number")
+        if self.staging_buffers < 1:
+            raise ValueError("staging_buffers must be at least 1")
+
+    @property
+    def cohort_size(self) -> int:
+        """Devices selected per round: the target plus over-selection."""
+        return math.ceil(self.clients_per_round * (1 + self.overselect))
+
+
+class Status(enum.Enum):
+    SELECTED = "selected"
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    DECLINED = "declined"
+    DROPPED = "dropped"
+
+
+@dataclass
+class Participant:
+    device_id: str
+    status: Status = Status.SELECTED
+    num_examples: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def record(self) -> ParticipantRecord:
+        status = self.status.value
+        if self.status is Status.UPLOADED and self.metrics:
+            status = "reported"
+        if self.status in (Status.SELECTED, Status.UPLOADING):
+            status = "dropped"
+        return ParticipantRecord(
+            self.device_id, status, self.num_examples, self.bytes_in, self.bytes_out,
+            dict(self.metrics), self.note,
+        )
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    round_id: str
+    round_number: int
+    model_name: str
+    model_version: int
+    model: ModelRecord
+    fit: FitInstructions
+    deadline_unix_ms: int
+    model_bytes: int
+
+
+@dataclass(frozen=True)
+class CheckInOutcome:
+    task: TaskInfo | None = None
+    retry_after_ms: int = 0
+    reason: str = ""
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What a finished round produced; passed to listeners (progress display, metrics)."""
+
+    round_id: str
+    number: int
+    status: str
+    version: int | None
+    selected: int
+    participants: int
+    dropouts: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    metrics: dict[str, float]
+    failure_reason: str = ""
+
+
+@dataclass
+class _Round:
+    id: str
+    number: int
+    base_version: int
+    base_vector: np.ndarray
+    model_bytes: bytes
+    model_sha256: bytes
+    fit: FitInstructions
+    cohort: dict[str, Participant]
+    started: float
+    deadline: float
+    deadline_unix_ms: int
+    accumulator: np.ndarray
+    weight_sum: float = 0.0
+    closing: bool = False
+
+    def count(self, *statuses: Status) -> int:
+        return sum(p.status in statuses for p in self.cohort.values())
+
+
+class RoundCoordinator:
+    """Drives the rounds of one model. Thread-safe; gRPC handlers call it concurrently."""
+
+    def __init__(
+        self,
+        store: Store,
+        model_name: str,
+        strategy: Strategy,
+        config: RoundConfig,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.model_name = model_name
+        self.strategy = strategy
+        self.config = config
+        self.evaluator = evaluator
+        self.clock = clock
+        self._rng = rng or random.SystemRandom()
+        self._cond = threading.Condition(threading.RLock())
+        self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
+        self._staging_free = threading.Semaphore(config.staging_buffers)
+        self._available: dict[str, float] = {}
+        self._available_since: float | None = None
+        self._round: _Round | None = None
+        self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._completed_this_run = 0
+        self._finished = False
+        self._listeners: list[Callable[[RoundSummary], None]] = []
+        self._driver: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+        model = store.get_model(model_name)
+        if model is None:
+            raise ValueError(f"model {model_name!r} does not exist in the store")
+        self.model = model
+        self._vector = store.load_version(model_name, model.current_version)
+        strategy.initialize(self._vector)
+        interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
+        if interrupted:
+            log.warning("marked %d interrupted round(s) as failed", interrupted)
+
+    # ------------------------------------------------------------------ public API
+    def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def current_vector(self) -> np.ndarray:
+        return self._vector
+
+    def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
+        """Long poll: a task for this device, or when to come back."""
+        wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
+        with self._cond:
+            give_up = self.clock() + wait
+            while True:
+                if self._finished:
+                    return CheckInOutcome(finished=True, reason="the federation has finished")
+                task = self._task_for(device_id)
+                if task is not None:
+                    return task
+                now = self.clock()
+                self._mark_available(device_id, now)
+                remaining = give_up - now
+                if remaining <= 0 or self._stopping.is_set():
+                    return CheckInOutcome(retry_after_ms=200, reason="no task for this device yet")
+                self._cond.wait(min(remaining, 1.0))
+
+    def task_for(self, device_id: str) -> TaskInfo | None:
+        with self._cond:
+            out = self._task_for(device_id)
+            return out.task if out else None
+
+    def model_for_download(self, device_id: str, round_id: str) -> tuple[TaskInfo, bytes, bytes]:
+        """(task, model bytes, sha256) for a device of the round; raises FederationError."""
+        with self._cond:
+            rnd = self._active_round(round_id)
+            participant = self._member(rnd, device_id)
+            if participant.status not in (Status.SELECTED, Status.UPLOADING):
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"device already {participant.status.value} in round {round_id}",
+                )
+            return self._task_info(rnd), rnd.model_bytes, rnd.model_sha256
+
+    def record_download(self, device_id: str, round_id: str, nbytes: int) -> None:
+        with self._cond:
+            rnd = self._round
+            if rnd is not None and rnd.id == round_id and device_id in rnd.cohort:
+                rnd.cohort[device_id].bytes_out += nbytes
+
+    def begin_upload(
+        self,
+        device_id: str,
+        round_id: str,
+        base_version: int,
+        manifest: Manifest,
+        total_bytes: int,
+        num_examples: int,
+    ) -> UploadSession:
+        """Validate an upload header and reserve a staging buffer; raises FederationError."""
+        with self._cond:
+            rnd = self._active_round(round_id)
+            participant = self._member(rnd, device_id)
+            if participant.status is Status.UPLOADED:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS,
+                    f"an update from this device for round {round_id} was already accepted",
+                )
+            if participant.status is Status.UPLOADING:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS,
+                    f"an upload from this device for round {round_id} is already in progress",
+                )
+            if participant.status is not Status.SELECTED:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"device is {participant.status.value} in round {round_id}; check in again",
+                )
+            if base_version != rnd.base_version:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"update computed against version {base_version}, round {round_id} "
+                    f"trains version {rnd.base_version}; download the model again",
+                )
+            if manifest != self.model.manifest:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "update manifest does not match the model's manifest "
+                    f"({len(manifest.tensors)} tensors / {manifest.total_elements} elements vs "
+                    f"{len(self.model.manifest.tensors)} / {self.model.manifest.total_elements})",
+                )
+            if total_bytes != self.model.manifest.total_bytes:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"declared size {total_bytes} bytes, the model needs "
+                    f"{self.model.manifest.total_bytes} (float32 x {self.model.manifest.total_elements})",
+                )
+            if num_examples < 1:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, "num_examples must be at least 1")
+            participant.status = Status.UPLOADING
+        # Waiting for a staging buffer must not hold the lock: it is backpressure on the stream.
+        if not self._staging_free.acquire(timeout=max(1.0, rnd.deadline - self.clock())):
+            with self._cond:
+                if participant.status is Status.UPLOADING:
+                    participant.status = Status.SELECTED
+            raise FederationError(ErrorKind.UNAVAILABLE, "server busy staging uploads; retry")
+        with self._cond:
+            buffer = self._staging.pop()
+        if buffer.size < self.model.manifest.total_elements:
+            buffer = np.empty(self.model.manifest.total_elements, dtype=WIRE_DTYPE)
+        weight = min(num_examples, self.config.max_examples_weight)
+        return UploadSession(self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer)
+
+    def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
+        with self._cond:
+            rnd = self._active_round(round_id)
+            participant = self._member(rnd, device_id)
+            if participant.status in (Status.DECLINED, Status.DROPPED):
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"device is {participant.status.value} in round {round_id}",
+                )
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT, f"non-finite metric values: {', '.join(sorted(bad))}"
+                )
+            if len(metrics) > 64:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, "at most 64 metrics per report")
+            participant.metrics = dict(metrics)
+
+    def decline(self, device_id: str, round_id: str, reason: str) -> None:
+        with self._cond:
+            rnd = self._active_round(round_id)
+            participant = self._member(rnd, device_id)
+            if participant.status is Status.UPLOADED:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION, "the update of this device was already accepted"
+                )
+            if participant.status is Status.DECLINED:
+                return
+            participant.status = Status.DECLINED
+            participant.note = reason[:500]
+            log.info("device %s declined round %s: %s", device_id, rnd.number, participant.note)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ time and lifecycle
+    def step(self) -> RoundSummary | None:
+        """Start or close a round when due. Called by the driver thread, or by tests."""
+        with self._cond:
+            if self._finished:
+                return None
+            now = self.clock()
+            rnd = self._round
+            if rnd is None:
+                self._maybe_start_round(now)
+                return None
+            if rnd.closing:
+                return None
+            accepted = rnd.count(Status.UPLOADED)
+            pending = rnd.count(Status.SELECTED, Status.UPLOADING)
+            if accepted >= self.config.clients_per_round or pending == 0 or now >= rnd.deadline:
+                rnd.closing = True
+            else:
+                return None
+        return self._close_round(rnd)
+
+    def start(self, interval_s: float = 0.02) -> None:
+        """Run step() in a background thread until stop()."""
+
+        def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("round driver step failed")
+                with self._cond:
+                    self._cond.wait(interval_s)
+
+        self._driver = threading.Thread(target=loop, name="round-driver", daemon=True)
+        self._driver.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._driver is not None:
+            self._driver.join(timeout=10)
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._finished, timeout)
+
+    # ------------------------------------------------------------------ internals
+    def _mark_available(self, device_id: str, now: float) -> None:
+        if device_id not in self._available:
+            self._cond.notify_all()
+        self._available[device_id] = now
+
+    def _task_for(self, device_id: str) -> CheckInOutcome | None:
+        rnd = self._round
+        if rnd is None or rnd.closing:
+            return None
+        participant = rnd.cohort.get(device_id)
+        if participant is None or participant.status is not Status.SELECTED:
+            return None
+        return CheckInOutcome(task=self._task_info(rnd))
+
+    def _task_info(self, rnd: _Round) -> TaskInfo:
+        return TaskInfo(
+            round_id=rnd.id,
+            round_number=rnd.number,
+            model_name=self.model_name,
+            model_version=rnd.base_version,
+            model=self.model,
+            fit=rnd.fit,
+            deadline_unix_ms=rnd.deadline_unix_ms,
+            model_bytes=len(rnd.model_bytes),
+        )
+
+    def _active_round(self, round_id: str) -> _Round:
+        rnd = self._round
+        if rnd is not None and rnd.id == round_id and not rnd.closing:
+            return rnd
+        if rnd is not None and rnd.id == round_id or round_id in self._closed_rounds:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"round {round_id} is closed; check in again for a new task",
+            )
+        raise FederationError(ErrorKind.NOT_FOUND, f"unknown round id {round_id!r}")
+
+    @staticmethod
+    def _member(rnd: _Round, device_id: str) -> Participant:
+        participant = rnd.cohort.get(device_id)
+        if participant is None:
+            raise FederationError(
+                ErrorKind.PERMISSION_DENIED, f"device is not in the cohort of round {rnd.id}"
+            )
+        return participant
+
+    def _maybe_start_round(self, now: float) -> None:
+        ttl = self.config.availability_ttl_s
+        for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
+            del self._available[dev]
+        count = len(self._available)
+        if count < self.config.min_clients:
+            self._available_since = None
+            return
+        if self._available_since is None:
+            self._available_since = now
+        enough = count >= self.config.cohort_size
+        if not enough and now - self._available_since < self.config.selection_window_s:
+            return
+        chosen = self._rng.sample(sorted(self._available), min(count, self.config.cohort_size))
+        for dev in chosen:
+            del self._available[dev]
+        self._available_since = None
+        number = self.store.next_round_number(self.model_name)
+        round_id = uuid.uuid4().hex
+        version = self.model.current_version
+        self.store.start_round(self.model_name, round_id, number, version, len(chosen))
+        model_bytes = to_wire(self._vector)
+        wall_deadline = time.time() + self.config.round_deadline_s
+        self._round = _Round(
+            id=round_id,
+            number=number,
+            base_version=version,
+            base_vector=self._vector,
+            model_bytes=model_bytes,
+            model_sha256=bytes.fromhex(sha256_hex(model_bytes)),
+            fit=self.strategy.configure_fit(number),
+            cohort={d: Participant(d) for d in chosen},
+            started=now,
+            deadline=now + self.config.round_deadline_s,
+            deadline_unix_ms=int(wall_deadline * 1000),
+            accumulator=np.zeros(self._vector.size, dtype=np.float64),
+        )
+        log.info("round %d started: %d devices selected, base version %d", number, len(chosen), version)
+        self._cond.notify_all()
+
+    def _close_round(self, rnd: _Round) -> RoundSummary:
+        """Aggregate (or fail) a closing round. Runs outside the lock: uploads are refused meanwhile."""
+        accepted = rnd.count(Status.UPLOADED)
+        seconds = self.clock() - rnd.started
+        participants = [p.record() for p in rnd.cohort.values()]
+        version: int | None = None
+        metrics: dict[str, float] = {}
+        reason = ""
+        if accepted >= self.config.min_clients:
+            mean_delta = (rnd.accumulator / rnd.weight_sum).astype(np.float32)
+            new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
+            if not np.all(np.isfinite(new_vector)):
+                reason = "aggregate is not finite; the round's updates were discarded"
+            else:
+                metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
+                metrics["update_norm"] = float(np.linalg.norm(mean_delta))
+                version = self.store.complete_round(
+                    self.model_name, rnd.id, new_vector, metrics, seconds, participants
+                )
+        else:
+            reason = (
+                f"only {accepted} update(s) arrived before the deadline, "
+                f"{self.config.min_clients} needed"
+            )
+        if version is None:
+            self.store.fail_round(rnd.id, reason, seconds, participants)
+            log.warning("round %d failed: %s", rnd.number, reason)
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status="completed" if version is not None else "failed",
+            version=version,
+            selected=len(rnd.cohort),
+            participants=accepted,
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DROPPED, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics=metrics,
+            failure_reason=reason,
+        )
+        with self._cond:
+            if version is not None:
+                self._vector = new_vector
+                self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
+                self._completed_this_run += 1
+                if self.config.rounds and self._completed_this_run >= self.config.rounds:
+                    self._finished = True
+            self._closed_rounds[rnd.id] = summary.status
+            while len(self._closed_rounds) > 1000:
+                self._closed_rounds.popitem(last=False)
+            self._round = None
+            self._cond.notify_all()
+        if version is not None:
+            log.info(
+                "round %d completed: version %d, %d/%d updates, %.2fs, %s",
+                rnd.number, version, accepted, len(rnd.cohort), seconds,
+                {k: round(v, 4) for k, v in metrics.items()},
+            )
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
+    # called by UploadSession
+    def _commit(self, session: UploadSession, vector: np.ndarray) -> None:
+        with self._cond:
+            rnd, participant = session.round, session.participant
+            if self._round is not rnd or rnd.closing:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"round {rnd.id} closed before the upload completed; check in again",
+                )
+            vector *= np.float32(session.weight)
+            rnd.accumulator += vector
+            rnd.weight_sum += session.weight
+            participant.status = Status.UPLOADED
+            participant.num_examples = session.weight
+            participant.bytes_in += session.assembler.total_bytes
+            self._cond.notify_all()
+
+    def _release(self, session: UploadSession, accepted: bool) -> None:
+        with self._cond:
+            if not accepted and session.participant.status is Status.UPLOADING:
+                session.participant.status = Status.SELECTED
+            self._staging.append(session.buffer)
+        self._staging_free.release()
+
+
+class UploadSession:
+    """One device's upload in progress: chunks into a staging buffer, then one atomic add."""
+
+    def __init__(
+        self,
+        coordinator: RoundCoordinator,
+        rnd: _Round,
+        participant: Participant,
+        assembler: ChunkAssembler,
+        weight: int,
+        buffer: np.ndarray,
+    ) -> None:
+        self._coordinator = coordinator
+        self.round = rnd
+        self.participant = participant
+        self.assembler = assembler
+        self.buffer = buffer
+        self.weight = weight
+        self._done = False
+
+    def add_chunk(self, data: bytes) -> None:
+        try:
+            self.assembler.add(data)
+        except ValueError as exc:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+
+    def commit(self) -> None:
+        """Validate the whole update and add it to the round; raises FederationError."""
+        try:
+            vector = self.assembler.finish()
+        except ValueError as exc:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        if not np.isfinite(vector).all():
+            bad = int(np.count_nonzero(~np.isfinite(vector)))
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"update contains {bad} NaN or Inf value(s); it was discarded",
+            )
+        self._coordinator._commit(self, vector)
+        self._finish(accepted=True)
+
+    def abort(self) -> None:
+        """Discard a partial upload; the device may upload again."""
+        self._finish(accepted=False)
+
+    def _finish(self, accepted: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._coordinator._release(self, accepted)

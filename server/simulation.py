@@ -1,0 +1,248 @@
+"""`xeno-fl simulate`: a real server plus N device-client processes on loopback.
+
+The server runs in this process (so its CPU time is measurable on its own);
+each device is a separate long-lived process started from a forkserver
+that has already imported torch, so starting ten devices costs one torch
+import, not ten. Devices talk to the server over real gRPC on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import queue
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from common.config import setting
+from client.runtime import ClientConfig, run_device
+from server.app import ServerConfig, XenoServer
+from server.rounds import RoundSummary
+
+log = logging.getLogger("xeno.simulate")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Settings of a local simulated federation."""
+
+    clients: int = setting(10, "number of device-client processes", "XENO_SIM_CLIENTS")
+    rounds: int = setting(20, "rounds to complete", "XENO_SIM_ROUNDS")
+    db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL of the server", "XENO_DB")
+    report: str | None = setting(None, "also write the per-round results as JSON to this path", "XENO_SIM_REPORT")
+    model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
+    params: int = setting(0, "size the MLP for about this many parameters (0: 64-64-10)", "XENO_PARAMS")
+    strategy: str = setting(
+        "fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad", "XENO_STRATEGY"
+    )
+    alpha: float = setting(0.5, "Dirichlet concentration of the label partition", "XENO_ALPHA")
+    seed: int = setting(0, "seed of the data split, partition and initial weights", "XENO_SEED")
+    local_epochs: int = setting(5, "local epochs per round", "XENO_LOCAL_EPOCHS")
+    round_deadline: float = setting(60.0, "seconds before a round closes with what it has", "XENO_ROUND_DEADLINE")
+    min_clients: int = setting(2, "fewest updates that complete a round", "XENO_MIN_CLIENTS")
+    port: int = setting(0, "server port (0: a free one)", "XENO_PORT")
+    progress: bool = setting(True, "show the live progress display", "XENO_PROGRESS")
+
+
+@dataclass
+class SimulationResult:
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    db: str = ""
+    model: str = ""
+    server_cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    startup_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _round_record(s: RoundSummary) -> dict[str, Any]:
+    return {
+        "round": s.number,
+        "version": s.version,
+        "status": s.status,
+        "participants": s.participants,
+        "selected": s.selected,
+        "dropouts": s.dropouts,
+        "accuracy": s.metrics.get("accuracy"),
+        "loss": s.metrics.get("loss"),
+        "seconds": round(s.seconds, 4),
+        "bytes_in": s.bytes_in,
+        "bytes_out": s.bytes_out,
+        "failure_reason": s.failure_reason,
+    }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _device_main(config: ClientConfig) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s device %(message)s")
+    run_device(config, install_signal_handlers=True)
+
+
+def run_simulation(config: SimulationConfig) -> SimulationResult:
+    if config.clients < 1 or config.rounds < 1:
+        raise ValueError("--clients and --rounds must be at least 1")
+    started = time.perf_counter()
+    server_config = ServerConfig(
+        host="127.0.0.1",
+        port=config.port,
+        db=config.db,
+        model=config.model,
+        params=config.params,
+        seed=config.seed,
+        data_seed=config.seed,
+        strategy=config.strategy,
+        local_epochs=config.local_epochs,
+        min_clients=min(config.min_clients, config.clients),
+        clients_per_round=config.clients,
+        round_deadline=config.round_deadline,
+        rounds=config.rounds,
+    )
+    server = XenoServer(server_config)
+    events: queue.Queue[RoundSummary] = queue.Queue()
+    server.coordinator.add_listener(events.put)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "client.runtime", "server.simulation"])
+    result = SimulationResult(db=config.db, model=config.model)
+    with tempfile.TemporaryDirectory(prefix="xeno-sim-") as state_root:
+        server.start()
+        cpu_start = _cpu_seconds()
+        devices = [
+            ctx.Process(
+                target=_device_main,
+                args=(
+                    ClientConfig(
+                        server=server.address,
+                        state_dir=str(Path(state_root) / f"device-{i}"),
+                        partition=i,
+                        num_partitions=config.clients,
+                        alpha=config.alpha,
+                        data_seed=config.seed,
+                        seed=config.seed * 1000 + i,
+                    ),
+                ),
+                name=f"device-{i}",
+                daemon=True,
+            )
+            for i in range(config.clients)
+        ]
+        for d in devices:
+            d.start()
+        try:
+            _collect(server, events, config, result, started)
+        finally:
+            result.server_cpu_seconds = _cpu_seconds() - cpu_start
+            for d in devices:
+                d.join(timeout=15)
+            for d in devices:
+                if d.is_alive():
+                    d.terminate()
+                    d.join(timeout=5)
+            server.stop()
+    result.wall_seconds = time.perf_counter() - started
+    if config.report:
+        Path(config.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.report).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _collect(
+    server: XenoServer,
+    events: queue.Queue[RoundSummary],
+    config: SimulationConfig,
+    result: SimulationResult,
+    started: float,
+) -> None:
+    """Gather round events until the configured rounds completed, with a live display."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    completed = 0
+    first = True
+    with Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not config.progress,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("rounds", total=config.rounds, status="starting devices...")
+        while completed < config.rounds:
+            try:
+                summary = events.get(timeout=1.0)
+            except queue.Empty:
+                if server.coordinator.finished:
+                    break
+                continue
+            if first:
+                result.startup_seconds = time.perf_counter() - started - summary.seconds
+                first = False
+            result.rounds.append(_round_record(summary))
+            if summary.status == "completed":
+                completed += 1
+                acc = summary.metrics.get("accuracy")
+                status = (
+                    f"participants {summary.participants}/{summary.selected}  "
+                    f"accuracy {acc:.3f}  " if acc is not None else ""
+                ) + f"{summary.seconds:.2f}s/round"
+            else:
+                status = f"round {summary.number} failed: {summary.failure_reason}"
+                console.print(f"[yellow]{status}")
+            progress.update(bar, completed=completed, status=status)
+
+
+def print_result(result: SimulationResult, config: SimulationConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Federated training of {result.model}: {config.clients} devices")
+    for col in ("round", "version", "participants", "dropouts", "accuracy", "loss", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        table.add_row(
+            str(r["round"]), str(r["version"] or "failed"), str(r["participants"]),
+            str(r["dropouts"]), acc, loss, f"{r['seconds']:.2f}",
+        )
+    console = Console()
+    console.print(table)
+    done = [r for r in result.rounds if r["status"] == "completed"]
+    secs = [r["seconds"] for r in done]
+    if done:
+        console.print(
+            f"final accuracy {done[-1]['accuracy']:.4f} after {len(done)} rounds; "
+            f"median round {statistics.median(secs):.2f}s; total {result.wall_seconds:.1f}s "
+            f"(device start-up {result.startup_seconds:.1f}s)"
+        )
+    console.print(f"database: {result.db}  (inspect with: xeno-fl admin --db {result.db} rounds)")
+    if config.report:
+        console.print(f"report: {config.report}")
+
+
+def simulate(config: SimulationConfig) -> int:
+    result = run_simulation(config)
+    print_result(result, config)
+    completed = sum(r["status"] == "completed" for r in result.rounds)
+    if completed < config.rounds:
+        print(f"only {completed} of {config.rounds} rounds completed")
+        return 1
+    return 0
+
+
+__all__ = ["SimulationConfig", "SimulationResult", "replace", "run_simulation", "simulate"]

@@ -1,0 +1,331 @@
+"""Persistence of devices, models, versions and rounds (SQLAlchemy 2.0; SQLite or PostgreSQL).
+
+`Store` is the repository the domain layer talks to. Each state change is
+one transaction; a round's new version (blob, version row, round row,
+participants, model pointer) is written in a single commit so a crash
+leaves either all of it or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.models import ModelSpec
+from common.tensors import WIRE_DTYPE, Manifest, to_wire
+from server.store.models import (
+    Base,
+    BlobRow,
+    DeviceRow,
+    ModelRow,
+    ModelVersionRow,
+    RoundParticipantRow,
+    RoundRow,
+)
+
+__all__ = ["CorruptBlobError", "ModelRecord", "ParticipantRecord", "Store", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CorruptBlobError(RuntimeError):
+    """A stored blob does not match its SHA-256 address."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    spec: ModelSpec
+    manifest: Manifest
+    num_parameters: int
+    strategy: str
+    current_version: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ParticipantRecord:
+    device_id: str
+    status: str
+    num_examples: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    metrics: dict[str, float] | None = None
+    note: str = ""
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for url; SQLite gets WAL, a busy timeout and its parent folder created."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    """Repository over one database URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._session()
+
+    # devices ---------------------------------------------------------------
+    def add_device(self, device_id: str, token_sha256: str, labels: dict[str, str]) -> None:
+        with self._session.begin() as s:
+            s.add(DeviceRow(id=device_id, token_sha256=token_sha256, labels=labels, created_at=utcnow()))
+
+    def device_token_hashes(self) -> dict[str, str]:
+        with self.session() as s:
+            return dict(s.execute(select(DeviceRow.id, DeviceRow.token_sha256)).tuples().all())
+
+    # blobs -----------------------------------------------------------------
+    @staticmethod
+    def _put_blob(s: Session, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if s.get(BlobRow, digest) is None:
+            s.add(BlobRow(sha256=digest, size=len(data), data=data))
+        return digest
+
+    def read_blob(self, digest: str) -> bytes:
+        with self.session() as s:
+            row = s.get(BlobRow, digest)
+            if row is None:
+                raise KeyError(f"no blob {digest}")
+            data = bytes(row.data)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptBlobError(f"blob {digest} fails its SHA-256 check; the store is corrupt")
+        return data
+
+    # models and versions ---------------------------------------------------
+    def get_model(self, name: str) -> ModelRecord | None:
+        with self.session() as s:
+            row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            return None if row is None else _model_record(row)
+
+    def list_models(self) -> list[ModelRecord]:
+        with self.session() as s:
+            return [_model_record(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.id))]
+
+    def create_model(
+        self, name: str, spec: ModelSpec, manifest: Manifest, strategy: str, initial: np.ndarray
+    ) -> ModelRecord:
+        """Create the model with version 1 holding the initial weights."""
+        now = utcnow()
+        with self._session.begin() as s:
+            digest = self._put_blob(s, to_wire(initial))
+            row = ModelRow(
+                name=name,
+                architecture=spec.architecture,
+                config=spec.config,
+                manifest=manifest.to_json(),
+                num_parameters=manifest.total_elements,
+                strategy=strategy,
+                current_version=1,
+                created_at=now,
+            )
+            s.add(row)
+            s.flush()
+            s.add(
+                ModelVersionRow(
+                    model_id=row.id, version=1, parent_version=None, blob_sha256=digest,
+                    round_id=None, metrics={}, description="initial weights", created_at=now,
+                )
+            )
+            return _model_record(row)
+
+    def load_version(self, name: str, version: int) -> np.ndarray:
+        """Weights of a version as a float32 vector, SHA-256 checked."""
+        with self.session() as s:
+            digest = s.scalar(
+                select(ModelVersionRow.blob_sha256)
+                .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == name, ModelVersionRow.version == version)
+            )
+        if digest is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        return np.frombuffer(self.read_blob(digest), dtype=WIRE_DTYPE).copy()
+
+    def list_versions(self, name: str) -> list[ModelVersionRow]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(ModelVersionRow)
+                    .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                    .where(ModelRow.name == name)
+                    .order_by(ModelVersionRow.version)
+                )
+            )
+
+    # rounds ----------------------------------------------------------------
+    def next_round_number(self, name: str) -> int:
+        with self.session() as s:
+            last = s.scalar(
+                select(RoundRow.number)
+                .join(ModelRow, ModelRow.id == RoundRow.model_id)
+                .where(ModelRow.name == name)
+                .order_by(RoundRow.number.desc())
+                .limit(1)
+            )
+            return 1 if last is None else last + 1
+
+    def count_completed_rounds(self, name: str) -> int:
+        with self.session() as s:
+            return len(
+                s.scalars(
+                    select(RoundRow.id)
+                    .join(ModelRow, ModelRow.id == RoundRow.model_id)
+                    .where(ModelRow.name == name, RoundRow.status == "completed")
+                ).all()
+            )
+
+    def start_round(
+        self, name: str, round_id: str, number: int, base_version: int, selected: int
+    ) -> None:
+        with self._session.begin() as s:
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == name))
+            s.add(
+                RoundRow(
+                    id=round_id, model_id=model_id, number=number, status="running",
+                    base_version=base_version, selected=selected, started_at=utcnow(),
+                )
+            )
+
+    def fail_round(
+        self, round_id: str, reason: str, seconds: float, participants: list[ParticipantRecord]
+    ) -> None:
+        with self._session.begin() as s:
+            row = s.get(RoundRow, round_id)
+            if row is None:
+                return
+            row.status = "failed"
+            row.failure_reason = reason
+            row.seconds = seconds
+            row.ended_at = utcnow()
+            row.participants = sum(p.status in ("uploaded", "reported") for p in participants)
+            row.dropouts = sum(p.status in ("dropped", "declined") for p in participants)
+            row.bytes_in = sum(p.bytes_in for p in participants)
+            row.bytes_out = sum(p.bytes_out for p in participants)
+            s.add_all(_participant_rows(round_id, participants))
+
+    def fail_running_rounds(self, name: str, reason: str) -> int:
+        """Mark rounds left running by a previous process as failed; returns how many."""
+        with self._session.begin() as s:
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == name))
+            result = s.execute(
+                update(RoundRow)
+                .where(RoundRow.model_id == model_id, RoundRow.status == "running")
+                .values(status="failed", failure_reason=reason, ended_at=utcnow())
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def complete_round(
+        self,
+        name: str,
+        round_id: str,
+        new_weights: np.ndarray,
+        metrics: dict[str, float],
+        seconds: float,
+        participants: list[ParticipantRecord],
+    ) -> int:
+        """Store the round's new global version and the round's record in one commit."""
+        now = utcnow()
+        with self._session.begin() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            rnd = s.get(RoundRow, round_id)
+            if model is None or rnd is None:
+                raise KeyError(f"unknown model {name!r} or round {round_id!r}")
+            if rnd.status != "running":
+                raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
+            digest = self._put_blob(s, to_wire(new_weights))
+            version = model.current_version + 1
+            s.add(
+                ModelVersionRow(
+                    model_id=model.id, version=version, parent_version=model.current_version,
+                    blob_sha256=digest, round_id=round_id, metrics=metrics,
+                    description=f"round {rnd.number}", created_at=now,
+                )
+            )
+            model.current_version = version
+            rnd.status = "completed"
+            rnd.result_version = version
+            rnd.metrics = metrics
+            rnd.seconds = seconds
+            rnd.ended_at = now
+            rnd.participants = sum(p.status in ("uploaded", "reported") for p in participants)
+            rnd.dropouts = sum(p.status in ("dropped", "declined") for p in participants)
+            rnd.bytes_in = sum(p.bytes_in for p in participants)
+            rnd.bytes_out = sum(p.bytes_out for p in participants)
+            s.add_all(_participant_rows(round_id, participants))
+            return version
+
+    def list_rounds(self, name: str, limit: int = 0) -> list[RoundRow]:
+        with self.session() as s:
+            q = (
+                select(RoundRow)
+                .join(ModelRow, ModelRow.id == RoundRow.model_id)
+                .where(ModelRow.name == name)
+                .order_by(RoundRow.number.desc())
+            )
+            if limit:
+                q = q.limit(limit)
+            return list(reversed(s.scalars(q).all()))
+
+    def round_participants(self, round_id: str) -> list[RoundParticipantRow]:
+        with self.session() as s:
+            return list(
+                s.scalars(select(RoundParticipantRow).where(RoundParticipantRow.round_id == round_id))
+            )
+
+
+def _model_record(row: ModelRow) -> ModelRecord:
+    return ModelRecord(
+        name=row.name,
+        spec=ModelSpec(row.architecture, dict(row.config)),
+        manifest=Manifest.from_json(row.manifest),
+        num_parameters=row.num_parameters,
+        strategy=row.strategy,
+        current_version=row.current_version,
+        created_at=row.created_at,
+    )
+
+
+def _participant_rows(round_id: str, participants: list[ParticipantRecord]) -> list[RoundParticipantRow]:
+    return [
+        RoundParticipantRow(
+            round_id=round_id, device_id=p.device_id, status=p.status,
+            num_examples=p.num_examples, bytes_in=p.bytes_in, bytes_out=p.bytes_out,
+            metrics=dict(p.metrics or {}), note=p.note,
+        )
+        for p in participants
+    ]
