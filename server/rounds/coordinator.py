@@ -604,21 +604,29 @@ class UploadSession:
         try:
             self.assembler.add(data)
         except ValueError as exc:
+            self.abort()
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
 
     def commit(self) -> None:
-        """Validate the whole update and add it to the round; raises FederationError."""
+        """Validate the whole update and add it to the round; raises FederationError.
+
+        On any refusal the session is aborted: the device may upload again.
+        """
         try:
-            vector = self.assembler.finish()
-        except ValueError as exc:
-            raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-        if not np.isfinite(vector).all():
-            bad = int(np.count_nonzero(~np.isfinite(vector)))
-            raise FederationError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"update contains {bad} NaN or Inf value(s); it was discarded",
-            )
-        self._coordinator._commit(self, vector)
+            try:
+                vector = self.assembler.finish()
+            except ValueError as exc:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            if not np.isfinite(vector).all():
+                bad = int(np.count_nonzero(~np.isfinite(vector)))
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"update contains {bad} NaN or Inf value(s); it was discarded",
+                )
+            self._coordinator._commit(self, vector)
+        except FederationError:
+            self.abort()
+            raise
         self._finish(accepted=True)
 
     def abort(self) -> None:

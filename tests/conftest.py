@@ -1,0 +1,122 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, raw device stubs, devices."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from client.runtime import ClientConfig, DeviceClient, load_partition
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc
+from server.app import ServerConfig, XenoServer
+
+torch.set_num_threads(1)
+
+FAST_SERVER = ServerConfig(
+    host="127.0.0.1",
+    port=0,
+    min_clients=2,
+    clients_per_round=3,
+    round_deadline=20.0,
+    selection_window=0.3,
+    local_epochs=1,
+    max_workers=64,
+)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., XenoServer]]:
+    servers: list[XenoServer] = []
+
+    def make(**overrides: Any) -> XenoServer:
+        overrides.setdefault("db", f"sqlite:///{tmp_path}/server-{len(servers)}.db")
+        server = XenoServer(replace(FAST_SERVER, **overrides)).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.stop(grace=0.5)
+
+
+@dataclass
+class RawDevice:
+    """A device driven by hand through the generated stubs (for protocol-level tests)."""
+
+    channel: grpc.Channel
+    stub: federation_pb2_grpc.FederationStub
+    device_id: str
+    token: str
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return (("x-xeno-device-id", self.device_id), ("authorization", f"Bearer {self.token}"))
+
+    def check_in(self, wait_ms: int = 5000) -> pb.CheckInResponse:
+        return self.stub.CheckIn(pb.CheckInRequest(max_wait_ms=wait_ms), metadata=self.md, timeout=30)
+
+
+@pytest.fixture
+def raw_device() -> Iterator[Callable[[XenoServer], RawDevice]]:
+    channels: list[grpc.Channel] = []
+
+    def make(server: XenoServer) -> RawDevice:
+        channel = grpc.insecure_channel(server.address)
+        channels.append(channel)
+        stub = federation_pb2_grpc.FederationStub(channel)
+        resp = stub.Register(pb.RegisterRequest(), timeout=10)
+        return RawDevice(channel, stub, resp.device_id, resp.token)
+
+    yield make
+    for c in channels:
+        c.close()
+
+
+@dataclass
+class DeviceThread:
+    client: DeviceClient
+    thread: threading.Thread
+    stop: threading.Event
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]]:
+    """Real DeviceClient loops in threads, each with its own partition and local store."""
+    started: list[DeviceThread] = []
+
+    def start(server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any) -> list[DeviceThread]:
+        out = []
+        for i in range(n):
+            config = ClientConfig(
+                server=server.address,
+                state_dir=str(tmp_path / f"device-{len(started)}"),
+                partition=i,
+                num_partitions=num_partitions or n,
+                max_wait_ms=2000,
+                max_backoff=1.0,
+                **overrides,
+            )
+            stop = threading.Event()
+            client = DeviceClient(config, load_partition(config), stop)
+            thread = threading.Thread(target=client.run, daemon=True, name=f"device-{i}")
+            thread.start()
+            dt = DeviceThread(client, thread, stop)
+            started.append(dt)
+            out.append(dt)
+        return out
+
+    yield start
+    for d in started:
+        d.halt()
+        d.client.close()

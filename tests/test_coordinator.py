@@ -1,0 +1,217 @@
+"""The round state machine, driven directly with a fake clock (no network)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.models import ModelSpec
+from common.tensors import Manifest, TensorInfo, to_wire
+from server.errors import ErrorKind, FederationError
+from server.rounds import RoundConfig, RoundCoordinator
+from server.store import Store
+from server.strategies import FedAvg
+
+MANIFEST = Manifest((TensorInfo("w", (2, 3)), TensorInfo("b", (2,))))
+D = MANIFEST.total_elements
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"sqlite:///{tmp_path}/c.db")
+    s.create_schema()
+    s.create_model("m", ModelSpec("mlp", {}), MANIFEST, "fedavg", np.zeros(D, dtype=np.float32))
+    for name in ["a", "b", "c", "zz"] + [f"d{i}" for i in range(6)]:
+        s.add_device(name, "0" * 64, {})
+    return s
+
+
+def make(store: Store, clock: Clock, **cfg) -> RoundCoordinator:
+    defaults = dict(min_clients=2, clients_per_round=3, round_deadline_s=10, selection_window_s=1)
+    defaults.update(cfg)
+    return RoundCoordinator(
+        store, "m", FedAvg(), RoundConfig(**defaults),
+        evaluator=lambda v: {"accuracy": float(v.sum())}, clock=clock, rng=random.Random(0),
+    )
+
+
+def start_round(coord: RoundCoordinator, clock: Clock, devices: list[str]):
+    for d in devices:
+        coord.check_in(d, 0)
+    coord.step()
+    clock.now += 5
+    coord.step()
+    return {d: coord.task_for(d) for d in devices}
+
+
+def upload(coord, device, task, vector, num_examples=1):
+    session = coord.begin_upload(device, task.round_id, task.model_version, MANIFEST, 4 * D, num_examples)
+    data = to_wire(np.asarray(vector, dtype=np.float32))
+    for i in range(0, len(data), 12):
+        session.add_chunk(data[i : i + 12])
+    session.commit()
+
+
+def test_no_round_until_min_clients_available(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    coord.check_in("a", 0)
+    clock.now += 5
+    coord.step()
+    assert coord.task_for("a") is None
+    coord.check_in("b", 0)
+    coord.step()  # selection window starts now
+    assert coord.task_for("a") is None
+    clock.now += 1.5
+    coord.step()
+    assert coord.task_for("a") is not None and coord.task_for("b") is not None
+
+
+def test_cohort_is_capped_with_overselection(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock, clients_per_round=2, overselect=0.5)
+    tasks = start_round(coord, clock, [f"d{i}" for i in range(6)])
+    assert sum(t is not None for t in tasks.values()) == 3
+
+
+def test_weighted_fedavg_round_creates_a_version(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    upload(coord, "a", tasks["a"], np.full(D, 1.0), num_examples=1)
+    upload(coord, "b", tasks["b"], np.full(D, 4.0), num_examples=3)
+    assert coord.step() is None  # c still pending, deadline not reached
+    upload(coord, "c", tasks["c"], np.full(D, 0.0), num_examples=4)
+    summary = coord.step()
+    assert summary.status == "completed" and summary.version == 2 and summary.participants == 3
+    expected = (1 * 1.0 + 3 * 4.0 + 4 * 0.0) / 8
+    np.testing.assert_allclose(store.load_version("m", 2), np.full(D, expected), rtol=1e-6)
+    assert store.get_model("m").current_version == 2
+    [rnd] = store.list_rounds("m")
+    assert rnd.status == "completed" and rnd.result_version == 2 and rnd.bytes_in == 3 * 4 * D
+
+
+def test_straggler_is_ignored_at_the_deadline(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    upload(coord, "a", tasks["a"], np.ones(D))
+    upload(coord, "b", tasks["b"], np.ones(D))
+    clock.now += 11
+    summary = coord.step()
+    assert summary.status == "completed" and summary.participants == 2 and summary.dropouts == 1
+    with pytest.raises(FederationError) as err:
+        upload(coord, "c", tasks["c"], np.ones(D))
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+
+
+def test_round_fails_cleanly_below_minimum_and_next_round_starts(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    upload(coord, "a", tasks["a"], np.ones(D))
+    clock.now += 11
+    summary = coord.step()
+    assert summary.status == "failed" and "1 update" in summary.failure_reason
+    assert store.get_model("m").current_version == 1
+    tasks2 = start_round(coord, clock, ["a", "b"])
+    assert tasks2["a"].round_id != tasks["a"].round_id and tasks2["a"].round_number == 2
+
+
+def test_declined_devices_do_not_hold_the_round(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    upload(coord, "a", tasks["a"], np.ones(D))
+    upload(coord, "b", tasks["b"], np.ones(D))
+    coord.decline("c", tasks["c"].round_id, "privacy budget exceeded")
+    summary = coord.step()
+    assert summary.status == "completed" and summary.dropouts == 1
+
+
+def test_bad_uploads_leave_the_aggregate_untouched(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    t = tasks["a"]
+    bad_vector = np.ones(D, dtype=np.float32)
+    bad_vector[5] = np.nan
+    with pytest.raises(FederationError, match="NaN"):
+        upload(coord, "a", t, bad_vector)
+    session = coord.begin_upload("a", t.round_id, t.model_version, MANIFEST, 4 * D, 1)
+    session.add_chunk(b"\x00" * 8)
+    with pytest.raises(FederationError, match="truncated"):
+        session.commit()
+    session.abort()
+    wrong = Manifest((TensorInfo("w", (3, 2)), TensorInfo("b", (2,))))
+    with pytest.raises(FederationError) as err:
+        coord.begin_upload("a", t.round_id, t.model_version, wrong, 4 * D, 1)
+    assert err.value.kind is ErrorKind.INVALID_ARGUMENT
+    with pytest.raises(FederationError) as err:
+        coord.begin_upload("a", t.round_id, t.model_version + 1, MANIFEST, 4 * D, 1)
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    with pytest.raises(FederationError) as err:
+        coord.begin_upload("zz", t.round_id, t.model_version, MANIFEST, 4 * D, 1)
+    assert err.value.kind is ErrorKind.PERMISSION_DENIED
+    with pytest.raises(FederationError) as err:
+        coord.begin_upload("a", "nope", t.model_version, MANIFEST, 4 * D, 1)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    # after all refusals, the device can still upload and the sum is exactly the good ones
+    for d in ("a", "b", "c"):
+        upload(coord, d, tasks[d], np.full(D, 2.0))
+    with pytest.raises(FederationError) as err:
+        upload(coord, "a", t, np.full(D, 2.0))
+    assert err.value.kind is ErrorKind.ALREADY_EXISTS
+    summary = coord.step()
+    assert summary.participants == 3
+    np.testing.assert_array_equal(store.load_version("m", 2), np.full(D, 2.0, dtype=np.float32))
+
+
+def test_finishes_after_configured_rounds(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock, rounds=1)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    for d in "abc":
+        upload(coord, d, tasks[d], np.zeros(D))
+    coord.step()
+    assert coord.finished
+    assert coord.check_in("a", 0).finished
+
+
+def test_restart_marks_running_round_failed_and_keeps_versions(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    upload(coord, "a", tasks["a"], np.ones(D))
+    # the process dies here; a new coordinator starts on the same store
+    coord2 = make(store, clock)
+    [rnd] = store.list_rounds("m")
+    assert rnd.status == "failed" and "restarted" in rnd.failure_reason
+    assert coord2.model.current_version == 1
+    with pytest.raises(FederationError) as err:
+        coord2.begin_upload("a", tasks["a"].round_id, 1, MANIFEST, 4 * D, 1)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+
+
+def test_corrupt_blob_is_detected_on_read(store: Store) -> None:
+    from sqlalchemy import update
+
+    from server.store.models import BlobRow
+
+    with store.session() as s, s.begin():
+        s.execute(update(BlobRow).values(data=b"\x01" * (4 * D)))
+    from server.store import CorruptBlobError
+
+    with pytest.raises(CorruptBlobError):
+        store.load_version("m", 1)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
+from common.pb import tensor_pb2
+from common.tensors import (
+    ChunkAssembler,
+    Manifest,
+    flatten_state_dict,
+    from_wire,
+    iter_chunks,
+    load_flat_into_module,
+    to_wire,
+    unflatten_to_state_dict,
+)
+
+
+def test_state_dict_roundtrip_through_wire_bytes_and_manifest_proto() -> None:
+    model = build_model(ModelSpec("mlp", {"hidden": [32, 16]}), seed=3)
+    state = model.state_dict()
+    manifest = Manifest.from_proto(Manifest.from_state_dict(state).to_proto())
+    data = to_wire(flatten_state_dict(state))
+    assert len(data) == manifest.total_bytes
+    restored = unflatten_to_state_dict(from_wire(data), manifest)
+    assert list(restored) == list(state)
+    for name in state:
+        assert torch.equal(restored[name], state[name])
+
+
+def test_wire_format_is_little_endian_float32() -> None:
+    assert to_wire(np.array([1.0], dtype=np.float32)) == b"\x00\x00\x80\x3f"
+
+
+def test_manifest_with_wrong_total_or_dtype_is_refused() -> None:
+    msg = tensor_pb2.Manifest(
+        tensors=[tensor_pb2.TensorSpec(name="w", shape=[2, 3], dtype=tensor_pb2.DTYPE_FLOAT32)],
+        total_elements=7,
+    )
+    with pytest.raises(ValueError, match="total_elements"):
+        Manifest.from_proto(msg)
+    msg.total_elements = 6
+    msg.tensors[0].dtype = tensor_pb2.DTYPE_UNSPECIFIED
+    with pytest.raises(ValueError, match="FLOAT32"):
+        Manifest.from_proto(msg)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(st.floats(width=32, allow_nan=False), min_size=0, max_size=300),
+    chunk=st.integers(min_value=1, max_value=97),
+)
+def test_chunked_stream_reassembles_exactly(values: list[float], chunk: int) -> None:
+    vector = np.array(values, dtype=np.float32)
+    data = to_wire(vector)
+    assembler = ChunkAssembler(len(data))
+    for piece in iter_chunks(data, chunk):
+        assembler.add(piece)
+    np.testing.assert_array_equal(assembler.finish(), vector)
+
+
+def test_assembler_refuses_overflow_and_truncation() -> None:
+    assembler = ChunkAssembler(8)
+    assembler.add(b"\x00" * 4)
+    with pytest.raises(ValueError, match="exceeds its declared size"):
+        assembler.add(b"\x00" * 8)
+    with pytest.raises(ValueError, match="truncated"):
+        assembler.finish()
+
+
+def test_load_flat_into_module_sets_weights() -> None:
+    model = build_model(ModelSpec(), seed=0)
+    vector = np.arange(num_parameters(model), dtype=np.float32)
+    load_flat_into_module(model, vector)
+    np.testing.assert_array_equal(flatten_state_dict(model.state_dict()), vector)
+
+
+@pytest.mark.parametrize("target", [10_000, 1_000_000, 13_000_000])
+def test_mlp_for_params_is_within_one_percent(target: int) -> None:
+    spec = mlp_for_params(target)
+    hidden = spec.config["hidden"][0]
+    params = 64 * hidden + hidden + hidden * 10 + 10
+    assert abs(params - target) / target < 0.01
