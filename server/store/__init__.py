@@ -107,7 +107,7 @@ class Store:
 
     def device_token_hashes(self) -> dict[str, str]:
         with self.session() as s:
-            return dict(s.execute(select(DeviceRow.id, DeviceRow.token_sha256)).tuples().all())
+            return {row[0]: row[1] for row in s.execute(select(DeviceRow.id, DeviceRow.token_sha256))}
 
     # blobs -----------------------------------------------------------------
     @staticmethod
