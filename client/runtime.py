@@ -23,6 +23,8 @@ import grpc
 import numpy as np
 import torch
 
+from client.storage import Credentials, LocalStore
+from client.training import LocalTrainingConfig, train_local
 from common.config import setting
 from common.data import Dataset, federated_digits
 from common.models import ModelSpec, build_model
@@ -35,8 +37,6 @@ from common.tensors import (
     iter_chunks,
     to_wire,
 )
-from client.storage import Credentials, LocalStore
-from client.training import LocalTrainingConfig, train_local
 
 log = logging.getLogger("xeno.client")
 
@@ -73,25 +73,35 @@ class ClientConfig:
     partition: int = setting(
         0, "which shard of the digits data this device holds (0-based)", "XENO_PARTITION"
     )
-    num_partitions: int = setting(10, "number of shards the data is split into", "XENO_NUM_PARTITIONS")
+    num_partitions: int = setting(
+        10, "number of shards the data is split into", "XENO_NUM_PARTITIONS"
+    )
     alpha: float = setting(0.5, "Dirichlet concentration of the label partition", "XENO_ALPHA")
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
-    test_fraction: float = setting(0.2, "fraction of digits held out (not trained on)", "XENO_TEST_FRACTION")
+    test_fraction: float = setting(
+        0.2, "fraction of digits held out (not trained on)", "XENO_TEST_FRACTION"
+    )
     local_epochs: int | None = setting(
         None, "override the server's local epochs", "XENO_CLIENT_LOCAL_EPOCHS"
     )
-    batch_size: int | None = setting(None, "override the server's batch size", "XENO_CLIENT_BATCH_SIZE")
+    batch_size: int | None = setting(
+        None, "override the server's batch size", "XENO_CLIENT_BATCH_SIZE"
+    )
     learning_rate: float | None = setting(
         None, "override the server's learning rate", "XENO_CLIENT_LEARNING_RATE"
     )
     proximal_mu: float | None = setting(
         None, "override the server's FedProx mu", "XENO_CLIENT_PROXIMAL_MU"
     )
-    enrollment_key: str = setting("", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY")
+    enrollment_key: str = setting(
+        "", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY"
+    )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
     max_wait_ms: int = setting(10_000, "longest long-poll of one check-in", "XENO_MAX_WAIT_MS")
-    max_backoff: float = setting(30.0, "cap of the reconnect backoff in seconds", "XENO_MAX_BACKOFF")
+    max_backoff: float = setting(
+        30.0, "cap of the reconnect backoff in seconds", "XENO_MAX_BACKOFF"
+    )
     torch_threads: int = setting(
         1, "torch threads (1 is best when devices share a machine)", "XENO_TORCH_THREADS"
     )
@@ -100,7 +110,9 @@ class ClientConfig:
 class Backoff:
     """Capped exponential backoff with full jitter (AWS architecture blog, 2015)."""
 
-    def __init__(self, base: float = 0.1, cap: float = 30.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, base: float = 0.1, cap: float = 30.0, rng: random.Random | None = None
+    ) -> None:
         self.base, self.cap, self.attempt = base, cap, 0
         self._rng = rng or random.Random()
 
@@ -131,7 +143,10 @@ class DeviceClient:
     # -------------------------------------------------------------- credentials
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         assert self._creds is not None
-        return ((DEVICE_ID_KEY, self._creds.device_id), ("authorization", f"Bearer {self._creds.token}"))
+        return (
+            (DEVICE_ID_KEY, self._creds.device_id),
+            ("authorization", f"Bearer {self._creds.token}"),
+        )
 
     def _ensure_registered(self) -> None:
         if self._creds is not None:
@@ -240,7 +255,9 @@ class DeviceClient:
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples, train accuracy %.3f",
-            task.round_number, result.num_examples, result.metrics["train_accuracy"],
+            task.round_number,
+            result.num_examples,
+            result.metrics["train_accuracy"],
         )
 
     def _model_for(self, spec: ModelSpec, manifest: Manifest) -> torch.nn.Module:
@@ -255,7 +272,9 @@ class DeviceClient:
 
     def _download(self, task: pb.Task, timeout: float) -> tuple[Manifest, np.ndarray]:
         stream = self._stub.DownloadModel(
-            pb.DownloadModelRequest(round_id=task.round_id), metadata=self._metadata(), timeout=timeout
+            pb.DownloadModelRequest(round_id=task.round_id),
+            metadata=self._metadata(),
+            timeout=timeout,
         )
         first = next(stream)
         if first.WhichOneof("part") != "header":
@@ -273,7 +292,12 @@ class DeviceClient:
         return manifest, weights
 
     def _upload(
-        self, task: pb.Task, manifest: Manifest, delta: np.ndarray, num_examples: int, timeout: float
+        self,
+        task: pb.Task,
+        manifest: Manifest,
+        delta: np.ndarray,
+        num_examples: int,
+        timeout: float,
     ) -> None:
         data = to_wire(delta)
 
@@ -306,7 +330,9 @@ def load_partition(config: ClientConfig) -> Dataset:
         raise ValueError(
             f"--partition {config.partition} is outside 0..{config.num_partitions - 1}"
         )
-    fed = federated_digits(config.num_partitions, config.alpha, config.data_seed, config.test_fraction)
+    fed = federated_digits(
+        config.num_partitions, config.alpha, config.data_seed, config.test_fraction
+    )
     return fed.clients[config.partition]
 
 

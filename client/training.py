@@ -63,7 +63,7 @@ def train_local(
             idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=False)
             loss = nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             if config.proximal_mu > 0:
                 grads = [p.grad for p in params]
                 drift = torch._foreach_sub([p.detach() for p in params], anchors)
@@ -73,7 +73,9 @@ def train_local(
     train_loss, train_acc = evaluate(model, data)
     delta = flatten_state_dict(model.state_dict()) - global_vector
     if not np.all(np.isfinite(delta)):
-        raise FloatingPointError("local training diverged (non-finite update); lower the learning rate")
+        raise FloatingPointError(
+            "local training diverged (non-finite update); lower the learning rate"
+        )
     return TrainResult(
         delta=delta.astype(np.float32, copy=False),
         num_examples=n,

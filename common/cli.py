@@ -43,20 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xeno-fl", description=__doc__, formatter_class=_Formatter
     )
     parser.add_argument(
-        "--log-level", default=os.environ.get("XENO_LOG_LEVEL", "info"),
+        "--log-level",
+        default=os.environ.get("XENO_LOG_LEVEL", "info"),
         help="debug, info, warning or error (default: info) [env XENO_LOG_LEVEL]",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "server", help="run the aggregation server",
+        "server",
+        help="run the aggregation server",
         description="Run the aggregation server: devices connect to it over gRPC; rounds, "
         "versions and metrics are stored in the database given by --db.",
     )
     add_arguments(p, ServerConfig)
 
     p = sub.add_parser(
-        "client", help="run a device client",
+        "client",
+        help="run a device client",
         description="Run one device: it registers with the server, then trains on its own data "
         "partition whenever it is selected for a round, until the federation finishes or "
         "it receives SIGTERM.",
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, ClientConfig)
 
     p = sub.add_parser(
-        "simulate", help="simulate a federation on this machine",
+        "simulate",
+        help="simulate a federation on this machine",
         description="Start a real server and --clients device processes on 127.0.0.1, run "
         "--rounds rounds on the digits data split by a Dirichlet label partition, show "
         "progress and print the accuracy per round.",
@@ -72,23 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SimulationConfig)
 
     p = sub.add_parser(
-        "admin", help="inspect models, versions and rounds",
+        "admin",
+        help="inspect models, versions and rounds",
         description="Query a running server's Admin service (--server), or read a database "
         "directly (--db) when no server runs.",
     )
-    p.add_argument("--server", default=os.environ.get("XENO_SERVER"),
-                   help="server HOST:PORT [env XENO_SERVER]")
+    p.add_argument(
+        "--server", default=os.environ.get("XENO_SERVER"), help="server HOST:PORT [env XENO_SERVER]"
+    )
     p.add_argument("--db", default=None, help="read this database URL directly instead")
-    p.add_argument("--token", default=os.environ.get("XENO_ADMIN_TOKEN", ""),
-                   help="admin bearer token [env XENO_ADMIN_TOKEN]")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("XENO_ADMIN_TOKEN", ""),
+        help="admin bearer token [env XENO_ADMIN_TOKEN]",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
-    for name, text in (("versions", "list a model's versions with metrics"),
-                       ("rounds", "a model's round history")):
+    for name, text in (
+        ("versions", "list a model's versions with metrics"),
+        ("rounds", "a model's round history"),
+    ):
         q = admin_sub.add_parser(name, help=text)
-        q.add_argument("--model", default=os.environ.get("XENO_MODEL", "digits-mlp"),
-                       help="model name (default: digits-mlp) [env XENO_MODEL]")
+        q.add_argument(
+            "--model",
+            default=os.environ.get("XENO_MODEL", "digits-mlp"),
+            help="model name (default: digits-mlp) [env XENO_MODEL]",
+        )
         if name == "rounds":
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     return parser
@@ -135,23 +149,56 @@ def _admin(args: argparse.Namespace) -> int:
         print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2
     call = _admin_caller(args)
+    rows: list[tuple[Any, ...]]
+    cols: tuple[str, ...]
     if args.admin_command == "models":
         resp: Any = call("ListModels", pb.ListModelsRequest())
-        rows = [(m.name, m.current_version, m.num_parameters, m.strategy, m.spec.config_json)
-                for m in resp.models]
+        rows = [
+            (m.name, m.current_version, m.num_parameters, m.strategy, m.spec.config_json)
+            for m in resp.models
+        ]
         cols = ("model", "version", "parameters", "strategy", "config")
     elif args.admin_command == "versions":
         resp = call("ListVersions", pb.ListVersionsRequest(model_name=args.model))
-        rows = [(v.version, v.parent_version or "-", _fmt(v.metrics.get("accuracy")),
-                 _fmt(v.metrics.get("loss")), v.sha256[:12], v.description) for v in resp.versions]
+        rows = [
+            (
+                v.version,
+                v.parent_version or "-",
+                _fmt(v.metrics.get("accuracy")),
+                _fmt(v.metrics.get("loss")),
+                v.sha256[:12],
+                v.description,
+            )
+            for v in resp.versions
+        ]
         cols = ("version", "parent", "accuracy", "loss", "sha256", "description")
     else:
-        resp = call("GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model, limit=args.limit))
-        rows = [(r.number, r.status, r.result_version or "-", f"{r.participants}/{r.selected}",
-                 r.dropouts, _fmt(r.metrics.get("accuracy")), f"{r.seconds:.2f}",
-                 r.failure_reason) for r in resp.rounds]
-        cols = ("round", "status", "version", "participants", "dropouts", "accuracy",
-                "seconds", "failure")
+        resp = call(
+            "GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model, limit=args.limit)
+        )
+        rows = [
+            (
+                r.number,
+                r.status,
+                r.result_version or "-",
+                f"{r.participants}/{r.selected}",
+                r.dropouts,
+                _fmt(r.metrics.get("accuracy")),
+                f"{r.seconds:.2f}",
+                r.failure_reason,
+            )
+            for r in resp.rounds
+        ]
+        cols = (
+            "round",
+            "status",
+            "version",
+            "participants",
+            "dropouts",
+            "accuracy",
+            "seconds",
+            "failure",
+        )
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
         return 0

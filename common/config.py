@@ -34,7 +34,7 @@ def _flag(field: dataclasses.Field[Any]) -> str:
 
 
 def _base_type(tp: Any) -> Any:
-    """int for `int`, str for `str | None`, bool for `bool`."""
+    """Int for `int`, str for `str | None`, bool for `bool`."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             continue
         tp = _base_type(hints[field.name])
         default = (
-            field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc,operator]
         )
         env = field.metadata.get("env")
         extra = f" [env {env}]" if env else ""
@@ -67,12 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         flag = _flag(field)
         if tp is bool:
             parser.add_argument(
-                flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=help_text,
             )
         else:
             parser.add_argument(
-                flag, dest=field.name, type=tp, default=None, help=help_text,
+                flag,
+                dest=field.name,
+                type=tp,
+                default=None,
+                help=help_text,
                 metavar=field.name.upper(),
             )
 
@@ -84,7 +91,7 @@ def from_namespace(
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         if field.name in overrides:
             values[field.name] = overrides[field.name]
             continue

@@ -178,7 +178,8 @@ class ChunkAssembler:
             raise ValueError(f"chunk of {size} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
         if self.received + size > self.total_bytes:
             raise ValueError(
-                f"stream exceeds its declared size: {self.received + size} > {self.total_bytes} bytes"
+                "stream exceeds its declared size: "
+                f"{self.received + size} > {self.total_bytes} bytes"
             )
         self._bytes[self.received : self.received + size] = np.frombuffer(chunk, dtype=np.uint8)
         self.received += size

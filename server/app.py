@@ -48,11 +48,13 @@ class ServerConfig:
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL", "XENO_DB")
     model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
     hidden: str = setting(
-        "64", "MLP hidden layer sizes, comma-separated (used when the model is created)",
+        "64",
+        "MLP hidden layer sizes, comma-separated (used when the model is created)",
         "XENO_HIDDEN",
     )
     params: int = setting(
-        0, "size the MLP's hidden layer for about this many parameters instead of --hidden",
+        0,
+        "size the MLP's hidden layer for about this many parameters instead of --hidden",
         "XENO_PARAMS",
     )
     seed: int = setting(0, "seed of the initial weights", "XENO_SEED")
@@ -60,49 +62,63 @@ class ServerConfig:
         "fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad", "XENO_STRATEGY"
     )
     server_lr: float | None = setting(
-        None, "server learning rate (default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones)",
+        None,
+        "server learning rate (default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones)",
         "XENO_SERVER_LR",
     )
-    proximal_mu: float = setting(0.01, "FedProx proximal weight mu sent to devices", "XENO_PROXIMAL_MU")
+    proximal_mu: float = setting(
+        0.01, "FedProx proximal weight mu sent to devices", "XENO_PROXIMAL_MU"
+    )
     local_epochs: int = setting(5, "local epochs per round on each device", "XENO_LOCAL_EPOCHS")
     batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
     learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
     min_clients: int = setting(
-        2, "fewest updates that complete a round (and devices needed to start one)",
+        2,
+        "fewest updates that complete a round (and devices needed to start one)",
         "XENO_MIN_CLIENTS",
     )
     clients_per_round: int = setting(
-        10, "target updates per round; the round closes as soon as this many arrive",
+        10,
+        "target updates per round; the round closes as soon as this many arrive",
         "XENO_CLIENTS_PER_ROUND",
     )
     overselect: float = setting(
-        0.0, "select this fraction more devices than the target, to absorb dropouts",
+        0.0,
+        "select this fraction more devices than the target, to absorb dropouts",
         "XENO_OVERSELECT",
     )
     round_deadline: float = setting(
-        60.0, "seconds after which a round closes with what it has (or fails)",
+        60.0,
+        "seconds after which a round closes with what it has (or fails)",
         "XENO_ROUND_DEADLINE",
     )
     selection_window: float = setting(
-        2.0, "seconds to wait for more devices once min-clients are available",
+        2.0,
+        "seconds to wait for more devices once min-clients are available",
         "XENO_SELECTION_WINDOW",
     )
-    rounds: int = setting(0, "stop after this many completed rounds (0: run forever)", "XENO_ROUNDS")
+    rounds: int = setting(
+        0, "stop after this many completed rounds (0: run forever)", "XENO_ROUNDS"
+    )
     eval_data: str = setting(
         "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
     )
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
-    test_fraction: float = setting(0.2, "fraction of digits held out for evaluation", "XENO_TEST_FRACTION")
+    test_fraction: float = setting(
+        0.2, "fraction of digits held out for evaluation", "XENO_TEST_FRACTION"
+    )
     enrollment_key: str = setting(
-        "", "secret devices must present to register (empty: open enrollment)",
+        "",
+        "secret devices must present to register (empty: open enrollment)",
         "XENO_ENROLLMENT_KEY",
     )
     admin_token: str = setting(
         "", "bearer token admin calls must carry (empty: admin API open)", "XENO_ADMIN_TOKEN"
     )
     max_workers: int = setting(
-        256, "gRPC worker threads (each waiting device holds one during its long poll)",
+        256,
+        "gRPC worker threads (each waiting device holds one during its long poll)",
         "XENO_MAX_WORKERS",
     )
 
@@ -139,7 +155,11 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
     module = build_model(spec, seed=config.seed)
     state = module.state_dict()
     store.create_model(
-        config.model, spec, Manifest.from_state_dict(state), config.strategy, flatten_state_dict(state)
+        config.model,
+        spec,
+        Manifest.from_state_dict(state),
+        config.strategy,
+        flatten_state_dict(state),
     )
     log.info("created model %s (%s) at version 1", config.model, spec)
 
@@ -210,7 +230,12 @@ class XenoServer:
         self.coordinator.start()
         for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s (model %s, db %s)", self.address, self.config.model, _safe_url(self.config.db))
+        log.info(
+            "serving on %s (model %s, db %s)",
+            self.address,
+            self.config.model,
+            _safe_url(self.config.db),
+        )
         return self
 
     def stop(self, grace: float = 2.0) -> None:

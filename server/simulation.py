@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import setting
 from client.runtime import ClientConfig, run_device
+from common.config import setting
 from server.app import ServerConfig, XenoServer
 from server.rounds import RoundSummary
 
@@ -35,16 +35,22 @@ class SimulationConfig:
     clients: int = setting(10, "number of device-client processes", "XENO_SIM_CLIENTS")
     rounds: int = setting(20, "rounds to complete", "XENO_SIM_ROUNDS")
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL of the server", "XENO_DB")
-    report: str | None = setting(None, "also write the per-round results as JSON to this path", "XENO_SIM_REPORT")
+    report: str | None = setting(
+        None, "also write the per-round results as JSON to this path", "XENO_SIM_REPORT"
+    )
     model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
-    params: int = setting(0, "size the MLP for about this many parameters (0: 64-64-10)", "XENO_PARAMS")
+    params: int = setting(
+        0, "size the MLP for about this many parameters (0: 64-64-10)", "XENO_PARAMS"
+    )
     strategy: str = setting(
         "fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad", "XENO_STRATEGY"
     )
     alpha: float = setting(0.5, "Dirichlet concentration of the label partition", "XENO_ALPHA")
     seed: int = setting(0, "seed of the data split, partition and initial weights", "XENO_SEED")
     local_epochs: int = setting(5, "local epochs per round", "XENO_LOCAL_EPOCHS")
-    round_deadline: float = setting(60.0, "seconds before a round closes with what it has", "XENO_ROUND_DEADLINE")
+    round_deadline: float = setting(
+        60.0, "seconds before a round closes with what it has", "XENO_ROUND_DEADLINE"
+    )
     min_clients: int = setting(2, "fewest updates that complete a round", "XENO_MIN_CLIENTS")
     port: int = setting(0, "server port (0: a free one)", "XENO_PORT")
     progress: bool = setting(True, "show the live progress display", "XENO_PROGRESS")
@@ -197,8 +203,9 @@ def _collect(
                 completed += 1
                 acc = summary.metrics.get("accuracy")
                 status = (
-                    f"participants {summary.participants}/{summary.selected}  "
-                    f"accuracy {acc:.3f}  " if acc is not None else ""
+                    f"participants {summary.participants}/{summary.selected}  accuracy {acc:.3f}  "
+                    if acc is not None
+                    else ""
                 ) + f"{summary.seconds:.2f}s/round"
             else:
                 status = f"round {summary.number} failed: {summary.failure_reason}"
@@ -217,8 +224,13 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         table.add_row(
-            str(r["round"]), str(r["version"] or "failed"), str(r["participants"]),
-            str(r["dropouts"]), acc, loss, f"{r['seconds']:.2f}",
+            str(r["round"]),
+            str(r["version"] or "failed"),
+            str(r["participants"]),
+            str(r["dropouts"]),
+            acc,
+            loss,
+            f"{r['seconds']:.2f}",
         )
     console = Console()
     console.print(table)

@@ -60,7 +60,9 @@ class RawDevice:
         return (("x-xeno-device-id", self.device_id), ("authorization", f"Bearer {self.token}"))
 
     def check_in(self, wait_ms: int = 5000) -> pb.CheckInResponse:
-        return self.stub.CheckIn(pb.CheckInRequest(max_wait_ms=wait_ms), metadata=self.md, timeout=30)
+        return self.stub.CheckIn(
+            pb.CheckInRequest(max_wait_ms=wait_ms), metadata=self.md, timeout=30
+        )
 
 
 @pytest.fixture
@@ -95,7 +97,9 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
     """Real DeviceClient loops in threads, each with its own partition and local store."""
     started: list[DeviceThread] = []
 
-    def start(server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any) -> list[DeviceThread]:
+    def start(
+        server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any
+    ) -> list[DeviceThread]:
         out = []
         for i in range(n):
             config = ClientConfig(

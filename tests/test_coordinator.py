@@ -41,8 +41,13 @@ def make(store: Store, clock: Clock, **cfg) -> RoundCoordinator:
     defaults = dict(min_clients=2, clients_per_round=3, round_deadline_s=10, selection_window_s=1)
     defaults.update(cfg)
     return RoundCoordinator(
-        store, "m", FedAvg(), RoundConfig(**defaults),
-        evaluator=lambda v: {"accuracy": float(v.sum())}, clock=clock, rng=random.Random(0),
+        store,
+        "m",
+        FedAvg(),
+        RoundConfig(**defaults),
+        evaluator=lambda v: {"accuracy": float(v.sum())},
+        clock=clock,
+        rng=random.Random(0),
     )
 
 
@@ -56,7 +61,9 @@ def start_round(coord: RoundCoordinator, clock: Clock, devices: list[str]):
 
 
 def upload(coord, device, task, vector, num_examples=1):
-    session = coord.begin_upload(device, task.round_id, task.model_version, MANIFEST, 4 * D, num_examples)
+    session = coord.begin_upload(
+        device, task.round_id, task.model_version, MANIFEST, 4 * D, num_examples
+    )
     data = to_wire(np.asarray(vector, dtype=np.float32))
     for i in range(0, len(data), 12):
         session.add_chunk(data[i : i + 12])

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.pb import admin_pb2, admin_pb2_grpc
 from common.pb import federation_pb2 as pb
-from common.tensors import Manifest, iter_chunks
+from common.tensors import Manifest
 
 
 def wait_until(predicate, timeout: float = 60.0) -> None:
@@ -67,11 +67,15 @@ def test_admin_service_reports_versions_and_rounds(server_factory, device_thread
         ).rounds
         assert rnd.status == "completed" and rnd.participants == 3
         with pytest.raises(grpc.RpcError) as err:
-            admin.ListVersions(admin_pb2.ListVersionsRequest(model_name="nope"), metadata=md, timeout=10)
+            admin.ListVersions(
+                admin_pb2.ListVersionsRequest(model_name="nope"), metadata=md, timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_device_dying_mid_round_does_not_block_it(server_factory, device_threads, raw_device) -> None:
+def test_device_dying_mid_round_does_not_block_it(
+    server_factory, device_threads, raw_device
+) -> None:
     server = server_factory(rounds=2, round_deadline=3.0, selection_window=0.5)
     doomed = raw_device(server)
     got: list[pb.CheckInResponse] = []
@@ -83,7 +87,9 @@ def test_device_dying_mid_round_does_not_block_it(server_factory, device_threads
     task = got[0].task
     # the doomed device downloads the model, then vanishes without uploading
     chunks = list(
-        doomed.stub.DownloadModel(pb.DownloadModelRequest(round_id=task.round_id), metadata=doomed.md)
+        doomed.stub.DownloadModel(
+            pb.DownloadModelRequest(round_id=task.round_id), metadata=doomed.md
+        )
     )
     assert chunks[0].header.total_bytes == task.model_bytes
     doomed.channel.close()
@@ -92,7 +98,10 @@ def test_device_dying_mid_round_does_not_block_it(server_factory, device_threads
     assert rounds[0].status == "completed"
     assert rounds[0].participants == 2 and rounds[0].dropouts == 1 and rounds[0].selected == 3
     assert rounds[0].seconds >= 2.9
-    assert rounds[-1].status == "completed" and server.store.get_model("digits-mlp").current_version == 3
+    assert (
+        rounds[-1].status == "completed"
+        and server.store.get_model("digits-mlp").current_version == 3
+    )
     statuses = {p.device_id: p.status for p in server.store.round_participants(rounds[0].id)}
     assert statuses[doomed.device_id] == "dropped"
 
@@ -106,7 +115,9 @@ def test_health_and_reflection_are_served(server_factory) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         [resp] = list(
-            refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
         )
         names = {s.name for s in resp.list_services_response.service}
         assert {"xeno.fl.v1.Federation", "xeno.fl.v1.Admin", "grpc.health.v1.Health"} <= names

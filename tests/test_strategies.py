@@ -70,7 +70,9 @@ def test_fedavgm_matches_momentum_reference(x, d1, d2) -> None:
 
 def test_fedavg_applies_the_mean_update() -> None:
     x = np.array([1.0, 2.0], dtype=np.float32)
-    np.testing.assert_allclose(FedAvg().aggregate_fit(x, np.array([0.5, -1.0], np.float32)), [1.5, 1.0])
+    np.testing.assert_allclose(
+        FedAvg().aggregate_fit(x, np.array([0.5, -1.0], np.float32)), [1.5, 1.0]
+    )
 
 
 def test_fedprox_sends_mu_to_devices_and_averages_like_fedavg() -> None:

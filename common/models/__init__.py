@@ -81,4 +81,6 @@ def mlp_for_params(target: int, input_dim: int = 64, num_classes: int = 10) -> M
     """An MLP with one hidden layer sized so the model has about `target` parameters."""
     # params = input*h + h + h*classes + classes
     hidden = max(1, round((target - num_classes) / (input_dim + 1 + num_classes)))
-    return ModelSpec("mlp", {"input_dim": input_dim, "hidden": [hidden], "num_classes": num_classes})
+    return ModelSpec(
+        "mlp", {"input_dim": input_dim, "hidden": [hidden], "num_classes": num_classes}
+    )

@@ -99,8 +99,13 @@ class Participant:
         if self.status in (Status.SELECTED, Status.UPLOADING):
             status = "dropped"
         return ParticipantRecord(
-            self.device_id, status, self.num_examples, self.bytes_in, self.bytes_out,
-            dict(self.metrics), self.note,
+            self.device_id,
+            status,
+            self.num_examples,
+            self.bytes_in,
+            self.bytes_out,
+            dict(self.metrics),
+            self.note,
         )
 
 
@@ -304,7 +309,8 @@ class RoundCoordinator:
                 raise FederationError(
                     ErrorKind.INVALID_ARGUMENT,
                     f"declared size {total_bytes} bytes, the model needs "
-                    f"{self.model.manifest.total_bytes} (float32 x {self.model.manifest.total_elements})",
+                    f"{self.model.manifest.total_bytes} "
+                    f"(float32 x {self.model.manifest.total_elements})",
                 )
             if num_examples < 1:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "num_examples must be at least 1")
@@ -320,7 +326,9 @@ class RoundCoordinator:
         if buffer.size < self.model.manifest.total_elements:
             buffer = np.empty(self.model.manifest.total_elements, dtype=WIRE_DTYPE)
         weight = min(num_examples, self.config.max_examples_weight)
-        return UploadSession(self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer)
+        return UploadSession(
+            self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer
+        )
 
     def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
         with self._cond:
@@ -334,7 +342,8 @@ class RoundCoordinator:
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
                 raise FederationError(
-                    ErrorKind.INVALID_ARGUMENT, f"non-finite metric values: {', '.join(sorted(bad))}"
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"non-finite metric values: {', '.join(sorted(bad))}",
                 )
             if len(metrics) > 64:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "at most 64 metrics per report")
@@ -433,7 +442,7 @@ class RoundCoordinator:
         rnd = self._round
         if rnd is not None and rnd.id == round_id and not rnd.closing:
             return rnd
-        if rnd is not None and rnd.id == round_id or round_id in self._closed_rounds:
+        if (rnd is not None and rnd.id == round_id) or round_id in self._closed_rounds:
             raise FederationError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"round {round_id} is closed; check in again for a new task",
@@ -486,11 +495,16 @@ class RoundCoordinator:
             deadline_unix_ms=int(wall_deadline * 1000),
             accumulator=np.zeros(self._vector.size, dtype=np.float64),
         )
-        log.info("round %d started: %d devices selected, base version %d", number, len(chosen), version)
+        log.info(
+            "round %d started: %d devices selected, base version %d", number, len(chosen), version
+        )
         self._cond.notify_all()
 
     def _close_round(self, rnd: _Round) -> RoundSummary:
-        """Aggregate (or fail) a closing round. Runs outside the lock: uploads are refused meanwhile."""
+        """Aggregate (or fail) a closing round.
+
+        Runs outside the lock; uploads to the round are refused meanwhile.
+        """
         accepted = rnd.count(Status.UPLOADED)
         seconds = self.clock() - rnd.started
         participants = [p.record() for p in rnd.cohort.values()]
@@ -545,7 +559,11 @@ class RoundCoordinator:
         if version is not None:
             log.info(
                 "round %d completed: version %d, %d/%d updates, %.2fs, %s",
-                rnd.number, version, accepted, len(rnd.cohort), seconds,
+                rnd.number,
+                version,
+                accepted,
+                len(rnd.cohort),
+                seconds,
                 {k: round(v, 4) for k, v in metrics.items()},
             )
         for listener in self._listeners:

@@ -13,7 +13,7 @@ def _ms(dt: object) -> int:
     return int(dt.timestamp() * 1000) if dt is not None else 0  # type: ignore[attr-defined]
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):
+class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, store: Store) -> None:
         self.store = store
 
@@ -22,7 +22,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             known = ", ".join(m.name for m in self.store.list_models()) or "none"
             context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name!r}; models: {known}")
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(

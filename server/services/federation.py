@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from common.pb import federation_pb2 as pb
-from common.pb import federation_pb2_grpc
-from common.pb import tensor_pb2
+from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, Manifest, iter_chunks
 from server.errors import ErrorKind, FederationError
 from server.registry import DeviceRegistry
@@ -42,15 +41,20 @@ def task_to_proto(task: TaskInfo) -> pb.Task:
     )
 
 
-class FederationServicer(federation_pb2_grpc.FederationServicer):
+class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignore[misc]
     def __init__(
-        self, registry: DeviceRegistry, coordinator: RoundCoordinator, chunk_bytes: int = CHUNK_BYTES
+        self,
+        registry: DeviceRegistry,
+        coordinator: RoundCoordinator,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.registry = registry
         self.coordinator = coordinator
         self.chunk_bytes = chunk_bytes
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+    def Register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterResponse:
         try:
             device_id, token = self.registry.register(request.enrollment_key, dict(request.labels))
         except FederationError as err:
@@ -58,7 +62,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         log.info("registered device %s", device_id)
         return pb.RegisterResponse(device_id=device_id, token=token)
 
-    def CheckIn(self, request: pb.CheckInRequest, context: grpc.ServicerContext) -> pb.CheckInResponse:
+    def CheckIn(
+        self, request: pb.CheckInRequest, context: grpc.ServicerContext
+    ) -> pb.CheckInResponse:
         device = device_id_of(context)
         outcome = self.coordinator.check_in(device, request.max_wait_ms / 1000.0)
         if outcome.finished:
@@ -109,7 +115,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             except ValueError as exc:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, f"bad manifest: {exc}") from None
             session = self.coordinator.begin_upload(
-                device, header.round_id, header.base_version, manifest, header.total_bytes,
+                device,
+                header.round_id,
+                header.base_version,
+                manifest,
+                header.total_bytes,
                 header.num_examples,
             )
             for msg in request_iterator:

@@ -103,11 +103,17 @@ class Store:
     # devices ---------------------------------------------------------------
     def add_device(self, device_id: str, token_sha256: str, labels: dict[str, str]) -> None:
         with self._session.begin() as s:
-            s.add(DeviceRow(id=device_id, token_sha256=token_sha256, labels=labels, created_at=utcnow()))
+            s.add(
+                DeviceRow(
+                    id=device_id, token_sha256=token_sha256, labels=labels, created_at=utcnow()
+                )
+            )
 
     def device_token_hashes(self) -> dict[str, str]:
         with self.session() as s:
-            return {row[0]: row[1] for row in s.execute(select(DeviceRow.id, DeviceRow.token_sha256))}
+            return {
+                row[0]: row[1] for row in s.execute(select(DeviceRow.id, DeviceRow.token_sha256))
+            }
 
     # blobs -----------------------------------------------------------------
     @staticmethod
@@ -158,8 +164,14 @@ class Store:
             s.flush()
             s.add(
                 ModelVersionRow(
-                    model_id=row.id, version=1, parent_version=None, blob_sha256=digest,
-                    round_id=None, metrics={}, description="initial weights", created_at=now,
+                    model_id=row.id,
+                    version=1,
+                    parent_version=None,
+                    blob_sha256=digest,
+                    round_id=None,
+                    metrics={},
+                    description="initial weights",
+                    created_at=now,
                 )
             )
             return _model_record(row)
@@ -216,8 +228,13 @@ class Store:
             model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == name))
             s.add(
                 RoundRow(
-                    id=round_id, model_id=model_id, number=number, status="running",
-                    base_version=base_version, selected=selected, started_at=utcnow(),
+                    id=round_id,
+                    model_id=model_id,
+                    number=number,
+                    status="running",
+                    base_version=base_version,
+                    selected=selected,
+                    started_at=utcnow(),
                 )
             )
 
@@ -271,9 +288,14 @@ class Store:
             version = model.current_version + 1
             s.add(
                 ModelVersionRow(
-                    model_id=model.id, version=version, parent_version=model.current_version,
-                    blob_sha256=digest, round_id=round_id, metrics=metrics,
-                    description=f"round {rnd.number}", created_at=now,
+                    model_id=model.id,
+                    version=version,
+                    parent_version=model.current_version,
+                    blob_sha256=digest,
+                    round_id=round_id,
+                    metrics=metrics,
+                    description=f"round {rnd.number}",
+                    created_at=now,
                 )
             )
             model.current_version = version
@@ -304,7 +326,9 @@ class Store:
     def round_participants(self, round_id: str) -> list[RoundParticipantRow]:
         with self.session() as s:
             return list(
-                s.scalars(select(RoundParticipantRow).where(RoundParticipantRow.round_id == round_id))
+                s.scalars(
+                    select(RoundParticipantRow).where(RoundParticipantRow.round_id == round_id)
+                )
             )
 
 
@@ -320,12 +344,19 @@ def _model_record(row: ModelRow) -> ModelRecord:
     )
 
 
-def _participant_rows(round_id: str, participants: list[ParticipantRecord]) -> list[RoundParticipantRow]:
+def _participant_rows(
+    round_id: str, participants: list[ParticipantRecord]
+) -> list[RoundParticipantRow]:
     return [
         RoundParticipantRow(
-            round_id=round_id, device_id=p.device_id, status=p.status,
-            num_examples=p.num_examples, bytes_in=p.bytes_in, bytes_out=p.bytes_out,
-            metrics=dict(p.metrics or {}), note=p.note,
+            round_id=round_id,
+            device_id=p.device_id,
+            status=p.status,
+            num_examples=p.num_examples,
+            bytes_in=p.bytes_in,
+            bytes_out=p.bytes_out,
+            metrics=dict(p.metrics or {}),
+            note=p.note,
         )
         for p in participants
     ]

@@ -166,7 +166,7 @@ class _Adaptive(Strategy):
         self.m *= np.float32(self.beta1)
         self.m += np.float32(1 - self.beta1) * delta
         self._update_v(self.v, np.square(delta))
-        step = self.m / (np.sqrt(self.v) + np.float32(self.tau))
+        step: np.ndarray = self.m / (np.sqrt(self.v) + np.float32(self.tau))
         return (params + np.float32(self.server_lr) * step).astype(np.float32, copy=False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
