@@ -62,6 +62,10 @@ ROUND_MOVED_ON = frozenset(
 )
 
 
+class EnrollmentRefusedError(RuntimeError):
+    """The server refused to register this device (wrong enrollment key)."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Settings of one device client process."""
@@ -155,13 +159,21 @@ class DeviceClient:
             self.store.clear_credentials()
         creds = self.store.load_credentials(self.config.server)
         if creds is None:
-            resp = self._stub.Register(
-                pb.RegisterRequest(
-                    enrollment_key=self.config.enrollment_key,
-                    labels={"runtime": "xeno-fl-python"},
-                ),
-                timeout=30,
-            )
+            try:
+                resp = self._stub.Register(
+                    pb.RegisterRequest(
+                        enrollment_key=self.config.enrollment_key,
+                        labels={"runtime": "xeno-fl-python"},
+                    ),
+                    timeout=30,
+                )
+            except grpc.RpcError as err:
+                if err.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
+                raise
             creds = Credentials(self.config.server, resp.device_id, resp.token)
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
@@ -176,6 +188,7 @@ class DeviceClient:
                 response = self._check_in()
                 if response is None:
                     break
+                self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
                     log.info("federation finished: %s", response.finished.reason)
@@ -187,7 +200,10 @@ class DeviceClient:
                 self.backoff.reset()
             except grpc.RpcError as err:
                 self._handle_error(err)
-            except (RuntimeError, ValueError, FloatingPointError) as exc:
+            except EnrollmentRefusedError as exc:
+                log.error("%s; set --enrollment-key (XENO_ENROLLMENT_KEY) and start again", exc)
+                return 2
+            except (RuntimeError, ValueError, FloatingPointError, StopIteration) as exc:
                 delay = self.backoff.next_delay()
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
                 self.stop.wait(delay)
@@ -227,9 +243,14 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
-        deadline_s = max(1.0, task.deadline_unix_ms / 1000.0 - time.time() + 5)
+        # Calls of the task may run until shortly after the round's deadline, no longer.
+        deadline = task.deadline_unix_ms / 1000.0 + 5
+
+        def remaining() -> float:
+            return max(1.0, deadline - time.time())
+
         spec = ModelSpec.from_json(task.model_spec.architecture, task.model_spec.config_json)
-        manifest, weights = self._download(task, deadline_s)
+        manifest, weights = self._download(task, remaining())
         model = self._model_for(spec, manifest)
         fit = task.config
         cfg = self.config
@@ -251,7 +272,7 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=30,
         )
-        self._upload(task, manifest, result.delta, result.num_examples, deadline_s)
+        self._upload(task, manifest, result.delta, result.num_examples, remaining())
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples, train accuracy %.3f",
@@ -276,8 +297,8 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=timeout,
         )
-        first = next(stream)
-        if first.WhichOneof("part") != "header":
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
             raise RuntimeError("model stream did not start with a header")
         header = first.header
         manifest = Manifest.from_proto(header.manifest)

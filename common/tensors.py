@@ -20,8 +20,8 @@ from common.pb import tensor_pb2
 CHUNK_BYTES = 1 << 20
 """Default size of one data chunk in streams (1 MiB)."""
 
-MAX_CHUNK_BYTES = 4 << 20
-"""Largest data chunk a receiver accepts (gRPC's default message limit)."""
+MAX_CHUNK_BYTES = (4 << 20) - 1024
+"""Largest data chunk accepted: gRPC's 4 MiB default message limit less framing headroom."""
 
 WIRE_DTYPE = np.dtype("<f4")
 

@@ -1,7 +1,7 @@
 """Domain errors of the server, each with the gRPC status a servicer maps it to.
 
 The domain layer raises these and knows nothing of gRPC; the servicers turn
-`kind` into a status code (server/services/errors.py).
+`kind` into a status code (server/services/common.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
+    ABORTED = "ABORTED"
 
 
 class FederationError(Exception):

@@ -242,9 +242,10 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
             f"median round {statistics.median(secs):.2f}s; total {result.wall_seconds:.1f}s "
             f"(device start-up {result.startup_seconds:.1f}s)"
         )
-    console.print(f"database: {result.db}  (inspect with: xeno-fl admin --db {result.db} rounds)")
+    console.print(f"database: {result.db}", soft_wrap=True)
+    console.print(f"inspect it with: xeno-fl admin --db {result.db} rounds", soft_wrap=True)
     if config.report:
-        console.print(f"report: {config.report}")
+        console.print(f"report: {config.report}", soft_wrap=True)
 
 
 def simulate(config: SimulationConfig) -> int:

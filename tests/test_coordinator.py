@@ -167,7 +167,7 @@ def test_bad_uploads_leave_the_aggregate_untouched(store: Store) -> None:
     assert err.value.kind is ErrorKind.INVALID_ARGUMENT
     with pytest.raises(FederationError) as err:
         coord.begin_upload("a", t.round_id, t.model_version + 1, MANIFEST, 4 * D, 1)
-    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    assert err.value.kind is ErrorKind.INVALID_ARGUMENT
     with pytest.raises(FederationError) as err:
         coord.begin_upload("zz", t.round_id, t.model_version, MANIFEST, 4 * D, 1)
     assert err.value.kind is ErrorKind.PERMISSION_DENIED

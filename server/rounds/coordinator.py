@@ -284,8 +284,9 @@ class RoundCoordinator:
                 )
             if participant.status is Status.UPLOADING:
                 raise FederationError(
-                    ErrorKind.ALREADY_EXISTS,
-                    f"an upload from this device for round {round_id} is already in progress",
+                    ErrorKind.ABORTED,
+                    f"an upload from this device for round {round_id} is already in progress; "
+                    "retry once it has finished",
                 )
             if participant.status is not Status.SELECTED:
                 raise FederationError(
@@ -294,9 +295,9 @@ class RoundCoordinator:
                 )
             if base_version != rnd.base_version:
                 raise FederationError(
-                    ErrorKind.FAILED_PRECONDITION,
+                    ErrorKind.INVALID_ARGUMENT,
                     f"update computed against version {base_version}, round {round_id} "
-                    f"trains version {rnd.base_version}; download the model again",
+                    f"trains version {rnd.base_version} (Task.model_version)",
                 )
             if manifest != self.model.manifest:
                 raise FederationError(
@@ -581,6 +582,11 @@ class RoundCoordinator:
                 raise FederationError(
                     ErrorKind.FAILED_PRECONDITION,
                     f"round {rnd.id} closed before the upload completed; check in again",
+                )
+            if participant.status is not Status.UPLOADING:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"device {participant.status.value} the round during its upload",
                 )
             vector *= np.float32(session.weight)
             rnd.accumulator += vector
