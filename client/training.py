@@ -8,6 +8,7 @@ gradient mu (w - w_global) is added to all gradients in one fused
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from torch import nn
 from common.data import Dataset
 from common.evaluation import evaluate
 from common.tensors import flatten_state_dict, load_flat_into_module
+
+# The first torch.optim constructor imports torch._dynamo (~1 s, sympy and all). Pay that when
+# the device starts, not inside its first round's deadline.
+importlib.import_module("torch._dynamo")
 
 
 @dataclass(frozen=True)

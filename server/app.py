@@ -136,6 +136,7 @@ class ServerConfig:
             round_deadline_s=self.round_deadline,
             selection_window_s=self.selection_window,
             rounds=self.rounds,
+            staging_buffers=self.staging_buffers,
         )
 
     def fit_instructions(self) -> FitInstructions:
