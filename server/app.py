@@ -101,6 +101,11 @@ class ServerConfig:
     rounds: int = setting(
         0, "stop after this many completed rounds (0: run forever)", "XENO_ROUNDS"
     )
+    staging_buffers: int = setting(
+        4,
+        "uploads staged at once; server memory is about (staging buffers + 4) x model size",
+        "XENO_STAGING_BUFFERS",
+    )
     eval_data: str = setting(
         "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
     )

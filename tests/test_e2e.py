@@ -61,7 +61,10 @@ def test_admin_service_reports_versions_and_rounds(server_factory, device_thread
             admin_pb2.ListVersionsRequest(model_name="digits-mlp"), metadata=md, timeout=10
         ).versions
         assert [v.version for v in versions] == [1, 2]
-        assert versions[1].parent_version == 1 and "accuracy" in versions[1].metrics
+        assert versions[1].parent_version == 1
+        for key in ("accuracy", "loss", "participants", "dropouts", "bytes_in", "bytes_out"):
+            assert key in versions[1].metrics
+        assert versions[1].metrics["participants"] == 3 and versions[1].metrics["round_seconds"] > 0
         [rnd] = admin.GetRoundHistory(
             admin_pb2.GetRoundHistoryRequest(model_name="digits-mlp"), metadata=md, timeout=10
         ).rounds

@@ -249,10 +249,8 @@ class Store:
             row.failure_reason = reason
             row.seconds = seconds
             row.ended_at = utcnow()
-            row.participants = sum(p.status in ("uploaded", "reported") for p in participants)
-            row.dropouts = sum(p.status in ("dropped", "declined") for p in participants)
-            row.bytes_in = sum(p.bytes_in for p in participants)
-            row.bytes_out = sum(p.bytes_out for p in participants)
+            for key, value in _round_counts(participants).items():
+                setattr(row, key, value)
             s.add_all(_participant_rows(round_id, participants))
 
     def fail_running_rounds(self, name: str, reason: str) -> int:
@@ -286,6 +284,7 @@ class Store:
                 raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
             digest = self._put_blob(s, to_wire(new_weights))
             version = model.current_version + 1
+            counts = _round_counts(participants)
             s.add(
                 ModelVersionRow(
                     model_id=model.id,
@@ -293,7 +292,7 @@ class Store:
                     parent_version=model.current_version,
                     blob_sha256=digest,
                     round_id=round_id,
-                    metrics=metrics,
+                    metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",
                     created_at=now,
                 )
@@ -304,10 +303,8 @@ class Store:
             rnd.metrics = metrics
             rnd.seconds = seconds
             rnd.ended_at = now
-            rnd.participants = sum(p.status in ("uploaded", "reported") for p in participants)
-            rnd.dropouts = sum(p.status in ("dropped", "declined") for p in participants)
-            rnd.bytes_in = sum(p.bytes_in for p in participants)
-            rnd.bytes_out = sum(p.bytes_out for p in participants)
+            for key, value in counts.items():
+                setattr(rnd, key, value)
             s.add_all(_participant_rows(round_id, participants))
             return version
 
@@ -342,6 +339,15 @@ def _model_record(row: ModelRow) -> ModelRecord:
         current_version=row.current_version,
         created_at=row.created_at,
     )
+
+
+def _round_counts(participants: list[ParticipantRecord]) -> dict[str, int]:
+    return {
+        "participants": sum(p.status in ("uploaded", "reported") for p in participants),
+        "dropouts": sum(p.status in ("dropped", "declined") for p in participants),
+        "bytes_in": sum(p.bytes_in for p in participants),
+        "bytes_out": sum(p.bytes_out for p in participants),
+    }
 
 
 def _participant_rows(
