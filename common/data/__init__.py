@@ -47,7 +47,9 @@ def dirichlet_partition(
     if alpha <= 0:
         raise ValueError("alpha must be positive")
     if len(labels) < num_clients * min_size:
-        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each")
+        raise ValueError(
+            f"{len(labels)} examples cannot give {num_clients} clients {min_size} each"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(1000):
@@ -74,7 +76,7 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Dataset, Da
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
+    n_test = round(test_fraction * len(y))
     test_idx, train_idx = order[:n_test], order[n_test:]
     return Dataset(x[train_idx], y[train_idx]), Dataset(x[test_idx], y[test_idx])
 
