@@ -22,8 +22,10 @@ from types import FrameType
 import grpc
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from client.storage import Credentials, LocalStore
+from client.secagg import SecAggDevice
+from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import LocalTrainingConfig, train_local
 from common.config import setting
 from common.data import Dataset, federated_digits
@@ -137,6 +139,7 @@ class DeviceClient:
         self.data = data
         self.stop = stop or threading.Event()
         self.store = LocalStore(config.state_dir)
+        self.identities = IdentityStore(self.store)
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
@@ -157,13 +160,18 @@ class DeviceClient:
             return
         if self.config.reset:
             self.store.clear_credentials()
+            self.identities.clear()
         creds = self.store.load_credentials(self.config.server)
-        if creds is None:
+        if creds is None or not self.identities.exists():
+            identity = self.identities.load_or_create()
             try:
                 resp = self._stub.Register(
                     pb.RegisterRequest(
                         enrollment_key=self.config.enrollment_key,
                         labels={"runtime": "xeno-fl-python"},
+                        identity_public_key=identity.public_key().public_bytes(
+                            Encoding.Raw, PublicFormat.Raw
+                        ),
                     ),
                     timeout=30,
                 )
@@ -272,7 +280,19 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=30,
         )
-        self._upload(task, manifest, result.delta, result.num_examples, remaining())
+        if task.secagg.enabled:
+            assert self._creds is not None
+            SecAggDevice(
+                self._stub,
+                self._metadata(),
+                self._creds.device_id,
+                self.identities.load_or_create(),
+                self.identities,
+                task,
+                timeout=lambda: remaining() + 60,
+            ).run(result.delta, result.num_examples)
+        else:
+            self._upload(task, manifest, result.delta, result.num_examples, remaining())
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples, train accuracy %.3f",

@@ -1,4 +1,4 @@
-"""The device's local store: its credentials, kept across restarts.
+"""The device's local store: credentials and identity key, kept across restarts.
 
 Written atomically (temp file + rename) with owner-only permissions, so a
 device killed mid-write keeps its previous, intact state.
@@ -11,6 +11,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,14 @@ class LocalStore:
         self.credentials_path.unlink(missing_ok=True)
 
     def _write_json(self, path: Path, data: object) -> None:
+        self._write_bytes(path, json.dumps(data).encode())
+
+    def _write_bytes(self, path: Path, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
@@ -64,3 +70,53 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class IdentityStore:
+    """The device's long-term Ed25519 identity key and the identity keys it has seen of peers.
+
+    Peers' keys are pinned on first sight (trust on first use): if the server
+    later presents another identity key for the same device, the device
+    refuses the round instead of trusting substituted keys.
+    """
+
+    def __init__(self, store: LocalStore) -> None:
+        self._store = store
+
+    @property
+    def key_path(self) -> Path:
+        return self._store.dir / "identity.key"
+
+    @property
+    def peers_path(self) -> Path:
+        return self._store.dir / "peers.json"
+
+    def load_or_create(self) -> Ed25519PrivateKey:
+        try:
+            raw = self.key_path.read_bytes()
+        except FileNotFoundError:
+            key = Ed25519PrivateKey.generate()
+            raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+            self._store._write_bytes(self.key_path, raw)
+            return key
+        return Ed25519PrivateKey.from_private_bytes(raw)
+
+    def exists(self) -> bool:
+        return self.key_path.exists()
+
+    def pin(self, peers: dict[str, bytes]) -> list[str]:
+        """Pin unseen peers; return the ids whose key differs from the pinned one."""
+        try:
+            pinned = json.loads(self.peers_path.read_text())
+        except FileNotFoundError:
+            pinned = {}
+        changed = [d for d, k in peers.items() if d in pinned and pinned[d] != k.hex()]
+        new = {d: k.hex() for d, k in peers.items() if d not in pinned}
+        if new and not changed:
+            pinned.update(new)
+            self._store._write_json(self.peers_path, pinned)
+        return changed
+
+    def clear(self) -> None:
+        self.key_path.unlink(missing_ok=True)
+        self.peers_path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -106,6 +107,38 @@ class ServerConfig:
         "uploads staged at once; server memory is about (staging buffers + 4) x model size",
         "XENO_STAGING_BUFFERS",
     )
+    secagg: bool = setting(
+        True,
+        "secure aggregation (SecAgg+): the server only learns the sum of the updates; "
+        "--no-secagg runs plain rounds (debugging, robust aggregators)",
+        "XENO_SECAGG",
+    )
+    secagg_clip_norm: float = setting(
+        10.0, "L2 clip of each update before fixed-point encoding", "XENO_SECAGG_CLIP_NORM"
+    )
+    secagg_max_weight: int = setting(
+        1000,
+        "cap of a device's example-count weight under secure aggregation",
+        "XENO_SECAGG_MAX_WEIGHT",
+    )
+    secagg_phase_timeout: float = setting(
+        10.0,
+        "seconds each secure-aggregation phase waits for slow devices",
+        "XENO_SECAGG_PHASE_TIMEOUT",
+    )
+    secagg_dropout: float = setting(
+        0.1,
+        "expected dropout rate the neighbour degree and threshold are derived for",
+        "XENO_SECAGG_DROPOUT",
+    )
+    secagg_degree: int = setting(
+        0, "neighbours per device k (0: derived, about 2 log2 n)", "XENO_SECAGG_DEGREE"
+    )
+    secagg_threshold: int = setting(
+        0,
+        "shares needed to reconstruct t (0: a majority of the k + 1 holders)",
+        "XENO_SECAGG_THRESHOLD",
+    )
     eval_data: str = setting(
         "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
     )
@@ -142,6 +175,13 @@ class ServerConfig:
             selection_window_s=self.selection_window,
             rounds=self.rounds,
             staging_buffers=self.staging_buffers,
+            secagg=self.secagg,
+            secagg_clip_norm=self.secagg_clip_norm,
+            secagg_max_weight=self.secagg_max_weight,
+            secagg_phase_timeout_s=self.secagg_phase_timeout,
+            secagg_dropout=self.secagg_dropout,
+            secagg_degree=self.secagg_degree,
+            secagg_threshold=self.secagg_threshold,
         )
 
     def fit_instructions(self) -> FitInstructions:
@@ -189,7 +229,9 @@ def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
 class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+    ) -> None:
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         self.store = Store(config.db)
@@ -200,14 +242,16 @@ class XenoServer:
         strategy = make_strategy(
             config.strategy, config.fit_instructions(), config.server_lr, config.proximal_mu
         )
+        self.registry = DeviceRegistry(self.store, config.enrollment_key)
         self.coordinator = RoundCoordinator(
             self.store,
             config.model,
             strategy,
             config.round_config(),
             evaluator=make_evaluator(model.spec, config),  # type: ignore[arg-type]
+            identity_keys=self.registry.identity_key,
+            recorder=recorder,
         )
-        self.registry = DeviceRegistry(self.store, config.enrollment_key)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),

@@ -2,7 +2,8 @@
 
 A device registers once and receives an id plus a random bearer token;
 the store keeps only the token's SHA-256, and checks compare digests in
-constant time. Tokens are never logged.
+constant time. Tokens are never logged. A device may enroll an Ed25519
+identity key, with which it signs its secure-aggregation round keys.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import hmac
 import secrets
 import threading
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.errors import ErrorKind, FederationError
 from server.store import Store
@@ -21,15 +24,17 @@ def token_digest(token: str) -> str:
 
 
 class DeviceRegistry:
-    """Registered devices and their token digests (cached in memory)."""
+    """Registered devices, their token digests and identity keys (cached in memory)."""
 
     def __init__(self, store: Store, enrollment_key: str = "") -> None:
         self._store = store
         self._enrollment_key = enrollment_key
         self._lock = threading.Lock()
-        self._digests = store.device_token_hashes()
+        self._devices = store.device_credentials()
 
-    def register(self, enrollment_key: str, labels: dict[str, str]) -> tuple[str, str]:
+    def register(
+        self, enrollment_key: str, labels: dict[str, str], identity_public_key: bytes = b""
+    ) -> tuple[str, str]:
         if self._enrollment_key and not hmac.compare_digest(
             enrollment_key.encode(), self._enrollment_key.encode()
         ):
@@ -39,18 +44,31 @@ class DeviceRegistry:
             )
         if len(labels) > 32 or any(len(k) > 64 or len(v) > 256 for k, v in labels.items()):
             raise FederationError(ErrorKind.INVALID_ARGUMENT, "too many or too long labels")
+        if identity_public_key:
+            try:
+                Ed25519PublicKey.from_public_bytes(identity_public_key)
+            except ValueError:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "identity_public_key must be a raw Ed25519 key"
+                ) from None
         device_id = "dev-" + secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
         digest = token_digest(token)
-        self._store.add_device(device_id, digest, dict(labels))
+        identity = identity_public_key or None
+        self._store.add_device(device_id, digest, dict(labels), identity)
         with self._lock:
-            self._digests[device_id] = digest
+            self._devices[device_id] = (digest, identity)
         return device_id, token
 
     def authenticate(self, device_id: str, token: str) -> bool:
         with self._lock:
-            expected = self._digests.get(device_id)
-        return expected is not None and hmac.compare_digest(expected, token_digest(token))
+            entry = self._devices.get(device_id)
+        return entry is not None and hmac.compare_digest(entry[0], token_digest(token))
+
+    def identity_key(self, device_id: str) -> bytes | None:
+        with self._lock:
+            entry = self._devices.get(device_id)
+        return None if entry is None else entry[1]
 
     def __len__(self) -> int:
-        return len(self._digests)
+        return len(self._devices)

@@ -53,6 +53,11 @@ class SimulationConfig:
     )
     min_clients: int = setting(2, "fewest updates that complete a round", "XENO_MIN_CLIENTS")
     port: int = setting(0, "server port (0: a free one)", "XENO_PORT")
+    secagg: bool = setting(
+        True,
+        "secure aggregation (SecAgg+); --no-secagg for plain rounds",
+        "XENO_SECAGG",
+    )
     progress: bool = setting(True, "show the live progress display", "XENO_PROGRESS")
 
 
@@ -114,6 +119,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         clients_per_round=config.clients,
         round_deadline=config.round_deadline,
         rounds=config.rounds,
+        secagg=config.secagg,
     )
     server = XenoServer(server_config)
     events: queue.Queue[RoundSummary] = queue.Queue()

@@ -28,6 +28,7 @@ FAST_SERVER = ServerConfig(
     selection_window=0.3,
     local_epochs=1,
     max_workers=64,
+    secagg=False,
 )
 
 

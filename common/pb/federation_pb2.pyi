@@ -1,14 +1,24 @@
 from common.pb import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
+    SHARE_KIND_SELF_MASK_SEED: _ClassVar[ShareKind]
+    SHARE_KIND_MASK_KEY: _ClassVar[ShareKind]
+SHARE_KIND_UNSPECIFIED: ShareKind
+SHARE_KIND_SELF_MASK_SEED: ShareKind
+SHARE_KIND_MASK_KEY: ShareKind
+
 class RegisterRequest(_message.Message):
-    __slots__ = ("enrollment_key", "labels")
+    __slots__ = ("enrollment_key", "labels", "identity_public_key")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -18,9 +28,11 @@ class RegisterRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ENROLLMENT_KEY_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     enrollment_key: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, enrollment_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    identity_public_key: bytes
+    def __init__(self, enrollment_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("device_id", "token")
@@ -84,7 +96,7 @@ class FitConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., momentum: _Optional[float] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes")
+    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes", "secagg")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +105,7 @@ class Task(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_number: int
     model_name: str
@@ -101,7 +114,26 @@ class Task(_message.Message):
     config: FitConfig
     deadline_unix_ms: int
     model_bytes: int
-    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ...) -> None: ...
+    secagg: SecAggConfig
+    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ..., secagg: _Optional[_Union[SecAggConfig, _Mapping]] = ...) -> None: ...
+
+class SecAggConfig(_message.Message):
+    __slots__ = ("enabled", "threshold", "degree", "clip_norm", "scale", "max_weight", "num_selected")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SELECTED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    threshold: int
+    degree: int
+    clip_norm: float
+    scale: float
+    max_weight: int
+    num_selected: int
+    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -187,5 +219,125 @@ class DeclineTaskRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DeclineTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoundKeys(_message.Message):
+    __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    identity_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("round_id", "keys")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    keys: RoundKeys
+    def __init__(self, round_id: _Optional[str] = ..., keys: _Optional[_Union[RoundKeys, _Mapping]] = ...) -> None: ...
+
+class AdvertiseKeysResponse(_message.Message):
+    __slots__ = ("participants", "neighbours", "degree", "threshold")
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: _containers.RepeatedCompositeFieldContainer[RoundKeys]
+    degree: int
+    threshold: int
+    def __init__(self, participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Iterable[_Union[RoundKeys, _Mapping]]] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("sender", "receiver", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    receiver: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("round_id", "shares")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class ShareKeysResponse(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class MaskedHeader(_message.Message):
+    __slots__ = ("round_id", "total_elements", "total_bytes")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    total_elements: int
+    total_bytes: int
+    def __init__(self, round_id: _Optional[str] = ..., total_elements: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class MaskedChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: MaskedHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[MaskedHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadMaskedResponse(_message.Message):
+    __slots__ = ("received_bytes",)
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
+
+class GetUnmaskRequestRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "kind", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    kind: ShareKind
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskSharesRequest(_message.Message):
+    __slots__ = ("round_id", "shares", "unverifiable")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIABLE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    unverifiable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., unverifiable: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnmaskSharesResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,31 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/xeno.fl.v1.Federation/AdvertiseKeys',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ShareKeys',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.UploadMasked = channel.stream_unary(
+                '/xeno.fl.v1.Federation/UploadMasked',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.MaskedChunk.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UploadMaskedResponse.FromString,
+                _registered_method=True)
+        self.GetUnmaskRequest = channel.unary_unary(
+                '/xeno.fl.v1.Federation/GetUnmaskRequest',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/xeno.fl.v1.Federation/Unmask',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -111,6 +136,45 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (SecAgg+), used instead of UploadUpdate when
+        Task.secagg.enabled. Each phase call blocks until the server closes the
+        phase (all devices answered, or the phase timed out).
+        1. Signed round public keys in; the neighbours' signed keys out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """2. Encrypted Shamir shares for the neighbours in; those addressed to me out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadMasked(self, request_iterator, context):
+        """3. The masked, quantized update: one MaskedHeader, then data chunks (uint32 LE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUnmaskRequest(self, request, context):
+        """4a. Which neighbours survived and which dropped (blocks until uploads close).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """4b. For each survivor the share of its self-mask seed, for each dropped
+        device the share of its mask key, never both for one device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +207,31 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DeclineTask,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'UploadMasked': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadMasked,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.MaskedChunk.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UploadMaskedResponse.SerializeToString,
+            ),
+            'GetUnmaskRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnmaskRequest,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +396,141 @@ class Federation:
             '/xeno.fl.v1.Federation/DeclineTask',
             xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/AdvertiseKeys',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ShareKeys',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadMasked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/xeno.fl.v1.Federation/UploadMasked',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.MaskedChunk.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.UploadMaskedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnmaskRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/GetUnmaskRequest',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/Unmask',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,

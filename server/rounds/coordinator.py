@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.quantize import FixedPoint
+from common.secagg import derive_params
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
 from server.errors import ErrorKind, FederationError
+from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import ModelRecord, ParticipantRecord, Store
 from server.strategies import FitInstructions, Strategy
 
@@ -55,6 +58,13 @@ class RoundConfig:
     availability_ttl_s: float = 15.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
+    secagg: bool = False
+    secagg_clip_norm: float = 10.0
+    secagg_max_weight: int = 1000
+    secagg_phase_timeout_s: float = 10.0
+    secagg_dropout: float = 0.1
+    secagg_degree: int = 0
+    secagg_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -110,6 +120,16 @@ class Participant:
 
 
 @dataclass(frozen=True)
+class SecAggTask:
+    """What a device needs to run secure aggregation in a round."""
+
+    threshold: int
+    degree: int
+    fixed_point: FixedPoint
+    num_selected: int
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     round_id: str
     round_number: int
@@ -119,6 +139,7 @@ class TaskInfo:
     fit: FitInstructions
     deadline_unix_ms: int
     model_bytes: int
+    secagg: SecAggTask | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +184,8 @@ class _Round:
     accumulator: np.ndarray
     weight_sum: float = 0.0
     closing: bool = False
+    secagg: SecAggRound | None = None
+    secagg_task: SecAggTask | None = None
 
     def count(self, *statuses: Status) -> int:
         return sum(p.status in statuses for p in self.cohort.values())
@@ -180,6 +203,8 @@ class RoundCoordinator:
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        identity_keys: Callable[[str], bytes | None] | None = None,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
     ) -> None:
         self.store = store
         self.model_name = model_name
@@ -187,6 +212,8 @@ class RoundCoordinator:
         self.config = config
         self.evaluator = evaluator
         self.clock = clock
+        self.identity_keys = identity_keys or (lambda _device: None)
+        self.recorder = recorder
         self._rng = rng or random.SystemRandom()
         self._cond = threading.Condition(threading.RLock())
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
@@ -277,6 +304,11 @@ class RoundCoordinator:
         with self._cond:
             rnd = self._active_round(round_id)
             participant = self._member(rnd, device_id)
+            if rnd.secagg is not None:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "this round uses secure aggregation: send the update with UploadMasked",
+                )
             if participant.status is Status.UPLOADED:
                 raise FederationError(
                     ErrorKind.ALREADY_EXISTS,
@@ -316,20 +348,30 @@ class RoundCoordinator:
             if num_examples < 1:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "num_examples must be at least 1")
             participant.status = Status.UPLOADING
+        weight = min(num_examples, self.config.max_examples_weight)
+        return self._staged_session(UploadSession, rnd, participant, total_bytes, weight)
+
+    def _staged_session(
+        self,
+        kind: type[UploadSession],
+        rnd: _Round,
+        participant: Participant,
+        total_bytes: int,
+        weight: int,
+    ) -> UploadSession:
         # Waiting for a staging buffer must not hold the lock: it is backpressure on the stream.
         if not self._staging_free.acquire(timeout=max(1.0, rnd.deadline - self.clock())):
             with self._cond:
                 if participant.status is Status.UPLOADING:
                     participant.status = Status.SELECTED
+                if rnd.secagg is not None:
+                    rnd.secagg.end_upload(participant.device_id, None)
             raise FederationError(ErrorKind.UNAVAILABLE, "server busy staging uploads; retry")
         with self._cond:
             buffer = self._staging.pop()
-        if buffer.size < self.model.manifest.total_elements:
-            buffer = np.empty(self.model.manifest.total_elements, dtype=WIRE_DTYPE)
-        weight = min(num_examples, self.config.max_examples_weight)
-        return UploadSession(
-            self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer
-        )
+        if buffer.size < self.model.manifest.total_elements + 1:
+            buffer = np.empty(self.model.manifest.total_elements + 1, dtype=WIRE_DTYPE)
+        return kind(self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer)
 
     def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
         with self._cond:
@@ -362,7 +404,106 @@ class RoundCoordinator:
                 return
             participant.status = Status.DECLINED
             participant.note = reason[:500]
+            if rnd.secagg is not None:
+                rnd.secagg.withdraw(device_id)
             log.info("device %s declined round %s: %s", device_id, rnd.number, participant.note)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg_round(self, device_id: str, round_id: str) -> tuple[_Round, SecAggRound]:
+        rnd = self._active_round(round_id)
+        participant = self._member(rnd, device_id)
+        if rnd.secagg is None:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                "this round does not use secure aggregation: send the update with UploadUpdate",
+            )
+        if participant.status is Status.DECLINED:
+            raise FederationError(ErrorKind.FAILED_PRECONDITION, "device declined this round")
+        return rnd, rnd.secagg
+
+    def _await_phase_end(self, rnd: _Round, secagg: SecAggRound, phase: Phase) -> None:
+        secagg.advance(self.clock())
+        self._cond.notify_all()
+        self._cond.wait_for(
+            lambda: secagg.phase is not phase or rnd.closing or self._stopping.is_set(),
+            timeout=max(0.0, secagg.phase_deadline - self.clock()) + 5.0,
+        )
+        if secagg.phase is Phase.FAILED:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"secure aggregation of round {rnd.id} failed: {secagg.failure}; check in again",
+            )
+        if secagg.phase is phase:
+            raise FederationError(ErrorKind.UNAVAILABLE, "phase still open; call again")
+
+    def advertise_keys(
+        self, device_id: str, round_id: str, keys: DeviceKeys
+    ) -> tuple[list[str], list[DeviceKeys], int, int]:
+        """Phase 1: accept signed round keys; once the phase closes, the neighbours' keys."""
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            secagg.advertise(device_id, keys)
+            if secagg.phase is Phase.ADVERTISE:
+                self._await_phase_end(rnd, secagg, Phase.ADVERTISE)
+            degree = min(secagg.settings.degree, len(secagg.participants) - 1)
+            return (
+                list(secagg.participants),
+                secagg.neighbour_keys(device_id),
+                degree,
+                secagg.settings.threshold,
+            )
+
+    def share_keys(
+        self, device_id: str, round_id: str, shares: dict[str, bytes]
+    ) -> list[tuple[str, bytes]]:
+        """Phase 2: accept encrypted shares, wait for the phase to close, return mine."""
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            secagg.share(device_id, shares)
+            if secagg.phase is Phase.SHARE:
+                self._await_phase_end(rnd, secagg, Phase.SHARE)
+            return secagg.shares_for(device_id)
+
+    def begin_masked_upload(
+        self, device_id: str, round_id: str, total_elements: int, total_bytes: int
+    ) -> UploadSession:
+        """Phase 3: validate a masked upload's header and reserve a staging buffer."""
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            if total_bytes != 4 * total_elements:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "total_bytes must be 4 x total_elements (uint32)"
+                )
+            secagg.begin_upload(device_id, total_elements)
+            participant = rnd.cohort[device_id]
+        return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
+
+    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str]]:
+        """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours."""
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
+                if device_id not in secagg.uploaded:
+                    raise FederationError(
+                        ErrorKind.FAILED_PRECONDITION, "no masked update from this device yet"
+                    )
+                self._await_phase_end(rnd, secagg, secagg.phase)
+            request = secagg.unmask_request(device_id)
+            return list(request.survivors), list(request.dropped)
+
+    def unmask(
+        self,
+        device_id: str,
+        round_id: str,
+        revealed: list[tuple[str, ShareKind, bytes]],
+        unverifiable: list[str],
+    ) -> None:
+        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes."""
+        with self._cond:
+            _rnd, secagg = self._secagg_round(device_id, round_id)
+            secagg.unmask(device_id, revealed, unverifiable)
+            secagg.advance(self.clock())
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ time and lifecycle
@@ -378,12 +519,18 @@ class RoundCoordinator:
                 return None
             if rnd.closing:
                 return None
-            accepted = rnd.count(Status.UPLOADED)
-            pending = rnd.count(Status.SELECTED, Status.UPLOADING)
-            if accepted >= self.config.clients_per_round or pending == 0 or now >= rnd.deadline:
-                rnd.closing = True
+            if rnd.secagg is not None:
+                if rnd.secagg.advance(now):
+                    self._cond.notify_all()
+                if not rnd.secagg.finished:
+                    return None
             else:
-                return None
+                accepted = rnd.count(Status.UPLOADED)
+                pending = rnd.count(Status.SELECTED, Status.UPLOADING)
+                due = accepted >= self.config.clients_per_round or pending == 0
+                if not due and now < rnd.deadline:
+                    return None
+            rnd.closing = True
         return self._close_round(rnd)
 
     def start(self, interval_s: float = 0.02) -> None:
@@ -425,6 +572,8 @@ class RoundCoordinator:
         participant = rnd.cohort.get(device_id)
         if participant is None or participant.status is not Status.SELECTED:
             return None
+        if rnd.secagg is not None and rnd.secagg.phase is not Phase.ADVERTISE:
+            return None  # too late to join this round's secure aggregation
         return CheckInOutcome(task=self._task_info(rnd))
 
     def _task_info(self, rnd: _Round) -> TaskInfo:
@@ -437,6 +586,7 @@ class RoundCoordinator:
             fit=rnd.fit,
             deadline_unix_ms=rnd.deadline_unix_ms,
             model_bytes=len(rnd.model_bytes),
+            secagg=rnd.secagg_task,
         )
 
     def _active_round(self, round_id: str) -> _Round:
@@ -463,8 +613,12 @@ class RoundCoordinator:
         ttl = self.config.availability_ttl_s
         for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
             del self._available[dev]
-        count = len(self._available)
-        if count < self.config.min_clients:
+        candidates = sorted(self._available)
+        if self.config.secagg:
+            # Only devices with an enrolled identity key can sign their round keys.
+            candidates = [d for d in candidates if self.identity_keys(d)]
+        count = len(candidates)
+        if count < max(self.config.min_clients, 2 if self.config.secagg else 1):
             self._available_since = None
             return
         if self._available_since is None:
@@ -472,7 +626,7 @@ class RoundCoordinator:
         enough = count >= self.config.cohort_size
         if not enough and now - self._available_since < self.config.selection_window_s:
             return
-        chosen = self._rng.sample(sorted(self._available), min(count, self.config.cohort_size))
+        chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
         for dev in chosen:
             del self._available[dev]
         self._available_since = None
@@ -496,10 +650,31 @@ class RoundCoordinator:
             deadline_unix_ms=int(wall_deadline * 1000),
             accumulator=np.zeros(self._vector.size, dtype=np.float64),
         )
+        if self.config.secagg:
+            self._attach_secagg(self._round, now)
         log.info(
             "round %d started: %d devices selected, base version %d", number, len(chosen), version
         )
         self._cond.notify_all()
+
+    def _attach_secagg(self, rnd: _Round, now: float) -> None:
+        cfg = self.config
+        n = len(rnd.cohort)
+        params = derive_params(n, cfg.secagg_dropout)
+        degree = min(cfg.secagg_degree or params.degree, n - 1)
+        threshold = cfg.secagg_threshold or min(params.threshold, degree + 1)
+        fixed_point = FixedPoint.for_round(cfg.secagg_clip_norm, n, cfg.secagg_max_weight)
+        rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n)
+        rnd.secagg = SecAggRound(
+            round_id=rnd.id,
+            cohort=sorted(rnd.cohort),
+            identity_keys={d: self.identity_keys(d) or b"" for d in rnd.cohort},
+            settings=SecAggSettings(threshold, degree, fixed_point, cfg.secagg_phase_timeout_s),
+            vector_length=self.model.manifest.total_elements + 1,
+            advertise_deadline=rnd.deadline,
+            target=cfg.clients_per_round,
+            recorder=self.recorder,
+        )
 
     def _close_round(self, rnd: _Round) -> RoundSummary:
         """Aggregate (or fail) a closing round.
@@ -512,22 +687,37 @@ class RoundCoordinator:
         version: int | None = None
         metrics: dict[str, float] = {}
         reason = ""
-        if accepted >= self.config.min_clients:
+        mean_delta: np.ndarray | None = None
+        if rnd.secagg is not None:
+            result = rnd.secagg.result
+            if result is None:
+                reason = rnd.secagg.failure or "secure aggregation did not finish"
+            elif accepted < self.config.min_clients:
+                reason = f"only {accepted} update(s) survived, {self.config.min_clients} needed"
+            else:
+                mean_delta = (result.weighted_sum / result.weight_sum).astype(np.float32)
+        elif accepted >= self.config.min_clients:
             mean_delta = (rnd.accumulator / rnd.weight_sum).astype(np.float32)
+        else:
+            reason = (
+                f"only {accepted} update(s) arrived before the deadline, "
+                f"{self.config.min_clients} needed"
+            )
+        if mean_delta is not None:
             new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
             if not np.all(np.isfinite(new_vector)):
                 reason = "aggregate is not finite; the round's updates were discarded"
             else:
                 metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
                 metrics["update_norm"] = float(np.linalg.norm(mean_delta))
+                if rnd.secagg is not None and rnd.secagg.result is not None:
+                    metrics["secagg"] = 1.0
+                    metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+                    metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
+                    metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
                 version = self.store.complete_round(
                     self.model_name, rnd.id, new_vector, metrics, seconds, participants
                 )
-        else:
-            reason = (
-                f"only {accepted} update(s) arrived before the deadline, "
-                f"{self.config.min_clients} needed"
-            )
         if version is None:
             self.store.fail_round(rnd.id, reason, seconds, participants)
             log.warning("round %d failed: %s", rnd.number, reason)
@@ -596,8 +786,25 @@ class RoundCoordinator:
             participant.bytes_in += session.assembler.total_bytes
             self._cond.notify_all()
 
+    def _commit_masked(self, session: UploadSession, vector: np.ndarray) -> None:
+        with self._cond:
+            rnd, participant = session.round, session.participant
+            if self._round is not rnd or rnd.closing or rnd.secagg is None:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"round {rnd.id} closed before the upload completed; check in again",
+                )
+            rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
+            participant.status = Status.UPLOADED
+            participant.bytes_in += session.assembler.total_bytes
+            rnd.secagg.advance(self.clock())
+            self._cond.notify_all()
+
     def _release(self, session: UploadSession, accepted: bool) -> None:
         with self._cond:
+            rnd = session.round
+            if not accepted and rnd.secagg is not None:
+                rnd.secagg.end_upload(session.participant.device_id, None)
             if not accepted and session.participant.status is Status.UPLOADING:
                 session.participant.status = Status.SELECTED
             self._staging.append(session.buffer)
@@ -661,3 +868,19 @@ class UploadSession:
         if not self._done:
             self._done = True
             self._coordinator._release(self, accepted)
+
+
+class MaskedUploadSession(UploadSession):
+    """A secure-aggregation upload: uint32 residues, checked for length only, added mod 2^32."""
+
+    def commit(self) -> None:
+        try:
+            try:
+                vector = self.assembler.finish()
+            except ValueError as exc:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            self._coordinator._commit_masked(self, vector)
+        except FederationError:
+            self.abort()
+            raise
+        self._finish(accepted=True)

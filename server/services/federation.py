@@ -13,6 +13,7 @@ from common.tensors import CHUNK_BYTES, Manifest, iter_chunks
 from server.errors import ErrorKind, FederationError
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo
+from server.secagg import DeviceKeys, ShareKind
 from server.services.common import abort, device_id_of
 
 log = logging.getLogger("xeno.server.federation")
@@ -38,6 +39,32 @@ def task_to_proto(task: TaskInfo) -> pb.Task:
         ),
         deadline_unix_ms=task.deadline_unix_ms,
         model_bytes=task.model_bytes,
+        secagg=_secagg_config(task),
+    )
+
+
+def _secagg_config(task: TaskInfo) -> pb.SecAggConfig:
+    sa = task.secagg
+    if sa is None:
+        return pb.SecAggConfig(enabled=False)
+    return pb.SecAggConfig(
+        enabled=True,
+        threshold=sa.threshold,
+        degree=sa.degree,
+        clip_norm=sa.fixed_point.clip_norm,
+        scale=sa.fixed_point.scale,
+        max_weight=sa.fixed_point.max_weight,
+        num_selected=sa.num_selected,
+    )
+
+
+def _keys_to_proto(keys: DeviceKeys) -> pb.RoundKeys:
+    return pb.RoundKeys(
+        device_id=keys.device_id,
+        encryption_public_key=keys.encryption_public_key,
+        mask_public_key=keys.mask_public_key,
+        signature=keys.signature,
+        identity_public_key=keys.identity_public_key,
     )
 
 
@@ -56,7 +83,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         try:
-            device_id, token = self.registry.register(request.enrollment_key, dict(request.labels))
+            device_id, token = self.registry.register(
+                request.enrollment_key, dict(request.labels), request.identity_public_key
+            )
         except FederationError as err:
             abort(context, err, "Register", "")
         log.info("registered device %s", device_id)
@@ -157,3 +186,112 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> pb.AdvertiseKeysResponse:
+        device = device_id_of(context)
+        k = request.keys
+        try:
+            participants, keys, degree, threshold = self.coordinator.advertise_keys(
+                device,
+                request.round_id,
+                DeviceKeys(
+                    k.device_id, k.encryption_public_key, k.mask_public_key, k.signature, b""
+                ),
+            )
+        except FederationError as err:
+            abort(context, err, "AdvertiseKeys", device)
+        return pb.AdvertiseKeysResponse(
+            participants=participants,
+            neighbours=[_keys_to_proto(x) for x in keys],
+            degree=degree,
+            threshold=threshold,
+        )
+
+    def ShareKeys(
+        self, request: pb.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> pb.ShareKeysResponse:
+        device = device_id_of(context)
+        try:
+            shares: dict[str, bytes] = {}
+            for share in request.shares:
+                if share.sender != device:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, "shares must name this device as sender"
+                    )
+                if share.receiver in shares:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, f"two shares for {share.receiver}"
+                    )
+                shares[share.receiver] = share.ciphertext
+            mine = self.coordinator.share_keys(device, request.round_id, shares)
+        except FederationError as err:
+            abort(context, err, "ShareKeys", device)
+        return pb.ShareKeysResponse(
+            shares=[
+                pb.EncryptedShare(sender=sender, receiver=device, ciphertext=blob)
+                for sender, blob in mine
+            ]
+        )
+
+    def UploadMasked(
+        self, request_iterator: Iterator[pb.MaskedChunk], context: grpc.ServicerContext
+    ) -> pb.UploadMaskedResponse:
+        device = device_id_of(context)
+        session = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "the first message of an upload must be its header"
+                )
+            header = first.header
+            session = self.coordinator.begin_masked_upload(
+                device, header.round_id, header.total_elements, header.total_bytes
+            )
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "data":
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
+                    )
+                session.add_chunk(msg.data)
+            session.commit()
+            received = session.assembler.received
+            session = None
+            return pb.UploadMaskedResponse(received_bytes=received)
+        except FederationError as err:
+            abort(context, err, "UploadMasked", device)
+        finally:
+            if session is not None:
+                session.abort()
+
+    def GetUnmaskRequest(
+        self, request: pb.GetUnmaskRequestRequest, context: grpc.ServicerContext
+    ) -> pb.UnmaskRequest:
+        device = device_id_of(context)
+        try:
+            survivors, dropped = self.coordinator.unmask_request(device, request.round_id)
+        except FederationError as err:
+            abort(context, err, "GetUnmaskRequest", device)
+        return pb.UnmaskRequest(survivors=survivors, dropped=dropped)
+
+    def Unmask(
+        self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext
+    ) -> pb.UnmaskSharesResponse:
+        device = device_id_of(context)
+        try:
+            revealed = []
+            for share in request.shares:
+                if share.kind == pb.SHARE_KIND_SELF_MASK_SEED:
+                    kind = ShareKind.SELF_MASK_SEED
+                elif share.kind == pb.SHARE_KIND_MASK_KEY:
+                    kind = ShareKind.MASK_KEY
+                else:
+                    raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
+                revealed.append((share.owner, kind, share.share))
+            self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except FederationError as err:
+            abort(context, err, "Unmask", device)
+        return pb.UnmaskSharesResponse()

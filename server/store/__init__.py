@@ -101,19 +101,31 @@ class Store:
         return self._session()
 
     # devices ---------------------------------------------------------------
-    def add_device(self, device_id: str, token_sha256: str, labels: dict[str, str]) -> None:
+    def add_device(
+        self,
+        device_id: str,
+        token_sha256: str,
+        labels: dict[str, str],
+        identity_public_key: bytes | None = None,
+    ) -> None:
         with self._session.begin() as s:
             s.add(
                 DeviceRow(
-                    id=device_id, token_sha256=token_sha256, labels=labels, created_at=utcnow()
+                    id=device_id,
+                    token_sha256=token_sha256,
+                    labels=labels,
+                    identity_public_key=identity_public_key,
+                    created_at=utcnow(),
                 )
             )
 
-    def device_token_hashes(self) -> dict[str, str]:
+    def device_credentials(self) -> dict[str, tuple[str, bytes | None]]:
+        """device id -> (token digest, identity public key)."""
         with self.session() as s:
-            return {
-                row[0]: row[1] for row in s.execute(select(DeviceRow.id, DeviceRow.token_sha256))
-            }
+            rows = s.execute(
+                select(DeviceRow.id, DeviceRow.token_sha256, DeviceRow.identity_public_key)
+            )
+            return {row[0]: (row[1], row[2]) for row in rows}
 
     # blobs -----------------------------------------------------------------
     @staticmethod

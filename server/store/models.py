@@ -36,6 +36,8 @@ class DeviceRow(Base):
     # SHA-256 of the bearer token; the token itself is never stored.
     token_sha256: Mapped[str] = mapped_column(String(64))
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Raw Ed25519 public key the device signs its secure-aggregation round keys with.
+    identity_public_key: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

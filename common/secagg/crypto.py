@@ -1,0 +1,126 @@
+"""Key agreement, share encryption, round-key signatures and the mask PRG."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+SEED_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+KEYS_CONTEXT = b"xeno-fl/secagg/v1/round-keys"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair; `public` is the 32 raw bytes that travel."""
+
+    private: X25519PrivateKey
+    public: bytes
+
+    def private_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+        return self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def generate_keypair() -> KeyPair:
+    sk = X25519PrivateKey.generate()
+    return KeyPair(sk, sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def keypair_from_private(raw: bytes) -> KeyPair:
+    sk = X25519PrivateKey.from_private_bytes(raw)
+    return KeyPair(sk, sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """32-byte key from X25519(private, peer) through HKDF-SHA256 with context `info`.
+
+    Symmetric: agree(a, B, i) == agree(b, A, i). Raises ValueError on a bad public key.
+    """
+    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(shared)
+
+
+def mask_info(round_id: str) -> bytes:
+    """HKDF context of the pairwise mask seeds of a round."""
+    return b"xeno-fl/secagg/v1/mask\x00" + round_id.encode()
+
+
+def share_key_info(round_id: str) -> bytes:
+    """HKDF context of the share-encryption keys of a round."""
+    return b"xeno-fl/secagg/v1/share-key\x00" + round_id.encode()
+
+
+def share_point(participants: list[str], device: str) -> int:
+    """The Shamir x-coordinate of a device: its 1-based rank among the sorted participants."""
+    return participants.index(device) + 1
+
+
+def share_ad(round_id: str, sender: str, receiver: str) -> bytes:
+    """Associated data binding an encrypted share to its round, sender and receiver."""
+    return b"xeno-fl/secagg/v1/share\x00" + "\x00".join((round_id, sender, receiver)).encode()
+
+
+def encrypt_share(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    """nonce || AES-GCM(key, plaintext, ad) (ciphertext with its 16-byte tag)."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def decrypt_share(key: bytes, blob: bytes, ad: bytes) -> bytes | None:
+    """The plaintext, or None when the tag does not verify (tampered, misdirected, replayed)."""
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        return None
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], ad)
+    except InvalidTag:
+        return None
+
+
+def keys_message(round_id: str, device_id: str, encryption_pk: bytes, mask_pk: bytes) -> bytes:
+    """What a device signs: its two round public keys bound to round and device."""
+    parts = (round_id.encode(), device_id.encode(), encryption_pk, mask_pk)
+    return KEYS_CONTEXT + b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
+def sign_keys(identity: Ed25519PrivateKey, message: bytes) -> bytes:
+    return identity.sign(message)
+
+
+def verify_keys(identity_public: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def prg_uint32(seed: bytes, length: int) -> np.ndarray:
+    """`length` pseudo-random uint32 from a 32-byte seed: AES-128-CTR keystream.
+
+    Key = seed[:16], initial counter block = seed[16:]. The keystream is the
+    encryption of zeros, written straight into the array's buffer.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError("mask seeds are 32 bytes")
+    out = np.empty(length, dtype="<u4")
+    encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    view = memoryview(out.view(np.uint8))  # type: ignore[arg-type]
+    step = 1 << 22
+    zeros = bytes(min(step, len(view)))
+    for start in range(0, len(view), step):
+        n = min(step, len(view) - start)
+        view[start : start + n] = encryptor.update(zeros[:n])
+    return out

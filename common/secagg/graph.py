@@ -1,0 +1,91 @@
+"""The SecAgg+ neighbour graph and the choice of its degree k and threshold t.
+
+Bell et al. (CCS 2020) replace SecAgg's complete graph by a random k-regular
+graph with k = O(log n): each device masks with, and secret-shares to, only
+its k neighbours, so device and server work grow like n log n, not n^2.
+We use the Harary graph H(k, n) (each node joined to the k/2 nearest on
+each side of a ring) under a pseudo-random relabelling of the nodes, seeded
+by a hash of the round id and the participant list: every device recomputes
+the same graph and can check that the server told it the truth.
+
+Each device shares its secrets among its k neighbours and itself (k + 1
+holders). Parameters (derive_params): t = floor((k + 1) / 2) + 1, a strict
+majority of the holders, so a server that collected the self-mask-seed
+shares of a device from one set of holders and its mask-key shares from
+another would need two disjoint majorities, which do not exist; honest
+devices also refuse to reveal both kinds for one device. k is the
+smallest even degree, at least 2 log2(n) (connectivity of the honest
+subgraph, Bell et al. Thm 3.6), such that, with each device dropping
+independently with probability `dropout`, the chance that some device has
+fewer than t surviving neighbours (and the round fails) is at most
+`failure_probability` (union bound over n devices, exact binomial tail).
+With n <= k + 1 the graph is complete (plain SecAgg).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    degree: int
+    threshold: int
+
+
+def _binomial_tail_below(k: int, t: int, survive: float) -> float:
+    """P[Binomial(k, survive) < t]."""
+    return sum(math.comb(k, i) * survive**i * (1 - survive) ** (k - i) for i in range(t))
+
+
+def derive_params(n: int, dropout: float = 0.1, failure_probability: float = 1e-6) -> SecAggParams:
+    if n < 2:
+        raise ValueError("secure aggregation needs at least 2 devices")
+    if not 0 <= dropout < 0.5:
+        raise ValueError("expected dropout must be in [0, 0.5)")
+    k = max(2, 2 * math.ceil(math.log2(n)))
+    k += k % 2
+    while k < n - 1:
+        t = (k + 1) // 2 + 1
+        if n * _binomial_tail_below(k, t, 1 - dropout) <= failure_probability:
+            break
+        k += 2
+    if k >= n - 1:
+        k = n - 1
+    return SecAggParams(degree=k, threshold=(k + 1) // 2 + 1)
+
+
+def graph_seed(round_id: str, participants: Sequence[str]) -> bytes:
+    h = hashlib.sha256(b"xeno-fl/secagg/v1/graph\x00" + round_id.encode())
+    for p in sorted(participants):
+        h.update(b"\x00" + p.encode())
+    return h.digest()
+
+
+def neighbours(participants: Sequence[str], degree: int, seed: bytes) -> dict[str, list[str]]:
+    """Each participant's neighbours in the relabelled Harary graph H(degree, n)."""
+    ids = sorted(participants)
+    n = len(ids)
+    if n < 2:
+        return {i: [] for i in ids}
+    if degree >= n - 1:
+        return {u: [v for v in ids if v != u] for u in ids}
+    rng = np.random.default_rng(int.from_bytes(seed, "big"))
+    ring = [ids[i] for i in rng.permutation(n)]
+    position = {u: i for i, u in enumerate(ring)}
+    half = degree // 2
+    out: dict[str, list[str]] = {}
+    for u in ids:
+        i = position[u]
+        near = {ring[(i + j) % n] for j in range(1, half + 1)} | {
+            ring[(i - j) % n] for j in range(1, half + 1)
+        }
+        if degree % 2:  # odd degree: also the node opposite on the ring (n even)
+            near.add(ring[(i + n // 2) % n])
+        out[u] = sorted(near)
+    return out

@@ -1,0 +1,421 @@
+"""Server side of SecAgg+ for one round: relay keys and shares, sum masked inputs, unmask.
+
+Phases (Bonawitz et al. CCS 2017, with the sparse graph of Bell et al. CCS 2020):
+
+    ADVERTISE  devices send signed X25519 round keys       -> U1, the graph over U1
+    SHARE      devices send encrypted Shamir shares          -> U2
+    UPLOAD     devices stream masked uint32 vectors          -> U3, running sum mod 2^32
+    UNMASK     devices reveal b-shares of survivors and      -> U4, reconstruct, remove masks
+               mask-key shares of dropped neighbours
+    DONE / FAILED
+
+A phase closes when every device still in the protocol has answered, or at
+its deadline; a phase left with fewer than `threshold` devices fails the
+round. The server only ever holds masked vectors and their running sum: an
+upload is staged (so a broken stream can be discarded), then added modulo
+2^32 in one vectorized step, and masks are removed from the sum only.
+`recorder`, when given, sees every vector the aggregation path receives or
+stores (the tests use it to show none is an individual update).
+
+Nothing here knows about gRPC; errors are FederationError with a kind.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from common.quantize import FixedPoint
+from common.secagg import agree, combine, neighbours, prg_uint32, verify_keys
+from common.secagg.crypto import (
+    NONCE_BYTES,
+    TAG_BYTES,
+    keys_message,
+    mask_info,
+    share_point,
+)
+from common.secagg.graph import graph_seed
+from common.secagg.shamir import SHARE_BYTES, decode_share
+from server.errors import ErrorKind, FederationError
+
+log = logging.getLogger("xeno.server.secagg")
+audit = logging.getLogger("xeno.audit")
+
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # mask-key share || self-mask-seed share
+SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT_BYTES + TAG_BYTES
+KEY_BYTES = 32
+
+
+class Phase(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    UPLOAD = "upload"
+    UNMASK = "unmask"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ShareKind(enum.Enum):
+    SELF_MASK_SEED = 1
+    MASK_KEY = 2
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    device_id: str
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    identity_public_key: bytes
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    threshold: int
+    degree: int
+    fixed_point: FixedPoint
+    phase_timeout_s: float
+
+
+@dataclass
+class SecAggResult:
+    weighted_sum: np.ndarray
+    weight_sum: float
+    survivors: list[str]
+    dropped: list[str]
+
+
+@dataclass
+class _Unmasking:
+    survivors: list[str]
+    dropped: list[str]
+
+
+@dataclass
+class SecAggRound:
+    """State of the secure aggregation of one round (guarded by the coordinator's lock)."""
+
+    round_id: str
+    cohort: list[str]
+    identity_keys: dict[str, bytes]
+    settings: SecAggSettings
+    vector_length: int
+    advertise_deadline: float
+    target: int
+    recorder: Callable[[str, np.ndarray], None] | None = None
+    phase: Phase = Phase.ADVERTISE
+    phase_deadline: float = 0.0
+    failure: str = ""
+    keys: dict[str, DeviceKeys] = field(default_factory=dict)
+    participants: list[str] = field(default_factory=list)
+    graph: dict[str, list[str]] = field(default_factory=dict)
+    shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    u2: list[str] = field(default_factory=list)
+    uploading: set[str] = field(default_factory=set)
+    uploaded: list[str] = field(default_factory=list)
+    accumulator: np.ndarray | None = None
+    requests: dict[str, _Unmasking] = field(default_factory=dict)
+    revealed: dict[str, list[tuple[str, ShareKind, int]]] = field(default_factory=dict)
+    result: SecAggResult | None = None
+    withdrawn: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.phase_deadline = self.advertise_deadline
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.DONE, Phase.FAILED)
+
+    def _require_phase(self, phase: Phase, what: str) -> None:
+        if self.phase is not phase:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"{what} is not accepted in the {self.phase.value} phase of round {self.round_id}",
+            )
+
+    def _record(self, label: str, vector: np.ndarray) -> None:
+        if self.recorder is not None:
+            self.recorder(label, vector.copy())
+
+    def withdraw(self, device: str) -> None:
+        """A device declined or left: stop waiting for it."""
+        self.withdrawn.add(device)
+
+    # ------------------------------------------------------------------ phase 1
+    def advertise(self, device: str, keys: DeviceKeys) -> None:
+        self._require_phase(Phase.ADVERTISE, "AdvertiseKeys")
+        if device not in self.cohort:
+            raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not in this round")
+        if keys.device_id != device:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, "keys name another device")
+        if len(keys.encryption_public_key) != KEY_BYTES or len(keys.mask_public_key) != KEY_BYTES:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, "round public keys are 32 bytes each")
+        if keys.encryption_public_key == keys.mask_public_key:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, "the two round keys must differ")
+        identity = self.identity_keys.get(device, b"")
+        message = keys_message(
+            self.round_id, device, keys.encryption_public_key, keys.mask_public_key
+        )
+        if not identity or not verify_keys(identity, message, keys.signature):
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                "round keys signature does not verify against the device's enrolled identity key",
+            )
+        if device in self.keys:
+            if self.keys[device].signature != keys.signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already advertised other round keys"
+                )
+            return
+        self.keys[device] = DeviceKeys(
+            device, keys.encryption_public_key, keys.mask_public_key, keys.signature, identity
+        )
+
+    def neighbour_keys(self, device: str) -> list[DeviceKeys]:
+        if device not in self.graph:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"device did not advertise keys in time for round {self.round_id}",
+            )
+        return [self.keys[v] for v in self.graph[device]]
+
+    # ------------------------------------------------------------------ phase 2
+    def share(self, device: str, shares: dict[str, bytes]) -> None:
+        self._require_phase(Phase.SHARE, "ShareKeys")
+        if device not in self.graph:
+            raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not a participant")
+        expected = set(self.graph[device])
+        unknown = sorted(set(shares) - expected)
+        if unknown:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"shares for unknown peers (not neighbours): {', '.join(unknown[:5])}",
+            )
+        missing = sorted(expected - set(shares))
+        if missing:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"missing shares for neighbours: {', '.join(missing[:5])}",
+            )
+        bad = [v for v, c in shares.items() if len(c) != SHARE_CIPHERTEXT_BYTES]
+        if bad:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"encrypted shares must be {SHARE_CIPHERTEXT_BYTES} bytes (for {bad[0]})",
+            )
+        if device in self.shares:
+            if self.shares[device] != shares:
+                raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
+            return
+        self.shares[device] = dict(shares)
+
+    def shares_for(self, device: str) -> list[tuple[str, bytes]]:
+        if device not in self.u2:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"device did not share keys in time for round {self.round_id}",
+            )
+        return [(v, self.shares[v][device]) for v in self.graph[device] if v in self.shares]
+
+    # ------------------------------------------------------------------ phase 3
+    def begin_upload(self, device: str, total_elements: int) -> None:
+        self._require_phase(Phase.UPLOAD, "UploadMasked")
+        if device not in self.u2:
+            raise FederationError(
+                ErrorKind.PERMISSION_DENIED, "device did not complete ShareKeys in this round"
+            )
+        if device in self.uploaded:
+            raise FederationError(
+                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
+            )
+        if device in self.uploading:
+            raise FederationError(
+                ErrorKind.ABORTED, "an upload from this device is in progress; retry later"
+            )
+        if total_elements != self.vector_length:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"masked vector has {total_elements} elements, the round needs "
+                f"{self.vector_length} (model parameters + 1 weight)",
+            )
+        self.uploading.add(device)
+
+    def end_upload(self, device: str, vector: np.ndarray | None) -> None:
+        """Add a complete staged upload (or forget an aborted one)."""
+        self.uploading.discard(device)
+        if vector is None:
+            return
+        self._require_phase(Phase.UPLOAD, "UploadMasked")
+        self._record(f"upload:{device}", vector)
+        if self.accumulator is None:
+            self.accumulator = np.zeros(self.vector_length, dtype=np.uint32)
+        self.accumulator += vector.view(np.uint32)  # wraps modulo 2^32
+        self._record("sum", self.accumulator)
+        self.uploaded.append(device)
+
+    # ------------------------------------------------------------------ phase 4
+    def unmask_request(self, device: str) -> _Unmasking:
+        if device not in self.requests:
+            if self.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
+                raise FederationError(ErrorKind.FAILED_PRECONDITION, "uploads are still open")
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                "no unmasking for this device: its masked update did not arrive in time",
+            )
+        return self.requests[device]
+
+    def unmask(
+        self, device: str, revealed: list[tuple[str, ShareKind, bytes]], unverifiable: list[str]
+    ) -> None:
+        self._require_phase(Phase.UNMASK, "Unmask")
+        request = self.unmask_request(device)
+        if device in self.revealed:
+            raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already revealed")
+        wanted = {v: ShareKind.SELF_MASK_SEED for v in request.survivors}
+        wanted.update({v: ShareKind.MASK_KEY for v in request.dropped})
+        seen: set[str] = set()
+        parsed: list[tuple[str, ShareKind, int]] = []
+        for owner, kind, data in revealed:
+            if owner in seen:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, f"two shares for {owner}")
+            seen.add(owner)
+            if wanted.get(owner) is not kind:
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"share of {owner} of kind {kind.name} was not requested from this device",
+                )
+            try:
+                parsed.append((owner, kind, decode_share(data)))
+            except ValueError as exc:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        for sender in unverifiable:
+            audit.warning(
+                "round %s: device %s reports that the share from %s failed authentication",
+                self.round_id,
+                device,
+                sender,
+            )
+        self.revealed[device] = parsed
+
+    # ------------------------------------------------------------------ transitions
+    def advance(self, now: float) -> bool:
+        """Close the current phase when due; returns True when the phase changed."""
+        if self.finished:
+            return False
+        active = [d for d in self._expected() if d not in self.withdrawn]
+        answered = self._answered()
+        complete = all(d in answered for d in active)
+        if self.phase is Phase.ADVERTISE and len(self.keys) >= self.target:
+            complete = True
+        if not complete and now < self.phase_deadline:
+            return False
+        if self.phase is Phase.UPLOAD and self.uploading and now < self.phase_deadline:
+            return False  # an upload is mid-stream: give it until the deadline
+        self._close_phase(now)
+        return True
+
+    def _expected(self) -> list[str]:
+        return {
+            Phase.ADVERTISE: self.cohort,
+            Phase.SHARE: self.participants,
+            Phase.UPLOAD: self.u2,
+            Phase.UNMASK: list(self.requests),
+        }.get(self.phase, [])
+
+    def _answered(self) -> set[str]:
+        return {
+            Phase.ADVERTISE: set(self.keys),
+            Phase.SHARE: set(self.shares),
+            Phase.UPLOAD: set(self.uploaded),
+            Phase.UNMASK: set(self.revealed),
+        }.get(self.phase, set())
+
+    def _fail(self, reason: str) -> None:
+        self.phase = Phase.FAILED
+        self.failure = reason
+        log.warning("secure aggregation of round %s failed: %s", self.round_id, reason)
+
+    def _close_phase(self, now: float) -> None:
+        t = self.settings.threshold
+        deadline = now + self.settings.phase_timeout_s
+        if self.phase is Phase.ADVERTISE:
+            self.participants = sorted(self.keys)
+            if len(self.participants) < t:
+                return self._fail(f"{len(self.participants)} devices advertised keys, {t} needed")
+            degree = min(self.settings.degree, len(self.participants) - 1)
+            self.graph = neighbours(
+                self.participants, degree, graph_seed(self.round_id, self.participants)
+            )
+            self.phase, self.phase_deadline = Phase.SHARE, deadline
+        elif self.phase is Phase.SHARE:
+            self.u2 = sorted(self.shares)
+            if len(self.u2) < t:
+                return self._fail(f"{len(self.u2)} devices shared keys, {t} needed")
+            self.phase, self.phase_deadline = Phase.UPLOAD, deadline
+        elif self.phase is Phase.UPLOAD:
+            self.uploading.clear()
+            survivors = set(self.uploaded)
+            if len(survivors) < t:
+                return self._fail(f"{len(survivors)} masked updates arrived, {t} needed")
+            for u in sorted(survivors):
+                near = [v for v in self.graph[u] if v in self.u2]
+                self.requests[u] = _Unmasking(
+                    survivors=sorted([u, *(v for v in near if v in survivors)]),
+                    dropped=sorted(v for v in near if v not in survivors),
+                )
+            self.phase, self.phase_deadline = Phase.UNMASK, deadline
+        elif self.phase is Phase.UNMASK:
+            if len(self.revealed) < t:
+                return self._fail(f"{len(self.revealed)} devices answered unmasking, {t} needed")
+            try:
+                self.result = self._unmask_sum()
+            except ValueError as exc:
+                return self._fail(str(exc))
+            self.phase = Phase.DONE
+        return None
+
+    def _unmask_sum(self) -> SecAggResult:
+        assert self.accumulator is not None
+        t = self.settings.threshold
+        survivors = sorted(self.uploaded)
+        dropped = sorted(set(self.u2) - set(self.uploaded))
+        collected: dict[tuple[str, ShareKind], dict[int, int]] = {}
+        for holder, shares in self.revealed.items():
+            x = share_point(self.participants, holder)
+            for owner, kind, y in shares:
+                collected.setdefault((owner, kind), {})[x] = y
+        total = self.accumulator.copy()
+        n = self.vector_length
+        for u in survivors:
+            points = collected.get((u, ShareKind.SELF_MASK_SEED), {})
+            if len(points) < t:
+                raise ValueError(
+                    f"only {len(points)} shares of the self-mask seed of {u}, {t} needed"
+                )
+            total -= prg_uint32(combine(points, t), n)
+        info = mask_info(self.round_id)
+        for v in dropped:
+            points = collected.get((v, ShareKind.MASK_KEY), {})
+            if len(points) < t:
+                raise ValueError(f"only {len(points)} shares of the mask key of {v}, {t} needed")
+            mask_key = X25519PrivateKey.from_private_bytes(combine(points, t))
+            for w in self.graph[v]:
+                if w not in self.uploaded:
+                    continue
+                seed = agree(mask_key, self.keys[w].mask_public_key, info)
+                # w added +PRG when w < v and -PRG otherwise; take back what it added.
+                if w < v:
+                    total -= prg_uint32(seed, n)
+                else:
+                    total += prg_uint32(seed, n)
+        self._record("unmasked-sum", total)
+        weighted_sum, weight_sum = self.settings.fixed_point.decode(total)
+        if weight_sum <= 0:
+            raise ValueError("the unmasked weight sum is not positive: inconsistent shares")
+        return SecAggResult(weighted_sum, weight_sum, survivors, dropped)

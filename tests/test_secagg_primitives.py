@@ -1,0 +1,147 @@
+"""Crypto and quantization building blocks of secure aggregation, against plain references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.quantize import FixedPoint, centered, clip_l2, stochastic_round
+from common.secagg import (
+    agree,
+    combine,
+    decrypt_share,
+    derive_params,
+    encrypt_share,
+    generate_keypair,
+    keys_message,
+    neighbours,
+    prg_uint32,
+    sign_keys,
+    split,
+    verify_keys,
+)
+from common.secagg.crypto import share_ad
+from common.secagg.graph import graph_seed
+
+
+@settings(max_examples=25, deadline=None)
+@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(2, 12), data=st.data())
+def test_shamir_any_t_shares_recover_the_secret(secret: bytes, n: int, data) -> None:
+    t = data.draw(st.integers(1, n))
+    shares = split(secret, list(range(1, n + 1)), t)
+    subset = data.draw(st.permutations(list(shares)))[:t]
+    assert combine({x: shares[x] for x in subset}, t) == secret
+
+
+def test_shamir_fewer_than_t_shares_do_not_give_the_secret() -> None:
+    secret = bytes(range(32))
+    shares = split(secret, [1, 2, 3, 4, 5], 3)
+    with pytest.raises(ValueError):
+        combine({1: shares[1], 2: shares[2]}, 3)
+    # two shares interpolated as if t were 2 give an unrelated value
+    try:
+        wrong = combine({1: shares[1], 2: shares[2]}, 2)
+    except ValueError:
+        wrong = None  # not even a 32-byte value
+    assert wrong != secret
+
+
+def test_key_agreement_is_symmetric_and_context_bound() -> None:
+    a, b = generate_keypair(), generate_keypair()
+    assert agree(a.private, b.public, b"x") == agree(b.private, a.public, b"x")
+    assert agree(a.private, b.public, b"x") != agree(a.private, b.public, b"y")
+
+
+def test_share_encryption_binds_round_sender_and_receiver() -> None:
+    key = bytes(32)
+    blob = encrypt_share(key, b"share", share_ad("r1", "a", "b"))
+    assert decrypt_share(key, blob, share_ad("r1", "a", "b")) == b"share"
+    assert decrypt_share(key, blob, share_ad("r2", "a", "b")) is None  # replay into another round
+    assert decrypt_share(key, blob, share_ad("r1", "c", "b")) is None  # wrong sender
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    assert decrypt_share(key, tampered, share_ad("r1", "a", "b")) is None
+
+
+def test_round_key_signatures_verify_only_unchanged_keys() -> None:
+    identity = Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    pub = identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    msg = keys_message("r1", "dev-a", b"\x01" * 32, b"\x02" * 32)
+    sig = sign_keys(identity, msg)
+    assert verify_keys(pub, msg, sig)
+    assert not verify_keys(pub, keys_message("r1", "dev-a", b"\x01" * 32, b"\x03" * 32), sig)
+    assert not verify_keys(pub, keys_message("r2", "dev-a", b"\x01" * 32, b"\x02" * 32), sig)
+
+
+def test_prg_is_the_aes_ctr_keystream_and_deterministic() -> None:
+    seed = bytes(range(32))
+    out = prg_uint32(seed, 1000)
+    enc = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    reference = np.frombuffer(enc.update(bytes(4000)), dtype="<u4")
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(prg_uint32(seed, 1000), out)
+    assert not np.array_equal(prg_uint32(bytes(32), 1000), out)
+    big = prg_uint32(seed, (1 << 21) + 3)  # crosses the internal 4 MiB step
+    np.testing.assert_array_equal(big[:1000], out)
+
+
+@pytest.mark.parametrize("n", [3, 10, 57, 100, 200])
+def test_neighbour_graph_is_regular_symmetric_and_shared(n: int) -> None:
+    ids = [f"d{i:03d}" for i in range(n)]
+    params = derive_params(n)
+    graph = neighbours(ids, params.degree, graph_seed("r", ids))
+    assert all(len(v) == min(params.degree, n - 1) for v in graph.values())
+    assert all(u in graph[v] for u in graph for v in graph[u])
+    assert all(u not in graph[u] for u in graph)
+    assert graph == neighbours(list(reversed(ids)), params.degree, graph_seed("r", ids))
+
+
+def test_derived_params_grow_logarithmically_and_meet_the_failure_target() -> None:
+    small, big = derive_params(100), derive_params(1000)
+    assert big.degree <= small.degree + 8 and big.degree < 60
+    for n in (100, 1000):
+        p = derive_params(n)
+        tail = sum(
+            math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
+        )
+        assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
+    assert derive_params(5) == derive_params(5).__class__(degree=4, threshold=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40))
+def test_fixed_point_sum_never_wraps_and_stays_within_the_bound(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    fp = FixedPoint.for_round(clip_norm=3.0, max_clients=n, max_weight=100)
+    updates = [rng.normal(0, 5, 50).astype(np.float32) for _ in range(n)]
+    weights = rng.integers(1, 200, n)
+    total = np.zeros(51, dtype=np.uint32)
+    for u, w in zip(updates, weights, strict=True):
+        total += fp.encode(u, int(w), rng)
+    decoded, weight_sum = fp.decode(total)
+    exact = sum(
+        clip_l2(u, 3.0)[0].astype(np.float64) * min(int(w), 100) / 100
+        for u, w in zip(updates, weights, strict=True)
+    )
+    assert np.max(np.abs(decoded - exact)) <= fp.error_bound(n)
+    assert weight_sum == pytest.approx(sum(min(int(w), 100) for w in weights) / 100)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    rng = np.random.default_rng(0)
+    x = np.full(200_000, 0.3)
+    rounded = stochastic_round(x, rng)
+    assert set(np.unique(rounded)) == {0, 1}
+    assert abs(rounded.mean() - 0.3) < 0.005
+
+
+def test_centered_lift() -> None:
+    values = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=np.uint32)
+    np.testing.assert_array_equal(centered(values), [0, 1, 2**31 - 1, -(2**31), -1])
