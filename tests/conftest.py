@@ -36,9 +36,9 @@ FAST_SERVER = ServerConfig(
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., XenoServer]]:
     servers: list[XenoServer] = []
 
-    def make(**overrides: Any) -> XenoServer:
+    def make(recorder: Any = None, **overrides: Any) -> XenoServer:
         overrides.setdefault("db", f"sqlite:///{tmp_path}/server-{len(servers)}.db")
-        server = XenoServer(replace(FAST_SERVER, **overrides)).start()
+        server = XenoServer(replace(FAST_SERVER, **overrides), recorder=recorder).start()
         servers.append(server)
         return server
 

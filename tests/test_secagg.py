@@ -1,0 +1,382 @@
+"""Secure aggregation over real gRPC: exact sums, dropouts in every phase, a curious server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from client.secagg import SecAggDevice, SecAggProtocolError, check_unmask_request
+from client.storage import IdentityStore, LocalStore
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc
+from common.quantize import FixedPoint, clip_l2
+
+
+class Gone(Exception):
+    """The device vanished (simulated crash) before a call."""
+
+
+class DroppingDevice(SecAggDevice):
+    """The real device protocol, which stops for good right before one RPC."""
+
+    def __init__(self, *args, stop_before: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_before = stop_before
+
+    def _call(self, method: str, request: object) -> object:
+        if method == self.stop_before:
+            raise Gone(method)
+        return super()._call(method, request)
+
+    def _upload(self, masked: np.ndarray) -> None:
+        if self.stop_before == "UploadMasked":
+            raise Gone("UploadMasked")
+        self.masked = masked
+        super()._upload(masked)
+
+
+@dataclass
+class Harness:
+    server: object
+    tmp: Path
+    devices: list[tuple[str, str, IdentityStore]] = field(default_factory=list)
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    def enroll(self, n: int) -> None:
+        for i in range(n):
+            store = IdentityStore(LocalStore(self.tmp / f"dev{i}"))
+            identity = store.load_or_create()
+            channel = grpc.insecure_channel(self.server.address)
+            self.channels.append(channel)
+            stub = federation_pb2_grpc.FederationStub(channel)
+            resp = stub.Register(
+                pb.RegisterRequest(
+                    identity_public_key=identity.public_key().public_bytes(
+                        Encoding.Raw, PublicFormat.Raw
+                    )
+                )
+            )
+            self.devices.append((resp.device_id, resp.token, store))
+
+    def stub(self, i: int) -> federation_pb2_grpc.FederationStub:
+        return federation_pb2_grpc.FederationStub(self.channels[i])
+
+    def md(self, i: int) -> tuple[tuple[str, str], ...]:
+        device_id, token, _ = self.devices[i]
+        return (("x-xeno-device-id", device_id), ("authorization", f"Bearer {token}"))
+
+    def tasks(self) -> list[pb.Task]:
+        out: list[pb.Task | None] = [None] * len(self.devices)
+
+        def poll(i: int) -> None:
+            resp = self.stub(i).CheckIn(pb.CheckInRequest(max_wait_ms=10_000), metadata=self.md(i))
+            out[i] = resp.task
+
+        threads = [threading.Thread(target=poll, args=(i,)) for i in range(len(self.devices))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(t is not None and t.secagg.enabled for t in out)
+        return out  # type: ignore[return-value]
+
+    def run_round(
+        self, updates: list[np.ndarray], weights: list[int], stop_before: dict[int, str] | None = None
+    ) -> tuple[list[DroppingDevice], dict[int, BaseException]]:
+        tasks = self.tasks()
+        stop_before = stop_before or {}
+        devices = [
+            DroppingDevice(
+                self.stub(i), self.md(i), self.devices[i][0], self.devices[i][2].load_or_create(),
+                self.devices[i][2], tasks[i], timeout=lambda: 60.0,
+                rng=np.random.default_rng(i), stop_before=stop_before.get(i),
+            )
+            for i in range(len(self.devices))
+        ]
+        errors: dict[int, BaseException] = {}
+
+        def go(i: int) -> None:
+            try:
+                devices[i].run(updates[i], weights[i])
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+                errors[i] = exc
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(devices))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return devices, errors
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
+
+
+@pytest.fixture
+def harness(server_factory, tmp_path):
+    made: list[Harness] = []
+
+    def make(n: int, recorder=None, **overrides) -> Harness:
+        overrides.setdefault("clients_per_round", n)
+        overrides.setdefault("min_clients", 2)
+        overrides.setdefault("secagg_phase_timeout", 2.0)
+        overrides.setdefault("eval_data", "none")
+        overrides.setdefault("selection_window", 0.3)
+        server = server_factory(recorder=recorder, secagg=True, **overrides)
+        h = Harness(server, tmp_path)
+        h.enroll(n)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def wait_version(server, version: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server.store.get_model(server.config.model).current_version >= version:
+            return
+        rounds = server.store.list_rounds(server.config.model)
+        if rounds and rounds[-1].status == "failed":
+            return
+        time.sleep(0.05)
+
+
+def expected_mean(fp: FixedPoint, updates, weights, included) -> np.ndarray:
+    total = sum(
+        clip_l2(updates[i], fp.clip_norm)[0].astype(np.float64) * min(weights[i], fp.max_weight)
+        for i in included
+    )
+    return total / sum(min(weights[i], fp.max_weight) for i in included)
+
+
+def model_delta(server) -> np.ndarray:
+    name = server.config.model
+    v = server.store.get_model(name).current_version
+    return server.store.load_version(name, v).astype(np.float64) - server.store.load_version(
+        name, v - 1
+    )
+
+
+def make_updates(server, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    d = server.coordinator.model.manifest.total_elements
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 0.05, d).astype(np.float32) for _ in range(n)], [
+        int(w) for w in rng.integers(20, 300, n)
+    ]
+
+
+def test_server_learns_only_the_sum_which_is_exact(harness) -> None:
+    recorded: list[tuple[str, np.ndarray]] = []
+    h = harness(4, recorder=lambda label, v: recorded.append((label, v)))
+    updates, weights = make_updates(h.server, 4)
+    devices, errors = h.run_round(updates, weights)
+    assert not errors, errors
+    wait_version(h.server, 2)
+    fp = devices[0].fixed_point
+    # the new global model moved by exactly the weighted mean, up to the quantization bound
+    delta = model_delta(h.server)
+    mean = expected_mean(fp, updates, weights, range(4))
+    bound = fp.error_bound(4) / (sum(weights) / fp.max_weight) + 1e-6
+    assert np.max(np.abs(delta - mean)) <= bound
+    # every vector the aggregation path received or stored is masked or a sum
+    encoded = [
+        fp.encode(updates[i], weights[i], np.random.default_rng(i)).astype(np.float64)
+        for i in range(4)
+    ]
+    assert recorded, "the recorder saw nothing"
+    for label, vector in recorded:
+        v = vector.astype(np.float64)
+        for i, e in enumerate(encoded):
+            assert not np.array_equal(vector, e.astype(np.uint32)), (label, i)
+            if label.startswith("upload") or label == "sum":
+                corr = np.corrcoef(v[:-1], e[:-1])[0, 1]
+                assert abs(corr) < 0.1, (label, i, corr)
+
+
+@pytest.mark.parametrize(
+    ("phase", "included"),
+    [
+        ("ShareKeys", [0, 1, 2, 3]),  # advertised keys, then vanished
+        ("UploadMasked", [0, 1, 2, 3]),  # shared keys, then vanished
+        ("GetUnmaskRequest", [0, 1, 2, 3, 4]),  # uploaded, then vanished: still counted
+        ("Unmask", [0, 1, 2, 3, 4]),  # vanished while unmasking: still counted
+    ],
+)
+def test_round_survives_a_dropout_in_each_phase(harness, phase: str, included: list[int]) -> None:
+    h = harness(5)
+    updates, weights = make_updates(h.server, 5, seed=1)
+    devices, errors = h.run_round(updates, weights, stop_before={4: phase})
+    assert set(errors) == {4} and isinstance(errors[4], Gone)
+    wait_version(h.server, 2)
+    [rnd] = h.server.store.list_rounds(h.server.config.model)
+    assert rnd.status == "completed", rnd.failure_reason
+    fp = devices[0].fixed_point
+    mean = expected_mean(fp, updates, weights, included)
+    bound = fp.error_bound(5) / (sum(weights[i] for i in included) / fp.max_weight) + 1e-6
+    assert np.max(np.abs(model_delta(h.server) - mean)) <= bound
+
+
+def test_round_fails_cleanly_below_threshold(harness) -> None:
+    h = harness(5)  # degree 4, threshold 3
+    updates, weights = make_updates(h.server, 5)
+    _, errors = h.run_round(
+        updates, weights, stop_before={2: "UploadMasked", 3: "UploadMasked", 4: "UploadMasked"}
+    )
+    assert {2, 3, 4} <= set(errors)
+    wait_version(h.server, 2)
+    [rnd] = h.server.store.list_rounds(h.server.config.model)
+    assert rnd.status == "failed" and "needed" in rnd.failure_reason
+    assert h.server.store.get_model(h.server.config.model).current_version == 1
+
+
+def test_honest_device_refuses_to_reveal_both_shares(harness, monkeypatch) -> None:
+    h = harness(3)
+    coordinator = h.server.coordinator
+    honest = coordinator.unmask_request
+
+    def curious(device_id: str, round_id: str):
+        survivors, dropped = honest(device_id, round_id)
+        others = [d for d in survivors if d != device_id]
+        return survivors, others  # asks for the mask keys of devices that did upload
+
+    monkeypatch.setattr(coordinator, "unmask_request", curious)
+    updates, weights = make_updates(h.server, 3)
+    _, errors = h.run_round(updates, weights)
+    assert len(errors) == 3
+    assert all(isinstance(e, SecAggProtocolError) and "both" in str(e) for e in errors.values())
+    # nobody revealed anything, so the round cannot complete
+    assert not coordinator._round or not coordinator._round.secagg.revealed
+
+
+def test_unmask_request_checks() -> None:
+    check_unmask_request("a", ["a", "b"], ["c"], {"b", "c"})
+    with pytest.raises(SecAggProtocolError, match="both"):
+        check_unmask_request("a", ["a", "b"], ["b"], {"b", "c"})
+    with pytest.raises(SecAggProtocolError, match="did not share"):
+        check_unmask_request("a", ["a", "z"], [], {"b"})
+    with pytest.raises(SecAggProtocolError, match="survivor"):
+        check_unmask_request("a", ["b"], [], {"b"})
+
+
+def _expect(code, fn, *args, match="", **kwargs):
+    with pytest.raises(grpc.RpcError) as err:
+        fn(*args, **kwargs)
+    assert err.value.code() == code, err.value.details()
+    assert match in err.value.details(), err.value.details()
+
+
+def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
+    from common.secagg import generate_keypair, keys_message, sign_keys
+
+    h = harness(4)
+    tasks = h.tasks()
+    task = tasks[0]
+    stub, md, me = h.stub(0), h.md(0), h.devices[0][0]
+    enc, mask = generate_keypair(), generate_keypair()
+    identity = h.devices[0][2].load_or_create()
+    good_sig = sign_keys(identity, keys_message(task.round_id, me, enc.public, mask.public))
+
+    def advertise(round_id=task.round_id, sig=good_sig, enc_pk=enc.public):
+        return stub.AdvertiseKeys(
+            pb.AdvertiseKeysRequest(
+                round_id=round_id,
+                keys=pb.RoundKeys(
+                    device_id=me, encryption_public_key=enc_pk, mask_public_key=mask.public,
+                    signature=sig,
+                ),
+            ),
+            metadata=md, timeout=10,
+        )
+
+    # forged signature, keys signed for another round (a replay), unknown round
+    _expect(grpc.StatusCode.INVALID_ARGUMENT, advertise, sig=bytes(64), match="signature")
+    old = sign_keys(identity, keys_message("an-older-round", me, enc.public, mask.public))
+    _expect(grpc.StatusCode.INVALID_ARGUMENT, advertise, sig=old, match="signature")
+    _expect(grpc.StatusCode.NOT_FOUND, advertise, round_id="f" * 32)
+    # a plain upload in a secure round
+    _expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stub.UploadUpdate,
+        iter([pb.UpdateChunk(header=pb.UpdateHeader(round_id=task.round_id))]),
+        metadata=md,
+        match="UploadMasked",
+    )
+
+    class Tamperer(DroppingDevice):
+        """Sends one neighbour a share that fails its GCM tag, and tests bad phase input."""
+
+        def _call(self, method, request):
+            if method == "ShareKeys":
+                wrong = pb.ShareKeysRequest()
+                wrong.CopyFrom(request)
+                wrong.shares.add(sender=self.me, receiver="dev-nobody", ciphertext=b"x" * 160)
+                _expect(grpc.StatusCode.INVALID_ARGUMENT, super()._call, method, wrong,
+                        match="unknown peers")
+                blob = bytearray(request.shares[0].ciphertext)
+                blob[-1] ^= 1
+                request.shares[0].ciphertext = bytes(blob)
+            return super()._call(method, request)
+
+        def _upload(self, masked):
+            def short():
+                yield pb.MaskedChunk(
+                    header=pb.MaskedHeader(
+                        round_id=self.round_id, total_elements=masked.size - 1,
+                        total_bytes=4 * (masked.size - 1),
+                    )
+                )
+
+            _expect(grpc.StatusCode.INVALID_ARGUMENT, self.stub.UploadMasked, short(),
+                    metadata=self.metadata, match="elements")
+            super()._upload(masked)
+
+    updates, weights = make_updates(h.server, 4)
+    devices = [
+        (Tamperer if i == 0 else DroppingDevice)(
+            h.stub(i), h.md(i), h.devices[i][0], h.devices[i][2].load_or_create(),
+            h.devices[i][2], tasks[i], timeout=lambda: 60.0, rng=np.random.default_rng(i),
+        )
+        for i in range(4)
+    ]
+    errors: dict[int, BaseException] = {}
+
+    def go(i):
+        try:
+            devices[i].run(updates[i], weights[i])
+        except BaseException as exc:  # noqa: BLE001
+            errors[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sum(d.report.unverifiable for d in devices) == 1  # the tampered share was caught
+    wait_version(h.server, 2)
+    [rnd] = h.server.store.list_rounds(h.server.config.model)
+    assert rnd.status == "completed", rnd.failure_reason
+    fp = devices[0].fixed_point
+    mean = expected_mean(fp, updates, weights, range(4))
+    bound = fp.error_bound(4) / (sum(weights) / fp.max_weight) + 1e-6
+    assert np.max(np.abs(model_delta(h.server) - mean)) <= bound
+
+
+def test_secagg_federation_with_real_device_loops(server_factory, device_threads) -> None:
+    server = server_factory(rounds=2, secagg=True)
+    device_threads(server, 3)
+    assert server.coordinator.wait_finished(timeout=90)
+    rounds = server.store.list_rounds(server.config.model)
+    assert [r.status for r in rounds] == ["completed", "completed"]
+    assert all(r.metrics.get("secagg") == 1.0 and r.participants == 3 for r in rounds)
