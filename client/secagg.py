@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -223,12 +224,17 @@ class SecAggDevice:
                         owner=v, kind=pb.SHARE_KIND_MASK_KEY, share=encode_share(received[v][0])
                     )
                 )
-        self._call(
-            "Unmask",
-            pb.UnmaskSharesRequest(
-                round_id=self.round_id, shares=revealed, unverifiable=unverifiable
-            ),
-        )
+        try:
+            self._call(
+                "Unmask",
+                pb.UnmaskSharesRequest(
+                    round_id=self.round_id, shares=revealed, unverifiable=unverifiable
+                ),
+            )
+        except grpc.RpcError as err:
+            # The server already had enough shares and closed the round: nothing was lost.
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
         return self.report
 
     def _verified_neighbours(
@@ -267,13 +273,14 @@ class SecAggDevice:
         """encoded + PRG(b) + sum over neighbours that shared keys of +-PRG(s_uv), mod 2^32."""
         n = encoded.size
         masked: np.ndarray = encoded + prg_uint32(self_seed, n)
+        scratch = np.empty(n, dtype=np.uint32)
         info = mask_info(self.round_id)
         for v in sorted(shared_with_me):
             seed = agree(mask.private, peers[v].mask_public_key, info)
             if self.me < v:
-                masked += prg_uint32(seed, n)
+                masked += prg_uint32(seed, n, scratch)
             else:
-                masked -= prg_uint32(seed, n)
+                masked -= prg_uint32(seed, n, scratch)
         return masked
 
     def _upload(self, masked: np.ndarray) -> None:

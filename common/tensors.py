@@ -168,7 +168,7 @@ class ChunkAssembler:
         elif buffer.dtype != WIRE_DTYPE or buffer.size < n:
             raise ValueError("staging buffer too small or of the wrong dtype")
         self._buffer = buffer[:n]
-        self._bytes = self._buffer.view(np.uint8)
+        self._bytes = memoryview(self._buffer.view(np.uint8))  # type: ignore[arg-type]
         self.total_bytes = total_bytes
         self.received = 0
 
@@ -181,7 +181,7 @@ class ChunkAssembler:
                 "stream exceeds its declared size: "
                 f"{self.received + size} > {self.total_bytes} bytes"
             )
-        self._bytes[self.received : self.received + size] = np.frombuffer(chunk, dtype=np.uint8)
+        self._bytes[self.received : self.received + size] = chunk  # one memcpy
         self.received += size
 
     def finish(self) -> np.ndarray:

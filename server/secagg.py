@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +124,10 @@ class SecAggRound:
     revealed: dict[str, list[tuple[str, ShareKind, int]]] = field(default_factory=dict)
     result: SecAggResult | None = None
     withdrawn: set[str] = field(default_factory=set)
+    share_counts: dict[tuple[str, ShareKind], int] = field(default_factory=dict)
+    phase_started: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    unmask_cpu_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.phase_deadline = self.advertise_deadline
@@ -273,6 +278,8 @@ class SecAggRound:
     def unmask(
         self, device: str, revealed: list[tuple[str, ShareKind, bytes]], unverifiable: list[str]
     ) -> None:
+        if self.phase is Phase.DONE and device in self.requests:
+            return  # the sum was already unmasked with other devices' shares
         self._require_phase(Phase.UNMASK, "Unmask")
         request = self.unmask_request(device)
         if device in self.revealed:
@@ -302,6 +309,16 @@ class SecAggRound:
                 sender,
             )
         self.revealed[device] = parsed
+        for owner, kind, _ in parsed:
+            self.share_counts[(owner, kind)] = self.share_counts.get((owner, kind), 0) + 1
+
+    def _unmask_ready(self) -> bool:
+        """Every secret the sum needs has `threshold` shares: no need to wait for stragglers."""
+        t = self.settings.threshold
+        dropped = set(self.u2) - set(self.uploaded)
+        return all(
+            self.share_counts.get((u, ShareKind.SELF_MASK_SEED), 0) >= t for u in self.uploaded
+        ) and all(self.share_counts.get((v, ShareKind.MASK_KEY), 0) >= t for v in dropped)
 
     # ------------------------------------------------------------------ transitions
     def advance(self, now: float) -> bool:
@@ -312,6 +329,8 @@ class SecAggRound:
         answered = self._answered()
         complete = all(d in answered for d in active)
         if self.phase is Phase.ADVERTISE and len(self.keys) >= self.target:
+            complete = True
+        if self.phase is Phase.UNMASK and self._unmask_ready():
             complete = True
         if not complete and now < self.phase_deadline:
             return False
@@ -342,6 +361,10 @@ class SecAggRound:
         log.warning("secure aggregation of round %s failed: %s", self.round_id, reason)
 
     def _close_phase(self, now: float) -> None:
+        self.phase_seconds[self.phase.value] = (
+            now - self.phase_started if self.phase_started else 0.0
+        )
+        self.phase_started = now
         t = self.settings.threshold
         deadline = now + self.settings.phase_timeout_s
         if self.phase is Phase.ADVERTISE:
@@ -373,10 +396,13 @@ class SecAggRound:
         elif self.phase is Phase.UNMASK:
             if len(self.revealed) < t:
                 return self._fail(f"{len(self.revealed)} devices answered unmasking, {t} needed")
+            cpu = time.thread_time()
             try:
                 self.result = self._unmask_sum()
             except ValueError as exc:
                 return self._fail(str(exc))
+            finally:
+                self.unmask_cpu_seconds = time.thread_time() - cpu
             self.phase = Phase.DONE
         return None
 
@@ -392,13 +418,14 @@ class SecAggRound:
                 collected.setdefault((owner, kind), {})[x] = y
         total = self.accumulator.copy()
         n = self.vector_length
+        scratch = np.empty(n, dtype=np.uint32)
         for u in survivors:
             points = collected.get((u, ShareKind.SELF_MASK_SEED), {})
             if len(points) < t:
                 raise ValueError(
                     f"only {len(points)} shares of the self-mask seed of {u}, {t} needed"
                 )
-            total -= prg_uint32(combine(points, t), n)
+            total -= prg_uint32(combine(points, t), n, scratch)
         info = mask_info(self.round_id)
         for v in dropped:
             points = collected.get((v, ShareKind.MASK_KEY), {})
@@ -411,9 +438,9 @@ class SecAggRound:
                 seed = agree(mask_key, self.keys[w].mask_public_key, info)
                 # w added +PRG when w < v and -PRG otherwise; take back what it added.
                 if w < v:
-                    total -= prg_uint32(seed, n)
+                    total -= prg_uint32(seed, n, scratch)
                 else:
-                    total += prg_uint32(seed, n)
+                    total += prg_uint32(seed, n, scratch)
         self._record("unmasked-sum", total)
         weighted_sum, weight_sum = self.settings.fixed_point.decode(total)
         if weight_sum <= 0:

@@ -19,7 +19,7 @@ from common.pb import federation_pb2_grpc
 from common.quantize import FixedPoint, clip_l2
 
 
-class Gone(Exception):
+class GoneError(Exception):
     """The device vanished (simulated crash) before a call."""
 
 
@@ -32,12 +32,12 @@ class DroppingDevice(SecAggDevice):
 
     def _call(self, method: str, request: object) -> object:
         if method == self.stop_before:
-            raise Gone(method)
+            raise GoneError(method)
         return super()._call(method, request)
 
     def _upload(self, masked: np.ndarray) -> None:
         if self.stop_before == "UploadMasked":
-            raise Gone("UploadMasked")
+            raise GoneError("UploadMasked")
         self.masked = masked
         super()._upload(masked)
 
@@ -88,15 +88,24 @@ class Harness:
         return out  # type: ignore[return-value]
 
     def run_round(
-        self, updates: list[np.ndarray], weights: list[int], stop_before: dict[int, str] | None = None
+        self,
+        updates: list[np.ndarray],
+        weights: list[int],
+        stop_before: dict[int, str] | None = None,
     ) -> tuple[list[DroppingDevice], dict[int, BaseException]]:
         tasks = self.tasks()
         stop_before = stop_before or {}
         devices = [
             DroppingDevice(
-                self.stub(i), self.md(i), self.devices[i][0], self.devices[i][2].load_or_create(),
-                self.devices[i][2], tasks[i], timeout=lambda: 60.0,
-                rng=np.random.default_rng(i), stop_before=stop_before.get(i),
+                self.stub(i),
+                self.md(i),
+                self.devices[i][0],
+                self.devices[i][2].load_or_create(),
+                self.devices[i][2],
+                tasks[i],
+                timeout=lambda: 60.0,
+                rng=np.random.default_rng(i),
+                stop_before=stop_before.get(i),
             )
             for i in range(len(self.devices))
         ]
@@ -105,7 +114,7 @@ class Harness:
         def go(i: int) -> None:
             try:
                 devices[i].run(updates[i], weights[i])
-            except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+            except BaseException as exc:
                 errors[i] = exc
 
         threads = [threading.Thread(target=go, args=(i,)) for i in range(len(devices))]
@@ -217,7 +226,7 @@ def test_round_survives_a_dropout_in_each_phase(harness, phase: str, included: l
     h = harness(5)
     updates, weights = make_updates(h.server, 5, seed=1)
     devices, errors = h.run_round(updates, weights, stop_before={4: phase})
-    assert set(errors) == {4} and isinstance(errors[4], Gone)
+    assert set(errors) == {4} and isinstance(errors[4], GoneError)
     wait_version(h.server, 2)
     [rnd] = h.server.store.list_rounds(h.server.config.model)
     assert rnd.status == "completed", rnd.failure_reason
@@ -246,7 +255,7 @@ def test_honest_device_refuses_to_reveal_both_shares(harness, monkeypatch) -> No
     honest = coordinator.unmask_request
 
     def curious(device_id: str, round_id: str):
-        survivors, dropped = honest(device_id, round_id)
+        survivors, _dropped = honest(device_id, round_id)
         others = [d for d in survivors if d != device_id]
         return survivors, others  # asks for the mask keys of devices that did upload
 
@@ -292,11 +301,14 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
             pb.AdvertiseKeysRequest(
                 round_id=round_id,
                 keys=pb.RoundKeys(
-                    device_id=me, encryption_public_key=enc_pk, mask_public_key=mask.public,
+                    device_id=me,
+                    encryption_public_key=enc_pk,
+                    mask_public_key=mask.public,
                     signature=sig,
                 ),
             ),
-            metadata=md, timeout=10,
+            metadata=md,
+            timeout=10,
         )
 
     # forged signature, keys signed for another round (a replay), unknown round
@@ -321,8 +333,13 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
                 wrong = pb.ShareKeysRequest()
                 wrong.CopyFrom(request)
                 wrong.shares.add(sender=self.me, receiver="dev-nobody", ciphertext=b"x" * 160)
-                _expect(grpc.StatusCode.INVALID_ARGUMENT, super()._call, method, wrong,
-                        match="unknown peers")
+                _expect(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    super()._call,
+                    method,
+                    wrong,
+                    match="unknown peers",
+                )
                 blob = bytearray(request.shares[0].ciphertext)
                 blob[-1] ^= 1
                 request.shares[0].ciphertext = bytes(blob)
@@ -332,20 +349,32 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
             def short():
                 yield pb.MaskedChunk(
                     header=pb.MaskedHeader(
-                        round_id=self.round_id, total_elements=masked.size - 1,
+                        round_id=self.round_id,
+                        total_elements=masked.size - 1,
                         total_bytes=4 * (masked.size - 1),
                     )
                 )
 
-            _expect(grpc.StatusCode.INVALID_ARGUMENT, self.stub.UploadMasked, short(),
-                    metadata=self.metadata, match="elements")
+            _expect(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                self.stub.UploadMasked,
+                short(),
+                metadata=self.metadata,
+                match="elements",
+            )
             super()._upload(masked)
 
     updates, weights = make_updates(h.server, 4)
     devices = [
         (Tamperer if i == 0 else DroppingDevice)(
-            h.stub(i), h.md(i), h.devices[i][0], h.devices[i][2].load_or_create(),
-            h.devices[i][2], tasks[i], timeout=lambda: 60.0, rng=np.random.default_rng(i),
+            h.stub(i),
+            h.md(i),
+            h.devices[i][0],
+            h.devices[i][2].load_or_create(),
+            h.devices[i][2],
+            tasks[i],
+            timeout=lambda: 60.0,
+            rng=np.random.default_rng(i),
         )
         for i in range(4)
     ]
@@ -354,7 +383,7 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
     def go(i):
         try:
             devices[i].run(updates[i], weights[i])
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors[i] = exc
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]

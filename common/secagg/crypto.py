@@ -107,15 +107,19 @@ def verify_keys(identity_public: bytes, message: bytes, signature: bytes) -> boo
     return True
 
 
-def prg_uint32(seed: bytes, length: int) -> np.ndarray:
+def prg_uint32(seed: bytes, length: int, out: np.ndarray | None = None) -> np.ndarray:
     """`length` pseudo-random uint32 from a 32-byte seed: AES-128-CTR keystream.
 
     Key = seed[:16], initial counter block = seed[16:]. The keystream is the
-    encryption of zeros, written straight into the array's buffer.
+    encryption of zeros, written straight into the array's buffer (`out`, when
+    given, is reused: no allocation, no page faults on the hot path).
     """
     if len(seed) != SEED_BYTES:
         raise ValueError("mask seeds are 32 bytes")
-    out = np.empty(length, dtype="<u4")
+    if out is None:
+        out = np.empty(length, dtype="<u4")
+    elif out.dtype != np.dtype("<u4") or out.shape != (length,):
+        raise ValueError("out must be a uint32 vector of the requested length")
     encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
     view = memoryview(out.view(np.uint8))  # type: ignore[arg-type]
     step = 1 << 22

@@ -215,7 +215,11 @@ class RoundCoordinator:
         self.identity_keys = identity_keys or (lambda _device: None)
         self.recorder = recorder
         self._rng = rng or random.SystemRandom()
-        self._cond = threading.Condition(threading.RLock())
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # Devices blocked in a secure-aggregation phase wait here, woken only when a phase
+        # changes: waking every waiting device on every submission costs O(n^2) wake-ups.
+        self._phase_cond = threading.Condition(lock)
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
         self._staging_free = threading.Semaphore(config.staging_buffers)
         self._available: dict[str, float] = {}
@@ -223,6 +227,7 @@ class RoundCoordinator:
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._completed_this_run = 0
+        self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
         self._listeners: list[Callable[[RoundSummary], None]] = []
         self._driver: threading.Thread | None = None
@@ -406,6 +411,7 @@ class RoundCoordinator:
             participant.note = reason[:500]
             if rnd.secagg is not None:
                 rnd.secagg.withdraw(device_id)
+                self._advance_secagg(rnd.secagg)
             log.info("device %s declined round %s: %s", device_id, rnd.number, participant.note)
             self._cond.notify_all()
 
@@ -422,10 +428,15 @@ class RoundCoordinator:
             raise FederationError(ErrorKind.FAILED_PRECONDITION, "device declined this round")
         return rnd, rnd.secagg
 
+    def _advance_secagg(self, secagg: SecAggRound) -> None:
+        if secagg.advance(self.clock()):
+            self._phase_cond.notify_all()
+            if secagg.finished:
+                self._cond.notify_all()  # wake the driver to close the round
+
     def _await_phase_end(self, rnd: _Round, secagg: SecAggRound, phase: Phase) -> None:
-        secagg.advance(self.clock())
-        self._cond.notify_all()
-        self._cond.wait_for(
+        self._advance_secagg(secagg)
+        self._phase_cond.wait_for(
             lambda: secagg.phase is not phase or rnd.closing or self._stopping.is_set(),
             timeout=max(0.0, secagg.phase_deadline - self.clock()) + 5.0,
         )
@@ -503,8 +514,7 @@ class RoundCoordinator:
         with self._cond:
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
-            secagg.advance(self.clock())
-            self._cond.notify_all()
+            self._advance_secagg(secagg)
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -521,7 +531,7 @@ class RoundCoordinator:
                 return None
             if rnd.secagg is not None:
                 if rnd.secagg.advance(now):
-                    self._cond.notify_all()
+                    self._phase_cond.notify_all()
                 if not rnd.secagg.finished:
                     return None
             else:
@@ -533,7 +543,7 @@ class RoundCoordinator:
             rnd.closing = True
         return self._close_round(rnd)
 
-    def start(self, interval_s: float = 0.02) -> None:
+    def start(self, interval_s: float = 0.1) -> None:
         """Run step() in a background thread until stop()."""
 
         def loop() -> None:
@@ -552,6 +562,7 @@ class RoundCoordinator:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+            self._phase_cond.notify_all()
         if self._driver is not None:
             self._driver.join(timeout=10)
 
@@ -674,6 +685,7 @@ class RoundCoordinator:
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
+            phase_started=now,
         )
 
     def _close_round(self, rnd: _Round) -> RoundSummary:
@@ -689,6 +701,12 @@ class RoundCoordinator:
         reason = ""
         mean_delta: np.ndarray | None = None
         if rnd.secagg is not None:
+            self.last_secagg_stats = {
+                "degree": rnd.secagg.settings.degree,
+                "threshold": rnd.secagg.settings.threshold,
+                "phase_seconds": dict(rnd.secagg.phase_seconds),
+                "unmask_cpu_seconds": rnd.secagg.unmask_cpu_seconds,
+            }
             result = rnd.secagg.result
             if result is None:
                 reason = rnd.secagg.failure or "secure aggregation did not finish"
@@ -747,6 +765,7 @@ class RoundCoordinator:
                 self._closed_rounds.popitem(last=False)
             self._round = None
             self._cond.notify_all()
+            self._phase_cond.notify_all()
         if version is not None:
             log.info(
                 "round %d completed: version %d, %d/%d updates, %.2fs, %s",
@@ -797,8 +816,7 @@ class RoundCoordinator:
             rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
             participant.status = Status.UPLOADED
             participant.bytes_in += session.assembler.total_bytes
-            rnd.secagg.advance(self.clock())
-            self._cond.notify_all()
+            self._advance_secagg(rnd.secagg)
 
     def _release(self, session: UploadSession, accepted: bool) -> None:
         with self._cond:
