@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=0, help="model size (0: digits MLP 64-64-10)")
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--secagg", action="store_true", help="secure aggregation on (default: plain rounds)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_simulation(
@@ -43,6 +46,7 @@ def main() -> None:
                 seed=args.seed,
                 progress=False,
                 round_deadline=600.0,
+                secagg=args.secagg,
             )
         )
     done = [r for r in result.rounds if r["status"] == "completed"]
@@ -54,6 +58,7 @@ def main() -> None:
         json.dumps(
             {
                 "clients": args.clients,
+                "secagg": args.secagg,
                 "rounds": len(done),
                 "params": args.params or 5258,
                 "round_seconds_median": round(statistics.median(seconds), 4),

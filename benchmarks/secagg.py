@@ -189,6 +189,7 @@ def main() -> None:
                 min_clients=2,
                 secagg=True,
                 secagg_phase_timeout=args.phase_timeout,
+                staging_buffers=args.staging_buffers,
                 round_deadline=600.0,
                 selection_window=600.0,
                 max_workers=max(64, 3 * n),

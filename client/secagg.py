@@ -139,6 +139,12 @@ class SecAggDevice:
             ),
         )
         participants = sorted(advertised.participants)
+        k, t = advertised.degree, advertised.threshold
+        if k > max(self.task.secagg.degree, 1) or t < (k + 1) // 2 + 1 or t > k + 1:
+            raise SecAggProtocolError(
+                f"unsafe parameters from the server: degree {k}, threshold {t} "
+                "(the threshold must be a majority of the degree + 1 share holders)"
+            )
         peers = self._verified_neighbours(advertised, participants)
 
         # Shares of the mask key and of a fresh self-mask seed, for the neighbours and me.
@@ -176,15 +182,16 @@ class SecAggDevice:
                 share.ciphertext,
                 share_ad(self.round_id, share.sender, self.me),
             )
-            if plain is None or len(plain) != 2 * SHARE_BYTES:
-                unverifiable.append(
-                    share.sender
-                )  # tampered or forged: never reveal anything for it
-                continue
-            received[share.sender] = (
-                decode_share(plain[:SHARE_BYTES]),
-                decode_share(plain[SHARE_BYTES:]),
-            )
+            try:
+                if plain is None or len(plain) != 2 * SHARE_BYTES:
+                    raise ValueError("share failed authentication")
+                received[share.sender] = (
+                    decode_share(plain[:SHARE_BYTES]),
+                    decode_share(plain[SHARE_BYTES:]),
+                )
+            except ValueError:
+                # Tampered, forged or malformed: never reveal anything for this sender.
+                unverifiable.append(share.sender)
         self.report.unverifiable = len(unverifiable)
         shared_with_me = {s.sender for s in shared.shares}
 

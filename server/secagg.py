@@ -315,7 +315,8 @@ class SecAggRound:
     def _unmask_ready(self) -> bool:
         """Every secret the sum needs has `threshold` shares: no need to wait for stragglers."""
         t = self.settings.threshold
-        dropped = set(self.u2) - set(self.uploaded)
+        uploaded = set(self.uploaded)
+        dropped = {v for v in set(self.u2) - uploaded if uploaded.intersection(self.graph[v])}
         return all(
             self.share_counts.get((u, ShareKind.SELF_MASK_SEED), 0) >= t for u in self.uploaded
         ) and all(self.share_counts.get((v, ShareKind.MASK_KEY), 0) >= t for v in dropped)
@@ -428,6 +429,8 @@ class SecAggRound:
             total -= prg_uint32(combine(points, t), n, scratch)
         info = mask_info(self.round_id)
         for v in dropped:
+            if not any(w in self.uploaded for w in self.graph[v]):
+                continue  # no surviving neighbour added a mask shared with v
             points = collected.get((v, ShareKind.MASK_KEY), {})
             if len(points) < t:
                 raise ValueError(f"only {len(points)} shares of the mask key of {v}, {t} needed")

@@ -246,3 +246,24 @@ def test_default_simulation_reaches_95_percent(tmp_path: Path) -> None:
     rounds = json.loads(report.read_text())["rounds"]
     assert len(rounds) == 20 and all(r["participants"] == 10 for r in rounds)
     assert rounds[-1]["accuracy"] >= 0.95, [r["accuracy"] for r in rounds]
+    # the default is secure aggregation; plain FedAvg with the same seed lands within 0.5 points
+    plain_report = tmp_path / "plain.json"
+    out = subprocess.run(
+        [
+            *XENO,
+            "simulate",
+            "--db",
+            f"sqlite:///{tmp_path}/plain.db",
+            "--report",
+            str(plain_report),
+            "--no-progress",
+            "--no-secagg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=_env(),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    plain = json.loads(plain_report.read_text())["rounds"]
+    assert abs(rounds[-1]["accuracy"] - plain[-1]["accuracy"]) <= 0.005

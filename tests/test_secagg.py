@@ -409,3 +409,19 @@ def test_secagg_federation_with_real_device_loops(server_factory, device_threads
     rounds = server.store.list_rounds(server.config.model)
     assert [r.status for r in rounds] == ["completed", "completed"]
     assert all(r.metrics.get("secagg") == 1.0 and r.participants == 3 for r in rounds)
+
+
+def test_device_refuses_a_threshold_below_a_majority(harness, monkeypatch) -> None:
+    h = harness(3)
+    coordinator = h.server.coordinator
+    honest = coordinator.advertise_keys
+
+    def lowered(*args, **kwargs):
+        participants, keys, degree, _threshold = honest(*args, **kwargs)
+        return participants, keys, degree, 1  # one share would reveal any secret
+
+    monkeypatch.setattr(coordinator, "advertise_keys", lowered)
+    updates, weights = make_updates(h.server, 3)
+    _, errors = h.run_round(updates, weights)
+    assert len(errors) == 3
+    assert all(isinstance(e, SecAggProtocolError) and "majority" in str(e) for e in errors.values())

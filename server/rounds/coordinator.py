@@ -365,7 +365,8 @@ class RoundCoordinator:
         weight: int,
     ) -> UploadSession:
         # Waiting for a staging buffer must not hold the lock: it is backpressure on the stream.
-        if not self._staging_free.acquire(timeout=max(1.0, rnd.deadline - self.clock())):
+        deadline = max(rnd.deadline, rnd.secagg.phase_deadline if rnd.secagg else 0.0)
+        if not self._staging_free.acquire(timeout=max(1.0, deadline - self.clock())):
             with self._cond:
                 if participant.status is Status.UPLOADING:
                     participant.status = Status.SELECTED
@@ -673,7 +674,11 @@ class RoundCoordinator:
         n = len(rnd.cohort)
         params = derive_params(n, cfg.secagg_dropout)
         degree = min(cfg.secagg_degree or params.degree, n - 1)
-        threshold = cfg.secagg_threshold or min(params.threshold, degree + 1)
+        if degree < n - 1 and degree % 2:
+            degree += 1  # the ring graph is symmetric for even degrees (or complete)
+        majority = (degree + 1) // 2 + 1
+        threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
+        threshold = min(threshold, degree + 1)
         fixed_point = FixedPoint.for_round(cfg.secagg_clip_norm, n, cfg.secagg_max_weight)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n)
         rnd.secagg = SecAggRound(

@@ -36,9 +36,19 @@ def device_id_of(context: grpc.ServicerContext) -> str:
     return metadata_value(context, DEVICE_ID_KEY)
 
 
+# Refusals that are ordinary protocol races (a round closed, a phase moved on) are logged
+# at INFO; refusals of bad input at WARNING.
+_ROUTINE = {ErrorKind.FAILED_PRECONDITION, ErrorKind.NOT_FOUND, ErrorKind.UNAVAILABLE}
+
+
 def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, device: str) -> NoReturn:
-    audit.warning(
-        "refused %s from device %s: %s %s", rpc, device or "-", error.kind.value, error.message
+    audit.log(
+        logging.INFO if error.kind in _ROUTINE else logging.WARNING,
+        "refused %s from device %s: %s %s",
+        rpc,
+        device or "-",
+        error.kind.value,
+        error.message,
     )
     context.abort(_CODES[error.kind], error.message)
     raise AssertionError("unreachable: context.abort raises")
