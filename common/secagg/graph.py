@@ -4,8 +4,8 @@ Bell et al. (CCS 2020) replace SecAgg's complete graph by a random k-regular
 graph with k = O(log n): each device masks with, and secret-shares to, only
 its k neighbours, so device and server work grow like n log n, not n^2.
 We use the Harary graph H(k, n) (each node joined to the k/2 nearest on
-each side of a ring) under a pseudo-random relabelling of the nodes, seeded
-by a hash of the round id and the participant list: every device recomputes
+each side of a ring) with the ring ordered by SHA-256(seed || device id),
+the seed a hash of the round id and the participant list: every device recomputes
 the same graph and can check that the server told it the truth.
 
 Each device shares its secrets among its k neighbours and itself (k + 1
@@ -28,8 +28,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,9 @@ def neighbours(participants: Sequence[str], degree: int, seed: bytes) -> dict[st
         return {i: [] for i in ids}
     if degree >= n - 1:
         return {u: [v for v in ids if v != u] for u in ids}
-    rng = np.random.default_rng(int.from_bytes(seed, "big"))
-    ring = [ids[i] for i in rng.permutation(n)]
+    # The relabelling orders devices by SHA-256(seed || id): portable to any language,
+    # unlike a library RNG stream.
+    ring = sorted(ids, key=lambda u: hashlib.sha256(seed + u.encode()).digest())
     position = {u: i for i, u in enumerate(ring)}
     half = degree // 2
     out: dict[str, list[str]] = {}

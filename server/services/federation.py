@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -12,7 +13,7 @@ from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, Manifest, iter_chunks
 from server.errors import ErrorKind, FederationError
 from server.registry import DeviceRegistry
-from server.rounds import RoundCoordinator, TaskInfo
+from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.secagg import DeviceKeys, ShareKind
 from server.services.common import abort, device_id_of
 
@@ -66,6 +67,39 @@ def _keys_to_proto(keys: DeviceKeys) -> pb.RoundKeys:
         signature=keys.signature,
         identity_public_key=keys.identity_public_key,
     )
+
+
+def _receive_stream(
+    messages: Iterator[Any],
+    begin: Callable[[Any], UploadSession],
+    context: grpc.ServicerContext,
+    rpc: str,
+    device: str,
+) -> int:
+    """Header first, then data chunks into a staged session; commit or abort it whole."""
+    session = None
+    try:
+        first = next(messages, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT, "the first message of an upload must be its header"
+            )
+        session = begin(first.header)
+        for msg in messages:
+            if msg.WhichOneof("part") != "data":
+                raise FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
+                )
+            session.add_chunk(msg.data)
+        session.commit()
+        received = session.assembler.received
+        session = None
+        return received
+    except FederationError as err:
+        abort(context, err, rpc, device)
+    finally:
+        if session is not None:
+            session.abort()
 
 
 class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignore[misc]
@@ -131,19 +165,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
         device = device_id_of(context)
-        session = None
-        try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise FederationError(
-                    ErrorKind.INVALID_ARGUMENT, "the first message of an upload must be its header"
-                )
-            header = first.header
+
+        def begin(header: pb.UpdateHeader) -> UploadSession:
             try:
                 manifest = Manifest.from_proto(header.manifest)
             except ValueError as exc:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, f"bad manifest: {exc}") from None
-            session = self.coordinator.begin_upload(
+            return self.coordinator.begin_upload(
                 device,
                 header.round_id,
                 header.base_version,
@@ -151,21 +179,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 header.total_bytes,
                 header.num_examples,
             )
-            for msg in request_iterator:
-                if msg.WhichOneof("part") != "data":
-                    raise FederationError(
-                        ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
-                    )
-                session.add_chunk(msg.data)
-            session.commit()
-            received = session.assembler.received
-            session = None
-            return pb.UploadUpdateResponse(received_bytes=received)
-        except FederationError as err:
-            abort(context, err, "UploadUpdate", device)
-        finally:
-            if session is not None:
-                session.abort()
+
+        received = _receive_stream(request_iterator, begin, context, "UploadUpdate", device)
+        return pb.UploadUpdateResponse(received_bytes=received)
 
     def ReportMetrics(
         self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext
@@ -240,32 +256,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self, request_iterator: Iterator[pb.MaskedChunk], context: grpc.ServicerContext
     ) -> pb.UploadMaskedResponse:
         device = device_id_of(context)
-        session = None
-        try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise FederationError(
-                    ErrorKind.INVALID_ARGUMENT, "the first message of an upload must be its header"
-                )
-            header = first.header
-            session = self.coordinator.begin_masked_upload(
+
+        def begin(header: pb.MaskedHeader) -> UploadSession:
+            return self.coordinator.begin_masked_upload(
                 device, header.round_id, header.total_elements, header.total_bytes
             )
-            for msg in request_iterator:
-                if msg.WhichOneof("part") != "data":
-                    raise FederationError(
-                        ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
-                    )
-                session.add_chunk(msg.data)
-            session.commit()
-            received = session.assembler.received
-            session = None
-            return pb.UploadMaskedResponse(received_bytes=received)
-        except FederationError as err:
-            abort(context, err, "UploadMasked", device)
-        finally:
-            if session is not None:
-                session.abort()
+
+        received = _receive_stream(request_iterator, begin, context, "UploadMasked", device)
+        return pb.UploadMaskedResponse(received_bytes=received)
 
     def GetUnmaskRequest(
         self, request: pb.GetUnmaskRequestRequest, context: grpc.ServicerContext
