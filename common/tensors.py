@@ -172,7 +172,7 @@ class ChunkAssembler:
         self.total_bytes = total_bytes
         self.received = 0
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         size = len(chunk)
         if size > MAX_CHUNK_BYTES:
             raise ValueError(f"chunk of {size} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
@@ -190,3 +190,51 @@ class ChunkAssembler:
                 f"stream truncated: received {self.received} of {self.total_bytes} declared bytes"
             )
         return self._buffer
+
+
+class FramedChunk:
+    """A stream message `oneof part { Header header = 1; bytes data = 2; }` read without copying.
+
+    Upload streams carry hundreds of megabytes; parsing each chunk with
+    protobuf and then reading `.data` copies every byte twice. This reads the
+    wire format directly (one length-delimited field) and exposes `data` as a
+    memoryview into the received buffer. Anything else (no field, several
+    fields, another field number or wire type) raises ValueError.
+    """
+
+    __slots__ = ("_field", "_payload")
+
+    def __init__(self, raw: bytes) -> None:
+        view = memoryview(raw)
+        if not view:
+            self._field, self._payload = 0, view
+            return
+        key, pos = _varint(view, 0)
+        length, pos = _varint(view, pos)
+        if key & 7 != 2 or key >> 3 not in (1, 2) or pos + length != len(view):
+            raise ValueError("malformed upload message: expected exactly one header or data field")
+        self._field, self._payload = key >> 3, view[pos:]
+
+    def WhichOneof(self, _group: str) -> str | None:  # noqa: N802 - mirrors the protobuf API
+        return {1: "header", 2: "data"}.get(self._field)
+
+    @property
+    def data(self) -> memoryview:
+        return self._payload
+
+    @property
+    def header_bytes(self) -> bytes:
+        return bytes(self._payload)
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("malformed upload message: bad varint")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7

@@ -24,13 +24,13 @@ from common.config import setting
 from common.data import digits_split
 from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, mlp_for_params
-from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator
 from server.services.admin import AdminServicer
 from server.services.common import AuthInterceptor
-from server.services.federation import FederationServicer
+from server.services.federation import FederationServicer, register_federation
 from server.store import Store
 from server.strategies import FitInstructions, StrategyName, make_strategy
 
@@ -258,9 +258,7 @@ class XenoServer:
             interceptors=[AuthInterceptor(self.registry.authenticate, config.admin_token)],
             options=[("grpc.so_reuseport", 0)],
         )
-        federation_pb2_grpc.add_FederationServicer_to_server(
-            FederationServicer(self.registry, self.coordinator), self._grpc
-        )
+        register_federation(FederationServicer(self.registry, self.coordinator), self._grpc)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(

@@ -83,3 +83,28 @@ def test_mlp_for_params_is_within_one_percent(target: int) -> None:
     hidden = spec.config["hidden"][0]
     params = 64 * hidden + hidden + hidden * 10 + 10
     assert abs(params - target) / target < 0.01
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=3000), header=st.booleans())
+def test_framed_chunk_reads_what_protobuf_writes(data: bytes, header: bool) -> None:
+    from common.pb import federation_pb2 as pb
+    from common.tensors import FramedChunk
+
+    if header:
+        msg = pb.MaskedChunk(header=pb.MaskedHeader(round_id="r", total_elements=len(data)))
+        framed = FramedChunk(msg.SerializeToString())
+        assert framed.WhichOneof("part") == "header"
+        assert pb.MaskedHeader.FromString(framed.header_bytes) == msg.header
+    else:
+        framed = FramedChunk(pb.MaskedChunk(data=data).SerializeToString())
+        assert framed.WhichOneof("part") == "data" and bytes(framed.data) == data
+
+
+def test_framed_chunk_refuses_anything_else() -> None:
+    from common.tensors import FramedChunk
+
+    assert FramedChunk(b"").WhichOneof("part") is None
+    for bad in (b"\x1a\x01x", b"\x12\x05ab", b"\x12\x01a\x12\x01b", b"\x10\x01", b"\xff"):
+        with pytest.raises(ValueError):
+            FramedChunk(bad)

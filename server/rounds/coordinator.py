@@ -854,7 +854,7 @@ class UploadSession:
         self.weight = weight
         self._done = False
 
-    def add_chunk(self, data: bytes) -> None:
+    def add_chunk(self, data: bytes | memoryview) -> None:
         try:
             self.assembler.add(data)
         except ValueError as exc:
