@@ -76,6 +76,63 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SimulationConfig)
 
     p = sub.add_parser(
+        "privacy",
+        help="privacy planning: epsilon of a DP configuration",
+        description="Privacy tools for operators. `estimate` prints the epsilon a configuration "
+        "spends (every figure from a tested accountant: Opacus RDP/PRV for Gaussian noise, "
+        "the Skellam RDP bound of Agarwal et al. 2021), or with --target-epsilon the noise "
+        "multiplier needed.",
+    )
+    privacy_sub = p.add_subparsers(dest="privacy_command", required=True, metavar="WHAT")
+    q = privacy_sub.add_parser(
+        "estimate",
+        help="epsilon of a mechanism, or the noise for a target epsilon",
+        description="Example: xeno-fl privacy estimate --mechanism gaussian "
+        "--noise-multiplier 1.1 --sample-rate 0.01 --steps 10000 --delta 1e-5",
+    )
+    q.add_argument(
+        "--mechanism",
+        choices=["gaussian", "skellam"],
+        default="gaussian",
+        help="noise distribution (default: gaussian)",
+    )
+    q.add_argument(
+        "--noise-multiplier", type=float, help="noise standard deviation / L2 sensitivity"
+    )
+    q.add_argument(
+        "--sample-rate",
+        type=float,
+        default=1.0,
+        help="probability that a record (or user) is in a step (default: 1)",
+    )
+    q.add_argument("--steps", type=int, required=True, help="number of steps (or rounds)")
+    q.add_argument("--delta", type=float, default=1e-5, help="target delta (default: 1e-5)")
+    q.add_argument(
+        "--accountant",
+        choices=["rdp", "prv"],
+        default="rdp",
+        help="Opacus accountant for the Gaussian (default: rdp)",
+    )
+    q.add_argument(
+        "--target-epsilon",
+        type=float,
+        help="instead: the smallest Gaussian noise multiplier reaching this epsilon",
+    )
+    q.add_argument(
+        "--l2-sensitivity",
+        type=float,
+        default=2.0**16,
+        help="Skellam only: L2 sensitivity in quantized integer units (default: 65536)",
+    )
+    q.add_argument(
+        "--dimension",
+        type=int,
+        default=5258,
+        help="Skellam only: vector dimension, bounds the L1 sensitivity (default: 5258)",
+    )
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
         "admin",
         help="inspect models, versions and rounds",
         description="Query a running server's Admin service (--server), or read a database "
@@ -135,7 +192,65 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return simulate(from_namespace(SimulationConfig, args))
+    if args.command == "privacy":
+        return _privacy(args)
     return _admin(args)
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    from common.privacy import estimate, noise_for_epsilon
+
+    out: dict[str, Any]
+    if args.target_epsilon is not None:
+        if args.mechanism != "gaussian":
+            raise ValueError("--target-epsilon inverts the Gaussian accountant only")
+        z = noise_for_epsilon(
+            args.target_epsilon, args.sample_rate, args.steps, args.delta, args.accountant
+        )
+        out = {
+            "noise_multiplier": round(z, 4),
+            "target_epsilon": args.target_epsilon,
+            "delta": args.delta,
+            "sample_rate": args.sample_rate,
+            "steps": args.steps,
+            "accountant": args.accountant,
+        }
+        text = (
+            f"noise multiplier {z:.4f} gives epsilon <= {args.target_epsilon} at delta "
+            f"{args.delta} over {args.steps} steps at sample rate {args.sample_rate} "
+            f"({args.accountant})"
+        )
+    else:
+        if args.noise_multiplier is None:
+            raise ValueError("give --noise-multiplier (or --target-epsilon)")
+        result = estimate(
+            args.mechanism,
+            args.noise_multiplier,
+            args.sample_rate,
+            args.steps,
+            args.delta,
+            args.accountant,
+            args.l2_sensitivity,
+            args.dimension,
+        )
+        out = {
+            "epsilon": round(result.epsilon, 6),
+            "delta": result.delta,
+            "mechanism": result.mechanism.value,
+            "accountant": result.accountant.value,
+            "noise_multiplier": result.noise_multiplier,
+            "sample_rate": result.sample_rate,
+            "steps": result.steps,
+        }
+        if result.note:
+            out["note"] = result.note
+        text = (
+            f"epsilon {result.epsilon:.4f} at delta {result.delta} "
+            f"({result.mechanism.value}, {result.accountant.value} accountant)"
+            + (f"; {result.note}" if result.note else "")
+        )
+    print(json.dumps(out) if args.json else text)
+    return 0
 
 
 def _admin(args: argparse.Namespace) -> int:

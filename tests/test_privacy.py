@@ -1,0 +1,120 @@
+"""Privacy accounting against Opacus, a published figure, and the Gaussian limit."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.privacy import gaussian_epsilon, noise_for_epsilon, skellam_epsilon, skellam_rdp
+from common.privacy.api import (
+    DifferentialPrivacy,
+    PrivacyAnalyzer,
+    analytic_gaussian_sigma,
+    privacy_status,
+)
+
+
+def test_gaussian_accountants_agree_with_opacus_figures() -> None:
+    # ../shared/facts.md, measured with Opacus on this machine kind
+    assert gaussian_epsilon(1.1, 0.01, 10_000, 1e-5, "rdp") == pytest.approx(5.63, abs=0.01)
+    assert gaussian_epsilon(1.1, 0.01, 10_000, 1e-5, "prv") == pytest.approx(5.20, abs=0.02)
+
+
+def test_rdp_is_at_most_the_moments_accountant_of_abadi_et_al() -> None:
+    # Abadi et al., CCS 2016, Sec. 3.1: q = 0.01, sigma = 4, T = 10,000, delta = 1e-5 -> eps ~ 1.26
+    eps = gaussian_epsilon(4.0, 0.01, 10_000, 1e-5, "rdp")
+    assert 0.9 < eps <= 1.26
+
+
+def test_noise_for_epsilon_inverts_the_accountant() -> None:
+    z = noise_for_epsilon(3.0, 0.02, 2_000, 1e-5)
+    assert gaussian_epsilon(z, 0.02, 2_000, 1e-5) <= 3.0
+    assert gaussian_epsilon(z * 0.98, 0.02, 2_000, 1e-5) > 3.0
+
+
+def test_skellam_approaches_the_gaussian_as_variance_grows() -> None:
+    gauss = gaussian_epsilon(2.0, 1.0, 50, 1e-5)
+    gaps = [skellam_epsilon(2.0, 50, 1e-5, l2, 5258) - gauss for l2 in (16.0, 256.0, 4096.0)]
+    assert all(g >= -1e-9 for g in gaps)  # never better than the Gaussian
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-6
+
+
+def test_skellam_rdp_first_term_is_the_gaussian_rdp() -> None:
+    orders = [2.0, 8.0, 32.0]
+    rdp = skellam_rdp(orders, variance=1e12, l2=1e6, l1=1e9)
+    np.testing.assert_allclose(rdp, [a / 2 for a in orders], rtol=1e-5)
+
+
+def test_privacy_estimate_cli_json() -> None:
+    base = [sys.executable, "-m", "common.cli", "privacy", "estimate"]
+    out = subprocess.run(
+        [
+            *base,
+            "--mechanism",
+            "gaussian",
+            "--noise-multiplier",
+            "1.1",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "10000",
+            "--delta",
+            "1e-5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["epsilon"] == pytest.approx(5.63, abs=0.01)
+    out = subprocess.run(
+        [*base, "--target-epsilon", "5.63", "--sample-rate", "0.01", "--steps", "10000", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["noise_multiplier"] == pytest.approx(1.1, abs=0.01)
+
+
+def test_analytic_gaussian_is_tighter_than_the_classic_bound() -> None:
+    for eps in (0.1, 0.5, 0.9):
+        classic = math.sqrt(2 * math.log(1.25 / 1e-5)) / eps
+        assert analytic_gaussian_sigma(eps, 1e-5) <= classic
+
+
+def test_add_noise_has_the_calibrated_variance() -> None:
+    dp = DifferentialPrivacy(epsilon=1.0, delta=1e-5, seed=0)
+    noisy = dp.add_noise(np.zeros(200_000), sensitivity=2.0)
+    assert np.std(noisy) == pytest.approx(dp.noise_scale(2.0), rel=0.01)
+
+
+def test_clip_gradients_bounds_the_joint_norm() -> None:
+    grads = [np.full(3, 3.0), np.full(4, 4.0)]
+    clipped = DifferentialPrivacy.clip_gradients(grads, max_norm=1.0)
+    assert math.sqrt(sum(float(np.sum(g * g)) for g in clipped)) == pytest.approx(1.0)
+    small = DifferentialPrivacy.clip_gradients(np.array([0.1, 0.2]), max_norm=1.0)
+    np.testing.assert_array_equal(small, [0.1, 0.2])
+
+
+def test_composition_is_correct_not_the_seed_figure() -> None:
+    analyzer = PrivacyAnalyzer()
+    result = analyzer.compute_privacy_budget(epsilon=1.0, num_queries=100)
+    assert result["total_epsilon"] == 100.0 and result["composition"] == "basic"
+    small = analyzer.compute_privacy_budget(epsilon=0.01, num_queries=10_000)
+    assert small["composition"] == "advanced" and small["total_epsilon"] < 100 * 0.01 * 100
+
+
+def test_privacy_report_and_status() -> None:
+    analyzer = PrivacyAnalyzer()
+    for _ in range(5):
+        analyzer.log_privacy_operation("model_training", epsilon_used=0.1, data_accessed=500)
+    report = analyzer.get_privacy_report()
+    assert report["total_operations"] == 5
+    assert report["total_epsilon_used"] == pytest.approx(0.5)
+    assert report["privacy_status"] == "strong"
+    assert privacy_status(3.0) == "moderate" and privacy_status(9.0) == "weak"
