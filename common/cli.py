@@ -32,6 +32,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("opacus").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
+    db = admin_sub.add_parser("db", help="database schema: upgrade (migrate) or show the revision")
+    db.add_argument(
+        "action",
+        choices=["upgrade", "current"],
+        help="upgrade: run the migrations up to the newest; current: print the revision",
+    )
     for name, text in (
         ("versions", "list a model's versions with metrics"),
         ("rounds", "a model's round history"),
@@ -260,6 +267,8 @@ def _admin(args: argparse.Namespace) -> int:
 
     from common.pb import admin_pb2 as pb
 
+    if args.admin_command == "db":
+        return _admin_db(args)
     if bool(args.server) == bool(args.db):
         print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2
@@ -328,6 +337,25 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _admin_db(args: argparse.Namespace) -> int:
+    from server.store import Store
+
+    if not args.db:
+        print("error: `admin db` works on a database: give --db URL", file=sys.stderr)
+        return 2
+    store = Store(args.db)
+    try:
+        before = store.schema_revision()
+        if args.action == "upgrade":
+            store.migrate("head")
+            print(f"schema upgraded from {before or 'empty'} to {store.schema_revision()}")
+        else:
+            print(f"schema revision: {before or 'empty (run: xeno-fl admin --db URL db upgrade)'}")
+    finally:
+        store.close()
+    return 0
 
 
 def _admin_caller(args: argparse.Namespace) -> Any:

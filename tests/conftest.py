@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +20,40 @@ from common.pb import federation_pb2_grpc
 from server.app import ServerConfig, XenoServer
 
 torch.set_num_threads(1)
+
+
+def _postgres_urls() -> list[str]:
+    return ["postgres"] if os.environ.get("XENO_TEST_POSTGRES_URL") else []
+
+
+@pytest.fixture(params=["sqlite", *_postgres_urls()])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: SQLite, and PostgreSQL when XENO_TEST_POSTGRES_URL is set.
+
+    Each PostgreSQL test gets its own schema (dropped afterwards). When the
+    variable is set but the server is unreachable, the test fails: it does not skip.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    from sqlalchemy import create_engine, text
+
+    base = os.environ["XENO_TEST_POSTGRES_URL"]
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(base)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as exc:
+        pytest.fail(f"XENO_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: {exc}")
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
 
 FAST_SERVER = ServerConfig(
     host="127.0.0.1",

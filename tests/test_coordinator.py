@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +27,8 @@ class Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path}/c.db")
+def store(db_url: str) -> Store:
+    s = Store(db_url)
     s.create_schema()
     s.create_model("m", ModelSpec("mlp", {}), MANIFEST, "fedavg", np.zeros(D, dtype=np.float32))
     for name in ["a", "b", "c", "zz"] + [f"d{i}" for i in range(6)]:

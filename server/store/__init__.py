@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.store.models import (
-    Base,
     BlobRow,
     DeviceRow,
     ModelRow,
@@ -92,7 +91,25 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Bring the schema to the newest migration (creating it in an empty database)."""
+        self.migrate("head")
+
+    def migrate(self, revision: str = "head") -> None:
+        """Run the Alembic migrations up to `revision` on this database."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+    def schema_revision(self) -> str | None:
+        from alembic.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,144 @@
+"""Storage on SQLite and PostgreSQL: migrations, the ORM in sync with them, concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from common.models import ModelSpec
+from common.tensors import Manifest, TensorInfo
+from server.store import Store
+
+MANIFEST = Manifest((TensorInfo("w", (4,)),))
+
+
+def test_upgrade_from_the_first_migration_keeps_the_data(db_url: str) -> None:
+    store = Store(db_url)
+    store.migrate("0001")
+    assert store.schema_revision() == "0001"
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO devices (id, token_sha256, labels, created_at) "
+                "VALUES ('dev-old', :digest, '{}', :now)"
+            ),
+            {"digest": "a" * 64, "now": now},
+        )
+    store.create_schema()  # what `xeno-fl server` does on start
+    assert store.schema_revision() == "0002"
+    assert store.device_credentials() == {"dev-old": ("a" * 64, None)}
+    # the new column works
+    store.add_device("dev-new", "b" * 64, {}, identity_public_key=b"k" * 32)
+    assert store.device_credentials()["dev-new"] == ("b" * 64, b"k" * 32)
+    store.close()
+
+
+def test_orm_models_match_the_migrations(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from server.store.models import Base
+
+    store = Store(db_url)
+    store.create_schema()
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    store.close()
+    assert diff == [], f"ORM models and migrations differ; add a migration: {diff}"
+
+
+def _store_with_round(db_url: str) -> tuple[Store, str]:
+    store = Store(db_url)
+    store.create_schema()
+    store.create_model("m", ModelSpec("mlp", {}), MANIFEST, "fedavg", np.zeros(4, np.float32))
+    store.start_round("m", "round-1", 1, 1, 2)
+    return store, "round-1"
+
+
+def test_two_workers_completing_one_round_create_one_version(db_url: str) -> None:
+    """On PostgreSQL the row lock serializes them; the loser is refused, nothing is doubled."""
+    first, round_id = _store_with_round(db_url)
+    second = Store(db_url)
+    outcomes: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def complete(store: Store, value: float) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(
+                store.complete_round("m", round_id, np.full(4, value, np.float32), {}, 1.0, [])
+            )
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [
+        threading.Thread(target=complete, args=(s, v)) for s, v in ((first, 1.0), (second, 2.0))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    versions = [o for o in outcomes if isinstance(o, int)]
+    assert versions == [2], outcomes
+    assert [v.version for v in first.list_versions("m")] == [1, 2]
+    assert first.get_model("m").current_version == 2
+    [rnd] = first.list_rounds("m")
+    assert rnd.status == "completed" and rnd.result_version == 2
+    first.close()
+    second.close()
+
+
+def test_blob_round_trip_and_versions(db_url: str) -> None:
+    store, round_id = _store_with_round(db_url)
+    weights = np.arange(4, dtype=np.float32)
+    assert store.complete_round("m", round_id, weights, {"accuracy": 0.5}, 1.0, []) == 2
+    np.testing.assert_array_equal(store.load_version("m", 2), weights)
+    assert store.list_versions("m")[1].metrics["accuracy"] == 0.5
+    with pytest.raises(KeyError):
+        store.load_version("m", 7)
+    store.close()
+
+
+@pytest.mark.slow
+def test_simulate_runs_on_this_database(db_url: str, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if db_url.startswith("sqlite"):
+        pytest.skip("the SQLite simulation is covered in tests/test_cli.py")
+    report = tmp_path / "r.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "simulate",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--db",
+            db_url,
+            "--report",
+            str(report),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    rounds = json.loads(report.read_text())["rounds"]
+    assert [r["version"] for r in rounds] == [2, 3]
+    store = Store(db_url)
+    assert store.schema_revision() == "0002"
+    assert [r.status for r in store.list_rounds("digits-mlp")] == ["completed", "completed"]
+    store.close()
