@@ -77,7 +77,10 @@ class ClientConfig:
         "data/device", "folder of the device's local store (credentials)", "XENO_STATE_DIR"
     )
     partition: int = setting(
-        0, "which shard of the digits data this device holds (0-based)", "XENO_PARTITION"
+        0,
+        "which shard of the digits data this device holds (0-based; -1: its enrollment "
+        "order modulo --num-partitions, for fleets started with docker compose --scale)",
+        "XENO_PARTITION",
     )
     num_partitions: int = setting(
         10, "number of shards the data is split into", "XENO_NUM_PARTITIONS"
@@ -133,7 +136,7 @@ class Backoff:
 
 class DeviceClient:
     def __init__(
-        self, config: ClientConfig, data: Dataset, stop: threading.Event | None = None
+        self, config: ClientConfig, data: Dataset | None, stop: threading.Event | None = None
     ) -> None:
         self.config = config
         self.data = data
@@ -182,10 +185,16 @@ class DeviceClient:
                 ):
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
                 raise
-            creds = Credentials(self.config.server, resp.device_id, resp.token)
+            creds = Credentials(
+                self.config.server, resp.device_id, resp.token, resp.enrollment_index
+            )
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
         self._creds = creds
+        if self.data is None:  # --partition -1: the enrollment order picks the shard
+            shard = creds.enrollment_index % self.config.num_partitions
+            self.data = load_partition(self.config, shard)
+            log.info("holding data partition %d of %d", shard, self.config.num_partitions)
 
     # -------------------------------------------------------------- main loop
     def run(self) -> int:
@@ -262,6 +271,7 @@ class DeviceClient:
         model = self._model_for(spec, manifest)
         fit = task.config
         cfg = self.config
+        assert self.data is not None
         result = train_local(
             model,
             weights,
@@ -366,15 +376,16 @@ class DeviceClient:
         self._channel.close()
 
 
-def load_partition(config: ClientConfig) -> Dataset:
-    if not 0 <= config.partition < config.num_partitions:
+def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset:
+    partition = config.partition if partition is None else partition
+    if not 0 <= partition < config.num_partitions:
         raise ValueError(
-            f"--partition {config.partition} is outside 0..{config.num_partitions - 1}"
+            f"--partition {partition} is outside 0..{config.num_partitions - 1} (or -1: auto)"
         )
     fed = federated_digits(
         config.num_partitions, config.alpha, config.data_seed, config.test_fraction
     )
-    return fed.clients[config.partition]
+    return fed.clients[partition]
 
 
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
@@ -389,7 +400,10 @@ def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> in
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    client = DeviceClient(config, load_partition(config), stop)
+    if config.partition < -1:
+        raise ValueError("--partition must be -1 (auto) or a shard index")
+    data = load_partition(config) if config.partition >= 0 else None
+    client = DeviceClient(config, data, stop)
     try:
         return client.run()
     finally:

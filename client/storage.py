@@ -21,6 +21,7 @@ class Credentials:
     server: str
     device_id: str
     token: str
+    enrollment_index: int = 0
 
 
 class LocalStore:
@@ -43,12 +44,19 @@ class LocalStore:
             ) from exc
         if data.get("server") != server:
             return None
-        return Credentials(data["server"], data["device_id"], data["token"])
+        return Credentials(
+            data["server"], data["device_id"], data["token"], int(data.get("enrollment_index", 0))
+        )
 
     def save_credentials(self, creds: Credentials) -> None:
         self._write_json(
             self.credentials_path,
-            {"server": creds.server, "device_id": creds.device_id, "token": creds.token},
+            {
+                "server": creds.server,
+                "device_id": creds.device_id,
+                "token": creds.token,
+                "enrollment_index": creds.enrollment_index,
+            },
         )
 
     def clear_credentials(self) -> None:

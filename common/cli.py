@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
+    admin_sub.add_parser(
+        "health", help="exit 0 when the server reports SERVING (for container health checks)"
+    )
     db = admin_sub.add_parser("db", help="database schema: upgrade (migrate) or show the revision")
     db.add_argument(
         "action",
@@ -269,6 +272,8 @@ def _admin(args: argparse.Namespace) -> int:
 
     if args.admin_command == "db":
         return _admin_db(args)
+    if args.admin_command == "health":
+        return _admin_health(args)
     if bool(args.server) == bool(args.db):
         print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2
@@ -337,6 +342,28 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _admin_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if not args.server:
+        print("error: give --server HOST:PORT", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                .status
+            )
+        except grpc.RpcError as err:
+            print(f"unhealthy: {err.code().name}: {err.details()}")
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(name)
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _admin_db(args: argparse.Namespace) -> int:

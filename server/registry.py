@@ -34,7 +34,7 @@ class DeviceRegistry:
 
     def register(
         self, enrollment_key: str, labels: dict[str, str], identity_public_key: bytes = b""
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, int]:
         if self._enrollment_key and not hmac.compare_digest(
             enrollment_key.encode(), self._enrollment_key.encode()
         ):
@@ -55,10 +55,11 @@ class DeviceRegistry:
         token = secrets.token_urlsafe(32)
         digest = token_digest(token)
         identity = identity_public_key or None
-        self._store.add_device(device_id, digest, dict(labels), identity)
         with self._lock:
+            self._store.add_device(device_id, digest, dict(labels), identity)
             self._devices[device_id] = (digest, identity)
-        return device_id, token
+            index = len(self._devices) - 1
+        return device_id, token, index
 
     def authenticate(self, device_id: str, token: str) -> bool:
         with self._lock:

@@ -35,12 +35,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, enrollment_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "token")
+    __slots__ = ("device_id", "token", "enrollment_index")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     token: str
-    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    enrollment_index: int
+    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., enrollment_index: _Optional[int] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
     __slots__ = ("max_wait_ms",)

@@ -163,13 +163,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         try:
-            device_id, token = self.registry.register(
+            device_id, token, index = self.registry.register(
                 request.enrollment_key, dict(request.labels), request.identity_public_key
             )
         except FederationError as err:
             abort(context, err, "Register", "")
         log.info("registered device %s", device_id)
-        return pb.RegisterResponse(device_id=device_id, token=token)
+        return pb.RegisterResponse(device_id=device_id, token=token, enrollment_index=index)
 
     def CheckIn(
         self, request: pb.CheckInRequest, context: grpc.ServicerContext
