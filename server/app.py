@@ -26,6 +26,7 @@ from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, mlp_for_params
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.observability import DatabaseHealth, ServerMetrics
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator
 from server.services.admin import AdminServicer
@@ -154,6 +155,14 @@ class ServerConfig:
     admin_token: str = setting(
         "", "bearer token admin calls must carry (empty: admin API open)", "XENO_ADMIN_TOKEN"
     )
+    metrics_port: int = setting(
+        9464,
+        "port of the Prometheus /metrics endpoint (0: a free one, -1: off)",
+        "XENO_METRICS_PORT",
+    )
+    health_interval: float = setting(
+        2.0, "seconds between database checks behind gRPC health", "XENO_HEALTH_INTERVAL"
+    )
     max_workers: int = setting(
         256,
         "gRPC worker threads (each waiting device holds one during its long poll)",
@@ -265,6 +274,15 @@ class XenoServer:
             (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc,
         )
+        self.metrics = ServerMetrics(config.model)
+        self.coordinator.add_start_listener(self.metrics.round_started)
+        self.coordinator.add_listener(
+            lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
+        )
+        self.metrics_port: int | None = None
+        self.db_health = DatabaseHealth(
+            lambda: self.store.ping(), self._set_serving, interval_s=config.health_interval
+        )
         self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
@@ -276,8 +294,10 @@ class XenoServer:
     def start(self) -> XenoServer:
         self._grpc.start()
         self.coordinator.start()
-        for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._set_serving(True)
+        self.db_health.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         log.info(
             "serving on %s (model %s, db %s)",
             self.address,
@@ -286,7 +306,18 @@ class XenoServer:
         )
         return self
 
+    def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
+            self.health.set(service, status)
+
     def stop(self, grace: float = 2.0) -> None:
+        self.db_health.stop()
+        self.metrics.close()
         self.health.enter_graceful_shutdown()
         self.coordinator.stop()
         self._grpc.stop(grace).wait()

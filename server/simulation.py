@@ -120,6 +120,10 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         round_deadline=config.round_deadline,
         rounds=config.rounds,
         secagg=config.secagg,
+        metrics_port=-1,
+        # Wait for the whole simulated fleet: a round starts as soon as all devices are in,
+        # and only after this long with fewer (device processes start slowly on a busy machine).
+        selection_window=30.0,
     )
     server = XenoServer(server_config)
     events: queue.Queue[RoundSummary] = queue.Queue()

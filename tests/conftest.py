@@ -65,6 +65,7 @@ FAST_SERVER = ServerConfig(
     local_epochs=1,
     max_workers=64,
     secagg=False,
+    metrics_port=-1,
 )
 
 

@@ -96,6 +96,8 @@ def test_server_and_client_processes_run_a_federation(tmp_path: Path) -> None:
             "2",
             "--clients-per-round",
             "3",
+            "--min-clients",
+            "3",
             "--local-epochs",
             "1",
             "--selection-window",

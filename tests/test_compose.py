@@ -24,7 +24,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def _known_env_vars() -> set[str]:
-    names = {"XENO_LOG_LEVEL"}
+    names = {"XENO_LOG_LEVEL", "XENO_LOG_FORMAT"}
     for cls in (ServerConfig, ClientConfig):
         names |= {f.metadata["env"] for f in dataclasses.fields(cls) if f.metadata.get("env")}
     return names
@@ -48,7 +48,7 @@ def test_services_images_commands_health_and_dependencies() -> None:
     server, client = services["server"], services["client"]
     assert server["build"] == "." and server["image"] == client["image"]
     assert server["command"] == ["server"] and client["command"] == ["client"]
-    assert server["ports"] == ["50051:50051"]
+    assert server["ports"] == ["50051:50051", "9464:9464"]
     assert server["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert client["depends_on"] == {"server": {"condition": "service_healthy"}}
     assert server["healthcheck"]["test"][:2] == ["CMD", "xeno-fl"]
@@ -98,6 +98,7 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
         "XENO_CLIENTS_PER_ROUND": "3",
         "XENO_SELECTION_WINDOW": "1",
         "XENO_LOCAL_EPOCHS": "1",
+        "XENO_METRICS_PORT": "0",
     }
     server = _run(services["server"]["command"], server_env)
     clients: list[subprocess.Popen[str]] = []

@@ -230,6 +230,7 @@ class RoundCoordinator:
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
         self._listeners: list[Callable[[RoundSummary], None]] = []
+        self._start_listeners: list[Callable[[str], None]] = []
         self._driver: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -245,7 +246,12 @@ class RoundCoordinator:
 
     # ------------------------------------------------------------------ public API
     def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
+        """Call listener with the summary of every round that ends (completed or failed)."""
         self._listeners.append(listener)
+
+    def add_start_listener(self, listener: Callable[[str], None]) -> None:
+        """Call listener with the id of every round that starts."""
+        self._start_listeners.append(listener)
 
     @property
     def finished(self) -> bool:
@@ -665,8 +671,14 @@ class RoundCoordinator:
         if self.config.secagg:
             self._attach_secagg(self._round, now)
         log.info(
-            "round %d started: %d devices selected, base version %d", number, len(chosen), version
+            "round %d started: %d devices selected, base version %d",
+            number,
+            len(chosen),
+            version,
+            extra={"round": number, "round_id": round_id, "status": "started"},
         )
+        for listener in self._start_listeners:
+            listener(round_id)
         self._cond.notify_all()
 
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
@@ -705,6 +717,7 @@ class RoundCoordinator:
         metrics: dict[str, float] = {}
         reason = ""
         mean_delta: np.ndarray | None = None
+        self.last_secagg_stats = {}
         if rnd.secagg is not None:
             self.last_secagg_stats = {
                 "degree": rnd.secagg.settings.degree,
@@ -743,7 +756,12 @@ class RoundCoordinator:
                 )
         if version is None:
             self.store.fail_round(rnd.id, reason, seconds, participants)
-            log.warning("round %d failed: %s", rnd.number, reason)
+            log.warning(
+                "round %d failed: %s",
+                rnd.number,
+                reason,
+                extra={"round": rnd.number, "round_id": rnd.id, "status": "failed"},
+            )
         summary = RoundSummary(
             round_id=rnd.id,
             number=rnd.number,

@@ -49,6 +49,7 @@ def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, devic
         device or "-",
         error.kind.value,
         error.message,
+        extra={"device_id": device or None, "status": error.kind.value},
     )
     context.abort(_CODES[error.kind], error.message)
     raise AssertionError("unreachable: context.abort raises")
@@ -110,7 +111,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
 
     @staticmethod
     def _deny(handler: Any, method: str, device: str, why: str) -> Any:
-        audit.warning("refused %s from device %s: UNAUTHENTICATED %s", method, device or "-", why)
+        audit.warning(
+            "refused %s from device %s: UNAUTHENTICATED %s",
+            method,
+            device or "-",
+            why,
+            extra={"device_id": device or None, "status": "UNAUTHENTICATED"},
+        )
         return _abort_handler(
             handler,
             grpc.StatusCode.UNAUTHENTICATED,

@@ -1,0 +1,194 @@
+"""Prometheus metrics, JSON logs and database-aware health for the aggregation server.
+
+`ServerMetrics` owns one CollectorRegistry per server (so several servers can
+live in one process, as in the tests) and listens to the round coordinator.
+`JsonFormatter` writes one JSON object per log line with the round and device
+ids passed as `extra`; it never serializes arguments it was not given, so no
+token or key reaches a log through it. `DatabaseHealth` flips the gRPC health
+status to NOT_SERVING while the database does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from server.rounds import RoundSummary
+
+log = logging.getLogger("xeno.server.observability")
+
+_ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    def __init__(self, model: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model = model
+        r = self.registry
+        self.rounds_started = Counter(
+            "xeno_rounds_started", "Rounds started", ["model"], registry=r
+        )
+        self.rounds_completed = Counter(
+            "xeno_rounds_completed", "Rounds that produced a new version", ["model"], registry=r
+        )
+        self.rounds_failed = Counter(
+            "xeno_rounds_failed", "Rounds that failed cleanly", ["model"], registry=r
+        )
+        self.round_seconds = Histogram(
+            "xeno_round_seconds",
+            "Wall time of a round",
+            ["model"],
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "xeno_round_phase_seconds",
+            "Wall time of each secure-aggregation phase",
+            ["model", "phase"],
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.aggregation_seconds = Histogram(
+            "xeno_aggregation_seconds",
+            "CPU time of unmasking and decoding the sum",
+            ["model"],
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.participants = Gauge(
+            "xeno_round_participants",
+            "Updates aggregated in the last round",
+            ["model"],
+            registry=r,
+        )
+        self.dropouts = Gauge(
+            "xeno_round_dropouts",
+            "Selected devices that dropped in the last round",
+            ["model"],
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "xeno_bytes_received", "Update bytes received from devices", ["model"], registry=r
+        )
+        self.bytes_out = Counter(
+            "xeno_bytes_sent", "Model bytes sent to devices", ["model"], registry=r
+        )
+        self.accuracy = Gauge(
+            "xeno_model_accuracy",
+            "Server-side evaluation accuracy of the newest version",
+            ["model"],
+            registry=r,
+        )
+        self.epsilon = Gauge(
+            "xeno_privacy_epsilon_spent",
+            "Cumulative epsilon of the global model from the privacy ledger (0 without DP)",
+            ["model"],
+            registry=r,
+        )
+        self.epsilon.labels(model).set(0.0)
+        # Export every per-model series from the start, zeros included.
+        for metric in (
+            self.rounds_started,
+            self.rounds_completed,
+            self.rounds_failed,
+            self.round_seconds,
+            self.aggregation_seconds,
+            self.participants,
+            self.dropouts,
+            self.bytes_in,
+            self.bytes_out,
+            self.accuracy,
+        ):
+            metric.labels(model)
+        self._http: Any = None
+
+    def round_started(self, _round_id: str) -> None:
+        self.rounds_started.labels(self.model).inc()
+
+    def round_finished(self, summary: RoundSummary, secagg: dict[str, Any]) -> None:
+        m = self.model
+        (self.rounds_completed if summary.status == "completed" else self.rounds_failed).labels(
+            m
+        ).inc()
+        self.round_seconds.labels(m).observe(summary.seconds)
+        self.participants.labels(m).set(summary.participants)
+        self.dropouts.labels(m).set(summary.dropouts)
+        self.bytes_in.labels(m).inc(summary.bytes_in)
+        self.bytes_out.labels(m).inc(summary.bytes_out)
+        if "accuracy" in summary.metrics:
+            self.accuracy.labels(m).set(summary.metrics["accuracy"])
+        for phase, seconds in dict(secagg.get("phase_seconds", {})).items():
+            self.phase_seconds.labels(m, phase).observe(float(seconds))
+        if "unmask_cpu_seconds" in secagg:
+            self.aggregation_seconds.labels(m).observe(float(secagg["unmask_cpu_seconds"]))
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and round/device ids if given."""
+
+    FIELDS = ("round_id", "round", "device_id", "status", "version")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class DatabaseHealth:
+    """Polls the database; sets the gRPC health of every service accordingly."""
+
+    def __init__(
+        self, ping: Callable[[], None], set_status: Callable[[bool], None], interval_s: float = 2.0
+    ) -> None:
+        self._ping = ping
+        self._set_status = set_status
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._healthy = True
+        self._thread = threading.Thread(target=self._loop, name="db-health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._ping()
+                healthy = True
+            except Exception as exc:
+                healthy = False
+                if self._healthy:
+                    log.error("database unreachable: %s", type(exc).__name__)
+            if healthy != self._healthy:
+                self._healthy = healthy
+                self._set_status(healthy)
+
+    def stop(self) -> None:
+        self._stop.set()
