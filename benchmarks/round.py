@@ -47,6 +47,7 @@ def main() -> None:
                 progress=False,
                 round_deadline=600.0,
                 secagg=args.secagg,
+                data_key_file=f"{tmp}/bench.key",
             )
         )
     done = [r for r in result.rounds if r["status"] == "completed"]

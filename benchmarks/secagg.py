@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -53,6 +54,7 @@ def worker(address, indices, d, drop, drop_phase, state_dir, ready, go, results)
 
     from client.secagg import SecAggDevice
     from client.storage import IdentityStore, LocalStore
+    from common.atrest import Sealer
     from common.pb import federation_pb2 as pb
     from common.pb import federation_pb2_grpc
 
@@ -62,7 +64,7 @@ def worker(address, indices, d, drop, drop_phase, state_dir, ready, go, results)
     stub = federation_pb2_grpc.FederationStub(channel)
     devices = []
     for i in indices:
-        store = IdentityStore(LocalStore(f"{state_dir}/dev{i}"))
+        store = IdentityStore(LocalStore(f"{state_dir}/dev{i}", Sealer(os.urandom(32))))
         identity = store.load_or_create()
         resp = stub.Register(
             pb.RegisterRequest(
@@ -172,6 +174,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from server.app import ServerConfig, XenoServer
+
+    os.environ.setdefault("XENO_DATA_KEY", os.urandom(32).hex())  # an ephemeral benchmark key
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["numpy", "grpc", "cryptography", "client.secagg"])

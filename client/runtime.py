@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from client.secagg import SecAggDevice
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import LocalTrainingConfig, train_local
+from common.atrest import Sealer, load_key
 from common.config import setting
 from common.data import Dataset, federated_digits
 from common.models import ModelSpec, build_model
@@ -105,6 +106,12 @@ class ClientConfig:
     enrollment_key: str = setting(
         "", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY"
     )
+    device_key_file: str = setting(
+        "",
+        "file with the 32-byte key (64 hex characters) that encrypts the local store; the "
+        "XENO_DEVICE_KEY variable may hold the key itself",
+        "XENO_DEVICE_KEY_FILE",
+    )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
     max_wait_ms: int = setting(10_000, "longest long-poll of one check-in", "XENO_MAX_WAIT_MS")
@@ -141,7 +148,9 @@ class DeviceClient:
         self.config = config
         self.data = data
         self.stop = stop or threading.Event()
-        self.store = LocalStore(config.state_dir)
+        self.store = LocalStore(
+            config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
+        )
         self.identities = IdentityStore(self.store)
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0

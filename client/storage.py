@@ -1,7 +1,9 @@
-"""The device's local store: credentials and identity key, kept across restarts.
+"""The device's local store: credentials, identity key and pinned peers, kept across restarts.
 
-Written atomically (temp file + rename) with owner-only permissions, so a
-device killed mid-write keeps its previous, intact state.
+Every file is sealed with AES-256-GCM under the device's data key (file name
+bound as associated data) and written atomically (temp file + rename) with
+owner-only permissions, so a device killed mid-write keeps its previous,
+intact state, and a stolen state folder reveals nothing without the key.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from common.atrest import Sealer
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,16 @@ class Credentials:
 
 
 class LocalStore:
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, sealer: Sealer) -> None:
         self.dir = Path(state_dir)
+        self._sealer = sealer
+
+    def _read_bytes(self, path: Path) -> bytes:
+        """Opened contents of path (FileNotFoundError if absent, DataKeyError if unopenable)."""
+        return self._sealer.open(path.read_bytes(), path.name.encode())
+
+    def _read_json(self, path: Path) -> Any:
+        return json.loads(self._read_bytes(path))
 
     @property
     def credentials_path(self) -> Path:
@@ -35,7 +48,7 @@ class LocalStore:
     def load_credentials(self, server: str) -> Credentials | None:
         """Saved credentials for this server, or None."""
         try:
-            data = json.loads(self.credentials_path.read_text())
+            data = self._read_json(self.credentials_path)
         except FileNotFoundError:
             return None
         except (OSError, json.JSONDecodeError) as exc:
@@ -66,6 +79,7 @@ class LocalStore:
         self._write_bytes(path, json.dumps(data).encode())
 
     def _write_bytes(self, path: Path, data: bytes) -> None:
+        data = self._sealer.seal(data, path.name.encode())
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
@@ -101,7 +115,7 @@ class IdentityStore:
 
     def load_or_create(self) -> Ed25519PrivateKey:
         try:
-            raw = self.key_path.read_bytes()
+            raw = self._store._read_bytes(self.key_path)
         except FileNotFoundError:
             key = Ed25519PrivateKey.generate()
             raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -115,7 +129,7 @@ class IdentityStore:
     def pin(self, peers: dict[str, bytes]) -> list[str]:
         """Pin unseen peers; return the ids whose key differs from the pinned one."""
         try:
-            pinned = json.loads(self.peers_path.read_text())
+            pinned = self._store._read_json(self.peers_path)
         except FileNotFoundError:
             pinned = {}
         changed = [d for d, k in peers.items() if d in pinned and pinned[d] != k.hex()]

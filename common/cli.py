@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from common.atrest import DataKeyError
 from common.config import add_arguments, from_namespace
 
 
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub.add_parser(
         "health", help="exit 0 when the server reports SERVING (for container health checks)"
     )
+    keygen = admin_sub.add_parser(
+        "keygen",
+        help="create a data key file (owner-only) for XENO_DATA_KEY_FILE / XENO_DEVICE_KEY_FILE",
+    )
+    keygen.add_argument("path", help="where to write the key; an existing file is kept")
     db = admin_sub.add_parser("db", help="database schema: upgrade (migrate) or show the revision")
     db.add_argument(
         "action",
@@ -193,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:
+    except (ValueError, DataKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -284,6 +290,16 @@ def _admin(args: argparse.Namespace) -> int:
         return _admin_db(args)
     if args.admin_command == "health":
         return _admin_health(args)
+    if args.admin_command == "keygen":
+        from common.atrest import write_new_key
+
+        try:
+            write_new_key(args.path)
+        except FileExistsError:
+            print(f"error: {args.path} exists; refusing to overwrite a key", file=sys.stderr)
+            return 2
+        print(f"wrote a new data key to {args.path} (keep it: data sealed with it needs it)")
+        return 0
     if bool(args.server) == bool(args.db):
         print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.atrest import Sealer, load_key
 from common.config import setting
 from common.data import digits_split
 from common.evaluation import evaluate
@@ -147,6 +148,12 @@ class ServerConfig:
     test_fraction: float = setting(
         0.2, "fraction of digits held out for evaluation", "XENO_TEST_FRACTION"
     )
+    data_key_file: str = setting(
+        "",
+        "file with the 32-byte data key (64 hex characters) that encrypts model blobs at rest; "
+        "the XENO_DATA_KEY variable may hold the key itself",
+        "XENO_DATA_KEY_FILE",
+    )
     enrollment_key: str = setting(
         "",
         "secret devices must present to register (empty: open enrollment)",
@@ -243,7 +250,7 @@ class XenoServer:
     ) -> None:
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
-        self.store = Store(config.db)
+        self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import resource
 import statistics
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.runtime import ClientConfig, run_device
+from common.atrest import write_new_key
 from common.config import setting
 from server.app import ServerConfig, XenoServer
 from server.rounds import RoundSummary
@@ -53,6 +55,11 @@ class SimulationConfig:
     )
     min_clients: int = setting(2, "fewest updates that complete a round", "XENO_MIN_CLIENTS")
     port: int = setting(0, "server port (0: a free one)", "XENO_PORT")
+    data_key_file: str = setting(
+        "data/xeno.key",
+        "data key of the server's blobs; created (owner-only) if missing",
+        "XENO_DATA_KEY_FILE",
+    )
     secagg: bool = setting(
         True,
         "secure aggregation (SecAgg+); --no-secagg for plain rounds",
@@ -105,7 +112,10 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     if config.clients < 1 or config.rounds < 1:
         raise ValueError("--clients and --rounds must be at least 1")
     started = time.perf_counter()
+    if not os.environ.get("XENO_DATA_KEY") and not Path(config.data_key_file).exists():
+        write_new_key(config.data_key_file)
     server_config = ServerConfig(
+        data_key_file=config.data_key_file,
         host="127.0.0.1",
         port=config.port,
         db=config.db,
@@ -132,6 +142,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "server.simulation"])
     result = SimulationResult(db=config.db, model=config.model)
     with tempfile.TemporaryDirectory(prefix="xeno-sim-") as state_root:
+        device_key = str(Path(state_root) / "device.key")
+        write_new_key(device_key)
         server.start()
         cpu_start = _cpu_seconds()
         devices = [
@@ -146,6 +158,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         alpha=config.alpha,
                         data_seed=config.seed,
                         seed=config.seed * 1000 + i,
+                        device_key_file=device_key,
                     ),
                 ),
                 name=f"device-{i}",

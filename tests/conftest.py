@@ -21,6 +21,10 @@ from server.app import ServerConfig, XenoServer
 
 torch.set_num_threads(1)
 
+# Data keys for servers and devices started by the tests (subprocesses inherit them).
+os.environ.setdefault("XENO_DATA_KEY", "11" * 32)
+os.environ.setdefault("XENO_DEVICE_KEY", "22" * 32)
+
 
 def _postgres_urls() -> list[str]:
     return ["postgres"] if os.environ.get("XENO_TEST_POSTGRES_URL") else []

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from client.runtime import ClientConfig
+from client.storage import LocalStore
+from common.atrest import Sealer, load_key
 from server.app import ServerConfig
 from server.store import Store
 
@@ -136,7 +138,9 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
     assert [r.status for r in rounds] == ["completed", "completed"]
     assert all(r.participants == 3 for r in rounds)
     shards = sorted(
-        json.loads((tmp_path / f"device-{i}" / "credentials.json").read_text())["enrollment_index"]
+        LocalStore(tmp_path / f"device-{i}", Sealer(load_key("", "XENO_DEVICE_KEY")))
+        .load_credentials(address)
+        .enrollment_index
         for i in range(3)
     )
     assert shards == [0, 1, 2]  # each replica took its own partition

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.secagg import SecAggDevice, SecAggProtocolError, check_unmask_request
 from client.storage import IdentityStore, LocalStore
+from common.atrest import Sealer
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.quantize import FixedPoint, clip_l2
@@ -51,7 +52,7 @@ class Harness:
 
     def enroll(self, n: int) -> None:
         for i in range(n):
-            store = IdentityStore(LocalStore(self.tmp / f"dev{i}"))
+            store = IdentityStore(LocalStore(self.tmp / f"dev{i}", Sealer(bytes(32))))
             identity = store.load_or_create()
             channel = grpc.insecure_channel(self.server.address)
             self.channels.append(channel)

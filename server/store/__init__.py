@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import Engine, create_engine, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.atrest import DataKeyError, Sealer, is_sealed
 from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.store.models import (
@@ -85,8 +86,10 @@ def make_engine(url: str) -> Engine:
 class Store:
     """Repository over one database URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sealer: Sealer | None = None) -> None:
+        """A repository over url; with a sealer, blobs are AES-GCM encrypted at rest."""
         self.url = url
+        self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -150,11 +153,11 @@ class Store:
             return {row[0]: (row[1], row[2]) for row in rows}
 
     # blobs -----------------------------------------------------------------
-    @staticmethod
-    def _put_blob(s: Session, data: bytes) -> str:
+    def _put_blob(self, s: Session, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if s.get(BlobRow, digest) is None:
-            s.add(BlobRow(sha256=digest, size=len(data), data=data))
+            stored = self.sealer.seal(data, digest.encode()) if self.sealer else data
+            s.add(BlobRow(sha256=digest, size=len(data), data=stored))
         return digest
 
     def read_blob(self, digest: str) -> bytes:
@@ -163,6 +166,10 @@ class Store:
             if row is None:
                 raise KeyError(f"no blob {digest}")
             data = bytes(row.data)
+        if is_sealed(data):
+            if self.sealer is None:
+                raise DataKeyError("model blobs are encrypted: configure the server's data key")
+            data = self.sealer.open(data, digest.encode())
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptBlobError(f"blob {digest} fails its SHA-256 check; the store is corrupt")
         return data
