@@ -43,6 +43,7 @@ from common.secagg.crypto import (
 from common.secagg.graph import graph_seed
 from common.secagg.shamir import SHARE_BYTES, decode_share
 from server.errors import ErrorKind, FederationError
+from server.faults import crash_point
 
 log = logging.getLogger("xeno.server.secagg")
 audit = logging.getLogger("xeno.audit")
@@ -394,6 +395,7 @@ class SecAggRound:
                     dropped=sorted(v for v in near if v not in survivors),
                 )
             self.phase, self.phase_deadline = Phase.UNMASK, deadline
+            crash_point("unmask")
         elif self.phase is Phase.UNMASK:
             if len(self.revealed) < t:
                 return self._fail(f"{len(self.revealed)} devices answered unmasking, {t} needed")

@@ -34,6 +34,7 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
 from server.errors import ErrorKind, FederationError
+from server.faults import crash_point
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import ModelRecord, ParticipantRecord, Store
 from server.strategies import FitInstructions, Strategy
@@ -837,6 +838,7 @@ class RoundCoordinator:
                     f"round {rnd.id} closed before the upload completed; check in again",
                 )
             rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
+            crash_point("upload")
             participant.status = Status.UPLOADED
             participant.bytes_in += session.assembler.total_bytes
             self._advance_secagg(rnd.secagg)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.atrest import DataKeyError, Sealer, is_sealed
 from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
+from server.faults import crash_point
 from server.store.models import (
     BlobRow,
     DeviceRow,
@@ -347,6 +348,8 @@ class Store:
             for key, value in counts.items():
                 setattr(rnd, key, value)
             s.add_all(_participant_rows(round_id, participants))
+            s.flush()
+            crash_point("version-write")
             return version
 
     def list_rounds(self, name: str, limit: int = 0) -> list[RoundRow]:

@@ -1,0 +1,140 @@
+"""A server killed with SIGKILL mid-round restarts consistent; devices reconnect by themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.store import Store
+
+XENO = [sys.executable, "-m", "common.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server(port: int, db: str, rounds: int, crash_at: str | None) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
+    env.pop("XENO_CRASH_AT", None)
+    if crash_at:
+        env["XENO_CRASH_AT"] = crash_at
+    return subprocess.Popen(
+        [
+            *XENO,
+            "server",
+            "--port",
+            str(port),
+            "--db",
+            db,
+            "--rounds",
+            str(rounds),
+            "--clients-per-round",
+            "3",
+            "--min-clients",
+            "3",
+            "--local-epochs",
+            "1",
+            "--selection-window",
+            "1",
+            "--metrics-port",
+            "-1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _healthy(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            ).status
+        except grpc.RpcError:
+            return False
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["upload", "unmask", "version-write"])
+def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/fl.db"
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    server = _server(port, db, rounds=3, crash_at=crash_at)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
+    clients = [
+        subprocess.Popen(
+            [
+                *XENO,
+                "client",
+                "--server",
+                address,
+                "--partition",
+                str(i),
+                "--num-partitions",
+                "3",
+                "--state-dir",
+                str(tmp_path / f"dev{i}"),
+                "--max-backoff",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    restarted = None
+    try:
+        out, _ = server.communicate(timeout=120)
+        assert server.returncode == -signal.SIGKILL, out
+        assert f"crash point {crash_at}" in out
+        store = Store(db)
+        before = [(r.number, r.status) for r in store.list_rounds("digits-mlp")]
+        versions_before = [v.version for v in store.list_versions("digits-mlp")]
+        store.close()
+        assert before[-1][1] == "running"  # the killed round, left as it was
+        started = time.monotonic()
+        restarted = _server(port, db, rounds=2, crash_at=None)
+        while not _healthy(address):
+            assert restarted.poll() is None, restarted.communicate()[0]
+            time.sleep(0.2)
+        assert time.monotonic() - started < 10, "restart took longer than 10 s"
+        for c in clients:  # devices reconnect by themselves and finish
+            c_out, _ = c.communicate(timeout=150)
+            assert c.returncode == 0, c_out
+        out, _ = restarted.communicate(timeout=60)
+        assert restarted.returncode == 0, out
+    finally:
+        for p in [server, *clients, *([restarted] if restarted else [])]:
+            p.kill()
+    store = Store(db)
+    rounds = store.list_rounds("digits-mlp")
+    versions = store.list_versions("digits-mlp")
+    store.close()
+    interrupted = next(r for r in rounds if r.number == before[-1][0])
+    assert interrupted.status == "failed" and "restarted" in interrupted.failure_reason
+    # every completed round made exactly one version, in a chain, nothing applied twice
+    completed = [r for r in rounds if r.status == "completed"]
+    assert len(completed) == len(versions) - 1
+    assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+    assert all(v.parent_version == v.version - 1 for v in versions[1:])
+    assert [v.version for v in versions][: len(versions_before)] == versions_before
+    assert sum(r.number > interrupted.number and r.status == "completed" for r in rounds) == 2
