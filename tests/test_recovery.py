@@ -62,9 +62,11 @@ def _healthy(address: str) -> bool:
 
     with grpc.insecure_channel(address) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            ).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                .status
+            )
         except grpc.RpcError:
             return False
     return status == health_pb2.HealthCheckResponse.SERVING
@@ -138,3 +140,53 @@ def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Pat
     assert all(v.parent_version == v.version - 1 for v in versions[1:])
     assert [v.version for v in versions][: len(versions_before)] == versions_before
     assert sum(r.number > interrupted.number and r.status == "completed" for r in rounds) == 2
+
+
+@pytest.mark.slow
+def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_path: Path) -> None:
+    """SIGKILL a device, start it again on the same store: same identity, no re-enrollment."""
+    server = server_factory(rounds=4, clients_per_round=3, min_clients=3, secagg=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
+
+    def device(i: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                *XENO,
+                "client",
+                "--server",
+                server.address,
+                "--partition",
+                str(i),
+                "--num-partitions",
+                "3",
+                "--state-dir",
+                str(tmp_path / f"dev{i}"),
+                "--max-backoff",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    devices = [device(i) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 90
+        while server.store.get_model("digits-mlp").current_version < 2:
+            assert time.monotonic() < deadline, "no round completed"
+            time.sleep(0.1)
+        devices[0].send_signal(signal.SIGKILL)
+        devices[0].wait(timeout=10)
+        enrolled = len(server.registry)
+        devices[0] = device(0)  # same state dir: credentials and identity key survive
+        for d in devices:
+            out, _ = d.communicate(timeout=150)
+            assert d.returncode == 0, out
+    finally:
+        for d in devices:
+            d.kill()
+    assert server.coordinator.finished
+    assert len(server.registry) == enrolled == 3  # it came back as itself
+    rounds = server.store.list_rounds("digits-mlp")
+    assert sum(r.status == "completed" for r in rounds) == 4
