@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +25,3 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 4096) -> tuple[f
         correct += int((logits.argmax(dim=1) == y).sum())
     model.train(was_training)
     return total_loss / len(data), correct / len(data)
-
-
-def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == labels).mean())

@@ -56,6 +56,30 @@ def _server(port: int, db: str, rounds: int, crash_at: str | None) -> subprocess
     )
 
 
+def _device(address: str, i: int, tmp_path: Path) -> subprocess.Popen[str]:
+    """A real device process holding shard i, its store in tmp_path/dev{i}."""
+    return subprocess.Popen(
+        [
+            *XENO,
+            "client",
+            "--server",
+            address,
+            "--partition",
+            str(i),
+            "--num-partitions",
+            "3",
+            "--state-dir",
+            str(tmp_path / f"dev{i}"),
+            "--max-backoff",
+            "1",
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _healthy(address: str) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,30 +103,7 @@ def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Pat
     port = _free_port()
     address = f"127.0.0.1:{port}"
     server = _server(port, db, rounds=3, crash_at=crash_at)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
-    clients = [
-        subprocess.Popen(
-            [
-                *XENO,
-                "client",
-                "--server",
-                address,
-                "--partition",
-                str(i),
-                "--num-partitions",
-                "3",
-                "--state-dir",
-                str(tmp_path / f"dev{i}"),
-                "--max-backoff",
-                "1",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(3)
-    ]
+    clients = [_device(address, i, tmp_path) for i in range(3)]
     restarted = None
     try:
         out, _ = server.communicate(timeout=120)
@@ -146,31 +147,8 @@ def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Pat
 def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_path: Path) -> None:
     """SIGKILL a device, start it again on the same store: same identity, no re-enrollment."""
     server = server_factory(rounds=4, clients_per_round=3, min_clients=3, secagg=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
 
-    def device(i: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                *XENO,
-                "client",
-                "--server",
-                server.address,
-                "--partition",
-                str(i),
-                "--num-partitions",
-                "3",
-                "--state-dir",
-                str(tmp_path / f"dev{i}"),
-                "--max-backoff",
-                "1",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    devices = [device(i) for i in range(3)]
+    devices = [_device(server.address, i, tmp_path) for i in range(3)]
     try:
         deadline = time.monotonic() + 90
         while server.store.get_model("digits-mlp").current_version < 2:
@@ -179,7 +157,9 @@ def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_p
         devices[0].send_signal(signal.SIGKILL)
         devices[0].wait(timeout=10)
         enrolled = len(server.registry)
-        devices[0] = device(0)  # same state dir: credentials and identity key survive
+        devices[0] = _device(
+            server.address, 0, tmp_path
+        )  # same state dir: credentials and identity key survive
         for d in devices:
             out, _ = d.communicate(timeout=150)
             assert d.returncode == 0, out

@@ -90,7 +90,6 @@ class Status(enum.Enum):
     UPLOADING = "uploading"
     UPLOADED = "uploaded"
     DECLINED = "declined"
-    DROPPED = "dropped"
 
 
 @dataclass
@@ -258,10 +257,6 @@ class RoundCoordinator:
     def finished(self) -> bool:
         return self._finished
 
-    @property
-    def current_vector(self) -> np.ndarray:
-        return self._vector
-
     def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
         """Long poll: a task for this device, or when to come back."""
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
@@ -390,7 +385,7 @@ class RoundCoordinator:
         with self._cond:
             rnd = self._active_round(round_id)
             participant = self._member(rnd, device_id)
-            if participant.status in (Status.DECLINED, Status.DROPPED):
+            if participant.status is Status.DECLINED:
                 raise FederationError(
                     ErrorKind.FAILED_PRECONDITION,
                     f"device is {participant.status.value} in round {round_id}",
@@ -770,7 +765,7 @@ class RoundCoordinator:
             version=version,
             selected=len(rnd.cohort),
             participants=accepted,
-            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DROPPED, Status.DECLINED),
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
             bytes_in=sum(p.bytes_in for p in participants),
             bytes_out=sum(p.bytes_out for p in participants),
             seconds=seconds,
