@@ -18,7 +18,7 @@ import pytest
 from client.runtime import Backoff, ClientConfig
 from common.cli import build_parser
 from common.config import from_namespace
-from server.app import ServerConfig
+from server.app import ServerConfig, grpc_server_options
 from server.simulation import SimulationConfig
 
 XENO = [sys.executable, "-m", "common.cli"]
@@ -57,6 +57,17 @@ def test_flags_beat_env_vars_beat_defaults() -> None:
     assert config.port == 7000 and config.rounds == 5 and config.min_clients == 2
     with pytest.raises(SystemExit, match="XENO_RESET"):
         from_namespace(ClientConfig, parser.parse_args(["client"]), {"XENO_RESET": "maybe"})
+
+
+def test_stream_window_flag_sets_a_fixed_grpc_window_or_restores_the_adaptive_one() -> None:
+    args = build_parser().parse_args(["server", "--stream-window-kib", "512"])
+    options = dict(grpc_server_options(from_namespace(ServerConfig, args, {})))
+    assert options["grpc.http2.lookahead_bytes"] == 512 << 10
+    assert options["grpc.http2.bdp_probe"] == 0
+    adaptive = dict(grpc_server_options(ServerConfig(stream_window_kib=0)))
+    assert "grpc.http2.lookahead_bytes" not in adaptive and "grpc.http2.bdp_probe" not in adaptive
+    with pytest.raises(ValueError, match="stream_window_kib"):
+        grpc_server_options(ServerConfig(stream_window_kib=-1))
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:

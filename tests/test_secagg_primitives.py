@@ -92,6 +92,18 @@ def test_prg_is_the_aes_ctr_keystream_and_deterministic() -> None:
     np.testing.assert_array_equal(big[:1000], out)
 
 
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 59, 60, 61, (1 << 20) + 7, (1 << 21) + 5])
+def test_prg_written_in_place_matches_the_keystream_at_every_length(length: int) -> None:
+    seed = bytes(range(1, 33))
+    enc = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    reference = np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4")
+    out = np.full(length, 0xDEADBEEF, dtype=np.uint32)
+    assert prg_uint32(seed, length, out) is out
+    np.testing.assert_array_equal(out, reference)
+    with pytest.raises(ValueError, match="uint32 vector"):
+        prg_uint32(seed, length + 1, out)
+
+
 @pytest.mark.parametrize("n", [3, 10, 57, 100, 200])
 def test_neighbour_graph_is_regular_symmetric_and_shared(n: int) -> None:
     ids = [f"d{i:03d}" for i in range(n)]

@@ -107,12 +107,18 @@ def verify_keys(identity_public: bytes, message: bytes, signature: bytes) -> boo
     return True
 
 
+_PRG_STEP = 1 << 22
+_ZEROS = memoryview(bytes(_PRG_STEP))  # shared plaintext: CTR keystream = AES(counter) xor 0
+_CTR_SLACK = 15  # update_into wants len(data) + block size - 1 bytes of room
+
+
 def prg_uint32(seed: bytes, length: int, out: np.ndarray | None = None) -> np.ndarray:
     """`length` pseudo-random uint32 from a 32-byte seed: AES-128-CTR keystream.
 
     Key = seed[:16], initial counter block = seed[16:]. The keystream is the
-    encryption of zeros, written straight into the array's buffer (`out`, when
-    given, is reused: no allocation, no page faults on the hot path).
+    encryption of zeros, written by OpenSSL straight into the array's buffer
+    (`update_into`): no intermediate bytes objects, and with `out` reused, no
+    allocation and no page faults on the hot path.
     """
     if len(seed) != SEED_BYTES:
         raise ValueError("mask seeds are 32 bytes")
@@ -122,9 +128,10 @@ def prg_uint32(seed: bytes, length: int, out: np.ndarray | None = None) -> np.nd
         raise ValueError("out must be a uint32 vector of the requested length")
     encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
     view = memoryview(out.view(np.uint8))  # type: ignore[arg-type]
-    step = 1 << 22
-    zeros = bytes(min(step, len(view)))
-    for start in range(0, len(view), step):
-        n = min(step, len(view) - start)
-        view[start : start + n] = encryptor.update(zeros[:n])
+    # The last bytes go through update(): update_into needs slack past the end of its output.
+    body = max(0, len(view) - 4 * _CTR_SLACK)
+    for start in range(0, body, _PRG_STEP):
+        n = min(_PRG_STEP, body - start)
+        encryptor.update_into(_ZEROS[:n], view[start : start + n + _CTR_SLACK])
+    view[body:] = encryptor.update(_ZEROS[: len(view) - body])
     return out
