@@ -24,15 +24,24 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from client.ledger import PrivacyLedger
 from client.secagg import SecAggDevice
 from client.storage import Credentials, IdentityStore, LocalStore
-from client.training import LocalTrainingConfig, train_local
+from client.training import (
+    DpSgdSettings,
+    LocalTrainingConfig,
+    TrainResult,
+    dp_sample_rate,
+    train_local,
+    train_local_dp,
+)
 from common.atrest import Sealer, load_key
 from common.config import setting
 from common.data import Dataset, federated_digits
 from common.models import ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
+from common.privacy import Mechanism, Spend, noise_for_epsilon
 from common.tensors import (
     CHUNK_BYTES,
     ChunkAssembler,
@@ -67,6 +76,10 @@ ROUND_MOVED_ON = frozenset(
 
 class EnrollmentRefusedError(RuntimeError):
     """The server refused to register this device (wrong enrollment key)."""
+
+
+class TaskDeclined(Exception):  # noqa: N818 - an outcome, not a failure
+    """The device will not run the task; the reason goes to the server."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,13 @@ class ClientConfig:
     torch_threads: int = setting(
         1, "torch threads (1 is best when devices share a machine)", "XENO_TORCH_THREADS"
     )
+    epsilon_budget: float = setting(
+        0.0,
+        "sample-level epsilon this device's data may spend in all (0: no budget); tasks "
+        "that would exceed it, or that train without DP-SGD, are declined",
+        "XENO_EPSILON_BUDGET",
+    )
+    delta: float = setting(1e-5, "delta of the device's epsilon budget", "XENO_DELTA")
 
 
 class Backoff:
@@ -152,6 +172,7 @@ class DeviceClient:
             config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
         )
         self.identities = IdentityStore(self.store)
+        self.ledger = PrivacyLedger(self.store)
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
@@ -281,19 +302,24 @@ class DeviceClient:
         fit = task.config
         cfg = self.config
         assert self.data is not None
-        result = train_local(
-            model,
-            weights,
-            self.data,
-            LocalTrainingConfig(
-                local_epochs=cfg.local_epochs or fit.local_epochs or 1,
-                batch_size=cfg.batch_size or fit.batch_size or 32,
-                learning_rate=cfg.learning_rate or fit.learning_rate or 0.05,
-                proximal_mu=fit.proximal_mu if cfg.proximal_mu is None else cfg.proximal_mu,
-                momentum=fit.momentum,
-            ),
-            seed=cfg.seed * 1_000_003 + task.round_number,
+        training = LocalTrainingConfig(
+            local_epochs=cfg.local_epochs or fit.local_epochs or 1,
+            batch_size=cfg.batch_size or fit.batch_size or 32,
+            learning_rate=cfg.learning_rate or fit.learning_rate or 0.05,
+            proximal_mu=fit.proximal_mu if cfg.proximal_mu is None else cfg.proximal_mu,
+            momentum=fit.momentum,
         )
+        seed = cfg.seed * 1_000_003 + task.round_number
+        try:
+            result = self._train(task, model, weights, training, seed)
+        except TaskDeclined as declined:
+            log.warning("declining round %d: %s", task.round_number, declined)
+            self._stub.DeclineTask(
+                pb.DeclineTaskRequest(round_id=task.round_id, reason=str(declined)),
+                metadata=self._metadata(),
+                timeout=30,
+            )
+            return
         self._stub.ReportMetrics(
             pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
             metadata=self._metadata(),
@@ -314,11 +340,74 @@ class DeviceClient:
             self._upload(task, manifest, result.delta, result.num_examples, remaining())
         self.rounds_done += 1
         log.info(
-            "round %d: trained on %d examples, train accuracy %.3f",
+            "round %d: trained on %d examples%s",
             task.round_number,
             result.num_examples,
-            result.metrics["train_accuracy"],
+            "".join(f", {k} {v:.3f}" for k, v in result.metrics.items() if "seconds" not in k),
         )
+
+    def _train(
+        self,
+        task: pb.Task,
+        model: torch.nn.Module,
+        weights: np.ndarray,
+        training: LocalTrainingConfig,
+        seed: int,
+    ) -> TrainResult:
+        """Local training as the task asks, within this device's privacy budget.
+
+        With DP-SGD, the round's spend is checked against the budget before any
+        training and written to the ledger before the update can leave the device.
+        """
+        assert self.data is not None
+        dp_sgd = task.privacy.dp_sgd
+        budget = self.config.epsilon_budget
+        if not dp_sgd.enabled:
+            if budget > 0:
+                raise TaskDeclined(
+                    f"privacy budget: the task trains without DP-SGD and this device only "
+                    f"spends its data under DP (epsilon budget {budget:g})"
+                )
+            result = train_local(model, weights, self.data, training, seed)
+            if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
+                # Metrics computed on private data would escape the accounted mechanism.
+                result.metrics.pop("train_loss", None)
+                result.metrics.pop("train_accuracy", None)
+            return result
+        q, per_epoch = dp_sample_rate(len(self.data), training.batch_size)
+        steps = per_epoch * training.local_epochs
+        z = dp_sgd.noise_multiplier
+        if z <= 0:
+            if dp_sgd.target_epsilon <= 0 or dp_sgd.planned_rounds < 1:
+                raise TaskDeclined("DP-SGD task names neither a noise multiplier nor a target")
+            z = noise_for_epsilon(
+                dp_sgd.target_epsilon, q, steps * dp_sgd.planned_rounds, dp_sgd.delta or 1e-5
+            )
+        spend = Spend(Mechanism.GAUSSIAN, z, q, steps)
+        delta = self.config.delta
+        if budget > 0:
+            spent = self.ledger.epsilon(delta)
+            after = self.ledger.epsilon_after(spend, delta)
+            if after > budget:
+                raise TaskDeclined(
+                    f"privacy budget exceeded: spent {spent:.3f} of {budget:g} "
+                    f"(delta {delta:g}); this round would bring it to {after:.3f}"
+                )
+        result = train_local_dp(
+            model,
+            weights,
+            self.data,
+            training,
+            DpSgdSettings(z, dp_sgd.max_grad_norm or 1.0),
+            seed,
+        )
+        recorded = Spend(Mechanism.GAUSSIAN, z, result.sample_rate, result.steps)
+        entry = self.ledger.record(
+            task.round_id, task.model_name, "sample", "dp-sgd", recorded, delta
+        )
+        result.metrics["dp_sgd_epsilon"] = entry.epsilon
+        result.metrics["dp_sgd_noise_multiplier"] = z
+        return result
 
     def _model_for(self, spec: ModelSpec, manifest: Manifest) -> torch.nn.Module:
         key = spec.architecture + spec.config_json()

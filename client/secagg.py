@@ -17,6 +17,7 @@ For one round a device
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +82,29 @@ def check_unmask_request(
         )
 
 
+def check_noise(task: pb.Task) -> None:
+    """With distributed DP, refuse a task whose noise falls short of its own promise.
+
+    The task states z and n_min (UserDpConfig); the encoding must add at least
+    (z Delta)^2 / n_min per device, Delta = C s + sqrt(d), for the sum of any n_min
+    uploads to carry the promised noise.
+    """
+    user_dp, cfg = task.privacy.user_dp, task.secagg
+    if user_dp.mechanism != pb.USER_DP_SKELLAM:
+        return
+    if cfg.min_contributors < 1 or cfg.min_contributors != user_dp.min_contributors:
+        raise SecAggProtocolError("distributed DP task without a consistent min_contributors")
+    if cfg.clip_norm > user_dp.clip_norm or cfg.max_weight != 1 or cfg.dimension < 1:
+        raise SecAggProtocolError("distributed DP task with a clip or weight above its promise")
+    sensitivity = cfg.scale * cfg.clip_norm + math.sqrt(cfg.dimension)
+    needed = (user_dp.noise_multiplier * sensitivity) ** 2 / cfg.min_contributors
+    if user_dp.noise_multiplier <= 0 or cfg.noise_variance < needed * (1 - 1e-9):
+        raise SecAggProtocolError(
+            f"distributed DP task adds noise of variance {cfg.noise_variance:.4g} per device, "
+            f"below the {needed:.4g} its noise multiplier promises; refusing"
+        )
+
+
 class SecAggDevice:
     """Runs the secure-aggregation phases of one round for one device."""
 
@@ -107,7 +131,16 @@ class SecAggDevice:
         self.report = SecAggReport()
         self._revealed = False
         cfg = task.secagg
-        self.fixed_point = FixedPoint(cfg.clip_norm, cfg.scale, cfg.num_selected, cfg.max_weight)
+        self.fixed_point = FixedPoint(
+            cfg.clip_norm,
+            cfg.scale,
+            cfg.num_selected,
+            cfg.max_weight,
+            noise_variance=cfg.noise_variance,
+            dimension=cfg.dimension,
+        )
+        self.min_contributors = cfg.min_contributors
+        check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
         self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
@@ -118,6 +151,8 @@ class SecAggDevice:
         return response
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
+        if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
+            raise SecAggProtocolError("the DP noise was sized for another update length")
         started = time.perf_counter()
         encoded = self.fixed_point.encode(update, num_examples, self.rng)
         self.report.encode_seconds = time.perf_counter() - started
@@ -205,6 +240,11 @@ class SecAggDevice:
         )
         survivors, dropped = list(request.survivors), list(request.dropped)
         check_unmask_request(self.me, survivors, dropped, shared_with_me)
+        if request.total_survivors < self.min_contributors:
+            raise SecAggProtocolError(
+                f"the sum holds {request.total_survivors} updates; its DP noise needs "
+                f"{self.min_contributors}, so this device will not help unmask it"
+            )
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True

@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("versions", "list a model's versions with metrics"),
         ("rounds", "a model's round history"),
+        (
+            "privacy-report",
+            "a model's privacy ledger: per round the mechanism, noise, cohort and clip, the "
+            "cumulative (epsilon, delta) with its status, and per-device summaries",
+        ),
     ):
         q = admin_sub.add_parser(name, help=text)
         q.add_argument(
@@ -304,6 +309,10 @@ def _admin(args: argparse.Namespace) -> int:
         print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2
     call = _admin_caller(args)
+    if args.admin_command == "privacy-report":
+        return _privacy_report(
+            call("GetPrivacyReport", pb.GetPrivacyReportRequest(model_name=args.model)), args.json
+        )
     rows: list[tuple[Any, ...]]
     cols: tuple[str, ...]
     if args.admin_command == "models":
@@ -363,6 +372,59 @@ def _admin(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*[str(x) for x in row])
     Console().print(table)
+    return 0
+
+
+def _privacy_report(report: Any, as_json: bool) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    if as_json:
+        print(
+            json.dumps(
+                MessageToDict(
+                    report,
+                    preserving_proto_field_name=True,
+                    always_print_fields_with_no_presence=True,
+                ),
+                indent=2,
+            )
+        )
+        return 0
+    console = Console()
+    if not report.entries:
+        console.print(f"model {report.model_name}: no differentially private round yet")
+        return 0
+    ledger = Table(title=f"privacy ledger of {report.model_name}")
+    for col in ("round", "level", "mechanism", "noise z", "clip", "cohort", "epsilon", "delta"):
+        ledger.add_column(col)
+    for e in report.entries:
+        ledger.add_row(
+            str(e.round_number),
+            e.level,
+            e.mechanism,
+            f"{e.noise_multiplier:.3f}",
+            f"{e.clip_norm:g}",
+            str(e.cohort),
+            f"{e.epsilon:.3f}",
+            f"{e.delta:g}",
+        )
+    console.print(ledger)
+    budget = f" of a budget of {report.budget:g}" if report.budget > 0 else ""
+    console.print(
+        f"user-level privacy of the global model: epsilon {report.epsilon:.3f}{budget} "
+        f"at delta {report.delta:g}: [bold]{report.status}[/bold] "
+        "(strong <= 1, moderate <= 8, weak above)"
+    )
+    if report.devices:
+        devices = Table(title="per device")
+        for col in ("device", "rounds", "user-level epsilon", "sample-level epsilon (DP-SGD)"):
+            devices.add_column(col)
+        for d in report.devices:
+            sample = "-" if d.reported_sample_epsilon < 0 else f"{d.reported_sample_epsilon:.3f}"
+            devices.add_row(d.device_id, str(d.rounds), f"{d.epsilon:.3f}", sample)
+        console.print(devices)
     return 0
 
 

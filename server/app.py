@@ -8,6 +8,7 @@ health checking and reflection, over the domain layer.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from collections.abc import Callable
@@ -24,10 +25,11 @@ from common.atrest import Sealer, load_key
 from common.config import setting
 from common.data import digits_split
 from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, mlp_for_params
+from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from server.observability import DatabaseHealth, ServerMetrics
+from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator
 from server.services.admin import AdminServicer
@@ -149,6 +151,58 @@ class ServerConfig:
         "shares needed to reconstruct t (0: a majority of the k + 1 holders)",
         "XENO_SECAGG_THRESHOLD",
     )
+    dp: str = setting(
+        "none",
+        "user-level DP of the global model: distributed (Skellam noise from the devices "
+        "under secure aggregation; the server adds nothing), central (a trusted server "
+        "adds Gaussian noise; needs --no-secagg) or none",
+        "XENO_DP",
+    )
+    dp_noise_multiplier: float = setting(
+        0.0,
+        "noise std of each round's sum over the clip norm (0: derived from --dp-target-epsilon)",
+        "XENO_DP_NOISE_MULTIPLIER",
+    )
+    dp_target_epsilon: float = setting(
+        0.0,
+        "user-level epsilon the model may spend over --rounds rounds; sets the noise",
+        "XENO_DP_TARGET_EPSILON",
+    )
+    dp_clip_norm: float = setting(
+        1.0, "L2 clip of each device's whole update under DP", "XENO_DP_CLIP_NORM"
+    )
+    dp_min_contributors: int = setting(
+        0,
+        "distributed DP: fewest updates whose noise adds up to the target; smaller sums "
+        "are never unmasked (0: --min-clients)",
+        "XENO_DP_MIN_CONTRIBUTORS",
+    )
+    dp_delta: float = setting(1e-5, "delta of the user-level guarantee", "XENO_DP_DELTA")
+    privacy_budget: float = setting(
+        0.0,
+        "global user-level epsilon budget of the model: no round starts that would exceed "
+        "it (0: none)",
+        "XENO_PRIVACY_BUDGET",
+    )
+    dp_sgd: bool = setting(
+        False,
+        "sample-level DP: devices train with Opacus DP-SGD and keep a privacy ledger",
+        "XENO_DP_SGD",
+    )
+    dp_sgd_noise_multiplier: float = setting(
+        0.0,
+        "DP-SGD noise multiplier (0: each device derives it from --dp-sgd-target-epsilon)",
+        "XENO_DP_SGD_NOISE_MULTIPLIER",
+    )
+    dp_sgd_target_epsilon: float = setting(
+        0.0,
+        "sample-level epsilon each device may spend over --rounds rounds",
+        "XENO_DP_SGD_TARGET_EPSILON",
+    )
+    dp_sgd_max_grad_norm: float = setting(
+        1.0, "DP-SGD per-sample gradient clip", "XENO_DP_SGD_MAX_GRAD_NORM"
+    )
+    dp_sgd_delta: float = setting(1e-5, "delta of the sample-level guarantee", "XENO_DP_SGD_DELTA")
     eval_data: str = setting(
         "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
     )
@@ -206,6 +260,42 @@ class ServerConfig:
             secagg_dropout=self.secagg_dropout,
             secagg_degree=self.secagg_degree,
             secagg_threshold=self.secagg_threshold,
+            user_dp=self.user_dp_policy(),
+            dp_sgd=self.dp_sgd,
+            dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
+            dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm,
+            dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
+            dp_sgd_delta=self.dp_sgd_delta,
+        )
+
+    def user_dp_policy(self) -> UserDpPolicy | None:
+        try:
+            mechanism = UserDpMechanism(self.dp)
+        except ValueError:
+            raise ValueError(
+                f"unknown --dp {self.dp!r}; use distributed, central or none"
+            ) from None
+        if mechanism is UserDpMechanism.NONE:
+            if self.privacy_budget > 0:
+                raise ValueError("--privacy-budget needs user-level DP (--dp distributed|central)")
+            return None
+        min_contributors = self.dp_min_contributors or self.min_clients
+        z = self.dp_noise_multiplier
+        if z <= 0:
+            if self.dp_target_epsilon <= 0:
+                raise ValueError("--dp needs --dp-noise-multiplier or --dp-target-epsilon")
+            z = noise_for_target(
+                mechanism,
+                self.dp_target_epsilon,
+                self.rounds,
+                self.dp_delta,
+                self.dp_clip_norm,
+                math.ceil(self.clients_per_round * (1 + self.overselect)),
+                min_contributors,
+                num_parameters(build_model(self.model_spec())),
+            )
+        return UserDpPolicy(
+            mechanism, z, self.dp_clip_norm, min_contributors, self.dp_delta, self.privacy_budget
         )
 
     def fit_instructions(self) -> FitInstructions:
@@ -303,7 +393,9 @@ class XenoServer:
             options=grpc_server_options(config),
         )
         register_federation(FederationServicer(self.registry, self.coordinator), self._grpc)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store), self._grpc)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.store, config.privacy_budget), self._grpc
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -314,6 +406,10 @@ class XenoServer:
         self.coordinator.add_listener(
             lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
         )
+        if config.dp != "none":  # a restarted server reports what the ledger already holds
+            self.metrics.epsilon.labels(config.model).set(
+                self.coordinator.privacy_account().epsilon
+            )
         self.metrics_port: int | None = None
         self.db_health = DatabaseHealth(
             lambda: self.store.ping(), self._set_serving, interval_s=config.health_interval

@@ -123,6 +123,8 @@ class ServerMetrics:
         self.bytes_out.labels(m).inc(summary.bytes_out)
         if "accuracy" in summary.metrics:
             self.accuracy.labels(m).set(summary.metrics["accuracy"])
+        if "dp_epsilon" in summary.metrics:
+            self.epsilon.labels(m).set(summary.metrics["dp_epsilon"])
         for phase, seconds in dict(secagg.get("phase_seconds", {})).items():
             self.phase_seconds.labels(m, phase).observe(float(seconds))
         if "unmask_cpu_seconds" in secagg:

@@ -82,6 +82,8 @@ class SecAggSettings:
     degree: int
     fixed_point: FixedPoint
     phase_timeout_s: float
+    # Distributed DP: fewer uploads than this carry less noise than promised; never unmask.
+    min_uploads: int = 0
 
 
 @dataclass
@@ -388,6 +390,11 @@ class SecAggRound:
             survivors = set(self.uploaded)
             if len(survivors) < t:
                 return self._fail(f"{len(survivors)} masked updates arrived, {t} needed")
+            if len(survivors) < self.settings.min_uploads:
+                return self._fail(
+                    f"{len(survivors)} masked updates arrived; their DP noise needs "
+                    f"{self.settings.min_uploads}, so the sum is never unmasked"
+                )
             for u in sorted(survivors):
                 near = [v for v in self.graph[u] if v in self.u2]
                 self.requests[u] = _Unmasking(

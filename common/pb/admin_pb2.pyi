@@ -122,3 +122,67 @@ class GetRoundHistoryResponse(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
     def __init__(self, rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+
+class GetPrivacyReportRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class PrivacyLedgerEntry(_message.Message):
+    __slots__ = ("round_id", "round_number", "level", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "cohort", "epsilon", "delta", "created_unix_ms")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    round_number: int
+    level: str
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    cohort: int
+    epsilon: float
+    delta: float
+    created_unix_ms: int
+    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., level: _Optional[str] = ..., mechanism: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., clip_norm: _Optional[float] = ..., cohort: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class DevicePrivacySummary(_message.Message):
+    __slots__ = ("device_id", "rounds", "epsilon", "reported_sample_epsilon")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_SAMPLE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    rounds: int
+    epsilon: float
+    reported_sample_epsilon: float
+    def __init__(self, device_id: _Optional[str] = ..., rounds: _Optional[int] = ..., epsilon: _Optional[float] = ..., reported_sample_epsilon: _Optional[float] = ...) -> None: ...
+
+class PrivacyReport(_message.Message):
+    __slots__ = ("model_name", "entries", "epsilon", "delta", "status", "budget", "devices")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    entries: _containers.RepeatedCompositeFieldContainer[PrivacyLedgerEntry]
+    epsilon: float
+    delta: float
+    status: str
+    budget: float
+    devices: _containers.RepeatedCompositeFieldContainer[DevicePrivacySummary]
+    def __init__(self, model_name: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[PrivacyLedgerEntry, _Mapping]]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., status: _Optional[str] = ..., budget: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DevicePrivacySummary, _Mapping]]] = ...) -> None: ...

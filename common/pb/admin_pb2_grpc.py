@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryResponse.FromString,
                 _registered_method=True)
+        self.GetPrivacyReport = channel.unary_unary(
+                '/xeno.fl.v1.Admin/GetPrivacyReport',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -72,6 +77,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPrivacyReport(self, request, context):
+        """The model's privacy ledger: per round the mechanism, noise, cohort and
+        clip, the cumulative (epsilon, delta), and per-device summaries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetRoundHistory,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryResponse.SerializeToString,
+            ),
+            'GetPrivacyReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrivacyReport,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +190,33 @@ class Admin:
             '/xeno.fl.v1.Admin/GetRoundHistory',
             xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.GetRoundHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrivacyReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/GetPrivacyReport',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.FromString,
             options,
             channel_credentials,
             insecure,

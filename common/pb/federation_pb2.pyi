@@ -8,11 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UserDpMechanism(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USER_DP_NONE: _ClassVar[UserDpMechanism]
+    USER_DP_SKELLAM: _ClassVar[UserDpMechanism]
+    USER_DP_CENTRAL_GAUSSIAN: _ClassVar[UserDpMechanism]
+
 class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
     SHARE_KIND_SELF_MASK_SEED: _ClassVar[ShareKind]
     SHARE_KIND_MASK_KEY: _ClassVar[ShareKind]
+USER_DP_NONE: UserDpMechanism
+USER_DP_SKELLAM: UserDpMechanism
+USER_DP_CENTRAL_GAUSSIAN: UserDpMechanism
 SHARE_KIND_UNSPECIFIED: ShareKind
 SHARE_KIND_SELF_MASK_SEED: ShareKind
 SHARE_KIND_MASK_KEY: ShareKind
@@ -98,7 +107,7 @@ class FitConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., momentum: _Optional[float] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes", "secagg")
+    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes", "secagg", "privacy")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +117,7 @@ class Task(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_number: int
     model_name: str
@@ -117,10 +127,49 @@ class Task(_message.Message):
     deadline_unix_ms: int
     model_bytes: int
     secagg: SecAggConfig
-    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ..., secagg: _Optional[_Union[SecAggConfig, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyConfig
+    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ..., secagg: _Optional[_Union[SecAggConfig, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ...) -> None: ...
+
+class PrivacyConfig(_message.Message):
+    __slots__ = ("dp_sgd", "user_dp")
+    DP_SGD_FIELD_NUMBER: _ClassVar[int]
+    USER_DP_FIELD_NUMBER: _ClassVar[int]
+    dp_sgd: DpSgdConfig
+    user_dp: UserDpConfig
+    def __init__(self, dp_sgd: _Optional[_Union[DpSgdConfig, _Mapping]] = ..., user_dp: _Optional[_Union[UserDpConfig, _Mapping]] = ...) -> None: ...
+
+class DpSgdConfig(_message.Message):
+    __slots__ = ("enabled", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "planned_rounds")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float
+    delta: float
+    planned_rounds: int
+    def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
+
+class UserDpConfig(_message.Message):
+    __slots__ = ("mechanism", "noise_multiplier", "clip_norm", "min_contributors", "delta")
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    mechanism: UserDpMechanism
+    noise_multiplier: float
+    clip_norm: float
+    min_contributors: int
+    delta: float
+    def __init__(self, mechanism: _Optional[_Union[UserDpMechanism, str]] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., min_contributors: _Optional[int] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class SecAggConfig(_message.Message):
-    __slots__ = ("enabled", "threshold", "degree", "clip_norm", "scale", "max_weight", "num_selected")
+    __slots__ = ("enabled", "threshold", "degree", "clip_norm", "scale", "max_weight", "num_selected", "noise_variance", "min_contributors", "dimension")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +177,9 @@ class SecAggConfig(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_SELECTED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     threshold: int
     degree: int
@@ -135,7 +187,10 @@ class SecAggConfig(_message.Message):
     scale: float
     max_weight: int
     num_selected: int
-    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ...) -> None: ...
+    noise_variance: float
+    min_contributors: int
+    dimension: int
+    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ..., noise_variance: _Optional[float] = ..., min_contributors: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -313,12 +368,14 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "total_survivors")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    total_survivors: int
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "share")

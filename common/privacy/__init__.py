@@ -31,9 +31,13 @@ __all__ = [
     "AccountantKind",
     "Mechanism",
     "PrivacyEstimate",
+    "Spend",
+    "epsilon_of",
     "estimate",
     "gaussian_epsilon",
     "noise_for_epsilon",
+    "privacy_status",
+    "rdp_of",
     "skellam_epsilon",
     "skellam_rdp",
 ]
@@ -46,6 +50,15 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
 class Mechanism(enum.StrEnum):
     GAUSSIAN = "gaussian"
     SKELLAM = "skellam"
+
+
+def privacy_status(epsilon: float) -> str:
+    """The words every report uses: strong at epsilon <= 1, moderate <= 8, weak above."""
+    if epsilon <= 1.0:
+        return "strong"
+    if epsilon <= 8.0:
+        return "moderate"
+    return "weak"
 
 
 class AccountantKind(enum.StrEnum):
@@ -176,3 +189,70 @@ def estimate(
         eps = skellam_epsilon(noise_multiplier, steps, delta, l2_sensitivity, dimension)
         note = "no amplification by sampling is claimed for Skellam (conservative)"
     return PrivacyEstimate(eps, delta, kind, acc, noise_multiplier, sample_rate, steps, note)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One accounted release: `steps` runs of a mechanism, as a ledger row records it.
+
+    Gaussian: the sampled Gaussian of DP-SGD (sample_rate < 1) or one noisy sum
+    (sample_rate 1); noise std = noise_multiplier x sensitivity. Skellam: noise
+    variance (noise_multiplier x l2_sensitivity)^2 in integer units, with the L1
+    bound from `dimension`.
+    """
+
+    mechanism: Mechanism
+    noise_multiplier: float
+    sample_rate: float = 1.0
+    steps: int = 1
+    l2_sensitivity: float = 0.0
+    dimension: int = 0
+
+
+def rdp_of(spend: Spend, orders: Sequence[float] = DEFAULT_ORDERS) -> np.ndarray:
+    """RDP curve of a spend at `orders`: Opacus's sampled-Gaussian analysis, or Skellam's bound."""
+    if spend.mechanism is Mechanism.GAUSSIAN:
+        from opacus.accountants.analysis.rdp import compute_rdp
+
+        _check(spend.noise_multiplier, spend.sample_rate, spend.steps, 0.5)
+        return np.asarray(
+            compute_rdp(
+                q=spend.sample_rate,
+                noise_multiplier=spend.noise_multiplier,
+                steps=spend.steps,
+                orders=list(orders),
+            ),
+            dtype=np.float64,
+        )
+    _check(spend.noise_multiplier, 1.0, spend.steps, 0.5)
+    l2 = spend.l2_sensitivity
+    l1 = min(math.sqrt(max(spend.dimension, 1)) * l2, l2**2)
+    return spend.steps * skellam_rdp(orders, (spend.noise_multiplier * l2) ** 2, l2, l1)
+
+
+def epsilon_of(spends: Sequence[Spend], delta: float) -> float:
+    """Epsilon of the composition of all spends (RDP curves add), 0 for none."""
+    if not spends:
+        return 0.0
+    total = np.sum([rdp_of(s) for s in spends], axis=0)
+    return rdp_to_epsilon(DEFAULT_ORDERS, total, delta)
+
+
+def skellam_noise_for_epsilon(
+    target_epsilon: float, steps: int, delta: float, l2: float, dimension: int
+) -> float:
+    """Smallest Skellam noise multiplier with `steps` releases at most target_epsilon."""
+    if target_epsilon <= 0:
+        raise ValueError("target epsilon must be positive")
+    low, high = 1e-3, 1.0
+    while skellam_epsilon(high, steps, delta, l2, dimension) > target_epsilon:
+        high *= 2
+        if high > 1e5:
+            raise ValueError("target epsilon unreachable with any reasonable noise")
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        if skellam_epsilon(mid, steps, delta, l2, dimension) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

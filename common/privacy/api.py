@@ -25,16 +25,7 @@ from typing import Any
 
 import numpy as np
 
-STRONG, MODERATE = 1.0, 8.0
-
-
-def privacy_status(epsilon: float) -> str:
-    """strong at epsilon <= 1, moderate <= 8, weak above."""
-    if epsilon <= STRONG:
-        return "strong"
-    if epsilon <= MODERATE:
-        return "moderate"
-    return "weak"
+from common.privacy import privacy_status
 
 
 def _phi(x: float) -> float:

@@ -35,8 +35,15 @@ from common.secagg import derive_params
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
 from server.errors import ErrorKind, FederationError
 from server.faults import crash_point
+from server.privacy import (
+    LEDGER_MECHANISM,
+    PrivacyAccount,
+    UserDpMechanism,
+    UserDpPolicy,
+    budget_message,
+)
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
-from server.store import ModelRecord, ParticipantRecord, Store
+from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store
 from server.strategies import FitInstructions, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
@@ -66,6 +73,13 @@ class RoundConfig:
     secagg_dropout: float = 0.1
     secagg_degree: int = 0
     secagg_threshold: int = 0
+    # User-level DP of the global model (None: off) and sample-level DP-SGD on devices.
+    user_dp: UserDpPolicy | None = None
+    dp_sgd: bool = False
+    dp_sgd_noise_multiplier: float = 0.0
+    dp_sgd_max_grad_norm: float = 1.0
+    dp_sgd_target_epsilon: float = 0.0
+    dp_sgd_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -78,6 +92,22 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
+        if dp is UserDpMechanism.DISTRIBUTED and not self.secagg:
+            raise ValueError("distributed DP adds its noise under secure aggregation: turn it on")
+        if dp is UserDpMechanism.CENTRAL and self.secagg:
+            raise ValueError(
+                "central DP needs a trusted server that sees the sum before noise: "
+                "run it with --no-secagg, or use --dp distributed"
+            )
+        no_target = self.dp_sgd_target_epsilon <= 0 or self.rounds < 1
+        if self.dp_sgd and self.dp_sgd_noise_multiplier <= 0 and no_target:
+            raise ValueError(
+                "DP-SGD needs --dp-sgd-noise-multiplier, or --dp-sgd-target-epsilon "
+                "with a finite --rounds"
+            )
+        if self.dp_sgd and self.dp_sgd_max_grad_norm <= 0:
+            raise ValueError("the DP-SGD per-sample clip must be positive")
 
     @property
     def cohort_size(self) -> int:
@@ -127,6 +157,16 @@ class SecAggTask:
     degree: int
     fixed_point: FixedPoint
     num_selected: int
+    min_contributors: int = 0
+
+
+@dataclass(frozen=True)
+class DpSgdTask:
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float
+    delta: float
+    planned_rounds: int
 
 
 @dataclass(frozen=True)
@@ -140,6 +180,8 @@ class TaskInfo:
     deadline_unix_ms: int
     model_bytes: int
     secagg: SecAggTask | None = None
+    user_dp: UserDpPolicy | None = None
+    dp_sgd: DpSgdTask | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +282,23 @@ class RoundCoordinator:
         self.model = model
         self._vector = store.load_version(model_name, model.current_version)
         strategy.initialize(self._vector)
+        self._dp_sgd_task = (
+            DpSgdTask(
+                config.dp_sgd_noise_multiplier,
+                config.dp_sgd_max_grad_norm,
+                config.dp_sgd_target_epsilon,
+                config.dp_sgd_delta,
+                config.rounds,
+            )
+            if config.dp_sgd
+            else None
+        )
+        self.budget_exhausted = ""
+        policy = config.user_dp
+        self._central_dp = (
+            policy if policy is not None and policy.mechanism is UserDpMechanism.CENTRAL else None
+        )
+        self._noise_rng = np.random.default_rng()  # seeded from OS entropy
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
@@ -264,7 +323,9 @@ class RoundCoordinator:
             give_up = self.clock() + wait
             while True:
                 if self._finished:
-                    return CheckInOutcome(finished=True, reason="the federation has finished")
+                    return CheckInOutcome(
+                        finished=True, reason=self.budget_exhausted or "the federation has finished"
+                    )
                 task = self._task_for(device_id)
                 if task is not None:
                     return task
@@ -493,7 +554,7 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
         return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str]]:
+    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
         """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours."""
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
@@ -504,7 +565,7 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return list(request.survivors), list(request.dropped)
+            return list(request.survivors), list(request.dropped), len(secagg.uploaded)
 
     def unmask(
         self,
@@ -601,6 +662,8 @@ class RoundCoordinator:
             deadline_unix_ms=rnd.deadline_unix_ms,
             model_bytes=len(rnd.model_bytes),
             secagg=rnd.secagg_task,
+            user_dp=self.config.user_dp,
+            dp_sgd=self._dp_sgd_task,
         )
 
     def _active_round(self, round_id: str) -> _Round:
@@ -640,6 +703,8 @@ class RoundCoordinator:
         enough = count >= self.config.cohort_size
         if not enough and now - self._available_since < self.config.selection_window_s:
             return
+        if self._privacy_budget_exhausted(min(count, self.config.cohort_size)):
+            return
         chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
         for dev in chosen:
             del self._available[dev]
@@ -677,6 +742,58 @@ class RoundCoordinator:
             listener(round_id)
         self._cond.notify_all()
 
+    def privacy_account(self) -> PrivacyAccount:
+        delta = self.config.user_dp.delta if self.config.user_dp else 1e-5
+        return PrivacyAccount(self.store.privacy_ledger(self.model_name), delta)
+
+    def _round_fixed_point(self, cohort: int) -> FixedPoint:
+        cfg = self.config
+        if cfg.user_dp is not None and cfg.user_dp.mechanism is UserDpMechanism.DISTRIBUTED:
+            return cfg.user_dp.fixed_point(cohort, self.model.manifest.total_elements)
+        return FixedPoint.for_round(cfg.secagg_clip_norm, cohort, cfg.secagg_max_weight)
+
+    def _privacy_record(self, rnd: _Round, contributors: int) -> PrivacyRecord | None:
+        """The ledger entry of a round about to complete, with the model's new total."""
+        policy = self.config.user_dp
+        if policy is None:
+            return None
+        fixed_point = rnd.secagg_task.fixed_point if rnd.secagg_task else None
+        spend = policy.spend(fixed_point)
+        return PrivacyRecord(
+            level="user",
+            mechanism=LEDGER_MECHANISM[policy.mechanism],
+            noise_multiplier=policy.noise_multiplier,
+            clip_norm=policy.clip_norm,
+            cohort=contributors,
+            epsilon=self.privacy_account().epsilon_after(spend),
+            delta=policy.delta,
+            sensitivity=spend.l2_sensitivity,
+            dimension=spend.dimension,
+        )
+
+    def _min_contributors(self, cohort: int) -> int:
+        policy = self.config.user_dp
+        if policy is None or policy.mechanism is not UserDpMechanism.DISTRIBUTED:
+            return 0
+        return min(policy.min_contributors, cohort)
+
+    def _privacy_budget_exhausted(self, cohort: int) -> bool:
+        policy = self.config.user_dp
+        if policy is None or policy.budget <= 0:
+            return False
+        account = self.privacy_account()
+        fixed_point = self._round_fixed_point(cohort) if self.config.secagg else None
+        projected = account.epsilon_after(policy.spend(fixed_point))
+        if projected <= policy.budget:
+            return False
+        self.budget_exhausted = budget_message(
+            self.model_name, account.epsilon, policy.budget, projected
+        )
+        log.warning("%s", self.budget_exhausted)
+        self._finished = True
+        self._cond.notify_all()
+        return True
+
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
         cfg = self.config
         n = len(rnd.cohort)
@@ -687,13 +804,19 @@ class RoundCoordinator:
         majority = (degree + 1) // 2 + 1
         threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
         threshold = min(threshold, degree + 1)
-        fixed_point = FixedPoint.for_round(cfg.secagg_clip_norm, n, cfg.secagg_max_weight)
-        rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n)
+        fixed_point = self._round_fixed_point(n)
+        rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, self._min_contributors(n))
         rnd.secagg = SecAggRound(
             round_id=rnd.id,
             cohort=sorted(rnd.cohort),
             identity_keys={d: self.identity_keys(d) or b"" for d in rnd.cohort},
-            settings=SecAggSettings(threshold, degree, fixed_point, cfg.secagg_phase_timeout_s),
+            settings=SecAggSettings(
+                threshold,
+                degree,
+                fixed_point,
+                cfg.secagg_phase_timeout_s,
+                min_uploads=self._min_contributors(n),
+            ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
@@ -729,7 +852,11 @@ class RoundCoordinator:
             else:
                 mean_delta = (result.weighted_sum / result.weight_sum).astype(np.float32)
         elif accepted >= self.config.min_clients:
-            mean_delta = (rnd.accumulator / rnd.weight_sum).astype(np.float32)
+            total = rnd.accumulator
+            if self._central_dp is not None:
+                std = self._central_dp.noise_multiplier * self._central_dp.clip_norm
+                total = total + self._noise_rng.normal(0.0, std, total.size)
+            mean_delta = (total / rnd.weight_sum).astype(np.float32)
         else:
             reason = (
                 f"only {accepted} update(s) arrived before the deadline, "
@@ -747,8 +874,11 @@ class RoundCoordinator:
                     metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
                     metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
                     metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
+                privacy = self._privacy_record(rnd, accepted)
+                if privacy is not None:
+                    metrics["dp_epsilon"] = privacy.epsilon
                 version = self.store.complete_round(
-                    self.model_name, rnd.id, new_vector, metrics, seconds, participants
+                    self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
                 )
         if version is None:
             self.store.fail_round(rnd.id, reason, seconds, participants)
@@ -816,9 +946,16 @@ class RoundCoordinator:
                     ErrorKind.FAILED_PRECONDITION,
                     f"device {participant.status.value} the round during its upload",
                 )
-            vector *= np.float32(session.weight)
+            weight = session.weight
+            if self._central_dp is not None:
+                # Trusted-server DP: clip the whole update, weight every device equally.
+                norm = float(np.linalg.norm(vector))
+                if norm > self._central_dp.clip_norm:
+                    vector *= np.float32(self._central_dp.clip_norm / norm)
+                weight = 1
+            vector *= np.float32(weight)
             rnd.accumulator += vector
-            rnd.weight_sum += session.weight
+            rnd.weight_sum += weight
             participant.status = Status.UPLOADED
             participant.num_examples = session.weight
             participant.bytes_in += session.assembler.total_bytes

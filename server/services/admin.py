@@ -6,6 +6,7 @@ import grpc
 
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
+from server.privacy import privacy_report
 from server.store import Store
 
 
@@ -14,8 +15,9 @@ def _ms(dt: object) -> int:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, privacy_budget: float = 0.0) -> None:
         self.store = store
+        self.privacy_budget = privacy_budget
 
     def _model_or_abort(self, name: str, context: grpc.ServicerContext) -> None:
         if self.store.get_model(name) is None:
@@ -84,4 +86,43 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 )
                 for r in self.store.list_rounds(request.model_name, request.limit)
             ]
+        )
+
+    def GetPrivacyReport(
+        self, request: pb.GetPrivacyReportRequest, context: grpc.ServicerContext
+    ) -> pb.PrivacyReport:
+        self._model_or_abort(request.model_name, context)
+        report = privacy_report(self.store, request.model_name, self.privacy_budget)
+        return pb.PrivacyReport(
+            model_name=report.model,
+            entries=[
+                pb.PrivacyLedgerEntry(
+                    round_id=r.round_id,
+                    round_number=r.round_number,
+                    level=r.level,
+                    mechanism=r.mechanism,
+                    noise_multiplier=r.noise_multiplier,
+                    sample_rate=r.sample_rate,
+                    steps=r.steps,
+                    clip_norm=r.clip_norm,
+                    cohort=r.cohort,
+                    epsilon=r.epsilon,
+                    delta=r.delta,
+                    created_unix_ms=_ms(r.created_at),
+                )
+                for r in report.records
+            ],
+            epsilon=report.epsilon,
+            delta=report.delta,
+            status=report.status,
+            budget=report.budget,
+            devices=[
+                pb.DevicePrivacySummary(
+                    device_id=d.device_id,
+                    rounds=d.rounds,
+                    epsilon=d.epsilon,
+                    reported_sample_epsilon=d.reported_sample_epsilon,
+                )
+                for d in report.devices
+            ],
         )

@@ -13,6 +13,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
 from server.errors import ErrorKind, FederationError
+from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.secagg import DeviceKeys, ShareKind
@@ -42,6 +43,7 @@ def task_to_proto(task: TaskInfo) -> pb.Task:
         deadline_unix_ms=task.deadline_unix_ms,
         model_bytes=task.model_bytes,
         secagg=_secagg_config(task),
+        privacy=_privacy_config(task),
     )
 
 
@@ -57,7 +59,42 @@ def _secagg_config(task: TaskInfo) -> pb.SecAggConfig:
         scale=sa.fixed_point.scale,
         max_weight=sa.fixed_point.max_weight,
         num_selected=sa.num_selected,
+        noise_variance=sa.fixed_point.noise_variance,
+        min_contributors=sa.min_contributors,
+        dimension=sa.fixed_point.dimension,
     )
+
+
+def _privacy_config(task: TaskInfo) -> pb.PrivacyConfig:
+    config = pb.PrivacyConfig()
+    if task.dp_sgd is not None:
+        config.dp_sgd.CopyFrom(
+            pb.DpSgdConfig(
+                enabled=True,
+                noise_multiplier=task.dp_sgd.noise_multiplier,
+                max_grad_norm=task.dp_sgd.max_grad_norm,
+                target_epsilon=task.dp_sgd.target_epsilon,
+                delta=task.dp_sgd.delta,
+                planned_rounds=task.dp_sgd.planned_rounds,
+            )
+        )
+    policy = task.user_dp
+    if policy is not None:
+        mechanism = (
+            pb.USER_DP_SKELLAM
+            if policy.mechanism is UserDpMechanism.DISTRIBUTED
+            else pb.USER_DP_CENTRAL_GAUSSIAN
+        )
+        config.user_dp.CopyFrom(
+            pb.UserDpConfig(
+                mechanism=mechanism,
+                noise_multiplier=policy.noise_multiplier,
+                clip_norm=policy.clip_norm,
+                min_contributors=policy.min_contributors,
+                delta=policy.delta,
+            )
+        )
+    return config
 
 
 def _keys_to_proto(keys: DeviceKeys) -> pb.RoundKeys:
@@ -320,10 +357,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped = self.coordinator.unmask_request(device, request.round_id)
+            survivors, dropped, total = self.coordinator.unmask_request(device, request.round_id)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        return pb.UnmaskRequest(survivors=survivors, dropped=dropped)
+        return pb.UnmaskRequest(survivors=survivors, dropped=dropped, total_survivors=total)
 
     def Unmask(
         self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext

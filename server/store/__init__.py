@@ -27,11 +27,19 @@ from server.store.models import (
     DeviceRow,
     ModelRow,
     ModelVersionRow,
+    PrivacyLedgerRow,
     RoundParticipantRow,
     RoundRow,
 )
 
-__all__ = ["CorruptBlobError", "ModelRecord", "ParticipantRecord", "Store", "utcnow"]
+__all__ = [
+    "CorruptBlobError",
+    "ModelRecord",
+    "ParticipantRecord",
+    "PrivacyRecord",
+    "Store",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -51,6 +59,26 @@ class ModelRecord:
     strategy: str
     current_version: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class PrivacyRecord:
+    """A round's DP release as the ledger keeps it (see PrivacyLedgerRow)."""
+
+    level: str
+    mechanism: str
+    noise_multiplier: float
+    clip_norm: float
+    cohort: int
+    epsilon: float
+    delta: float
+    sample_rate: float = 1.0
+    steps: int = 1
+    sensitivity: float = 0.0
+    dimension: int = 0
+    round_id: str = ""
+    round_number: int = 0
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -314,8 +342,9 @@ class Store:
         metrics: dict[str, float],
         seconds: float,
         participants: list[ParticipantRecord],
+        privacy: PrivacyRecord | None = None,
     ) -> int:
-        """Store the round's new global version and the round's record in one commit."""
+        """Store the round's new version, its record and its ledger entry in one commit."""
         now = utcnow()
         with self._session.begin() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
@@ -348,9 +377,58 @@ class Store:
             for key, value in counts.items():
                 setattr(rnd, key, value)
             s.add_all(_participant_rows(round_id, participants))
+            if privacy is not None:
+                s.add(
+                    PrivacyLedgerRow(
+                        model_id=model.id,
+                        round_id=round_id,
+                        round_number=rnd.number,
+                        level=privacy.level,
+                        mechanism=privacy.mechanism,
+                        noise_multiplier=privacy.noise_multiplier,
+                        sample_rate=privacy.sample_rate,
+                        steps=privacy.steps,
+                        clip_norm=privacy.clip_norm,
+                        cohort=privacy.cohort,
+                        sensitivity=privacy.sensitivity,
+                        dimension=privacy.dimension,
+                        epsilon=privacy.epsilon,
+                        delta=privacy.delta,
+                        created_at=now,
+                    )
+                )
             s.flush()
             crash_point("version-write")
             return version
+
+    def privacy_ledger(self, name: str) -> list[PrivacyRecord]:
+        """The model's ledger, oldest first."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(PrivacyLedgerRow)
+                .join(ModelRow, ModelRow.id == PrivacyLedgerRow.model_id)
+                .where(ModelRow.name == name)
+                .order_by(PrivacyLedgerRow.round_number, PrivacyLedgerRow.id)
+            ).all()
+            return [
+                PrivacyRecord(
+                    level=r.level,
+                    mechanism=r.mechanism,
+                    noise_multiplier=r.noise_multiplier,
+                    clip_norm=r.clip_norm,
+                    cohort=r.cohort,
+                    epsilon=r.epsilon,
+                    delta=r.delta,
+                    sample_rate=r.sample_rate,
+                    steps=r.steps,
+                    sensitivity=r.sensitivity,
+                    dimension=r.dimension,
+                    round_id=r.round_id,
+                    round_number=r.round_number,
+                    created_at=r.created_at,
+                )
+                for r in rows
+            ]
 
     def list_rounds(self, name: str, limit: int = 0) -> list[RoundRow]:
         with self.session() as s:
@@ -363,6 +441,23 @@ class Store:
             if limit:
                 q = q.limit(limit)
             return list(reversed(s.scalars(q).all()))
+
+    def contributions(self, name: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """(round id, device id, reported metrics) of every accepted update of the model."""
+        with self.session() as s:
+            rows = s.execute(
+                select(
+                    RoundParticipantRow.round_id,
+                    RoundParticipantRow.device_id,
+                    RoundParticipantRow.metrics,
+                )
+                .join(RoundRow, RoundRow.id == RoundParticipantRow.round_id)
+                .join(ModelRow, ModelRow.id == RoundRow.model_id)
+                .where(ModelRow.name == name)
+                .where(RoundParticipantRow.status.in_(("uploaded", "reported")))
+                .order_by(RoundRow.number)
+            ).all()
+            return [(r[0], r[1], dict(r[2] or {})) for r in rows]
 
     def round_participants(self, round_id: str) -> list[RoundParticipantRow]:
         with self.session() as s:

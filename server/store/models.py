@@ -112,3 +112,29 @@ class RoundParticipantRow(Base):
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class PrivacyLedgerRow(Base):
+    """One DP release of a model: what was spent in a round, and the total after it."""
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (UniqueConstraint("round_id", "level"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"))
+    round_number: Mapped[int] = mapped_column(Integer)
+    # "user": noise on the global model's sum; "sample": DP-SGD reported by devices.
+    level: Mapped[str] = mapped_column(String(16))
+    mechanism: Mapped[str] = mapped_column(String(32))
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float, default=1.0)
+    steps: Mapped[int] = mapped_column(Integer, default=1)
+    clip_norm: Mapped[float] = mapped_column(Float)
+    cohort: Mapped[int] = mapped_column(Integer)
+    # Skellam: L2 sensitivity in integer units and the update length (L1 bound).
+    sensitivity: Mapped[float] = mapped_column(Float, default=0.0)
+    dimension: Mapped[int] = mapped_column(BigInteger, default=0)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,228 @@
+"""Differential privacy end to end: DP-SGD on devices, Skellam and central noise, ledgers, budgets.
+
+Real servers and devices over gRPC on loopback, real Opacus, real SQLite
+(and PostgreSQL where the storage is under test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from client.ledger import LedgerUnreadableError, PrivacyLedger
+from client.secagg import SecAggProtocolError, check_noise
+from client.storage import LocalStore
+from common.atrest import Sealer
+from common.pb import federation_pb2 as pb
+from common.privacy import Mechanism, Spend, epsilon_of, gaussian_epsilon, skellam_epsilon
+from common.quantize import FixedPoint, centered, skellam_noise
+from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+
+XENO = [sys.executable, "-m", "common.cli"]
+
+
+def _wait_rounds(server, n: int, timeout: float = 90.0) -> None:
+    assert server.coordinator.wait_finished(timeout=timeout), "federation did not finish"
+    completed = [
+        r for r in server.store.list_rounds(server.config.model) if r.status == "completed"
+    ]
+    assert len(completed) >= n
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_summed_skellam_noise_has_the_target_variance() -> None:
+    """n_min devices' shares add up to the promised variance (z Delta)^2 per coordinate."""
+    fp = FixedPoint.for_round(1.0, 20, 1, noise_multiplier=2.0, min_contributors=10, dimension=4000)
+    rng = np.random.default_rng(7)
+    total = sum(skellam_noise(fp.noise_variance, 4000, rng) for _ in range(10))
+    target = (2.0 * fp.sensitivity) ** 2
+    assert abs(float(np.var(total)) / target - 1) < 0.08  # 4000 samples: ~2% standard error
+    assert abs(float(np.mean(total))) < 4 * math.sqrt(target / 4000)
+
+
+def test_noisy_encoding_never_wraps_and_decodes_to_sum_plus_noise() -> None:
+    n, d = 30, 2000
+    fp = FixedPoint.for_round(1.0, n, 1, noise_multiplier=5.0, min_contributors=10, dimension=d)
+    rng = np.random.default_rng(1)
+    updates = [rng.normal(0, 1, d).astype(np.float32) for _ in range(n)]
+    total = np.zeros(d + 1, dtype=np.uint32)
+    for u in updates:
+        total += fp.encode(u, 1, rng)
+    decoded, weight = fp.decode(total)
+    assert weight == n
+    clipped = sum(u / max(1.0, float(np.linalg.norm(u))) for u in updates)
+    noise = decoded - clipped
+    sigma_sum = math.sqrt(n * fp.noise_variance) / fp.scale
+    assert abs(float(np.std(noise)) / sigma_sum - 1) < 0.1
+    # the integer sum stays far inside the centred range: no wrap-around
+    assert float(np.max(np.abs(centered(total[:-1])))) < 2**31 / 2
+
+
+def test_ledger_persists_and_composes_like_opacus(tmp_path) -> None:
+    store = LocalStore(tmp_path, Sealer(b"\x01" * 32))
+    ledger = PrivacyLedger(store)
+    spend = Spend(Mechanism.GAUSSIAN, 1.1, 0.01, 1000)
+    for i in range(3):
+        entry = ledger.record(f"r{i}", "m", "sample", "dp-sgd", spend, 1e-5)
+    again = PrivacyLedger(LocalStore(tmp_path, Sealer(b"\x01" * 32)))
+    assert [e.round_id for e in again.entries] == ["r0", "r1", "r2"]
+    assert again.epsilon(1e-5) == pytest.approx(gaussian_epsilon(1.1, 0.01, 3000, 1e-5), rel=1e-6)
+    assert entry.epsilon == pytest.approx(again.epsilon(1e-5))
+    with pytest.raises(LedgerUnreadableError, match="unreadable"):
+        PrivacyLedger(LocalStore(tmp_path, Sealer(b"\x02" * 32)))
+
+
+def test_target_epsilon_sets_the_noise_of_both_mechanisms() -> None:
+    rounds, delta = 20, 1e-5
+    z_central = noise_for_target(UserDpMechanism.CENTRAL, 3.0, rounds, delta, 1.0, 100, 50, 5258)
+    assert gaussian_epsilon(z_central, 1.0, rounds, delta) == pytest.approx(3.0, rel=1e-3)
+    z = noise_for_target(UserDpMechanism.DISTRIBUTED, 3.0, rounds, delta, 1.0, 100, 50, 5258)
+    policy = UserDpPolicy(UserDpMechanism.DISTRIBUTED, z, 1.0, 50)
+    fp = policy.fixed_point(100, 5258)
+    assert skellam_epsilon(z, rounds, delta, fp.sensitivity, 5258) <= 3.0
+    assert z == pytest.approx(z_central, rel=0.01)  # Skellam at this scale is all but Gaussian
+    assert epsilon_of([policy.spend(fp)] * rounds, delta) <= 3.0
+
+
+def _task_with_noise(variance_factor: float) -> pb.Task:
+    fp = FixedPoint.for_round(1.0, 10, 1, noise_multiplier=3.0, min_contributors=5, dimension=100)
+    return pb.Task(
+        secagg=pb.SecAggConfig(
+            enabled=True,
+            clip_norm=1.0,
+            scale=fp.scale,
+            max_weight=1,
+            num_selected=10,
+            noise_variance=fp.noise_variance * variance_factor,
+            min_contributors=5,
+            dimension=100,
+        ),
+        privacy=pb.PrivacyConfig(
+            user_dp=pb.UserDpConfig(
+                mechanism=pb.USER_DP_SKELLAM,
+                noise_multiplier=3.0,
+                clip_norm=1.0,
+                min_contributors=5,
+            )
+        ),
+    )
+
+
+def test_device_refuses_a_task_whose_noise_falls_short_of_its_promise() -> None:
+    check_noise(_task_with_noise(1.0))
+    with pytest.raises(SecAggProtocolError, match="below"):
+        check_noise(_task_with_noise(0.5))
+
+
+# ------------------------------------------------------------------ over gRPC
+
+
+def test_distributed_dp_rounds_fill_the_ledger_and_the_report(
+    server_factory, device_threads, tmp_path
+) -> None:
+    server = server_factory(
+        secagg=True,
+        dp="distributed",
+        dp_noise_multiplier=1.0,
+        dp_clip_norm=1.0,
+        min_clients=3,
+        clients_per_round=3,
+        dp_min_contributors=3,
+        rounds=2,
+    )
+    device_threads(server, 3)
+    _wait_rounds(server, 2)
+    ledger = server.store.privacy_ledger(server.config.model)
+    assert [r.mechanism for r in ledger] == ["skellam-distributed"] * 2
+    assert ledger[1].epsilon > ledger[0].epsilon > 0
+    sensitivity, d = ledger[0].sensitivity, ledger[0].dimension
+    assert ledger[1].epsilon == pytest.approx(skellam_epsilon(1.0, 2, 1e-5, sensitivity, d))
+    out = subprocess.run(
+        [*XENO, "admin", "--server", server.address, "--json", "privacy-report"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["epsilon"] == pytest.approx(ledger[1].epsilon)
+    assert report["status"] == ("moderate" if report["epsilon"] <= 8 else "weak")
+    assert len(report["devices"]) == 3 and all(d["rounds"] == 2 for d in report["devices"])
+    text = subprocess.run(
+        [*XENO, "admin", "--server", server.address, "privacy-report"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "skellam-distributed" in text and "strong <= 1" in text
+
+
+def test_global_budget_stops_rounds_with_a_clear_message(server_factory, device_threads) -> None:
+    budget = gaussian_epsilon(2.0, 1.0, 3, 1e-5) * 1.001  # room for three rounds, not four
+    assert gaussian_epsilon(2.0, 1.0, 4, 1e-5) > budget
+    server = server_factory(
+        dp="central",
+        dp_noise_multiplier=2.0,
+        dp_clip_norm=1.0,
+        privacy_budget=budget,
+        min_clients=2,
+        clients_per_round=2,
+    )
+    device_threads(server, 2)
+    assert server.coordinator.wait_finished(timeout=90)
+    ledger = server.store.privacy_ledger(server.config.model)
+    assert len(ledger) == 3 and ledger[-1].epsilon <= budget
+    assert "privacy budget of model" in server.coordinator.budget_exhausted
+    assert "raise --privacy-budget" in server.coordinator.budget_exhausted
+    assert all(r.status == "completed" for r in server.store.list_rounds(server.config.model))
+
+
+def test_dp_sgd_devices_keep_a_ledger_that_matches_opacus(server_factory, device_threads) -> None:
+    from client.training import dp_sample_rate
+
+    z = 1.0
+    server = server_factory(dp_sgd=True, dp_sgd_noise_multiplier=z, rounds=3)
+    devices = device_threads(server, 2)
+    _wait_rounds(server, 3)
+    for dt in devices:
+        entries = dt.client.ledger.entries
+        assert entries and all(e.level == "sample" and e.noise_multiplier == z for e in entries)
+        assert entries[-1].epsilon > entries[0].epsilon
+        q, per_epoch = dp_sample_rate(len(dt.client.data), server.config.batch_size)
+        steps = per_epoch * server.config.local_epochs * len(entries)
+        assert entries[-1].epsilon == pytest.approx(gaussian_epsilon(z, q, steps, 1e-5), rel=1e-6)
+    # Devices report their own cumulative sample-level epsilon, never a metric of their data.
+    report = [
+        p
+        for r in server.store.list_rounds(server.config.model)
+        for p in server.store.round_participants(r.id)
+    ]
+    assert all("dp_sgd_epsilon" in p.metrics for p in report if p.status == "reported")
+    assert not any("train_accuracy" in p.metrics for p in report)
+
+
+def test_device_over_budget_declines_with_the_reason(server_factory, device_threads) -> None:
+    server = server_factory(dp_sgd=True, dp_sgd_noise_multiplier=0.8, rounds=2, min_clients=2)
+    # Budget far below what one round spends: every task is declined, the others carry on.
+    greedy = device_threads(server, 2)
+    frugal = device_threads(server, 1, num_partitions=3, epsilon_budget=0.05)
+    _wait_rounds(server, 2)
+    assert frugal[0].client.ledger.entries == []
+    notes = [
+        p.note
+        for r in server.store.list_rounds(server.config.model)
+        for p in server.store.round_participants(r.id)
+        if p.status == "declined"
+    ]
+    assert notes and all(
+        n.startswith("privacy budget exceeded: spent 0.000 of 0.05") for n in notes
+    )
+    assert all(dt.client.ledger.entries for dt in greedy)
