@@ -187,12 +187,14 @@ def train_local_dp(
         poisson_sampling=True,
         grad_sample_mode="hooks",
     )
+    loop_started = time.perf_counter()
     for _ in range(config.local_epochs):
         for x, y in dp_loader:
             dp_optimizer.zero_grad()
             loss = nn.functional.cross_entropy(private(x), y)
             loss.backward()  # type: ignore[no-untyped-call]
             dp_optimizer.step()
+    epoch_seconds = (time.perf_counter() - loop_started) / max(1, config.local_epochs)
     history = engine.accountant.history
     steps = sum(int(h[2]) for h in history)
     sample_rate = float(history[-1][1]) if history else 0.0
@@ -204,7 +206,11 @@ def train_local_dp(
     return DpTrainResult(
         delta=delta.astype(np.float32, copy=False),
         num_examples=len(data),
-        metrics={"train_seconds": time.perf_counter() - started, "local_steps": float(steps)},
+        metrics={
+            "train_seconds": time.perf_counter() - started,
+            "epoch_seconds": epoch_seconds,
+            "local_steps": float(steps),
+        },
         noise_multiplier=dp.noise_multiplier,
         sample_rate=sample_rate,
         steps=steps,

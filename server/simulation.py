@@ -66,6 +66,26 @@ class SimulationConfig:
         "XENO_SECAGG",
     )
     progress: bool = setting(True, "show the live progress display", "XENO_PROGRESS")
+    dp: str = setting(
+        "none",
+        "user-level DP: distributed (Skellam under secure aggregation), central (needs "
+        "--no-secagg) or none",
+        "XENO_DP",
+    )
+    dp_target_epsilon: float = setting(
+        0.0, "user-level epsilon to spend over --rounds (sets the noise)", "XENO_DP_TARGET_EPSILON"
+    )
+    dp_clip_norm: float = setting(
+        0.5, "L2 clip of each device's update under DP", "XENO_DP_CLIP_NORM"
+    )
+    dp_sgd_target_epsilon: float = setting(
+        0.0,
+        "sample-level epsilon each device may spend over --rounds with Opacus DP-SGD (0: off)",
+        "XENO_DP_SGD_TARGET_EPSILON",
+    )
+    privacy_budget: float = setting(
+        0.0, "global user-level epsilon budget of the model (0: none)", "XENO_PRIVACY_BUDGET"
+    )
 
 
 @dataclass
@@ -91,6 +111,7 @@ def _round_record(s: RoundSummary) -> dict[str, Any]:
         "dropouts": s.dropouts,
         "accuracy": s.metrics.get("accuracy"),
         "loss": s.metrics.get("loss"),
+        "epsilon": s.metrics.get("dp_epsilon"),
         "seconds": round(s.seconds, 4),
         "bytes_in": s.bytes_in,
         "bytes_out": s.bytes_out,
@@ -130,6 +151,12 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         round_deadline=config.round_deadline,
         rounds=config.rounds,
         secagg=config.secagg,
+        dp=config.dp,
+        dp_target_epsilon=config.dp_target_epsilon,
+        dp_clip_norm=config.dp_clip_norm,
+        privacy_budget=config.privacy_budget,
+        dp_sgd=config.dp_sgd_target_epsilon > 0,
+        dp_sgd_target_epsilon=config.dp_sgd_target_epsilon,
         metrics_port=-1,
         # Wait for the whole simulated fleet: a round starts as soon as all devices are in,
         # and only after this long with fewer (device processes start slowly on a busy machine).
@@ -264,6 +291,15 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
             f"final accuracy {done[-1]['accuracy']:.4f} after {len(done)} rounds; "
             f"median round {statistics.median(secs):.2f}s; total {result.wall_seconds:.1f}s "
             f"(device start-up {result.startup_seconds:.1f}s)"
+        )
+    eps = [r["epsilon"] for r in done if r.get("epsilon") is not None]
+    if eps:
+        from common.privacy import privacy_status
+
+        console.print(
+            f"user-level privacy of the model: epsilon {eps[-1]:.3f} at delta 1e-5 "
+            f"({privacy_status(eps[-1])}); ledger: xeno-fl admin --db {result.db} privacy-report",
+            soft_wrap=True,
         )
     console.print(f"database: {result.db}", soft_wrap=True)
     console.print(f"inspect it with: xeno-fl admin --db {result.db} rounds", soft_wrap=True)

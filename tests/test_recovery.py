@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from client.ledger import LedgerEntry, PrivacyLedger
+from client.storage import LocalStore
+from common.atrest import Sealer
 from server.store import Store
 
 XENO = [sys.executable, "-m", "common.cli"]
@@ -145,8 +148,20 @@ def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Pat
 
 @pytest.mark.slow
 def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_path: Path) -> None:
-    """SIGKILL a device, start it again on the same store: same identity, no re-enrollment."""
-    server = server_factory(rounds=4, clients_per_round=3, min_clients=3, secagg=True)
+    """SIGKILL a device, start it again on the same store: same identity, no re-enrollment,
+    and its privacy ledger keeps every round it spent before the kill."""
+    server = server_factory(
+        rounds=4,
+        clients_per_round=3,
+        min_clients=3,
+        secagg=True,
+        dp_sgd=True,
+        dp_sgd_noise_multiplier=1.0,
+    )
+
+    def ledger() -> list[LedgerEntry]:
+        key = bytes.fromhex(os.environ["XENO_DEVICE_KEY"])
+        return PrivacyLedger(LocalStore(tmp_path / "dev0", Sealer(key))).entries
 
     devices = [_device(server.address, i, tmp_path) for i in range(3)]
     try:
@@ -156,10 +171,12 @@ def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_p
             time.sleep(0.1)
         devices[0].send_signal(signal.SIGKILL)
         devices[0].wait(timeout=10)
+        before = ledger()  # opens and parses: the kill left no torn file
+        assert before, "the device spent in round 1 but its ledger is empty"
         enrolled = len(server.registry)
         devices[0] = _device(
             server.address, 0, tmp_path
-        )  # same state dir: credentials and identity key survive
+        )  # same state dir: credentials, identity key and ledger survive
         for d in devices:
             out, _ = d.communicate(timeout=150)
             assert d.returncode == 0, out
@@ -170,3 +187,6 @@ def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_p
     assert len(server.registry) == enrolled == 3  # it came back as itself
     rounds = server.store.list_rounds("digits-mlp")
     assert sum(r.status == "completed" for r in rounds) == 4
+    after = ledger()
+    assert after[: len(before)] == before and len(after) > len(before)
+    assert after[-1].epsilon > before[-1].epsilon
