@@ -97,6 +97,11 @@ def check_noise(task: pb.Task) -> None:
     if cfg.clip_norm > user_dp.clip_norm or cfg.max_weight != 1 or cfg.dimension < 1:
         raise SecAggProtocolError("distributed DP task with a clip or weight above its promise")
     sensitivity = cfg.scale * cfg.clip_norm + math.sqrt(cfg.dimension)
+    if cfg.indicator_scale:
+        # The clipped-count indicator is part of the release: one L2 bound covers both.
+        if cfg.indicator_scale < 0 or user_dp.clip_count_noise <= 0:
+            raise SecAggProtocolError("adaptive clipping task without its count noise")
+        sensitivity = math.hypot(sensitivity, cfg.indicator_scale / 2 + 1)
     needed = (user_dp.noise_multiplier * sensitivity) ** 2 / cfg.min_contributors
     if user_dp.noise_multiplier <= 0 or cfg.noise_variance < needed * (1 - 1e-9):
         raise SecAggProtocolError(
@@ -138,6 +143,7 @@ class SecAggDevice:
             cfg.max_weight,
             noise_variance=cfg.noise_variance,
             dimension=cfg.dimension,
+            indicator_scale=cfg.indicator_scale,
         )
         self.min_contributors = cfg.min_contributors
         check_noise(task)

@@ -56,6 +56,9 @@ class FixedPoint:
     max_weight: int
     noise_variance: float = 0.0  # Skellam variance each device adds per coordinate
     dimension: int = 0  # update length d the noise was sized for (0 without noise)
+    # Adaptive clipping: the last element carries SR((b - 1/2) x indicator_scale) plus the
+    # same noise instead of the weight, b = 1 when the update was inside the clip.
+    indicator_scale: float = 0.0
 
     @classmethod
     def for_round(
@@ -66,46 +69,96 @@ class FixedPoint:
         noise_multiplier: float = 0.0,
         min_contributors: int = 0,
         dimension: int = 0,
+        count_noise: float = 0.0,
     ) -> FixedPoint:
+        """The round's encoding.
+
+        With noise, it is sized so that the sum of any min_contributors encodings
+        carries noise of standard deviation noise_multiplier x sensitivity. With
+        count_noise > 0 (adaptive clipping, Andrew et al. 2021): the clipped-count
+        coordinate is scaled so that its noise, in counts, has standard deviation
+        count_noise; the whole vector is then one Skellam release whose L2 sensitivity
+        includes the indicator, so the accounting needs no separate composition.
+        """
         if clip_norm <= 0 or max_clients < 1 or max_weight < 1:
             raise ValueError("clip norm, max clients and max weight must be positive")
         if max_clients * max_weight >= 1 << 32:
             raise ValueError("max_clients x max_weight must stay below 2^32 (the weight sum)")
-        if noise_multiplier < 0:
-            raise ValueError("noise multiplier must be non-negative")
+        if noise_multiplier < 0 or count_noise < 0:
+            raise ValueError("noise multiplier and count noise must be non-negative")
         if noise_multiplier == 0:
+            if count_noise:
+                raise ValueError("adaptive clipping under secure aggregation needs DP noise")
             scale = (HALF_RANGE - 1 - max_clients) / (max_clients * clip_norm)
             if scale <= 0:
                 raise ValueError("too many clients for a 32-bit modulus")
             return cls(clip_norm, scale, max_clients, max_weight)
         if not 1 <= min_contributors <= max_clients or dimension < 1:
             raise ValueError("noise needs 1 <= min_contributors <= max_clients and a dimension")
-        tail = TAIL_SIGMAS * math.sqrt(max_clients / min_contributors) * noise_multiplier
+        a = noise_multiplier / (2 * count_noise) if count_noise else 0.0
+        if a >= 1:
+            raise ValueError(
+                f"count noise {count_noise:g} too small for noise multiplier "
+                f"{noise_multiplier:g}: it must exceed half of it"
+            )
+        # With the indicator, the summed noise is about z (C s + sqrt(d)) / sqrt(1 - a^2).
+        z_update = noise_multiplier / math.sqrt(1 - a * a) * 1.01
+        tail = TAIL_SIGMAS * math.sqrt(max_clients / min_contributors) * z_update
         room = HALF_RANGE - 1 - max_clients - tail * math.sqrt(dimension)
         scale = room / (clip_norm * (max_clients + tail))
         sampler_cap = (
-            math.sqrt(MAX_SKELLAM_VARIANCE * min_contributors) / noise_multiplier
-            - math.sqrt(dimension)
+            math.sqrt(MAX_SKELLAM_VARIANCE * min_contributors) / z_update - math.sqrt(dimension)
         ) / clip_norm
         scale = min(scale, sampler_cap)
         if scale * clip_norm < 1:
             raise ValueError("noise and cohort too large for a 32-bit modulus")
-        sensitivity = scale * clip_norm + math.sqrt(dimension)
-        variance = (noise_multiplier * sensitivity) ** 2 / min_contributors
-        return cls(clip_norm, scale, max_clients, max_weight, variance, dimension)
+        update_l2 = scale * clip_norm + math.sqrt(dimension)
+        # sigma = z sqrt(update_l2^2 + (sigma / (2 count_noise) + 1)^2): a contraction in sigma.
+        sigma = noise_multiplier * update_l2
+        if count_noise:
+            for _ in range(100):
+                sigma = noise_multiplier * math.hypot(update_l2, sigma / (2 * count_noise) + 1)
+        indicator_scale = sigma / count_noise if count_noise else 0.0
+        if max_clients * (indicator_scale / 2 + 1) > max_clients * (scale * clip_norm + 1):
+            raise ValueError("the clipped-count coordinate would outgrow the headroom")
+        fp = cls(
+            clip_norm,
+            scale,
+            max_clients,
+            max_weight,
+            sigma**2 / min_contributors,
+            dimension,
+            indicator_scale,
+        )
+        return fp
 
     @property
     def sensitivity(self) -> float:
-        """L2 bound of one device's encoded update, in integer units: C s + sqrt(d)."""
-        return self.scale * self.clip_norm + math.sqrt(max(self.dimension, 1))
+        """L2 bound of one device's encoded vector in integer units, rounding included.
+
+        C s + sqrt(d); with the clipped-count indicator
+        sqrt((C s + sqrt(d))^2 + (indicator_scale / 2 + 1)^2).
+        """
+        update_l2 = self.scale * self.clip_norm + math.sqrt(max(self.dimension, 1))
+        if self.indicator_scale:
+            return math.hypot(update_l2, self.indicator_scale / 2 + 1)
+        return update_l2
+
+    @property
+    def noisy_dimension(self) -> int:
+        """Coordinates that carry noise: the update, plus the indicator when there is one."""
+        return self.dimension + (1 if self.indicator_scale else 0)
 
     def error_bound(self, n: int) -> float:
         """Largest possible |decoded - exact| of one coordinate of a sum of n updates."""
         return n / self.scale
 
     def encode(self, update: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
-        """uint32 vector of len(update) + 1: the scaled update, then the weight."""
-        clipped, _ = clip_l2(update, self.clip_norm)
+        """uint32 vector of len(update) + 1: the scaled update, then the weight.
+
+        With adaptive clipping the last element is the noisy clipped-count indicator.
+        """
+        clipped, norm = clip_l2(update, self.clip_norm)
         w = min(max(int(weight), 1), self.max_weight)
         out = np.empty(update.size + 1, dtype=np.uint32)
         scaled = clipped.astype(np.float64) * (self.scale * w / self.max_weight)
@@ -113,12 +166,26 @@ class FixedPoint:
         if self.noise_variance > 0:
             rounded += skellam_noise(self.noise_variance, rounded.size, rng)
         out[:-1] = rounded.astype(np.uint32)  # wraps negatives mod 2^32
-        out[-1] = w
+        if self.indicator_scale:
+            inside = 0.5 if norm <= self.clip_norm else -0.5
+            bit = stochastic_round(np.array([inside * self.indicator_scale]), rng)
+            bit += skellam_noise(self.noise_variance, 1, rng)
+            out[-1] = bit.astype(np.uint32)[0]
+        else:
+            out[-1] = w
         return out
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
-        """(sum of weighted updates, sum of weight fractions w/W) from a modular sum."""
+        """(sum of weighted updates, sum of weight fractions w/W) from a modular sum.
+
+        With the indicator the second value is meaningless: the caller knows how many
+        uploads the sum holds, and reads the count with decode_indicator.
+        """
         return centered(total[:-1]) / self.scale, int(total[-1]) / self.max_weight
+
+    def decode_indicator(self, total: np.ndarray, contributors: int) -> float:
+        """Noisy number of the sum's updates that were inside the clip."""
+        return float(centered(total[-1:])[0]) / self.indicator_scale + contributors / 2
 
 
 def skellam_noise(variance: float, size: int, rng: np.random.Generator) -> np.ndarray:

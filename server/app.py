@@ -178,6 +178,22 @@ class ServerConfig:
         "XENO_DP_MIN_CONTRIBUTORS",
     )
     dp_delta: float = setting(1e-5, "delta of the user-level guarantee", "XENO_DP_DELTA")
+    dp_adaptive_quantile: float = setting(
+        0.0,
+        "adaptive clipping (Andrew et al. 2021): move the clip towards this quantile of the "
+        "devices' update norms, e.g. 0.5 (0: a fixed --dp-clip-norm)",
+        "XENO_DP_ADAPTIVE_QUANTILE",
+    )
+    dp_clip_lr: float = setting(
+        0.2, "adaptive clipping: geometric step of the clip per round", "XENO_DP_CLIP_LR"
+    )
+    dp_clip_count_noise: float = setting(
+        0.0,
+        "adaptive clipping: noise std of the count of updates inside the clip, in devices "
+        "(0: the larger of clients per round / 20 and the noise multiplier); it takes a "
+        "share of the privacy budget",
+        "XENO_DP_CLIP_COUNT_NOISE",
+    )
     privacy_budget: float = setting(
         0.0,
         "global user-level epsilon budget of the model: no round starts that would exceed "
@@ -294,8 +310,19 @@ class ServerConfig:
                 min_contributors,
                 num_parameters(build_model(self.model_spec())),
             )
+        count_noise = self.dp_clip_count_noise
+        if self.dp_adaptive_quantile > 0 and count_noise <= 0:
+            count_noise = max(self.clients_per_round / 20, z)
         return UserDpPolicy(
-            mechanism, z, self.dp_clip_norm, min_contributors, self.dp_delta, self.privacy_budget
+            mechanism,
+            z,
+            self.dp_clip_norm,
+            min_contributors,
+            self.dp_delta,
+            self.privacy_budget,
+            target_quantile=self.dp_adaptive_quantile,
+            clip_lr=self.dp_clip_lr,
+            count_noise=count_noise,
         )
 
     def fit_instructions(self) -> FitInstructions:

@@ -56,6 +56,30 @@ class UserDpPolicy:
     min_contributors: int
     delta: float = 1e-5
     budget: float = 0.0  # epsilon; 0: no global budget
+    # Adaptive clipping (Andrew et al., NeurIPS 2021): move the clip towards the
+    # target_quantile of update norms, C <- C exp(-clip_lr (noisy fraction inside - quantile)),
+    # the fraction counted with noise count_noise (in devices). 0: a fixed clip.
+    target_quantile: float = 0.0
+    clip_lr: float = 0.2
+    count_noise: float = 0.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_quantile > 0
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """Noise multiplier of the update sum; the count takes its share of the budget.
+
+        Andrew et al. 2021, Thm 1: z^-2 = z_update^-2 + (2 count_noise)^-2.
+        """
+        if not self.adaptive:
+            return self.noise_multiplier
+        return float((self.noise_multiplier**-2 - (2 * self.count_noise) ** -2) ** -0.5)
+
+    def next_clip(self, clip: float, noisy_inside: float, contributors: int) -> float:
+        fraction = noisy_inside / max(contributors, 1)
+        return clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
 
     def __post_init__(self) -> None:
         if self.mechanism is UserDpMechanism.NONE:
@@ -70,16 +94,25 @@ class UserDpPolicy:
             raise ValueError("delta must be in (0, 1)")
         if self.budget < 0:
             raise ValueError("the privacy budget must be non-negative (0: none)")
+        if self.adaptive:
+            if not 0 < self.target_quantile < 1 or self.clip_lr <= 0:
+                raise ValueError("adaptive clipping needs a quantile in (0, 1) and a positive rate")
+            if 2 * self.count_noise <= self.noise_multiplier:
+                raise ValueError(
+                    f"adaptive clipping: the count noise ({self.count_noise:g}) must exceed half "
+                    f"the noise multiplier ({self.noise_multiplier:g}); raise --dp-clip-count-noise"
+                )
 
-    def fixed_point(self, cohort: int, dimension: int) -> FixedPoint:
+    def fixed_point(self, cohort: int, dimension: int, clip: float | None = None) -> FixedPoint:
         """The round's encoding with Skellam noise sized for min_contributors devices."""
         return FixedPoint.for_round(
-            self.clip_norm,
+            self.clip_norm if clip is None else clip,
             cohort,
             1,
             noise_multiplier=self.noise_multiplier,
             min_contributors=min(self.min_contributors, cohort),
             dimension=dimension,
+            count_noise=self.count_noise if self.adaptive else 0.0,
         )
 
     def spend(self, fixed_point: FixedPoint | None) -> Spend:
@@ -89,7 +122,7 @@ class UserDpPolicy:
                 Mechanism.SKELLAM,
                 self.noise_multiplier,
                 l2_sensitivity=fixed_point.sensitivity,
-                dimension=fixed_point.dimension,
+                dimension=fixed_point.noisy_dimension,
             )
         return Spend(Mechanism.GAUSSIAN, self.noise_multiplier)
 

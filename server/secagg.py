@@ -92,6 +92,7 @@ class SecAggResult:
     weight_sum: float
     survivors: list[str]
     dropped: list[str]
+    indicator_sum: float | None = None  # adaptive clipping: noisy count inside the clip
 
 
 @dataclass
@@ -454,7 +455,12 @@ class SecAggRound:
                 else:
                     total += prg_uint32(seed, n, scratch)
         self._record("unmasked-sum", total)
-        weighted_sum, weight_sum = self.settings.fixed_point.decode(total)
+        fixed_point = self.settings.fixed_point
+        weighted_sum, weight_sum = fixed_point.decode(total)
+        if fixed_point.indicator_scale:
+            # The last element is the noisy clipped count; every upload weighs 1.
+            inside = fixed_point.decode_indicator(total, len(survivors))
+            return SecAggResult(weighted_sum, float(len(survivors)), survivors, dropped, inside)
         if weight_sum <= 0:
             raise ValueError("the unmasked weight sum is not positive: inconsistent shares")
         return SecAggResult(weighted_sum, weight_sum, survivors, dropped)

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -226,3 +227,120 @@ def test_device_over_budget_declines_with_the_reason(server_factory, device_thre
         n.startswith("privacy budget exceeded: spent 0.000 of 0.05") for n in notes
     )
     assert all(dt.client.ledger.entries for dt in greedy)
+
+
+# ------------------------------------------------------------------ adaptive clipping
+
+
+def test_clipped_count_rides_in_the_noisy_vector_at_the_promised_noise() -> None:
+    z, m, d = 4.0, 20, 500
+    fp = FixedPoint.for_round(1.0, m, 1, z, m, d, count_noise=5.0)
+    # One Skellam release: the summed noise is exactly z x the L2 bound that includes the count.
+    assert math.sqrt(fp.noise_variance * m) == pytest.approx(z * fp.sensitivity, rel=1e-9)
+    # ... and the count's own noise, in devices, is what was asked for.
+    assert math.sqrt(fp.noise_variance * m) / fp.indicator_scale == pytest.approx(5.0, rel=1e-6)
+    rng = np.random.default_rng(3)
+    errors = []
+    for _ in range(40):
+        total = np.zeros(d + 1, dtype=np.uint32)
+        norms = rng.uniform(0.2, 2.0, m)
+        for norm in norms:
+            u = rng.normal(0, 1, d)
+            total += fp.encode((u / np.linalg.norm(u) * norm).astype(np.float32), 1, rng)
+        errors.append(fp.decode_indicator(total, m) - float(np.sum(norms <= 1.0)))
+    assert abs(float(np.mean(errors))) < 3 * 5.0 / math.sqrt(40)
+    assert float(np.std(errors)) == pytest.approx(5.0, rel=0.3)
+
+
+def test_adaptive_policy_moves_the_clip_towards_the_quantile() -> None:
+    policy = UserDpPolicy(
+        UserDpMechanism.CENTRAL, 2.0, 1.0, 2, target_quantile=0.5, clip_lr=0.2, count_noise=2.0
+    )
+    assert policy.next_clip(1.0, 10, 10) == pytest.approx(math.exp(-0.1))  # all inside: shrink
+    assert policy.next_clip(1.0, 0, 10) == pytest.approx(math.exp(0.1))  # none inside: grow
+    # The count's share of the budget: z^-2 = z_update^-2 + (2 sigma_b)^-2.
+    assert policy.update_noise_multiplier**-2 + 4.0**-2 == pytest.approx(2.0**-2)
+    with pytest.raises(ValueError, match="count noise"):
+        UserDpPolicy(UserDpMechanism.CENTRAL, 2.0, 1.0, 2, target_quantile=0.5, count_noise=0.9)
+
+
+@pytest.mark.parametrize("mechanism", ["central", "distributed"])
+def test_adaptive_clip_shrinks_towards_small_updates_over_grpc(
+    mechanism: str, server_factory, device_threads
+) -> None:
+    server = server_factory(
+        secagg=mechanism == "distributed",
+        dp=mechanism,
+        dp_noise_multiplier=0.01,  # little noise: the noise scales with the clip it tests
+        dp_clip_norm=20.0,  # far above every update: the clip must come down
+        dp_adaptive_quantile=0.5,
+        dp_clip_lr=0.5,
+        dp_clip_count_noise=0.5,
+        min_clients=3,
+        clients_per_round=3,
+        dp_min_contributors=3,
+        rounds=3,
+    )
+    device_threads(server, 3)
+    _wait_rounds(server, 3)
+    clips = [r.clip_norm for r in server.store.privacy_ledger(server.config.model)]
+    assert clips[0] == 20.0 and clips[2] < clips[1] < clips[0]
+    versions = server.store.list_versions(server.config.model)
+    assert versions[-1].metrics["dp_clip_next"] < clips[2]
+
+
+# ------------------------------------------------------------------ never a less noisy sum
+
+
+def _distributed(server_factory, **overrides):
+    return server_factory(
+        secagg=True,
+        dp="distributed",
+        dp_noise_multiplier=1.0,
+        min_clients=2,
+        clients_per_round=3,
+        dp_min_contributors=3,
+        round_deadline=8.0,
+        secagg_phase_timeout=3.0,
+        **overrides,
+    )
+
+
+def test_server_never_unmasks_fewer_uploads_than_the_noise_needs(
+    server_factory, device_threads
+) -> None:
+    server = _distributed(server_factory)
+    device_threads(server, 2)
+    # This device declines every task: its budget admits no training without DP-SGD.
+    device_threads(server, 1, num_partitions=3, epsilon_budget=1.0)
+    deadline = time.monotonic() + 60
+    while not server.store.list_rounds(server.config.model):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    while server.store.list_rounds(server.config.model)[0].status == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first = server.store.list_rounds(server.config.model)[0]
+    assert first.status == "failed" and "DP noise needs 3" in first.failure_reason
+    assert server.store.privacy_ledger(server.config.model) == []
+
+
+def test_devices_refuse_to_unmask_a_sum_the_server_says_is_too_small(
+    server_factory, device_threads, monkeypatch
+) -> None:
+    server = _distributed(server_factory)
+    coordinator = server.coordinator
+    honest = coordinator.unmask_request
+
+    def understated(device_id: str, round_id: str):
+        survivors, dropped, _total = honest(device_id, round_id)
+        return survivors, dropped, 2  # claims fewer uploads than the noise was sized for
+
+    monkeypatch.setattr(coordinator, "unmask_request", understated)
+    device_threads(server, 3)
+    deadline = time.monotonic() + 60
+    while not any(r.status == "failed" for r in server.store.list_rounds(server.config.model)):
+        assert time.monotonic() < deadline, "the round should fail: no device helps unmask"
+        time.sleep(0.2)
+    assert server.store.get_model(server.config.model).current_version == 1
+    assert server.store.privacy_ledger(server.config.model) == []

@@ -260,9 +260,9 @@ def test_honest_device_refuses_to_reveal_both_shares(harness, monkeypatch) -> No
     honest = coordinator.unmask_request
 
     def curious(device_id: str, round_id: str):
-        survivors, _dropped = honest(device_id, round_id)
+        survivors, _dropped, total = honest(device_id, round_id)
         others = [d for d in survivors if d != device_id]
-        return survivors, others  # asks for the mask keys of devices that did upload
+        return survivors, others, total  # asks for the mask keys of devices that did upload
 
     monkeypatch.setattr(coordinator, "unmask_request", curious)
     updates, weights = make_updates(h.server, 3)

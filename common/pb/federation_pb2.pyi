@@ -155,21 +155,25 @@ class DpSgdConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class UserDpConfig(_message.Message):
-    __slots__ = ("mechanism", "noise_multiplier", "clip_norm", "min_contributors", "delta")
+    __slots__ = ("mechanism", "noise_multiplier", "clip_norm", "min_contributors", "delta", "target_quantile", "clip_count_noise")
     MECHANISM_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COUNT_NOISE_FIELD_NUMBER: _ClassVar[int]
     mechanism: UserDpMechanism
     noise_multiplier: float
     clip_norm: float
     min_contributors: int
     delta: float
-    def __init__(self, mechanism: _Optional[_Union[UserDpMechanism, str]] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., min_contributors: _Optional[int] = ..., delta: _Optional[float] = ...) -> None: ...
+    target_quantile: float
+    clip_count_noise: float
+    def __init__(self, mechanism: _Optional[_Union[UserDpMechanism, str]] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., min_contributors: _Optional[int] = ..., delta: _Optional[float] = ..., target_quantile: _Optional[float] = ..., clip_count_noise: _Optional[float] = ...) -> None: ...
 
 class SecAggConfig(_message.Message):
-    __slots__ = ("enabled", "threshold", "degree", "clip_norm", "scale", "max_weight", "num_selected", "noise_variance", "min_contributors", "dimension")
+    __slots__ = ("enabled", "threshold", "degree", "clip_norm", "scale", "max_weight", "num_selected", "noise_variance", "min_contributors", "dimension", "indicator_scale")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,7 @@ class SecAggConfig(_message.Message):
     NOISE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    INDICATOR_SCALE_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     threshold: int
     degree: int
@@ -190,7 +195,8 @@ class SecAggConfig(_message.Message):
     noise_variance: float
     min_contributors: int
     dimension: int
-    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ..., noise_variance: _Optional[float] = ..., min_contributors: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
+    indicator_scale: float
+    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ..., noise_variance: _Optional[float] = ..., min_contributors: _Optional[int] = ..., dimension: _Optional[int] = ..., indicator_scale: _Optional[float] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("round_id",)

@@ -21,6 +21,7 @@ RDP machinery), which `estimate` states in its output.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,7 +211,20 @@ class Spend:
 
 
 def rdp_of(spend: Spend, orders: Sequence[float] = DEFAULT_ORDERS) -> np.ndarray:
-    """RDP curve of a spend at `orders`: Opacus's sampled-Gaussian analysis, or Skellam's bound."""
+    """RDP curve of a spend at `orders`: Opacus's sampled-Gaussian analysis, or Skellam's bound.
+
+    Memoized: a ledger recomputes its total from every entry, and a device's entries
+    repeat the same spend round after round (the sampled-Gaussian curve costs ~30 ms).
+    """
+    return np.array(_rdp_cached(spend, tuple(orders)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_cached(spend: Spend, orders: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(float(x) for x in _rdp_uncached(spend, orders))
+
+
+def _rdp_uncached(spend: Spend, orders: Sequence[float]) -> np.ndarray:
     if spend.mechanism is Mechanism.GAUSSIAN:
         from opacus.accountants.analysis.rdp import compute_rdp
 

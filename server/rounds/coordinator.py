@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -228,6 +228,8 @@ class _Round:
     closing: bool = False
     secagg: SecAggRound | None = None
     secagg_task: SecAggTask | None = None
+    clip: float = 0.0  # the user-level DP clip of this round
+    inside_clip: int = 0  # central DP: updates that were inside the clip
 
     def count(self, *statuses: Status) -> int:
         return sum(p.status in statuses for p in self.cohort.values())
@@ -299,6 +301,13 @@ class RoundCoordinator:
             policy if policy is not None and policy.mechanism is UserDpMechanism.CENTRAL else None
         )
         self._noise_rng = np.random.default_rng()  # seeded from OS entropy
+        self._clip = policy.clip_norm if policy is not None else 0.0
+        if policy is not None and policy.adaptive:
+            # Adaptive clipping resumes where the last completed round left the clip.
+            for version in reversed(store.list_versions(model_name)):
+                if "dp_clip_next" in version.metrics:
+                    self._clip = float(version.metrics["dp_clip_next"])
+                    break
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
@@ -662,7 +671,11 @@ class RoundCoordinator:
             deadline_unix_ms=rnd.deadline_unix_ms,
             model_bytes=len(rnd.model_bytes),
             secagg=rnd.secagg_task,
-            user_dp=self.config.user_dp,
+            user_dp=(
+                replace(self.config.user_dp, clip_norm=rnd.clip)
+                if self.config.user_dp is not None
+                else None
+            ),
             dp_sgd=self._dp_sgd_task,
         )
 
@@ -728,6 +741,7 @@ class RoundCoordinator:
             deadline=now + self.config.round_deadline_s,
             deadline_unix_ms=int(wall_deadline * 1000),
             accumulator=np.zeros(self._vector.size, dtype=np.float64),
+            clip=self._clip,
         )
         if self.config.secagg:
             self._attach_secagg(self._round, now)
@@ -749,7 +763,7 @@ class RoundCoordinator:
     def _round_fixed_point(self, cohort: int) -> FixedPoint:
         cfg = self.config
         if cfg.user_dp is not None and cfg.user_dp.mechanism is UserDpMechanism.DISTRIBUTED:
-            return cfg.user_dp.fixed_point(cohort, self.model.manifest.total_elements)
+            return cfg.user_dp.fixed_point(cohort, self.model.manifest.total_elements, self._clip)
         return FixedPoint.for_round(cfg.secagg_clip_norm, cohort, cfg.secagg_max_weight)
 
     def _privacy_record(self, rnd: _Round, contributors: int) -> PrivacyRecord | None:
@@ -763,7 +777,7 @@ class RoundCoordinator:
             level="user",
             mechanism=LEDGER_MECHANISM[policy.mechanism],
             noise_multiplier=policy.noise_multiplier,
-            clip_norm=policy.clip_norm,
+            clip_norm=rnd.clip,
             cohort=contributors,
             epsilon=self.privacy_account().epsilon_after(spend),
             delta=policy.delta,
@@ -836,6 +850,7 @@ class RoundCoordinator:
         metrics: dict[str, float] = {}
         reason = ""
         mean_delta: np.ndarray | None = None
+        noisy_inside: float | None = None
         self.last_secagg_stats = {}
         if rnd.secagg is not None:
             self.last_secagg_stats = {
@@ -851,11 +866,17 @@ class RoundCoordinator:
                 reason = f"only {accepted} update(s) survived, {self.config.min_clients} needed"
             else:
                 mean_delta = (result.weighted_sum / result.weight_sum).astype(np.float32)
+                noisy_inside = result.indicator_sum
         elif accepted >= self.config.min_clients:
             total = rnd.accumulator
-            if self._central_dp is not None:
-                std = self._central_dp.noise_multiplier * self._central_dp.clip_norm
+            central = self._central_dp
+            if central is not None:
+                std = central.update_noise_multiplier * rnd.clip
                 total = total + self._noise_rng.normal(0.0, std, total.size)
+                if central.adaptive:
+                    noisy_inside = rnd.inside_clip + self._noise_rng.normal(
+                        0.0, central.count_noise
+                    )
             mean_delta = (total / rnd.weight_sum).astype(np.float32)
         else:
             reason = (
@@ -875,8 +896,15 @@ class RoundCoordinator:
                     metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
                     metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
                 privacy = self._privacy_record(rnd, accepted)
+                next_clip = rnd.clip
                 if privacy is not None:
                     metrics["dp_epsilon"] = privacy.epsilon
+                    metrics["dp_clip"] = rnd.clip
+                    policy = self.config.user_dp
+                    if policy is not None and policy.adaptive and noisy_inside is not None:
+                        next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
+                        metrics["dp_clip_next"] = next_clip
+                        metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
                 version = self.store.complete_round(
                     self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
                 )
@@ -905,6 +933,7 @@ class RoundCoordinator:
         with self._cond:
             if version is not None:
                 self._vector = new_vector
+                self._clip = next_clip
                 self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
                 self._completed_this_run += 1
                 if self.config.rounds and self._completed_this_run >= self.config.rounds:
@@ -950,8 +979,10 @@ class RoundCoordinator:
             if self._central_dp is not None:
                 # Trusted-server DP: clip the whole update, weight every device equally.
                 norm = float(np.linalg.norm(vector))
-                if norm > self._central_dp.clip_norm:
-                    vector *= np.float32(self._central_dp.clip_norm / norm)
+                if norm > rnd.clip:
+                    vector *= np.float32(rnd.clip / norm)
+                else:
+                    rnd.inside_clip += 1
                 weight = 1
             vector *= np.float32(weight)
             rnd.accumulator += vector

@@ -60,6 +60,7 @@ def _secagg_config(task: TaskInfo) -> pb.SecAggConfig:
         max_weight=sa.fixed_point.max_weight,
         num_selected=sa.num_selected,
         noise_variance=sa.fixed_point.noise_variance,
+        indicator_scale=sa.fixed_point.indicator_scale,
         min_contributors=sa.min_contributors,
         dimension=sa.fixed_point.dimension,
     )
@@ -92,6 +93,8 @@ def _privacy_config(task: TaskInfo) -> pb.PrivacyConfig:
                 clip_norm=policy.clip_norm,
                 min_contributors=policy.min_contributors,
                 delta=policy.delta,
+                target_quantile=policy.target_quantile,
+                clip_count_noise=policy.count_noise if policy.adaptive else 0.0,
             )
         )
     return config
