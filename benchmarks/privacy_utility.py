@@ -205,7 +205,10 @@ def plot(runs: list[dict[str, Any]], path: str, args: argparse.Namespace) -> Non
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"digits, {args.devices} devices, {args.rounds} rounds, mean of {args.seeds} runs")
+    ax.set_title(
+        f"digits, {args.devices} devices, {args.rounds} rounds; "
+        f"means of {args.seeds} (user) / {args.sample_seeds or args.seeds} (sample) runs"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -219,7 +222,10 @@ def main() -> None:
     )
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=2, help="runs per DP configuration")
+    parser.add_argument("--seeds", type=int, default=2, help="runs per user-level DP setting")
+    parser.add_argument(
+        "--sample-seeds", type=int, default=0, help="runs per sample-level setting (0: --seeds)"
+    )
     parser.add_argument(
         "--epsilons", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 3.0, 8.0]
     )
@@ -312,7 +318,7 @@ def main() -> None:
                         batch_size=4,
                         learning_rate=0.1,
                     )
-                    for _ in range(args.seeds)
+                    for _ in range(args.sample_seeds or args.seeds)
                 ],
                 method="dp-sgd",
             )
@@ -346,6 +352,7 @@ def main() -> None:
                 "devices": args.devices,
                 "rounds": args.rounds,
                 "seeds": args.seeds,
+                "sample_seeds": args.sample_seeds or args.seeds,
                 "delta": 1e-5,
             }
         )

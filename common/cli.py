@@ -398,7 +398,7 @@ def _privacy_report(report: Any, as_json: bool) -> int:
         return 0
     ledger = Table(title=f"privacy ledger of {report.model_name}")
     for col in ("round", "level", "mechanism", "noise z", "clip", "cohort", "epsilon", "delta"):
-        ledger.add_column(col)
+        ledger.add_column(col, overflow="fold")
     for e in report.entries:
         ledger.add_row(
             str(e.round_number),
