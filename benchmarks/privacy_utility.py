@@ -182,6 +182,7 @@ def plot(runs: list[dict[str, Any]], path: str, args: argparse.Namespace) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {
@@ -201,7 +202,8 @@ def plot(runs: list[dict[str, Any]], path: str, args: argparse.Namespace) -> Non
     if none:
         ax.axhline(none[0], color="gray", linestyle=":", label="no DP (SecAgg only)")
     ax.set_xscale("log")
-    ax.set_xticks(args.epsilons, [str(e) for e in args.epsilons])
+    ax.set_xticks(args.epsilons, [f"{e:g}" for e in args.epsilons])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)

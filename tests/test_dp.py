@@ -154,6 +154,10 @@ def test_distributed_dp_rounds_fill_the_ledger_and_the_report(
     )
     report = json.loads(out.stdout)
     assert report["epsilon"] == pytest.approx(ledger[1].epsilon)
+    gauge = server.metrics.registry.get_sample_value(
+        "xeno_privacy_epsilon_spent", {"model": server.config.model}
+    )
+    assert gauge == pytest.approx(ledger[1].epsilon)  # Prometheus follows the ledger
     assert report["status"] == ("moderate" if report["epsilon"] <= 8 else "weak")
     assert len(report["devices"]) == 3 and all(d["rounds"] == 2 for d in report["devices"])
     text = subprocess.run(
