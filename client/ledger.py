@@ -17,7 +17,6 @@ silently reset the budget.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -99,6 +98,3 @@ class PrivacyLedger:
         self._store._write_json(self._path, {"entries": [asdict(e) for e in entries]})
         self.entries = entries
         return entry
-
-    def to_json(self) -> str:
-        return json.dumps([asdict(e) for e in self.entries], indent=2)

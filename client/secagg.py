@@ -17,7 +17,6 @@ For one round a device
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -82,12 +81,25 @@ def check_unmask_request(
         )
 
 
+def fixed_point_of(cfg: pb.SecAggConfig) -> FixedPoint:
+    """The round's encoding as the server sent it."""
+    return FixedPoint(
+        cfg.clip_norm,
+        cfg.scale,
+        cfg.num_selected,
+        cfg.max_weight,
+        noise_variance=cfg.noise_variance,
+        dimension=cfg.dimension,
+        indicator_scale=cfg.indicator_scale,
+    )
+
+
 def check_noise(task: pb.Task) -> None:
     """With distributed DP, refuse a task whose noise falls short of its own promise.
 
-    The task states z and n_min (UserDpConfig); the encoding must add at least
-    (z Delta)^2 / n_min per device, Delta = C s + sqrt(d), for the sum of any n_min
-    uploads to carry the promised noise.
+    The task states z and n_min (UserDpConfig); its encoding must add at least
+    (z Delta)^2 / n_min per device, Delta the encoding's L2 bound
+    (`FixedPoint.sensitivity`), for the sum of any n_min uploads to carry that noise.
     """
     user_dp, cfg = task.privacy.user_dp, task.secagg
     if user_dp.mechanism != pb.USER_DP_SKELLAM:
@@ -96,13 +108,11 @@ def check_noise(task: pb.Task) -> None:
         raise SecAggProtocolError("distributed DP task without a consistent min_contributors")
     if cfg.clip_norm > user_dp.clip_norm or cfg.max_weight != 1 or cfg.dimension < 1:
         raise SecAggProtocolError("distributed DP task with a clip or weight above its promise")
-    sensitivity = cfg.scale * cfg.clip_norm + math.sqrt(cfg.dimension)
-    if cfg.indicator_scale:
-        # The clipped-count indicator is part of the release: one L2 bound covers both.
-        if cfg.indicator_scale < 0 or user_dp.clip_count_noise <= 0:
-            raise SecAggProtocolError("adaptive clipping task without its count noise")
-        sensitivity = math.hypot(sensitivity, cfg.indicator_scale / 2 + 1)
-    needed = (user_dp.noise_multiplier * sensitivity) ** 2 / cfg.min_contributors
+    if cfg.indicator_scale and (cfg.indicator_scale < 0 or user_dp.clip_count_noise <= 0):
+        raise SecAggProtocolError("adaptive clipping task without its count noise")
+    needed = (
+        user_dp.noise_multiplier * fixed_point_of(cfg).sensitivity
+    ) ** 2 / cfg.min_contributors
     if user_dp.noise_multiplier <= 0 or cfg.noise_variance < needed * (1 - 1e-9):
         raise SecAggProtocolError(
             f"distributed DP task adds noise of variance {cfg.noise_variance:.4g} per device, "
@@ -135,17 +145,8 @@ class SecAggDevice:
         self.rng = rng or np.random.default_rng()
         self.report = SecAggReport()
         self._revealed = False
-        cfg = task.secagg
-        self.fixed_point = FixedPoint(
-            cfg.clip_norm,
-            cfg.scale,
-            cfg.num_selected,
-            cfg.max_weight,
-            noise_variance=cfg.noise_variance,
-            dimension=cfg.dimension,
-            indicator_scale=cfg.indicator_scale,
-        )
-        self.min_contributors = cfg.min_contributors
+        self.fixed_point = fixed_point_of(task.secagg)
+        self.min_contributors = task.secagg.min_contributors
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:

@@ -118,7 +118,6 @@ class DpSgdSettings:
 
 @dataclass(frozen=True)
 class DpTrainResult(TrainResult):
-    noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
 
@@ -211,7 +210,6 @@ def train_local_dp(
             "epoch_seconds": epoch_seconds,
             "local_steps": float(steps),
         },
-        noise_multiplier=dp.noise_multiplier,
         sample_rate=sample_rate,
         steps=steps,
     )

@@ -119,9 +119,9 @@ class FixedPoint:
             for _ in range(100):
                 sigma = noise_multiplier * math.hypot(update_l2, sigma / (2 * count_noise) + 1)
         indicator_scale = sigma / count_noise if count_noise else 0.0
-        if max_clients * (indicator_scale / 2 + 1) > max_clients * (scale * clip_norm + 1):
+        if indicator_scale / 2 > scale * clip_norm:
             raise ValueError("the clipped-count coordinate would outgrow the headroom")
-        fp = cls(
+        return cls(
             clip_norm,
             scale,
             max_clients,
@@ -130,7 +130,6 @@ class FixedPoint:
             dimension,
             indicator_scale,
         )
-        return fp
 
     @property
     def sensitivity(self) -> float:

@@ -7,7 +7,6 @@ Owns what the server decides about differential privacy (no gRPC here):
   nothing; `central`: a trusted server clips each update and adds Gaussian
   noise to the plain sum. In both, every contribution is clipped to C and
   weighted equally, and the noise standard deviation is z x sensitivity.
-- `DpSgdPolicy`: the sample-level DP-SGD devices run (they account it).
 - `PrivacyAccount`: the cumulative epsilon of a model from its ledger rows
   (RDP curves add over rounds; `common.privacy` computes them), the spend
   of the next round, and the global budget check.

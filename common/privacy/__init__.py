@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,21 +117,26 @@ def noise_for_epsilon(
     accountant: AccountantKind | str = AccountantKind.RDP,
 ) -> float:
     """Smallest Gaussian noise multiplier whose epsilon is at most target_epsilon (bisection)."""
+    return _smallest_noise(
+        lambda z: gaussian_epsilon(z, sample_rate, steps, delta, accountant), target_epsilon
+    )
+
+
+def _smallest_noise(epsilon_at: Callable[[float], float], target_epsilon: float) -> float:
+    """Bisect for the smallest noise multiplier z with epsilon_at(z) <= target (to 1e-4 z)."""
     if target_epsilon <= 0:
         raise ValueError("target epsilon must be positive")
     low, high = 1e-3, 1.0
-    while gaussian_epsilon(high, sample_rate, steps, delta, accountant) > target_epsilon:
+    while epsilon_at(high) > target_epsilon:
         high *= 2
         if high > 1e5:
             raise ValueError("target epsilon unreachable with any reasonable noise")
-    for _ in range(60):
+    while high - low > 1e-4 * high:
         mid = (low + high) / 2
-        if gaussian_epsilon(mid, sample_rate, steps, delta, accountant) > target_epsilon:
+        if epsilon_at(mid) > target_epsilon:
             low = mid
         else:
             high = mid
-        if high - low < 1e-4 * high:
-            break
     return high
 
 
@@ -256,17 +261,6 @@ def skellam_noise_for_epsilon(
     target_epsilon: float, steps: int, delta: float, l2: float, dimension: int
 ) -> float:
     """Smallest Skellam noise multiplier with `steps` releases at most target_epsilon."""
-    if target_epsilon <= 0:
-        raise ValueError("target epsilon must be positive")
-    low, high = 1e-3, 1.0
-    while skellam_epsilon(high, steps, delta, l2, dimension) > target_epsilon:
-        high *= 2
-        if high > 1e5:
-            raise ValueError("target epsilon unreachable with any reasonable noise")
-    while high - low > 1e-4 * high:
-        mid = (low + high) / 2
-        if skellam_epsilon(mid, steps, delta, l2, dimension) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
+    return _smallest_noise(
+        lambda z: skellam_epsilon(z, steps, delta, l2, dimension), target_epsilon
+    )

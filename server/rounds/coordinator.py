@@ -819,7 +819,8 @@ class RoundCoordinator:
         threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
         threshold = min(threshold, degree + 1)
         fixed_point = self._round_fixed_point(n)
-        rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, self._min_contributors(n))
+        min_uploads = self._min_contributors(n)
+        rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
         rnd.secagg = SecAggRound(
             round_id=rnd.id,
             cohort=sorted(rnd.cohort),
@@ -829,7 +830,7 @@ class RoundCoordinator:
                 degree,
                 fixed_point,
                 cfg.secagg_phase_timeout_s,
-                min_uploads=self._min_contributors(n),
+                min_uploads=min_uploads,
             ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
