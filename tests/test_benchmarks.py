@@ -1,0 +1,45 @@
+"""The benchmark scripts run and print the one JSON line the README's figures come from.
+
+Smallest settings only, and no figure is asserted: speed targets live in the
+scripts' output, not in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _json_line(*args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    ).stdout.strip()
+    assert len(out.splitlines()) == 1, out
+    parsed = json.loads(out)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+@pytest.mark.slow
+def test_privacy_utility_measures_dp_sgd_overhead() -> None:
+    line = _json_line("benchmarks/privacy_utility.py", "--overhead-only")
+    assert line["runs"] == []
+    assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
+    seconds = line["dp_sgd_epoch_seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "hooks_epoch_s"}
+
+
+@pytest.mark.slow
+def test_secagg_benchmark_reports_a_correct_round() -> None:
+    line = _json_line(
+        "benchmarks/secagg.py", "--clients", "6", "--params", "1000", "--workers", "1"
+    )
+    assert line["correct"] is True
+    assert isinstance(line["server_cpu_s"], float)
