@@ -126,6 +126,10 @@ class PackedMLP(nn.Module):
         no autograd graph is built: that graph costs more than the arithmetic
         at a device's batch sizes.
         """
+        if x.dim() != 2:
+            raise ValueError(
+                f"PackedMLP takes a batch of feature vectors, got shape {tuple(x.shape)}"
+            )
         n = x.shape[0]
         if n == 0:  # Poisson sampling draws empty batches; they still get noise
             return torch.zeros_like(self.flat)

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--target-epsilon",
         type=float,
-        help="instead: the smallest Gaussian noise multiplier reaching this epsilon",
+        help="instead: the smallest noise multiplier reaching this epsilon",
     )
     q.add_argument(
         "--l2-sensitivity",
@@ -229,27 +229,37 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from common.privacy import estimate, noise_for_epsilon
+    from common.privacy import estimate, noise_for_epsilon, skellam_noise_for_epsilon
 
     out: dict[str, Any]
     if args.target_epsilon is not None:
-        if args.mechanism != "gaussian":
-            raise ValueError("--target-epsilon inverts the Gaussian accountant only")
-        z = noise_for_epsilon(
-            args.target_epsilon, args.sample_rate, args.steps, args.delta, args.accountant
-        )
+        if args.mechanism == "gaussian":
+            z = noise_for_epsilon(
+                args.target_epsilon, args.sample_rate, args.steps, args.delta, args.accountant
+            )
+            how = f"at sample rate {args.sample_rate} ({args.accountant})"
+        else:
+            if args.accountant != "rdp":
+                raise ValueError("the Skellam mechanism is accounted with RDP only")
+            z = skellam_noise_for_epsilon(
+                args.target_epsilon, args.steps, args.delta, args.l2_sensitivity, args.dimension
+            )
+            how = (
+                f"(skellam, L2 sensitivity {args.l2_sensitivity:g}, dimension {args.dimension}; "
+                "no amplification by sampling is claimed)"
+            )
         out = {
             "noise_multiplier": round(z, 4),
             "target_epsilon": args.target_epsilon,
             "delta": args.delta,
+            "mechanism": args.mechanism,
             "sample_rate": args.sample_rate,
             "steps": args.steps,
             "accountant": args.accountant,
         }
         text = (
             f"noise multiplier {z:.4f} gives epsilon <= {args.target_epsilon} at delta "
-            f"{args.delta} over {args.steps} steps at sample rate {args.sample_rate} "
-            f"({args.accountant})"
+            f"{args.delta} over {args.steps} steps {how}"
         )
     else:
         if args.noise_multiplier is None:

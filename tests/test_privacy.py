@@ -81,6 +81,29 @@ def test_privacy_estimate_cli_json() -> None:
     assert json.loads(out.stdout)["noise_multiplier"] == pytest.approx(1.1, abs=0.01)
 
 
+def test_privacy_estimate_cli_inverts_skellam_too() -> None:
+    base = [sys.executable, "-m", "common.cli", "privacy", "estimate", "--mechanism", "skellam"]
+    common = ["--steps", "20", "--delta", "1e-5", "--dimension", "5000", "--json"]
+
+    def run(*args: str) -> dict[str, float]:
+        out = subprocess.run([*base, *args, *common], capture_output=True, text=True, check=True)
+        parsed: dict[str, float] = json.loads(out.stdout)
+        return parsed
+
+    z = run("--target-epsilon", "3")["noise_multiplier"]
+    assert run("--noise-multiplier", str(z))["epsilon"] <= 3.0
+    assert run("--noise-multiplier", str(0.98 * z))["epsilon"] > 3.0  # the smallest such noise
+    # Skellam approaches the Gaussian from above: it needs at least the Gaussian's noise.
+    gaussian = subprocess.run(
+        [sys.executable, "-m", "common.cli", "privacy", "estimate", "--target-epsilon", "3"]
+        + common,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert z >= json.loads(gaussian.stdout)["noise_multiplier"]
+
+
 def test_analytic_gaussian_is_tighter_than_the_classic_bound() -> None:
     for eps in (0.1, 0.5, 0.9):
         classic = math.sqrt(2 * math.log(1.25 / 1e-5)) / eps
