@@ -94,9 +94,9 @@ def test_privacy_estimate_cli_inverts_skellam_too() -> None:
     assert run("--noise-multiplier", str(z))["epsilon"] <= 3.0
     assert run("--noise-multiplier", str(0.98 * z))["epsilon"] > 3.0  # the smallest such noise
     # Skellam approaches the Gaussian from above: it needs at least the Gaussian's noise.
+    plain = [sys.executable, "-m", "common.cli", "privacy", "estimate"]
     gaussian = subprocess.run(
-        [sys.executable, "-m", "common.cli", "privacy", "estimate", "--target-epsilon", "3"]
-        + common,
+        [*plain, "--target-epsilon", "3", *common],
         capture_output=True,
         text=True,
         check=True,
