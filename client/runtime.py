@@ -400,7 +400,7 @@ class DeviceClient:
             self.data,
             training,
             DpSgdSettings(z, dp_sgd.max_grad_norm or 1.0),
-            seed,
+            seed=None,  # never the configured shuffling seed: sample and noise must be secret
         )
         recorded = Spend(Mechanism.GAUSSIAN, z, result.sample_rate, result.steps)
         entry = self.ledger.record(

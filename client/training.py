@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def train_local_dp(
     data: Dataset,
     config: LocalTrainingConfig,
     dp: DpSgdSettings,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> DpTrainResult:
     """DP-SGD local training through Opacus; the update plus what the accountant recorded.
 
@@ -165,6 +166,14 @@ def train_local_dp(
     `make_private(grad_sample_mode="ghost")`, with the clipped gradient sum
     computed in one pass instead of through Opacus's two backward passes. Any
     other model trains through Opacus's `hooks` per-sample gradients.
+
+    With `seed=None`, what devices use, the Poisson sample and the noise come
+    from a generator seeded with 63 bits of OS entropy for this call. Neither
+    may be predictable: amplification by sampling assumes the batch is secret,
+    and noise anyone can replay protects nothing. Torch's process-wide
+    generator will not do: every device forked from one parent (simulations)
+    inherits the same state and would add the same noise. An int seed makes a
+    run reproducible, for tests.
     """
     from opacus import PrivacyEngine
 
@@ -179,7 +188,7 @@ def train_local_dp(
     optimizer = torch.optim.SGD(
         work.parameters(), lr=config.learning_rate, momentum=config.momentum
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     loader = DataLoader(
         _Rows(torch.from_numpy(data.x), torch.from_numpy(data.y).long()),
         batch_size=config.batch_size,
@@ -194,6 +203,7 @@ def train_local_dp(
         "noise_multiplier": dp.noise_multiplier,
         "max_grad_norm": dp.max_grad_norm,
         "poisson_sampling": True,
+        "noise_generator": generator,
     }
     if packed is not None:
         wrapped, dp_optimizer, _, dp_loader = engine.make_private(

@@ -124,6 +124,27 @@ def test_dp_sgd_matches_opacus_hooks_without_noise() -> None:
     assert packed.steps == 2 * round(1 / packed.sample_rate)
 
 
+@pytest.mark.parametrize("as_hooks", [False, True], ids=["packed", "hooks"])
+def test_devices_forked_from_one_parent_draw_their_own_sample_and_noise(as_hooks: bool) -> None:
+    """Same torch global state (what fork gives every simulated device): different updates."""
+    model = MLP(64, [32], 10)
+    start = flatten_state_dict(model.state_dict())
+    data = _digits(60)
+    config = LocalTrainingConfig(local_epochs=1, batch_size=8)
+    module: nn.Module = _as_sequential(model) if as_hooks else model
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        updates.append(train_local_dp(module, start, data, config, DpSgdSettings(1.0, 1.0)).delta)
+    assert not np.allclose(updates[0], updates[1])
+    # And a fixed seed, for tests, still reproduces a run exactly.
+    again = [
+        train_local_dp(module, start, data, config, DpSgdSettings(1.0, 1.0), seed=9).delta
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(again[0], again[1])
+
+
 def test_dp_sgd_adds_opacus_noise_of_the_promised_scale() -> None:
     """One full-batch step, lr 1, no momentum: noisy - noiseless = noise * sigma C / batch."""
     model = MLP(64, [32], 10)
