@@ -27,21 +27,19 @@ from torch import nn
 
 from common.models import MLP
 
-__all__ = ["ELEMENTWISE", "PackedMLP"]
+__all__ = ["PackedMLP"]
 
 _Backward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _BACKWARD: dict[type[nn.Module], _Backward] = {
-    # (gradient w.r.t. the output, the output) -> gradient w.r.t. the input: the same aten
-    # kernels autograd runs for these layers.
+    # The parameter-free layers accepted: each acts on each element alone, hence on each
+    # example alone. (gradient w.r.t. the output, the output) -> gradient w.r.t. the input,
+    # by the same aten kernels autograd runs for these layers.
     nn.ReLU: lambda g, out: torch.ops.aten.threshold_backward(g, out, 0),
     nn.Tanh: lambda g, out: torch.ops.aten.tanh_backward(g, out),
     nn.Sigmoid: lambda g, out: torch.ops.aten.sigmoid_backward(g, out),
     nn.Identity: lambda g, out: g,
 }
-
-ELEMENTWISE: tuple[type[nn.Module], ...] = tuple(_BACKWARD)
-"""Parameter-free layers that act on each element alone (hence on each example alone)."""
 
 _NORM_EPSILON = 1e-6
 """Opacus's clip factor is max_norm / (norm + 1e-6), capped at 1: the same formula here."""

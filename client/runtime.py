@@ -154,9 +154,10 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = self._rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        # The exponent stops growing once past any cap (2**1024 would overflow a float).
+        ceiling = min(self.cap, self.base * 2.0 ** min(self.attempt, 64))
         self.attempt += 1
-        return delay
+        return self._rng.uniform(0, ceiling)
 
     def reset(self) -> None:
         self.attempt = 0

@@ -80,6 +80,13 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
     assert backoff.next_delay() <= 0.1
 
 
+def test_backoff_keeps_retrying_after_thousands_of_attempts() -> None:
+    # A device whose server is down for hours must keep retrying, not crash: 2**1024
+    # overflows a float (at the 2 s cap of a benchmark that took 17 minutes).
+    backoff = Backoff(base=0.1, cap=2.0)
+    assert all(0 <= backoff.next_delay() <= 2.0 for _ in range(5000))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
