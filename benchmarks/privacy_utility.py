@@ -228,8 +228,7 @@ def plot(runs: list[dict[str, Any]], path: str, args: argparse.Namespace) -> Non
     ax.set_ylim(0, 1)
     ax.set_title(
         f"digits, {args.devices} devices, {args.rounds} rounds; "
-        f"means of {args.seeds} (user) / {args.sample_seeds or args.seeds} (sample) runs, "
-        "bars: standard error"
+        f"mean ± s.e. of {args.seeds} (user) / {args.sample_seeds or args.seeds} (sample) runs"
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
