@@ -403,30 +403,34 @@ def _privacy_report(report: Any, as_json: bool) -> int:
         )
         return 0
     console = Console()
-    if not report.entries:
-        console.print(f"model {report.model_name}: no differentially private round yet")
-        return 0
-    ledger = Table(title=f"privacy ledger of {report.model_name}")
-    for col in ("round", "level", "mechanism", "noise z", "clip", "cohort", "epsilon", "delta"):
-        ledger.add_column(col, overflow="fold")
-    for e in report.entries:
-        ledger.add_row(
-            str(e.round_number),
-            e.level,
-            e.mechanism,
-            f"{e.noise_multiplier:.3f}",
-            f"{e.clip_norm:g}",
-            str(e.cohort),
-            f"{e.epsilon:.3f}",
-            f"{e.delta:g}",
+    if report.entries:
+        ledger = Table(title=f"privacy ledger of {report.model_name}")
+        for col in ("round", "level", "mechanism", "noise z", "clip", "cohort", "epsilon", "delta"):
+            ledger.add_column(col, overflow="fold")
+        for e in report.entries:
+            ledger.add_row(
+                str(e.round_number),
+                e.level,
+                e.mechanism,
+                f"{e.noise_multiplier:.3f}",
+                f"{e.clip_norm:g}",
+                str(e.cohort),
+                f"{e.epsilon:.3f}",
+                f"{e.delta:g}",
+            )
+        console.print(ledger)
+        budget = f" of a budget of {report.budget:g}" if report.budget > 0 else ""
+        console.print(
+            f"user-level privacy of the global model: epsilon {report.epsilon:.3f}{budget} "
+            f"at delta {report.delta:g}: [bold]{report.status}[/bold] "
+            "(strong <= 1, moderate <= 8, weak above)"
         )
-    console.print(ledger)
-    budget = f" of a budget of {report.budget:g}" if report.budget > 0 else ""
-    console.print(
-        f"user-level privacy of the global model: epsilon {report.epsilon:.3f}{budget} "
-        f"at delta {report.delta:g}: [bold]{report.status}[/bold] "
-        "(strong <= 1, moderate <= 8, weak above)"
-    )
+    else:
+        # Devices may still train under DP-SGD: their own sample-level spend follows.
+        console.print(
+            f"model {report.model_name}: no user-level differentially private round yet; "
+            "the global model carries no user-level guarantee"
+        )
     if report.devices:
         devices = Table(title="per device")
         for col in ("device", "rounds", "user-level epsilon", "sample-level epsilon (DP-SGD)"):

@@ -228,8 +228,9 @@ def privacy_report(store: Store, model: str, budget: float = 0.0) -> PrivacyRepo
     for round_id, device_id, metrics in store.contributions(model):
         if round_id in dp_rounds:
             per_device.setdefault(device_id, set()).add(round_id)
-        if "dp_sgd_epsilon" in metrics:
-            sample_eps[device_id] = float(metrics["dp_sgd_epsilon"])
+        if "dp_sgd_epsilon" in metrics:  # cumulative on the device: the largest is the latest
+            reported = float(metrics["dp_sgd_epsilon"])
+            sample_eps[device_id] = max(reported, sample_eps.get(device_id, reported))
             per_device.setdefault(device_id, set())
     devices = [
         DeviceSummary(

@@ -212,6 +212,17 @@ def test_dp_sgd_devices_keep_a_ledger_that_matches_opacus(server_factory, device
     ]
     assert all("dp_sgd_epsilon" in p.metrics for p in report if p.status == "reported")
     assert not any("train_accuracy" in p.metrics for p in report)
+    # The operator's report shows each device's sample-level spend without user-level DP.
+    text = subprocess.run(
+        [*XENO, "admin", "--server", server.address, "privacy-report"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "no user-level differentially private round yet" in text
+    for dt in devices:
+        assert f"{dt.client.ledger.entries[-1].epsilon:.3f}" in text
 
 
 def test_device_over_budget_declines_with_the_reason(server_factory, device_threads) -> None:
