@@ -28,6 +28,17 @@ from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 XENO = [sys.executable, "-m", "common.cli"]
 
 
+def _report_text(server) -> str:
+    """`xeno-fl admin privacy-report` as an operator reads it (wide terminal)."""
+    return subprocess.run(
+        [*XENO, "admin", "--server", server.address, "privacy-report"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+
+
 def _wait_rounds(server, n: int, timeout: float = 90.0) -> None:
     assert server.coordinator.wait_finished(timeout=timeout), "federation did not finish"
     completed = [
@@ -160,13 +171,7 @@ def test_distributed_dp_rounds_fill_the_ledger_and_the_report(
     assert gauge == pytest.approx(ledger[1].epsilon)  # Prometheus follows the ledger
     assert report["status"] == ("moderate" if report["epsilon"] <= 8 else "weak")
     assert len(report["devices"]) == 3 and all(d["rounds"] == 2 for d in report["devices"])
-    text = subprocess.run(
-        [*XENO, "admin", "--server", server.address, "privacy-report"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "COLUMNS": "200"},
-    ).stdout
+    text = _report_text(server)
     assert "skellam-distributed" in text and "strong <= 1" in text
 
 
@@ -213,13 +218,7 @@ def test_dp_sgd_devices_keep_a_ledger_that_matches_opacus(server_factory, device
     assert all("dp_sgd_epsilon" in p.metrics for p in report if p.status == "reported")
     assert not any("train_accuracy" in p.metrics for p in report)
     # The operator's report shows each device's sample-level spend without user-level DP.
-    text = subprocess.run(
-        [*XENO, "admin", "--server", server.address, "privacy-report"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "COLUMNS": "200"},
-    ).stdout
+    text = _report_text(server)
     assert "no user-level differentially private round yet" in text
     for dt in devices:
         assert f"{dt.client.ledger.entries[-1].epsilon:.3f}" in text
