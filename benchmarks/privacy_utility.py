@@ -105,16 +105,30 @@ def dp_sgd_overhead(batch_size: int = 32, repeats: int = 9) -> dict[str, float]:
     }
 
 
-def device_worker(address: str, indices: list[int], base: dict[str, Any], state: str) -> None:
+def device_worker(
+    address: str, indices: list[int], base: dict[str, Any], state: str, owner: int
+) -> None:
     import torch
 
     from client.runtime import ClientConfig, DeviceClient, load_partition
 
     torch.set_num_threads(1)
+    stop = threading.Event()
+
+    def stop_if_orphaned() -> None:
+        # Killed benchmark: stop instead of retrying its dead server for ever. (Our parent is
+        # the forkserver, which outlives it, so watch the benchmark's own process.)
+        while not stop.wait(1.0):
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                stop.set()
+
+    threading.Thread(target=stop_if_orphaned, daemon=True).start()
     clients = []
     for i in indices:
         config = ClientConfig(server=address, state_dir=f"{state}/device-{i}", partition=i, **base)
-        clients.append(DeviceClient(config, load_partition(config)))
+        clients.append(DeviceClient(config, load_partition(config), stop=stop))
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
     for t in threads:
         t.start()
@@ -154,7 +168,8 @@ def federation(args: argparse.Namespace, ctx: Any, **server: Any) -> dict[str, A
         }
         shards = [list(range(args.devices))[w :: args.workers] for w in range(args.workers)]
         procs = [
-            ctx.Process(target=device_worker, args=(srv.address, s, base, tmp)) for s in shards
+            ctx.Process(target=device_worker, args=(srv.address, s, base, tmp, os.getpid()))
+            for s in shards
         ]
         started = time.perf_counter()
         for p in procs:
