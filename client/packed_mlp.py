@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -178,7 +177,3 @@ class PackedMLP(nn.Module):
         if self._arange.numel() < n:
             self._arange = torch.arange(max(n, 2 * self._arange.numel()))
         return self._arange[:n]
-
-    def vector(self) -> np.ndarray:
-        """The current weights as a float32 vector in wire order."""
-        return self.flat.detach().numpy().astype(np.float32, copy=True)

@@ -216,7 +216,6 @@ def train_local_dp(
                 dp_optimizer.zero_grad(set_to_none=True)
                 packed.flat.grad = packed.clipped_gradient_sum(x, y, dp.max_grad_norm)
                 dp_optimizer.step()  # Gaussian noise, / expected batch, accountant, SGD
-        trained = packed.vector()
     else:
         private, dp_optimizer, dp_loader = engine.make_private(
             **private_settings, grad_sample_mode="hooks"
@@ -228,12 +227,12 @@ def train_local_dp(
                 loss = nn.functional.cross_entropy(private(x), y)
                 loss.backward()  # type: ignore[no-untyped-call]
                 dp_optimizer.step()
-        trained = flatten_state_dict(work.state_dict())
     epoch_seconds = (time.perf_counter() - loop_started) / max(1, config.local_epochs)
     history = engine.accountant.history
     steps = sum(int(h[2]) for h in history)
     sample_rate = float(history[-1][1]) if history else 0.0
-    delta = trained - global_vector
+    # A PackedMLP's state is its one flat Parameter, already in wire order.
+    delta = flatten_state_dict(work.state_dict()) - global_vector
     if not np.all(np.isfinite(delta)):
         raise FloatingPointError(
             "local training diverged (non-finite update); lower the learning rate"
