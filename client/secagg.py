@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -58,6 +57,9 @@ class SecAggReport:
     mask_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Set when the server answered that the round already completed with this device's
+    # update in its sum (GetUnmaskRequest or Unmask): the version it produced.
+    completed_version: int = 0
     unverifiable: int = 0
 
 
@@ -245,6 +247,10 @@ class SecAggDevice:
         request: pb.UnmaskRequest = self._call(  # type: ignore[assignment]
             "GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=self.round_id)
         )
+        if request.round_completed:
+            # The others' shares sufficed and the round closed with this update in its sum.
+            self.report.completed_version = request.completed_version
+            return self.report
         survivors, dropped = list(request.survivors), list(request.dropped)
         check_unmask_request(self.me, survivors, dropped, shared_with_me)
         if request.total_survivors < self.min_contributors:
@@ -278,17 +284,14 @@ class SecAggDevice:
                         owner=v, kind=pb.SHARE_KIND_MASK_KEY, share=encode_share(received[v][0])
                     )
                 )
-        try:
-            self._call(
-                "Unmask",
-                pb.UnmaskSharesRequest(
-                    round_id=self.round_id, shares=revealed, unverifiable=unverifiable
-                ),
-            )
-        except grpc.RpcError as err:
-            # The server already had enough shares and closed the round: nothing was lost.
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        answer: pb.UnmaskSharesResponse = self._call(  # type: ignore[assignment]
+            "Unmask",
+            pb.UnmaskSharesRequest(
+                round_id=self.round_id, shares=revealed, unverifiable=unverifiable
+            ),
+        )
+        if answer.round_completed:
+            self.report.completed_version = answer.completed_version
         return self.report
 
     def _verified_neighbours(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,13 +28,24 @@ class GoneError(Exception):
 class DroppingDevice(SecAggDevice):
     """The real device protocol, which stops for good right before one RPC."""
 
-    def __init__(self, *args, stop_before: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        stop_before: str | None = None,
+        pause_before: str | None = None,
+        gate: threading.Event | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stop_before = stop_before
+        self.pause_before = pause_before
+        self.gate = gate
 
     def _call(self, method: str, request: object) -> object:
         if method == self.stop_before:
             raise GoneError(method)
+        if method == self.pause_before and self.gate is not None:
+            assert self.gate.wait(60), "the gate never opened"
         return super()._call(method, request)
 
     def _upload(self, masked: np.ndarray) -> None:
@@ -93,9 +105,12 @@ class Harness:
         updates: list[np.ndarray],
         weights: list[int],
         stop_before: dict[int, str] | None = None,
+        pause_before: dict[int, str] | None = None,
+        gate: threading.Event | None = None,
     ) -> tuple[list[DroppingDevice], dict[int, BaseException]]:
         tasks = self.tasks()
         stop_before = stop_before or {}
+        pause_before = pause_before or {}
         devices = [
             DroppingDevice(
                 self.stub(i),
@@ -107,6 +122,8 @@ class Harness:
                 timeout=lambda: 60.0,
                 rng=np.random.default_rng(i),
                 stop_before=stop_before.get(i),
+                pause_before=pause_before.get(i),
+                gate=gate,
             )
             for i in range(len(self.devices))
         ]
@@ -227,11 +244,12 @@ def test_round_survives_a_dropout_in_each_phase(harness, phase: str, included: l
     h = harness(5)
     updates, weights = make_updates(h.server, 5, seed=1)
     devices, errors = h.run_round(updates, weights, stop_before={4: phase})
-    assert set(errors) <= {4}
-    if 4 in errors and not isinstance(errors[4], GoneError):
-        # after its upload the others may finish the unmasking before it even asks: fine
-        assert phase in ("GetUnmaskRequest", "Unmask"), errors[4]
-        assert errors[4].code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Device 4 vanishes right before `phase`; with "Unmask" the others may have completed
+    # the round before it even asked, and then it was told so instead of being asked.
+    if phase == "Unmask" and 4 not in errors:
+        assert devices[4].report.completed_version == 2
+    else:
+        assert set(errors) == {4} and isinstance(errors[4], GoneError), errors
     wait_version(h.server, 2)
     [rnd] = h.server.store.list_rounds(h.server.config.model)
     assert rnd.status == "completed", rnd.failure_reason
@@ -239,6 +257,80 @@ def test_round_survives_a_dropout_in_each_phase(harness, phase: str, included: l
     mean = expected_mean(fp, updates, weights, included)
     bound = fp.error_bound(5) / (sum(weights[i] for i in included) / fp.max_weight) + 1e-6
     assert np.max(np.abs(model_delta(h.server) - mean)) <= bound
+
+
+@pytest.mark.parametrize("phase", ["GetUnmaskRequest", "Unmask"])
+def test_a_device_that_uploaded_learns_its_round_completed_without_its_shares(
+    harness, phase: str
+) -> None:
+    """The race of a slow device: the others unmask the sum and the round closes first."""
+    h = harness(5)  # complete graph, threshold 3: four devices' shares suffice
+    updates, weights = make_updates(h.server, 5, seed=2)
+    gate = threading.Event()
+
+    def open_when_completed() -> None:
+        wait_version(h.server, 2)
+        gate.set()
+
+    opener = threading.Thread(target=open_when_completed)
+    opener.start()
+    devices, errors = h.run_round(updates, weights, pause_before={4: phase}, gate=gate)
+    opener.join()
+    assert not errors, errors
+    assert gate.is_set()
+    # the late device got the distinct answer, with the version its update went into
+    assert devices[4].report.completed_version == 2
+    [rnd] = h.server.store.list_rounds(h.server.config.model)
+    assert rnd.status == "completed" and rnd.participants == 5
+    fp = devices[0].fixed_point
+    mean = expected_mean(fp, updates, weights, range(5))
+    bound = fp.error_bound(5) / (sum(weights) / fp.max_weight) + 1e-6
+    assert np.max(np.abs(model_delta(h.server) - mean)) <= bound
+    # asking again gives the same answer; a device whose update is not in the sum gets none
+    again = h.stub(4).GetUnmaskRequest(
+        pb.GetUnmaskRequestRequest(round_id=devices[4].round_id), metadata=h.md(4)
+    )
+    assert again.round_completed and again.completed_version == 2 and not again.survivors
+
+
+def test_a_device_without_an_upload_is_not_told_the_round_completed(harness) -> None:
+    h = harness(5)
+    updates, weights = make_updates(h.server, 5, seed=3)
+    devices, errors = h.run_round(updates, weights, stop_before={4: "UploadMasked"})
+    assert set(errors) == {4}
+    wait_version(h.server, 2)
+    assert h.server.store.get_model(h.server.config.model).current_version == 2
+    for call, request in [
+        ("GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=devices[4].round_id)),
+        ("Unmask", pb.UnmaskSharesRequest(round_id=devices[4].round_id)),
+    ]:
+        _expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            getattr(h.stub(4), call),
+            request,
+            metadata=h.md(4),
+            match="is closed",
+        )
+
+
+def test_a_device_of_a_failed_round_is_told_it_is_closed(harness) -> None:
+    h = harness(5)  # threshold 3: three devices gone before uploading fail the round
+    updates, weights = make_updates(h.server, 5, seed=4)
+    devices, errors = h.run_round(
+        updates, weights, stop_before={2: "UploadMasked", 3: "UploadMasked", 4: "UploadMasked"}
+    )
+    assert set(errors) == {0, 1, 2, 3, 4}
+    wait_version(h.server, 2)
+    [rnd] = h.server.store.list_rounds(h.server.config.model)
+    assert rnd.status == "failed"
+    for i in (0, 1):  # they uploaded, but there is no completed round to report
+        assert devices[i].report.completed_version == 0
+        _expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            h.stub(i).GetUnmaskRequest,
+            pb.GetUnmaskRequestRequest(round_id=devices[i].round_id),
+            metadata=h.md(i),
+        )
 
 
 def test_round_fails_cleanly_below_threshold(harness) -> None:
@@ -260,9 +352,10 @@ def test_honest_device_refuses_to_reveal_both_shares(harness, monkeypatch) -> No
     honest = coordinator.unmask_request
 
     def curious(device_id: str, round_id: str):
-        survivors, _dropped, total = honest(device_id, round_id)
-        others = [d for d in survivors if d != device_id]
-        return survivors, others, total  # asks for the mask keys of devices that did upload
+        answer = honest(device_id, round_id)
+        others = [d for d in answer.survivors if d != device_id]
+        # asks for the mask keys of devices that did upload
+        return dataclasses.replace(answer, dropped=others)
 
     monkeypatch.setattr(coordinator, "unmask_request", curious)
     updates, weights = make_updates(h.server, 3)

@@ -374,14 +374,18 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped", "total_survivors")
+    __slots__ = ("survivors", "dropped", "total_survivors", "round_completed", "completed_version")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     total_survivors: int
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ...) -> None: ...
+    round_completed: bool
+    completed_version: int
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ..., round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "share")
@@ -404,5 +408,9 @@ class UnmaskSharesRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., unverifiable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnmaskSharesResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("round_completed", "completed_version")
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round_completed: bool
+    completed_version: int
+    def __init__(self, round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...

@@ -51,6 +51,11 @@ audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
 
+# How long an unmask call waits for a closing round's aggregation and commit.
+CLOSE_WAIT_S = 30.0
+# Completed rounds whose uploaders are remembered (a late unmask call learns of success).
+RECENT_COMPLETED_ROUNDS = 8
+
 
 @dataclass(frozen=True)
 class RoundConfig:
@@ -185,6 +190,20 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class UnmaskAnswer:
+    """The answer to a device's GetUnmaskRequest.
+
+    completed_version is set (and the lists empty) when the round already closed
+    successfully with this device's masked update in its sum: nothing to reveal.
+    """
+
+    survivors: list[str]
+    dropped: list[str]
+    total_survivors: int
+    completed_version: int | None = None
+
+
+@dataclass(frozen=True)
 class CheckInOutcome:
     task: TaskInfo | None = None
     retry_after_ms: int = 0
@@ -270,6 +289,11 @@ class RoundCoordinator:
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # (version, devices whose update is in the sum) of the last few completed rounds: a
+        # device that uploaded and asks to unmask after the round closed learns it succeeded.
+        self._completed_uploads: collections.OrderedDict[str, tuple[int, frozenset[str]]] = (
+            collections.OrderedDict()
+        )
         self._completed_this_run = 0
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
@@ -563,9 +587,16 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
         return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
-        """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours."""
+    def unmask_request(self, device_id: str, round_id: str) -> UnmaskAnswer:
+        """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours.
+
+        A device whose update is in the sum of a round that already completed (the
+        others' shares sufficed) is told so instead of "closed".
+        """
         with self._cond:
+            version = self._completed_with(device_id, round_id)
+            if version is not None:
+                return UnmaskAnswer([], [], 0, completed_version=version)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
                 if device_id not in secagg.uploaded:
@@ -574,7 +605,9 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            return UnmaskAnswer(
+                list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            )
 
     def unmask(
         self,
@@ -582,12 +615,39 @@ class RoundCoordinator:
         round_id: str,
         revealed: list[tuple[str, ShareKind, bytes]],
         unverifiable: list[str],
-    ) -> None:
-        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes."""
+    ) -> int | None:
+        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes.
+
+        Returns the new version instead when the round already completed with this
+        device's update in its sum (the shares are then not needed and dropped).
+        """
         with self._cond:
+            version = self._completed_with(device_id, round_id)
+            if version is not None:
+                return version
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
             self._advance_secagg(secagg)
+            return None
+
+    def _completed_with(self, device_id: str, round_id: str) -> int | None:
+        """The version a closed round produced, if it completed with this device's update.
+
+        A round being closed (aggregation and its commit run outside the lock) may
+        still fail, so the answer waits for the close to end. Called with the lock held.
+        """
+        rnd = self._round
+        if rnd is not None and rnd.id == round_id and rnd.closing:
+            self._cond.wait_for(
+                lambda: self._round is not rnd or self._stopping.is_set(),
+                timeout=CLOSE_WAIT_S,
+            )
+            if self._round is rnd:
+                raise FederationError(ErrorKind.UNAVAILABLE, "the round is closing; call again")
+        done = self._completed_uploads.get(round_id)
+        if done is not None and device_id in done[1]:
+            return done[0]
+        return None
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -942,6 +1002,13 @@ class RoundCoordinator:
             self._closed_rounds[rnd.id] = summary.status
             while len(self._closed_rounds) > 1000:
                 self._closed_rounds.popitem(last=False)
+            if version is not None:
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
             self._round = None
             self._cond.notify_all()
             self._phase_cond.notify_all()

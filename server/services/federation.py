@@ -360,10 +360,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped, total = self.coordinator.unmask_request(device, request.round_id)
+            answer = self.coordinator.unmask_request(device, request.round_id)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        return pb.UnmaskRequest(survivors=survivors, dropped=dropped, total_survivors=total)
+        if answer.completed_version is not None:
+            return pb.UnmaskRequest(
+                round_completed=True, completed_version=answer.completed_version
+            )
+        return pb.UnmaskRequest(
+            survivors=answer.survivors,
+            dropped=answer.dropped,
+            total_survivors=answer.total_survivors,
+        )
 
     def Unmask(
         self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext
@@ -379,7 +387,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 else:
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
-            self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+            version = self.coordinator.unmask(
+                device, request.round_id, revealed, list(request.unverifiable)
+            )
         except FederationError as err:
             abort(context, err, "Unmask", device)
+        if version is not None:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=version)
         return pb.UnmaskSharesResponse()
