@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,10 +22,15 @@ from client.ledger import LedgerUnreadableError, PrivacyLedger
 from client.secagg import SecAggProtocolError, check_noise
 from client.storage import LocalStore
 from common.atrest import Sealer
+from common.models import ModelSpec
 from common.pb import federation_pb2 as pb
 from common.privacy import Mechanism, Spend, epsilon_of, gaussian_epsilon, skellam_epsilon
 from common.quantize import FixedPoint, centered, skellam_noise
+from common.tensors import Manifest, TensorInfo, to_wire
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+from server.rounds import RoundConfig, RoundCoordinator
+from server.store import Store
+from server.strategies import FedAvg
 
 XENO = [sys.executable, "-m", "common.cli"]
 
@@ -46,6 +52,62 @@ def _wait_rounds(server, n: int, timeout: float = 90.0) -> None:
         r for r in server.store.list_rounds(server.config.model) if r.status == "completed"
     ]
     assert len(completed) >= n
+
+
+def test_central_dp_clips_every_update_and_adds_noise_of_z_c_over_n_to_the_mean(tmp_path) -> None:
+    """Measured on the round's result: the mean of the clipped updates plus N(0, (z C / n)^2)."""
+    d, clip, z = 20_000, 2.0, 1.0
+    manifest = Manifest((TensorInfo("w", (d,)),))
+    store = Store(f"sqlite:///{tmp_path}/central.db")
+    store.create_schema()
+    store.create_model("m", ModelSpec("mlp", {}), manifest, "fedavg", np.zeros(d, np.float32))
+    devices = ["a", "b", "c", "e"]
+    for dev in devices:
+        store.add_device(dev, "0" * 64, {})
+    now = [1000.0]
+    policy = UserDpPolicy(UserDpMechanism.CENTRAL, z, clip, min_contributors=1)
+    coord = RoundCoordinator(
+        store,
+        "m",
+        FedAvg(),
+        RoundConfig(
+            min_clients=4,
+            clients_per_round=4,
+            round_deadline_s=60,
+            selection_window_s=1,
+            user_dp=policy,
+        ),
+        clock=lambda: now[0],
+        rng=random.Random(0),
+    )
+    for dev in devices:
+        coord.check_in(dev, 0)
+    coord.step()
+    rng = np.random.default_rng(5)
+    directions = [g / np.linalg.norm(g) for g in rng.normal(size=(4, d))]
+    norms = [10 * clip, 3 * clip, 0.5 * clip, 0.9 * clip]  # two above the clip, two inside
+    claims = [1, 50, 400, 7]  # example counts: central DP weighs every device the same
+    for dev, u, r, k in zip(devices, directions, norms, claims, strict=True):
+        task = coord.task_for(dev)
+        assert task is not None
+        session = coord.begin_upload(dev, task.round_id, 1, manifest, 4 * d, k)
+        session.add_chunk(to_wire((r * u).astype(np.float32)))
+        session.commit()
+    summary = coord.step()
+    assert summary is not None and summary.status == "completed"
+    delta = store.load_version("m", 2).astype(np.float64)
+    # reference: each update scaled down to the clip if longer, weight 1 each, mean over n
+    clipped = [min(r, clip) * u for u, r in zip(directions, norms, strict=True)]
+    residual = delta - np.mean(clipped, axis=0)
+    sigma = z * clip / len(devices)
+    # updates above the clip end at the clip: no component of the residual along any update
+    # direction beyond the noise (unclipped, the first would leave (10 - 1) C / n = 9 sigma)
+    for u in directions:
+        assert abs(float(residual @ u)) < 5 * sigma
+    # the noise: mean 0, standard deviation z C / n within 5 of its standard errors
+    assert abs(float(residual.mean())) < 5 * sigma / math.sqrt(d)
+    assert float(residual.std()) == pytest.approx(sigma, rel=5 / math.sqrt(2 * d))
+    assert store.privacy_ledger("m")[0].clip_norm == clip
 
 
 # ------------------------------------------------------------------ pure parts

@@ -500,13 +500,44 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
     assert np.max(np.abs(model_delta(h.server) - mean)) <= bound
 
 
-def test_secagg_federation_with_real_device_loops(server_factory, device_threads) -> None:
-    server = server_factory(rounds=2, secagg=True)
-    device_threads(server, 3)
+def test_secagg_federation_with_real_device_loops(
+    server_factory, device_threads, monkeypatch
+) -> None:
+    """Each version = the previous + the weighted mean of what the devices sent, to n / s."""
+    sent: dict[str, list[tuple[np.ndarray, int, FixedPoint]]] = {}
+    lock = threading.Lock()
+    run = SecAggDevice.run
+
+    def recording(self, update, num_examples):
+        report = run(self, update, num_examples)
+        with lock:  # recorded on the device, once its protocol run succeeded
+            entry = (np.array(update, dtype=np.float32), num_examples, self.fixed_point)
+            sent.setdefault(self.round_id, []).append(entry)
+        return report
+
+    monkeypatch.setattr(SecAggDevice, "run", recording)
+    cap = 500  # the three digits shards hold 411, 395 and 632 examples: one above the cap
+    server = server_factory(rounds=2, secagg=True, min_clients=3, secagg_max_weight=cap)
+    devices = device_threads(server, 3)
     assert server.coordinator.wait_finished(timeout=90)
+    for d in devices:  # the last device's Unmask may still be returning: let them all finish
+        d.thread.join(timeout=30)
+        assert not d.thread.is_alive()
     rounds = server.store.list_rounds(server.config.model)
     assert [r.status for r in rounds] == ["completed", "completed"]
     assert all(r.metrics.get("secagg") == 1.0 and r.participants == 3 for r in rounds)
+    name = server.config.model
+    for rnd in rounds:
+        uploads = sent[rnd.id]
+        assert len(uploads) == 3 and max(n for _, n, _ in uploads) > cap
+        fp = uploads[0][2]
+        weights = [min(n, cap) for _, n, _ in uploads]
+        clipped = [np.asarray(clip_l2(u, fp.clip_norm)[0], np.float64) for u, _, _ in uploads]
+        mean = sum(w * c for w, c in zip(weights, clipped, strict=True)) / sum(weights)
+        new = server.store.load_version(name, rnd.result_version).astype(np.float64)
+        old = server.store.load_version(name, rnd.base_version).astype(np.float64)
+        bound = fp.error_bound(3) / (sum(weights) / cap) + 1e-6
+        assert np.max(np.abs(new - old - mean)) <= bound
 
 
 def test_device_refuses_a_threshold_below_a_majority(harness, monkeypatch) -> None:

@@ -43,7 +43,7 @@ from server.privacy import (
     budget_message,
 )
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
-from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store
+from server.store import ModelRecord, OptimizerState, ParticipantRecord, PrivacyRecord, Store
 from server.strategies import FitInstructions, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
@@ -97,6 +97,8 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        if self.max_examples_weight < 1:
+            raise ValueError("max_examples_weight must be at least 1")
         dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
         if dp is UserDpMechanism.DISTRIBUTED and not self.secagg:
             raise ValueError("distributed DP adds its noise under secure aggregation: turn it on")
@@ -308,6 +310,7 @@ class RoundCoordinator:
         self.model = model
         self._vector = store.load_version(model_name, model.current_version)
         strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         self._dp_sgd_task = (
             DpSgdTask(
                 config.dp_sgd_noise_multiplier,
@@ -335,6 +338,21 @@ class RoundCoordinator:
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
+
+    def _restore_optimizer_state(self, version: int) -> None:
+        """Resume the server optimizer (moments, momentum) from the state stored with version."""
+        state = self.store.load_optimizer_state(self.model_name, version)
+        if state is None:
+            return
+        if state.strategy != self.strategy.name:
+            log.warning(
+                "version %d was produced by %s; %s starts from fresh optimizer state",
+                version,
+                state.strategy,
+                self.strategy.name,
+            )
+            return
+        self.strategy.load_state_dict(state.arrays)
 
     # ------------------------------------------------------------------ public API
     def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
@@ -944,6 +962,7 @@ class RoundCoordinator:
                 f"only {accepted} update(s) arrived before the deadline, "
                 f"{self.config.min_clients} needed"
             )
+        optimizer_before = self.strategy.state_dict()  # aggregate_fit advances it in place
         if mean_delta is not None:
             new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
             if not np.all(np.isfinite(new_vector)):
@@ -967,9 +986,18 @@ class RoundCoordinator:
                         metrics["dp_clip_next"] = next_clip
                         metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
                 version = self.store.complete_round(
-                    self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
+                    self.model_name,
+                    rnd.id,
+                    new_vector,
+                    metrics,
+                    seconds,
+                    participants,
+                    privacy,
+                    OptimizerState(self.strategy.name, self.strategy.state_dict()),
                 )
         if version is None:
+            if optimizer_before:  # the round left no version: nor may it move the optimizer
+                self.strategy.load_state_dict(optimizer_before)
             self.store.fail_round(rnd.id, reason, seconds, participants)
             log.warning(
                 "round %d failed: %s",
