@@ -143,6 +143,8 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
         server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any
     ) -> list[DeviceThread]:
         out = []
+        # Devices run the plain rounds of a server started without secure aggregation.
+        overrides.setdefault("allow_plaintext", not server.config.secagg)
         for i in range(n):
             config = ClientConfig(
                 server=server.address,
