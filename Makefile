@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common server client
+	$(VENV)/bin/mypy common server client xeno
 
 # Deliberate one-line bugs (scripts/mutation.py): each must make its tests fail. Not in `make test`.
 mutation: $(STAMP)

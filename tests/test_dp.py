@@ -32,7 +32,7 @@ from server.rounds import RoundConfig, RoundCoordinator
 from server.store import Store
 from server.strategies import FedAvg
 
-XENO = [sys.executable, "-m", "common.cli"]
+XENO = [sys.executable, "-m", "xeno.cli"]
 
 
 def _report_text(server) -> str:
