@@ -197,6 +197,32 @@ def test_device_refuses_a_task_whose_noise_falls_short_of_its_promise() -> None:
         check_noise(_task_with_noise(0.5))
 
 
+def test_noise_check_uses_the_encoding_clip_with_a_relative_slack_of_1e_9() -> None:
+    """As docs/protocol.md 10.4 states it: Delta = C s + sqrt(d) with C = Task.secagg.clip_norm."""
+    z, n_min, d = 3.0, 5, 100
+    encoding_clip, promised_clip = 0.5, 1.0  # the server may encode with a smaller clip
+    fp = FixedPoint.for_round(encoding_clip, 10, 1, z, n_min, d)
+    needed = (z * (encoding_clip * fp.scale + math.sqrt(d))) ** 2 / n_min  # by hand
+
+    def task(variance: float, secagg_clip: float = encoding_clip) -> pb.Task:
+        t = _task_with_noise(1.0)
+        t.secagg.clip_norm = secagg_clip
+        t.secagg.scale = fp.scale
+        t.secagg.noise_variance = variance
+        t.privacy.user_dp.clip_norm = promised_clip
+        return t
+
+    check_noise(task(needed))
+    check_noise(task(needed * (1 - 1e-10)))  # float rounding between server and device
+    with pytest.raises(SecAggProtocolError, match="below"):
+        check_noise(task(needed * (1 - 1e-6)))
+    # noise sized for the encoding clip is short when the encoding uses the promised clip
+    with pytest.raises(SecAggProtocolError, match="below"):
+        check_noise(task(needed, secagg_clip=promised_clip))
+    with pytest.raises(SecAggProtocolError, match="above its promise"):
+        check_noise(task(needed * 4, secagg_clip=2 * promised_clip))
+
+
 # ------------------------------------------------------------------ over gRPC
 
 

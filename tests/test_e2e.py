@@ -8,12 +8,15 @@ import time
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2_grpc
 from common.pb import federation_pb2 as pb
 from common.tensors import Manifest, iter_chunks, to_wire
+
+HEALTH = "grpc.health.v1.Health"
 
 
 def wait_until(predicate, timeout: float = 60.0) -> None:
@@ -93,7 +96,7 @@ def test_each_new_version_is_the_example_weighted_mean_devices_sent(
 
 
 def test_admin_service_reports_versions_and_rounds(server_factory, device_threads) -> None:
-    server = server_factory(rounds=1, admin_token="s3cret")
+    server = server_factory(rounds=1, admin_token="s3cret", min_clients=3)
     device_threads(server, 3)
     assert server.coordinator.wait_finished(timeout=90)
     with grpc.insecure_channel(server.address) as channel:
@@ -126,7 +129,8 @@ def test_admin_service_reports_versions_and_rounds(server_factory, device_thread
 def test_device_dying_mid_round_does_not_block_it(
     server_factory, device_threads, raw_device
 ) -> None:
-    server = server_factory(rounds=2, round_deadline=3.0, selection_window=0.5)
+    # round 1 starts the moment all three are in; the window only delays round 2 (two left)
+    server = server_factory(rounds=2, round_deadline=3.0, selection_window=5.0)
     doomed = raw_device(server)
     got: list[pb.CheckInResponse] = []
     poll = threading.Thread(target=lambda: got.append(doomed.check_in(10_000)))
@@ -171,6 +175,52 @@ def test_health_and_reflection_are_served(server_factory) -> None:
         )
         names = {s.name for s in resp.list_services_response.service}
         assert {"xeno.fl.v1.Federation", "xeno.fl.v1.Admin", "grpc.health.v1.Health"} <= names
+        # the health contract docs/protocol.md 13 spells out is the one the server serves
+        [resp] = list(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=HEALTH)])
+            )
+        )
+        served = descriptor_pb2.FileDescriptorProto.FromString(
+            resp.file_descriptor_response.file_descriptor_proto[0]
+        )
+        assert served.package == "grpc.health.v1"
+        methods = {
+            m.name: (m.input_type, m.output_type, m.server_streaming)
+            for m in served.service[0].method
+        }
+        request, response = (
+            ".grpc.health.v1.HealthCheckRequest",
+            ".grpc.health.v1.HealthCheckResponse",
+        )
+        assert methods == {
+            "Check": (request, response, False),
+            "Watch": (request, response, True),
+            "List": (
+                ".grpc.health.v1.HealthListRequest",
+                ".grpc.health.v1.HealthListResponse",
+                False,
+            ),
+        }
+        messages = {m.name: m for m in served.message_type}
+        assert [(f.name, f.number) for f in messages["HealthCheckRequest"].field] == [
+            ("service", 1)
+        ]
+        [status] = messages["HealthCheckResponse"].field
+        assert (status.name, status.number) == ("status", 1)
+        [enum] = messages["HealthCheckResponse"].enum_type
+        assert [(v.name, v.number) for v in enum.value] == [
+            ("UNKNOWN", 0),
+            ("SERVING", 1),
+            ("NOT_SERVING", 2),
+            ("SERVICE_UNKNOWN", 3),
+        ]
+        assert [(f.name, f.number) for f in messages["HealthListResponse"].field] == [
+            ("statuses", 1)
+        ]
+        with pytest.raises(grpc.RpcError) as err:  # in the proto, not served (documented)
+            health.List(health_pb2.HealthListRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.slow

@@ -156,7 +156,9 @@ def harness(server_factory, tmp_path):
         overrides.setdefault("min_clients", 2)
         overrides.setdefault("secagg_phase_timeout", 2.0)
         overrides.setdefault("eval_data", "none")
-        overrides.setdefault("selection_window", 0.3)
+        # every test's n devices check in together: the round starts the moment all n are
+        # in (the window only matters with fewer, so a slow thread is never left out)
+        overrides.setdefault("selection_window", 10.0)
         server = server_factory(recorder=recorder, secagg=True, **overrides)
         h = Harness(server, tmp_path)
         h.enroll(n)
@@ -264,7 +266,7 @@ def test_a_device_that_uploaded_learns_its_round_completed_without_its_shares(
     harness, phase: str
 ) -> None:
     """The race of a slow device: the others unmask the sum and the round closes first."""
-    h = harness(5)  # complete graph, threshold 3: four devices' shares suffice
+    h = harness(5, min_clients=5)  # complete graph, threshold 3: four devices' shares suffice
     updates, weights = make_updates(h.server, 5, seed=2)
     gate = threading.Event()
 
