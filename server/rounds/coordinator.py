@@ -46,7 +46,7 @@ from server.privacy import (
     budget_message,
 )
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
-from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store
+from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store, SupersededError
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
@@ -749,6 +749,7 @@ class RoundCoordinator:
             return
         if self._privacy_budget_exhausted(min(count, self.config.cohort_size)):
             return
+        self._follow_head()
         chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
         for dev in chosen:
             del self._available[dev]
@@ -786,6 +787,21 @@ class RoundCoordinator:
         for listener in self._start_listeners:
             listener(round_id)
         self._cond.notify_all()
+
+    def _follow_head(self) -> None:
+        """Train from the store's head: a rollback or a pushed version moves it under us."""
+        model = self.store.get_model(self.model_name)
+        if model is None or model.current_version == self.model.current_version:
+            return
+        self._vector = self.store.load_version(self.model_name, model.current_version)
+        self.strategy.initialize(self._vector)
+        log.info(
+            "model %s: head moved from version %d to %d outside the rounds; training from it",
+            self.model_name,
+            self.model.current_version,
+            model.current_version,
+        )
+        self.model = model
 
     def privacy_account(self) -> PrivacyAccount:
         delta = self.config.user_dp.delta if self.config.user_dp else 1e-5
@@ -946,9 +962,12 @@ class RoundCoordinator:
                         next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
                         metrics["dp_clip_next"] = next_clip
                         metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
-                version = self.store.complete_round(
-                    self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
-                )
+                try:
+                    version = self.store.complete_round(
+                        self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
+                    )
+                except SupersededError as exc:
+                    reason = str(exc)
         if version is None:
             self.store.fail_round(rnd.id, reason, seconds, participants)
             log.warning(
