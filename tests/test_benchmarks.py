@@ -43,3 +43,12 @@ def test_secagg_benchmark_reports_a_correct_round() -> None:
     )
     assert line["correct"] is True
     assert isinstance(line["server_cpu_s"], float)
+
+
+@pytest.mark.slow
+def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
+    line = _json_line("benchmarks/intents.py", "--overhead-only", "--repeats", "1")
+    assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
+    seconds = line["dp_sgd_epoch_seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "ratio", "hooks_ratio"}
