@@ -46,6 +46,16 @@ def test_secagg_benchmark_reports_a_correct_round() -> None:
 
 
 @pytest.mark.slow
+def test_poisoning_benchmark_reports_every_run() -> None:
+    line = _json_line(
+        "benchmarks/poisoning.py", "--devices", "4", "--rounds", "1", "--strategies", "median"
+    )
+    accuracy = line["accuracy"]
+    assert isinstance(accuracy, dict)
+    assert set(accuracy["median"]) == {"clean", "scaled", "sign-flipped"}
+
+
+@pytest.mark.slow
 def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
     line = _json_line("benchmarks/intents.py", "--overhead-only", "--repeats", "1")
     assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
