@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "ModelSpec", "build_model", "mlp_for_params", "num_parameters"]
+__all__ = [
+    "ARCHITECTURES",
+    "ModelSpec",
+    "build_model",
+    "infer_spec",
+    "mlp_for_params",
+    "num_parameters",
+]
 
 
 class MLP(nn.Module):
@@ -84,3 +91,28 @@ def mlp_for_params(target: int, input_dim: int = 64, num_classes: int = 10) -> M
     return ModelSpec(
         "mlp", {"input_dim": input_dim, "hidden": [hidden], "num_classes": num_classes}
     )
+
+
+def infer_spec(state: Any) -> ModelSpec | None:
+    """The zoo spec whose model has exactly this state dict's names and shapes, if any."""
+    names = list(state)
+    if not names or len(names) % 2 or not all(n.startswith("net.") for n in names):
+        return None
+    weights = [state[n] for n in names if n.endswith(".weight")]
+    if len(weights) * 2 != len(names) or any(w.dim() != 2 for w in weights):
+        return None
+    spec = ModelSpec(
+        "mlp",
+        {
+            "input_dim": int(weights[0].shape[1]),
+            "hidden": [int(w.shape[0]) for w in weights[:-1]],
+            "num_classes": int(weights[-1].shape[0]),
+        },
+    )
+    try:
+        reference = build_model(spec).state_dict()
+    except Exception:
+        return None
+    if list(reference) != names or any(reference[n].shape != state[n].shape for n in names):
+        return None
+    return spec

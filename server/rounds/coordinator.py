@@ -51,6 +51,7 @@ from server.store import (
     ParticipantRecord,
     PrivacyRecord,
     Store,
+    SupersededError,
     describe_error,
     retry_transient,
 )
@@ -858,6 +859,8 @@ class RoundCoordinator:
         try:
             if self._privacy_budget_exhausted(len(chosen)):
                 return
+            self._follow_head()
+            version = self.model.current_version
             number = self.store.next_round_number(self.model_name)
             self.store.start_round(self.model_name, round_id, number, version, len(chosen))
         except Exception as error:
@@ -911,6 +914,21 @@ class RoundCoordinator:
         for listener in self._start_listeners:
             listener(round_id)
         self._cond.notify_all()
+
+    def _follow_head(self) -> None:
+        """Train from the store's head: a rollback or a pushed version moves it under us."""
+        model = self.store.get_model(self.model_name)
+        if model is None or model.current_version == self.model.current_version:
+            return
+        self._vector = self.store.load_version(self.model_name, model.current_version)
+        self.strategy.initialize(self._vector)
+        log.info(
+            "model %s: head moved from version %d to %d outside the rounds; training from it",
+            self.model_name,
+            self.model.current_version,
+            model.current_version,
+        )
+        self.model = model
 
     def privacy_account(self) -> PrivacyAccount:
         delta = self.config.user_dp.delta if self.config.user_dp else 1e-5
@@ -1033,6 +1051,8 @@ class RoundCoordinator:
                 )
                 self.store_error = ""
                 self._results_failing = None
+            except SupersededError as error:
+                reason = str(error)
             except Exception as error:
                 self.store_error = describe_error(error)
                 if self._results_failing is None:

@@ -26,9 +26,11 @@ from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
 from server.store.models import (
+    AbTestRow,
     BlobRow,
     DeviceRow,
     ModelRow,
+    ModelTagRow,
     ModelVersionRow,
     PrivacyLedgerRow,
     RoundParticipantRow,
@@ -41,6 +43,7 @@ __all__ = [
     "ParticipantRecord",
     "PrivacyRecord",
     "Store",
+    "SupersededError",
     "describe_error",
     "is_transient",
     "retry_transient",
@@ -103,6 +106,10 @@ def retry_transient(
 
 class CorruptBlobError(RuntimeError):
     """A stored blob does not match its SHA-256 address."""
+
+
+class SupersededError(RuntimeError):
+    """A round's result would land on a head that moved meanwhile (a rollback, a new version)."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,10 @@ class Store:
             return {row[0]: (row[1], row[2]) for row in rows}
 
     # blobs -----------------------------------------------------------------
+    def put_blob(self, s: Session, data: bytes) -> str:
+        """Add data as a content-addressed blob inside the caller's transaction; its SHA-256."""
+        return self._put_blob(s, data)
+
     def _put_blob(self, s: Session, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if s.get(BlobRow, digest) is None:
@@ -308,6 +319,7 @@ class Store:
                     metrics={},
                     description="initial weights",
                     created_at=now,
+                    created_by="server",
                 )
             )
             return _model_record(row)
@@ -334,6 +346,60 @@ class Store:
                     .order_by(ModelVersionRow.version)
                 )
             )
+
+    def protected_versions(self, name: str) -> set[int]:
+        """Versions retention never deletes: the head, every tagged version, every A/B-tested one.
+
+        The one rule shared by `prune` (server/lifecycle) and the server's own retention.
+        """
+        with self.session() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if model is None:
+                return set()
+            return self._protected(s, model)
+
+    @staticmethod
+    def _protected(s: Session, model: ModelRow) -> set[int]:
+        keep = {model.current_version}
+        keep.update(s.scalars(select(ModelTagRow.version).where(ModelTagRow.model_id == model.id)))
+        keep.update(s.scalars(select(AbTestRow.version_a).where(AbTestRow.model_a_id == model.id)))
+        keep.update(s.scalars(select(AbTestRow.version_b).where(AbTestRow.model_b_id == model.id)))
+        return keep
+
+    def prune_versions(self, name: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` versions except protected ones; blobs no version uses.
+
+        Returns the deleted version numbers. One transaction, with the model row locked,
+        so a tag or an A/B test created meanwhile is seen.
+        """
+        if keep < 1:
+            raise ValueError("keep at least one version")
+        with self._session.begin() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            if model is None:
+                raise KeyError(f"no model {name!r}")
+            rows = s.scalars(
+                select(ModelVersionRow)
+                .where(ModelVersionRow.model_id == model.id)
+                .order_by(ModelVersionRow.version.desc())
+            ).all()
+            protected = self._protected(s, model)
+            doomed = [r for r in rows[keep:] if r.version not in protected]
+            digests = {r.blob_sha256 for r in doomed}
+            for r in doomed:
+                s.delete(r)
+            s.flush()
+            if digests:
+                used = set(
+                    s.scalars(
+                        select(ModelVersionRow.blob_sha256).where(
+                            ModelVersionRow.blob_sha256.in_(digests)
+                        )
+                    )
+                )
+                for digest in digests - used:
+                    s.delete(s.get(BlobRow, digest))
+            return sorted(r.version for r in doomed)
 
     # rounds ----------------------------------------------------------------
     def next_round_number(self, name: str) -> int:
@@ -444,9 +510,10 @@ class Store:
             if rnd.status != "running":
                 raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
             if model.current_version != rnd.base_version:
-                raise RuntimeError(
-                    f"round {round_id} trained version {rnd.base_version} but the model is at "
-                    f"version {model.current_version}; its result is not applied"
+                raise SupersededError(
+                    f"superseded: the round trained version {rnd.base_version}, but the head "
+                    f"moved to version {model.current_version} (a rollback or a new version) "
+                    "during the round; its update was not applied"
                 )
             digest = self._put_blob(s, wire)
             version = model.current_version + 1
@@ -461,6 +528,7 @@ class Store:
                     metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",
                     created_at=now,
+                    created_by="federation",
                 )
             )
             model.current_version = version
