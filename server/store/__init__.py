@@ -9,13 +9,16 @@ leaves either all of it or none.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, select, text, update
+from sqlalchemy import Engine, create_engine, event, exc, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
@@ -41,12 +44,64 @@ __all__ = [
     "PrivacyRecord",
     "Store",
     "SupersededError",
+    "describe_error",
+    "is_transient",
+    "retry_transient",
     "utcnow",
 ]
 
 
+log = logging.getLogger("xeno.server.store")
+T = TypeVar("T")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed database call may succeed when tried again.
+
+    Lost or refused connections, a server restarting, SQLite's "database is
+    locked" and "database or disk is full" (space can be freed), pool timeouts.
+    Integrity errors and programming errors are not: trying again cannot help.
+    """
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for logs and failure reasons: the error's type and first line, no SQL, no URL."""
+    inner = getattr(error, "orig", None) or error
+    first = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    return f"{type(inner).__name__}: {first}"[:300] if first else type(inner).__name__
+
+
+def retry_transient(
+    call: Callable[[], T],
+    budget_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    base_s: float = 0.05,
+) -> T:
+    """call(), tried again with exponential backoff while it fails transiently, for budget_s.
+
+    Only safe for calls that are idempotent or that commit nothing when they fail:
+    every write of the round coordinator is (see Store.complete_round).
+    """
+    deadline = time.monotonic() + budget_s
+    delay = base_s
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            left = deadline - time.monotonic()
+            if not is_transient(error) or left <= 0:
+                raise
+            log.warning("%s failed (%s); retrying in %.2fs", what, describe_error(error), delay)
+            sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
 
 
 class CorruptBlobError(RuntimeError):
@@ -116,7 +171,10 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    args: dict[str, Any] = {}
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        args["connect_timeout"] = 5  # an unreachable server must not hang a round for minutes
+    return create_engine(url, pool_pre_ping=True, connect_args=args)
 
 
 class Store:
@@ -128,6 +186,14 @@ class Store:
         self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def local_dir(self) -> str | None:
+        """The folder of a SQLite database file (None for in-memory and server databases)."""
+        database = self.engine.url.database
+        if self.engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return None
+        return str(Path(database).resolve().parent)
 
     def create_schema(self) -> None:
         """Bring the schema to the newest migration (creating it in an empty database)."""
@@ -376,11 +442,17 @@ class Store:
 
     def fail_round(
         self, round_id: str, reason: str, seconds: float, participants: list[ParticipantRecord]
-    ) -> None:
+    ) -> int | None:
+        """Mark a running round failed. Idempotent; a round already ended is left as it is.
+
+        Returns the round's version when it had in fact completed: a commit whose
+        acknowledgement was lost (the connection dropped during COMMIT) looks like a
+        failure to the caller, who must then adopt that version, not redo the round.
+        """
         with self._session.begin() as s:
             row = s.get(RoundRow, round_id)
-            if row is None:
-                return
+            if row is None or row.status != "running":
+                return row.result_version if row is not None else None
             row.status = "failed"
             row.failure_reason = reason
             row.seconds = seconds
@@ -388,6 +460,7 @@ class Store:
             for key, value in _round_counts(participants).items():
                 setattr(row, key, value)
             s.add_all(_participant_rows(round_id, participants))
+            return None
 
     def fail_running_rounds(self, name: str, reason: str) -> int:
         """Mark rounds left running by a previous process as failed; returns how many."""
@@ -410,13 +483,30 @@ class Store:
         participants: list[ParticipantRecord],
         privacy: PrivacyRecord | None = None,
     ) -> int:
-        """Store the round's new version, its record and its ledger entry in one commit."""
+        """Store the round's new version, its record and its ledger entry in one commit.
+
+        Idempotent: called again for a round it already completed (a retry after a
+        lost acknowledgement), it returns that round's version and writes nothing.
+        The new version's parent must be the round's base version, so a result is
+        never applied on top of a version it was not computed from.
+        """
         now = utcnow()
         with self._session.begin() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
             rnd = s.get(RoundRow, round_id)
             if model is None or rnd is None:
                 raise KeyError(f"unknown model {name!r} or round {round_id!r}")
+            wire = to_wire(new_weights)
+            if rnd.status == "completed" and rnd.result_version is not None:
+                stored = s.scalar(
+                    select(ModelVersionRow.blob_sha256).where(
+                        ModelVersionRow.model_id == model.id,
+                        ModelVersionRow.version == rnd.result_version,
+                    )
+                )
+                if stored == hashlib.sha256(wire).hexdigest():
+                    return rnd.result_version  # this very result, committed before
+                raise RuntimeError(f"round {round_id} was already completed with other weights")
             if rnd.status != "running":
                 raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
             if model.current_version != rnd.base_version:
@@ -425,7 +515,7 @@ class Store:
                     f"moved to version {model.current_version} (a rollback or a new version) "
                     "during the round; its update was not applied"
                 )
-            digest = self._put_blob(s, to_wire(new_weights))
+            digest = self._put_blob(s, wire)
             version = model.current_version + 1
             counts = _round_counts(participants)
             s.add(
