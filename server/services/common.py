@@ -16,10 +16,16 @@ audit = logging.getLogger("xeno.audit")
 DEVICE_ID_KEY = "x-xeno-device-id"
 AUTHORIZATION_KEY = "authorization"
 
-_CODES = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
+_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind
+}
 
 
-def metadata_value(context: grpc.ServicerContext, key: str) -> str:
+def status_of(kind: ErrorKind) -> grpc.StatusCode:
+    return _CODES[kind]
+
+
+def metadata_value(context: Any, key: str) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == key:
             return v if isinstance(v, str) else v.decode()
@@ -31,7 +37,7 @@ def bearer_token(value: str) -> str:
     return value[len(prefix) :] if value.lower().startswith(prefix) else ""
 
 
-def device_id_of(context: grpc.ServicerContext) -> str:
+def device_id_of(context: Any) -> str:
     """The device id the auth interceptor already verified."""
     return metadata_value(context, DEVICE_ID_KEY)
 
@@ -41,7 +47,7 @@ def device_id_of(context: grpc.ServicerContext) -> str:
 _ROUTINE = {ErrorKind.FAILED_PRECONDITION, ErrorKind.NOT_FOUND, ErrorKind.UNAVAILABLE}
 
 
-def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, device: str) -> NoReturn:
+def _audit_refusal(error: FederationError, rpc: str, device: str) -> None:
     audit.log(
         logging.INFO if error.kind in _ROUTINE else logging.WARNING,
         "refused %s from device %s: %s %s",
@@ -51,13 +57,28 @@ def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, devic
         error.message,
         extra={"device_id": device or None, "status": error.kind.value},
     )
+
+
+def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, device: str) -> NoReturn:
+    _audit_refusal(error, rpc, device)
     context.abort(_CODES[error.kind], error.message)
     raise AssertionError("unreachable: context.abort raises")
 
 
+async def abort_async(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    error: FederationError,
+    rpc: str,
+    device: str,
+) -> NoReturn:
+    _audit_refusal(error, rpc, device)
+    await context.abort(_CODES[error.kind], error.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
 def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        await context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny)
@@ -68,7 +89,7 @@ def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
     """Checks bearer credentials on every call of the protected services.
 
     Device calls need `x-xeno-device-id` and `authorization: Bearer <token>`
@@ -86,11 +107,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         self._admin_token = admin_token
         self._open = open_methods
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
     ) -> Any:
         method: str = handler_call_details.method
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or method in self._open:
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
