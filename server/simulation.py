@@ -186,6 +186,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         data_seed=config.seed,
                         seed=config.seed * 1000 + i,
                         device_key_file=device_key,
+                        # The simulation's operator owns its devices: they run plain
+                        # rounds exactly when the server is started without secagg.
+                        allow_plaintext=not config.secagg,
                     ),
                 ),
                 name=f"device-{i}",

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import grpc
 
 from server.errors import Change, FederationError, Pending
-from server.services.common import status_of
+from server.services.common import AuthenticatedContext, status_of
 
 log = logging.getLogger("xeno.server.aio")
 
@@ -127,6 +127,13 @@ class SyncContext:
         return getattr(self._context, name)
 
 
+def sync_view(context: Any) -> Any:
+    """The context a plain-function method gets, keeping the identity auth attached."""
+    if isinstance(context, AuthenticatedContext):
+        return AuthenticatedContext(SyncContext(context._context), context.device_id)
+    return SyncContext(context)
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: FederationError) -> None:  # type: ignore[type-arg]
     await context.abort(status_of(error.kind), error.message)
 
@@ -134,7 +141,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: FederationError) 
 def _unary(behavior: Callable[..., Any], runner: Runner) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         try:
-            return await runner.call(behavior, request, SyncContext(context))
+            return await runner.call(behavior, request, sync_view(context))
         except AbortRpc as abort:
             await context.abort(abort.code, abort.details)
         except FederationError as err:  # a Pending that expired

@@ -25,7 +25,6 @@ from typing import Any
 import grpc
 
 from server.limits import CallLimit, Refusal, TokenBuckets
-from server.services.common import DEVICE_ID_KEY
 
 audit = logging.getLogger("xeno.audit")
 
@@ -125,7 +124,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
             if method == REGISTER:
                 key = request.identity_public_key.hex() if request is not None else ""
             else:
-                key = dict(context.invocation_metadata() or ()).get(DEVICE_ID_KEY, "")
+                key = getattr(context, "device_id", "")  # set by the auth interceptor
             if key:
                 return self._device[method].take(str(key))
         return None
