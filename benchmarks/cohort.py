@@ -122,7 +122,8 @@ def worker(
         try:
             device.run(update, weight)
         except grpc.RpcError as err:  # report it, and never leave the driver waiting
-            print(f"device {i} in {device.step}: {err.code().name} {err.details()}", file=sys.stderr)
+            why = f"{err.code().name} {err.details()}"
+            print(f"device {i} in {device.step}: {why}", file=sys.stderr)
             ok = False
         except Exception as exc:
             print(f"device {i} in {device.step}: {exc!r}", file=sys.stderr)

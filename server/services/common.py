@@ -37,6 +37,12 @@ def status_of(kind: ErrorKind) -> grpc.StatusCode:
     return _CODES[kind]
 
 
+def status_code(kind: ErrorKind) -> grpc.StatusCode:
+    """The gRPC status a domain refusal of this kind maps to."""
+    code: grpc.StatusCode = _CODES[kind]
+    return code
+
+
 def bearer_token(value: str) -> str:
     prefix = "bearer "
     return value[len(prefix) :] if value.lower().startswith(prefix) else ""
