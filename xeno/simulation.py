@@ -166,7 +166,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     events: queue.Queue[RoundSummary] = queue.Queue()
     server.coordinator.add_listener(events.put)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "server.simulation"])
+    ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "xeno.simulation"])
     result = SimulationResult(db=config.db, model=config.model)
     with tempfile.TemporaryDirectory(prefix="xeno-sim-") as state_root:
         device_key = str(Path(state_root) / "device.key")
