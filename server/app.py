@@ -35,10 +35,11 @@ from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
-from server.rounds import RoundConfig, RoundCoordinator, check_strategy
+from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
 from server.services.admin import AdminServicer
 from server.services.aio import Changes, Runner, capture_handlers, register_servicer
 from server.services.common import AuthInterceptor
@@ -566,6 +567,11 @@ class XenoServer:
         self.coordinator.add_listener(
             lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
         )
+        # Rounds feed the performance history off the round driver's thread, in order.
+        self.performance = PerformanceLog(self.store)
+        self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
+        self.metrics.set_alerts(self.performance.alert_counts(config.model))
+        self.coordinator.add_listener(self._queue_tracking)
         if config.dp != "none":  # a restarted server reports what the ledger already holds
             self.metrics.epsilon.labels(config.model).set(
                 self.coordinator.privacy_account().epsilon
@@ -629,6 +635,16 @@ class XenoServer:
             self._loop_thread.join(timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _queue_tracking(self, summary: RoundSummary) -> None:
+        self._tracking.submit(self._track_round, summary)
+
+    def _track_round(self, summary: RoundSummary) -> None:
+        try:
+            self.performance.record_round(self.config.model, summary)
+            self.metrics.set_alerts(self.performance.alert_counts(self.config.model))
+        except Exception:
+            log.exception("recording the performance of round %d failed", summary.number)
+
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
@@ -678,6 +694,7 @@ class XenoServer:
         self._on_loop(self.health.enter_graceful_shutdown())
         self.coordinator.stop()
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
+        self._tracking.shutdown(wait=True)
         self._shutdown_loop()
         self.store.close()
 

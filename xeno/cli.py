@@ -243,6 +243,20 @@ def _add_lifecycle_commands(admin_sub: Any) -> None:
     )
     _model_flag(q)
     q.add_argument("--keep", type=int, default=3, help="newest versions to keep (default: 3)")
+    q = admin_sub.add_parser(
+        "alerts",
+        help="degradation alerts: a degrading trend, or a value k standard deviations worse "
+        "than its recent baseline",
+    )
+    q.add_argument("--model", default="", help="only this model (default: all)")
+    q.add_argument("--metric", default="", help="only this metric")
+    q.add_argument("--limit", type=int, default=100, help="newest N (default: 100)")
+    q = admin_sub.add_parser(
+        "trend", help="a metric's trend: Mann-Kendall test and Theil-Sen slope"
+    )
+    _model_flag(q)
+    q.add_argument("metric", help="e.g. accuracy, loss, round_seconds")
+    q.add_argument("--window", type=int, default=0, help="newest N values (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,7 +386,7 @@ def _admin(args: argparse.Namespace) -> int:
         return _privacy_report(
             call("GetPrivacyReport", pb.GetPrivacyReportRequest(model_name=args.model)), args.json
         )
-    if args.admin_command in ("show", "rollback", "compare", "tag", "prune"):
+    if args.admin_command in ("show", "rollback", "compare", "tag", "prune", "alerts", "trend"):
         return _admin_lifecycle(args, call)
     rows: list[tuple[Any, ...]]
     cols: tuple[str, ...]
@@ -450,6 +464,8 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
+    from datetime import UTC, datetime
+
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
     from rich.table import Table
@@ -496,6 +512,16 @@ def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
                 operator=args.operator,
             ),
         )
+    elif cmd == "alerts":
+        resp = call(
+            "ListAlerts",
+            pb.ListAlertsRequest(model_name=args.model, metric=args.metric, limit=args.limit),
+        )
+    elif cmd == "trend":
+        resp = call(
+            "GetTrend",
+            pb.GetTrendRequest(model_name=args.model, metric=args.metric, window=args.window),
+        )
     else:
         if args.keep < 1:
             print(f"error: --keep must be at least 1, got {args.keep}", file=sys.stderr)
@@ -540,6 +566,31 @@ def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
     elif cmd == "tag":
         verb = "removed from" if args.remove else "now points at"
         console.print(f"model {args.model}: tag {args.tag!r} {verb} version {resp.version}")
+    elif cmd == "alerts":
+        table = Table(title="performance alerts, newest first")
+        for col in ("time", "model", "metric", "kind", "value", "baseline", "message"):
+            table.add_column(col, overflow="fold")
+        for a in resp.alerts:
+            when = datetime.fromtimestamp(a.created_unix_ms / 1000, UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            table.add_row(
+                when,
+                a.model_name,
+                a.metric,
+                a.kind,
+                f"{a.value:.6g}",
+                f"{a.baseline:.6g}",
+                a.message,
+            )
+        console.print(table if resp.alerts else "no alerts")
+    elif cmd == "trend":
+        console.print(
+            f"{args.metric} of {args.model}: [bold]{resp.trend}[/bold] ({resp.direction} is "
+            f"better; n {resp.n}, Kendall tau {resp.tau:.3f}, p {resp.p_value:.3g}, Theil-Sen "
+            f"slope {resp.slope:.4g} per value, "
+            f"95% CI [{resp.slope_low:.4g}, {resp.slope_high:.4g}])"
+        )
     else:
         deleted = ", ".join(str(v) for v in resp.deleted) or "none"
         console.print(f"model {args.model}: deleted versions {deleted}")

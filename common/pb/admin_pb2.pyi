@@ -303,3 +303,67 @@ class PruneVersionsResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, deleted: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("model_name", "metric", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AlertInfo(_message.Message):
+    __slots__ = ("model_name", "metric", "kind", "value", "baseline", "message", "created_unix_ms")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    kind: str
+    value: float
+    baseline: float
+    message: str
+    created_unix_ms: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., kind: _Optional[str] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ..., message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[AlertInfo]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[AlertInfo, _Mapping]]] = ...) -> None: ...
+
+class GetTrendRequest(_message.Message):
+    __slots__ = ("model_name", "metric", "window")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    window: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., window: _Optional[int] = ...) -> None: ...
+
+class TrendInfo(_message.Message):
+    __slots__ = ("trend", "direction", "n", "tau", "p_value", "slope", "slope_low", "slope_high")
+    TREND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_LOW_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    trend: str
+    direction: str
+    n: int
+    tau: float
+    p_value: float
+    slope: float
+    slope_low: float
+    slope_high: float
+    def __init__(self, trend: _Optional[str] = ..., direction: _Optional[str] = ..., n: _Optional[int] = ..., tau: _Optional[float] = ..., p_value: _Optional[float] = ..., slope: _Optional[float] = ..., slope_low: _Optional[float] = ..., slope_high: _Optional[float] = ...) -> None: ...

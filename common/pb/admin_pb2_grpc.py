@@ -79,6 +79,16 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ListAlerts',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.GetTrend = channel.unary_unary(
+                '/xeno.fl.v1.Admin/GetTrend',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -145,6 +155,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Degradation alerts of the performance tracker, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrend(self, request, context):
+        """The Mann-Kendall / Theil-Sen trend of a recorded metric.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +216,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PruneVersions,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'GetTrend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrend,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +471,60 @@ class Admin:
             '/xeno.fl.v1.Admin/PruneVersions',
             xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ListAlerts',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/GetTrend',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
             options,
             channel_credentials,
             insecure,

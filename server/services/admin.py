@@ -14,6 +14,7 @@ import grpc
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
 from server.errors import FederationError
+from server.lifecycle.performance import PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.privacy import privacy_report
 from server.services.common import status_code
@@ -31,6 +32,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self.store = store
         self.privacy_budget = privacy_budget
         self.versions = VersionControl(store)
+        self.performance = PerformanceLog(store)
 
     @staticmethod
     def _run(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
@@ -215,6 +217,50 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 )
                 for d in report.devices
             ],
+        )
+
+    def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAlertsResponse:
+        alerts = self._run(
+            context,
+            lambda: self.performance.alerts(
+                request.model_name or None, request.metric or None, request.limit or 100
+            ),
+        )
+        return pb.ListAlertsResponse(
+            alerts=[
+                pb.AlertInfo(
+                    model_name=a.model_name,
+                    metric=a.metric,
+                    kind=a.kind,
+                    value=a.value,
+                    baseline=a.baseline,
+                    message=a.message,
+                    created_unix_ms=_ms(a.created_at),
+                )
+                for a in alerts
+            ]
+        )
+
+    def GetTrend(self, request: pb.GetTrendRequest, context: grpc.ServicerContext) -> pb.TrendInfo:
+        if request.window < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "window must be >= 0 (0: all)")
+        r = self._run(
+            context,
+            lambda: self.performance.trend(
+                request.model_name, request.metric, request.window or None
+            ),
+        )
+        return pb.TrendInfo(
+            trend=r.trend.value,
+            direction=r.direction.value,
+            n=r.n,
+            tau=r.tau,
+            p_value=r.p_value,
+            slope=r.slope,
+            slope_low=r.slope_low,
+            slope_high=r.slope_high,
         )
 
 
