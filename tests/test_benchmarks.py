@@ -62,3 +62,11 @@ def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
     seconds = line["dp_sgd_epoch_seconds"]
     assert isinstance(seconds, dict)
     assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "ratio", "hooks_ratio"}
+
+
+@pytest.mark.slow
+def test_robust_benchmark_times_every_rule() -> None:
+    line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
+    seconds = line["seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
