@@ -36,7 +36,7 @@ import numpy as np
 from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import ErrorKind, FederationError
+from server.errors import Change, ErrorKind, FederationError, Pending
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -46,10 +46,21 @@ from server.privacy import (
     budget_message,
 )
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
-from server.store import ModelRecord, OptimizerState, ParticipantRecord, PrivacyRecord, Store
+from server.store import (
+    ModelRecord,
+    OptimizerState,
+    ParticipantRecord,
+    PrivacyRecord,
+    Store,
+    SupersededError,
+    describe_error,
+    retry_transient,
+)
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
+_RETRY_BASE_S = 0.1
+_RETRY_CAP_S = 2.0
 audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
@@ -90,6 +101,10 @@ class RoundConfig:
     dp_sgd_max_grad_norm: float = 1.0
     dp_sgd_target_epsilon: float = 0.0
     dp_sgd_delta: float = 1e-5
+    # A write that fails transiently is tried again for this long before the round fails.
+    store_retry_s: float = 3.0
+    # How far past its deadlines the driver may lag before health reports NOT_SERVING.
+    stall_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -238,6 +253,30 @@ class RoundSummary:
     failure_reason: str = ""
 
 
+@dataclass(frozen=True)
+class _Result:
+    """What a round would produce: kept until its commit is known to have happened or not."""
+
+    vector: np.ndarray
+    strategy_state: dict[str, np.ndarray]
+    clip: float
+    metrics: dict[str, float]
+    privacy: PrivacyRecord | None
+
+
+@dataclass
+class _Unsettled:
+    """A round that ended while the database did not answer: its end is written later."""
+
+    round_id: str
+    number: int
+    reason: str
+    seconds: float
+    participants: list[ParticipantRecord]
+    since: float
+    result: _Result | None = None
+
+
 @dataclass
 class _Round:
     id: str
@@ -258,6 +297,7 @@ class _Round:
     secagg_task: SecAggTask | None = None
     clip: float = 0.0  # the user-level DP clip of this round
     inside_clip: int = 0  # central DP: updates that were inside the clip
+    sessions: set[UploadSession] = field(default_factory=set)  # uploads in progress
     # Robust strategies: the round's accepted updates, one row each (allocated on first use).
     updates: np.ndarray | None = None
     kept: int = 0
@@ -315,8 +355,10 @@ class RoundCoordinator:
         # Devices blocked in a secure-aggregation phase wait here, woken only when a phase
         # changes: waking every waiting device on every submission costs O(n^2) wake-ups.
         self._phase_cond = threading.Condition(lock)
+        # Free staging buffers (guarded by the lock). An upload takes one at its first data
+        # chunk, not at its header, and gives it back when it ends, idles or its round closes.
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
-        self._staging_free = threading.Semaphore(config.staging_buffers)
+        self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
         self._available_since: float | None = None
         self._round: _Round | None = None
@@ -333,6 +375,17 @@ class RoundCoordinator:
         self._start_listeners: list[Callable[[str], None]] = []
         self._driver: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Rounds whose end could not be written yet; no round starts until they are, since
+        # one of them may have committed a version whose acknowledgement was lost.
+        self._unsettled: dict[str, _Unsettled] = {}
+        self._settle_at = 0.0
+        self._start_at = 0.0
+        self._retry_delay = {"settle": _RETRY_BASE_S, "start": _RETRY_BASE_S}
+        self.store_error = ""  # the last write failure, "" once writes succeed again
+        # Since when results fail to be stored (None once one is): a disk that is full for
+        # the blob but not for the small failure rows fails every round, yet "progresses".
+        self._results_failing: tuple[float, str] | None = None
+        self._heartbeat = clock()
 
         check_strategy(strategy, config)
         model = store.get_model(model_name)
@@ -394,12 +447,48 @@ class RoundCoordinator:
         """Call listener with the id of every round that starts."""
         self._start_listeners.append(listener)
 
+    def add_change_listener(self, listener: Callable[[Change], None]) -> None:
+        """Call listener (from any thread, maybe under the lock) on every `Change`.
+
+        The transport layer uses it to call `Pending` calls again; listeners must
+        only schedule work, never block or call back into the coordinator.
+        """
+        self._change_listeners.append(listener)
+
+    def _signal(self, change: Change) -> None:
+        if change is Change.PHASE:
+            self._phase_cond.notify_all()
+        for listener in self._change_listeners:
+            listener(change)
+
     @property
     def finished(self) -> bool:
         return self._finished
 
+    def check_in_now(self, device_id: str) -> CheckInOutcome | None:
+        """A task for this device or the end of the federation; None: nothing yet.
+
+        Never blocks. The device counts as available for selection; the transport
+        layer long-polls by calling again on each `Change.ROUND` (and at least
+        every second, which keeps the device available), up to the device's wait.
+        """
+        with self._cond:
+            if self._finished:
+                return CheckInOutcome(
+                    finished=True, reason=self.budget_exhausted or "the federation has finished"
+                )
+            task = self._task_for(device_id)
+            if task is not None:
+                return task
+            self._mark_available(device_id, self.clock())
+            return None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
-        """Long poll: a task for this device, or when to come back."""
+        """Long poll blocking this thread: a task for this device, or when to come back."""
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
         with self._cond:
             give_up = self.clock() + wait
@@ -498,8 +587,8 @@ class RoundCoordinator:
             if num_examples < 1:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "num_examples must be at least 1")
             participant.status = Status.UPLOADING
-        weight = min(num_examples, self.config.max_examples_weight)
-        return self._staged_session(UploadSession, rnd, participant, total_bytes, weight)
+            weight = min(num_examples, self.config.max_examples_weight)
+            return self._staged_session(UploadSession, rnd, participant, total_bytes, weight)
 
     def _staged_session(
         self,
@@ -509,20 +598,35 @@ class RoundCoordinator:
         total_bytes: int,
         weight: int,
     ) -> UploadSession:
-        # Waiting for a staging buffer must not hold the lock: it is backpressure on the stream.
-        deadline = max(rnd.deadline, rnd.secagg.phase_deadline if rnd.secagg else 0.0)
-        if not self._staging_free.acquire(timeout=max(1.0, deadline - self.clock())):
-            with self._cond:
-                if participant.status is Status.UPLOADING:
-                    participant.status = Status.SELECTED
-                if rnd.secagg is not None:
-                    rnd.secagg.end_upload(participant.device_id, None)
-            raise FederationError(ErrorKind.UNAVAILABLE, "server busy staging uploads; retry")
+        """A session without a buffer yet (call under the lock): a header alone holds none."""
+        session = kind(self, rnd, participant, total_bytes, weight)
+        rnd.sessions.add(session)
+        return session
+
+    def _take_staging(self, session: UploadSession) -> np.ndarray:
+        """A free staging buffer for the session's first data chunk; Pending when none is free.
+
+        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
+        the stream, bounded by the round's (or phase's) deadline.
+        """
         with self._cond:
+            rnd = session.round
+            if self._round is not rnd or rnd.closing:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"round {rnd.id} closed before the upload completed; check in again",
+                )
+            if not self._staging:
+                deadline = max(rnd.deadline, rnd.secagg.phase_deadline if rnd.secagg else 0.0)
+                raise Pending(
+                    Change.STAGING,
+                    max(1.0, deadline - self.clock()),
+                    "server busy staging uploads; retry",
+                )
             buffer = self._staging.pop()
         if buffer.size < self.model.manifest.total_elements + 1:
             buffer = np.empty(self.model.manifest.total_elements + 1, dtype=WIRE_DTYPE)
-        return kind(self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer)
+        return buffer
 
     def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
         with self._cond:
@@ -576,31 +680,44 @@ class RoundCoordinator:
 
     def _advance_secagg(self, secagg: SecAggRound) -> None:
         if secagg.advance(self.clock()):
-            self._phase_cond.notify_all()
+            self._signal(Change.PHASE)
             if secagg.finished:
                 self._cond.notify_all()  # wake the driver to close the round
 
     def _await_phase_end(self, rnd: _Round, secagg: SecAggRound, phase: Phase) -> None:
+        """Return once `phase` has closed; while it is open raise Pending (never block).
+
+        Every phase call submits idempotently and then calls this, so the transport
+        layer can simply call again on `Change.PHASE` without holding a thread for
+        the phase: the submission is repeated harmlessly and the answer returned.
+        """
         self._advance_secagg(secagg)
-        self._phase_cond.wait_for(
-            lambda: secagg.phase is not phase or rnd.closing or self._stopping.is_set(),
-            timeout=max(0.0, secagg.phase_deadline - self.clock()) + 5.0,
-        )
         if secagg.phase is Phase.FAILED:
             raise FederationError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"secure aggregation of round {rnd.id} failed: {secagg.failure}; check in again",
             )
         if secagg.phase is phase:
-            raise FederationError(ErrorKind.UNAVAILABLE, "phase still open; call again")
+            if rnd.closing or self._stopping.is_set():
+                raise FederationError(ErrorKind.UNAVAILABLE, "phase still open; call again")
+            raise Pending(Change.PHASE, max(0.0, secagg.phase_deadline - self.clock()) + 5.0)
 
     def advertise_keys(
         self, device_id: str, round_id: str, keys: DeviceKeys
     ) -> tuple[list[str], list[DeviceKeys], int, int]:
-        """Phase 1: accept signed round keys; once the phase closes, the neighbours' keys."""
+        """Phase 1: accept signed round keys; once the phase closes, the neighbours' keys.
+
+        Idempotent; raises Pending while the phase is open.
+        """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
-            secagg.advertise(device_id, keys)
+            mine = secagg.keys.get(device_id)
+            if secagg.phase is Phase.ADVERTISE or mine is None:
+                secagg.advertise(device_id, keys)
+            elif mine.signature != keys.signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already advertised other round keys"
+                )
             if secagg.phase is Phase.ADVERTISE:
                 self._await_phase_end(rnd, secagg, Phase.ADVERTISE)
             degree = min(secagg.settings.degree, len(secagg.participants) - 1)
@@ -614,10 +731,17 @@ class RoundCoordinator:
     def share_keys(
         self, device_id: str, round_id: str, shares: dict[str, bytes]
     ) -> list[tuple[str, bytes]]:
-        """Phase 2: accept encrypted shares, wait for the phase to close, return mine."""
+        """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
+
+        Idempotent; raises Pending while the phase is open.
+        """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
-            secagg.share(device_id, shares)
+            sent = secagg.shares.get(device_id)
+            if secagg.phase is Phase.SHARE or sent is None:
+                secagg.share(device_id, shares)
+            elif sent != shares:
+                raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
                 self._await_phase_end(rnd, secagg, Phase.SHARE)
             return secagg.shares_for(device_id)
@@ -634,13 +758,14 @@ class RoundCoordinator:
                 )
             secagg.begin_upload(device_id, total_elements)
             participant = rnd.cohort[device_id]
-        return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
+            return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
     def unmask_request(self, device_id: str, round_id: str) -> UnmaskAnswer:
-        """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours.
+        """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
-        A device whose update is in the sum of a round that already completed (the
-        others' shares sufficed) is told so instead of "closed".
+        Raises Pending while the upload phase is open. A device whose update is in the
+        sum of a round that already completed (the others' shares sufficed) is told so
+        instead of "closed".
         """
         with self._cond:
             version = self._completed_with(device_id, round_id)
@@ -682,17 +807,13 @@ class RoundCoordinator:
     def _completed_with(self, device_id: str, round_id: str) -> int | None:
         """The version a closed round produced, if it completed with this device's update.
 
-        A round being closed (aggregation and its commit run outside the lock) may
-        still fail, so the answer waits for the close to end. Called with the lock held.
+        A round being closed (aggregation and its commit run outside the lock) may still
+        fail, so while it closes the call is Pending until the round's end is known.
+        Called with the lock held.
         """
         rnd = self._round
         if rnd is not None and rnd.id == round_id and rnd.closing:
-            self._cond.wait_for(
-                lambda: self._round is not rnd or self._stopping.is_set(),
-                timeout=CLOSE_WAIT_S,
-            )
-            if self._round is rnd:
-                raise FederationError(ErrorKind.UNAVAILABLE, "the round is closing; call again")
+            raise Pending(Change.ROUND, CLOSE_WAIT_S, "the round is closing; call again")
         done = self._completed_uploads.get(round_id)
         if done is not None and device_id in done[1]:
             return done[0]
@@ -701,6 +822,9 @@ class RoundCoordinator:
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
         """Start or close a round when due. Called by the driver thread, or by tests."""
+        stale: list[UploadSession] = []
+        if self._unsettled and not self._settle():
+            return None
         with self._cond:
             if self._finished:
                 return None
@@ -711,25 +835,31 @@ class RoundCoordinator:
                 return None
             if rnd.closing:
                 return None
+            due = True
             if rnd.secagg is not None:
                 if rnd.secagg.advance(now):
-                    self._phase_cond.notify_all()
-                if not rnd.secagg.finished:
-                    return None
+                    self._signal(Change.PHASE)
+                if rnd.secagg.phase not in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
+                    stale = list(rnd.sessions)  # uploads too late to be added
+                due = rnd.secagg.finished
             else:
                 accepted = rnd.count(Status.UPLOADED)
                 pending = rnd.count(Status.SELECTED, Status.UPLOADING)
                 due = accepted >= self.config.clients_per_round or pending == 0
-                if not due and now < rnd.deadline:
-                    return None
-            rnd.closing = True
-        return self._close_round(rnd)
+                due = due or now >= rnd.deadline
+            if due:
+                rnd.closing = True
+        # Outside the lock: a session's lock comes before the coordinator's.
+        for session in stale:
+            session.abort("the upload phase of its round closed")
+        return self._close_round(rnd) if due else None
 
     def start(self, interval_s: float = 0.1) -> None:
         """Run step() in a background thread until stop()."""
 
         def loop() -> None:
             while not self._stopping.is_set():
+                self._heartbeat = self.clock()
                 try:
                     self.step()
                 except Exception:
@@ -737,14 +867,66 @@ class RoundCoordinator:
                 with self._cond:
                     self._cond.wait(interval_s)
 
+        self._heartbeat = self.clock()
         self._driver = threading.Thread(target=loop, name="round-driver", daemon=True)
         self._driver.start()
+
+    def health_problem(self) -> str:
+        """Why the federation is not making progress it should make ("" when it is).
+
+        Lock-free on purpose: the check must answer even while a stuck step holds the
+        lock. Progress is owed when the driver is running, a round is open, or enough
+        devices wait; the allowance is the relevant deadline plus `stall_grace_s`.
+        """
+        if self._stopping.is_set() or self._finished:
+            return ""
+        cfg = self.config
+        grace = cfg.stall_grace_s
+        now = self.clock()
+        driver = self._driver
+        if driver is not None:
+            if not driver.is_alive():
+                return "the round driver thread has died"
+            busy = now - self._heartbeat
+            if busy > cfg.round_deadline_s + grace:
+                return f"the round driver has been stuck in one step for {busy:.0f}s"
+        unsettled = list(self._unsettled.values())
+        if unsettled:
+            waiting = now - min(u.since for u in unsettled)
+            if waiting > grace:
+                return (
+                    f"{len(unsettled)} round end(s) could not be stored for {waiting:.0f}s "
+                    f"({self.store_error or 'database error'}); no round can start"
+                )
+        failing = self._results_failing
+        if failing is not None and now - failing[0] > grace:
+            return f"no round result could be stored for {now - failing[0]:.0f}s ({failing[1]})"
+        rnd = self._round
+        if rnd is not None:
+            end = rnd.deadline
+            if rnd.secagg is not None:
+                end = max(end, rnd.secagg.phase_deadline)
+            late = now - end
+            if late > grace:
+                return f"round {rnd.number} is {late:.0f}s past its deadline"
+            return ""
+        since = self._available_since
+        if since is not None:
+            idle = now - since - cfg.selection_window_s
+            if idle > grace:
+                why = f": {self.store_error}" if self.store_error else ""
+                return (
+                    f"{len(self._available)} device(s) wait but no round has started "
+                    f"for {idle:.0f}s{why}"
+                )
+        return ""
 
     def stop(self) -> None:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-            self._phase_cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
         if self._driver is not None:
             self._driver.join(timeout=10)
 
@@ -825,16 +1007,41 @@ class RoundCoordinator:
         enough = count >= self.config.cohort_size
         if not enough and now - self._available_since < self.config.selection_window_s:
             return
-        if self._privacy_budget_exhausted(min(count, self.config.cohort_size)):
-            return
+        if now < self._start_at:
+            return  # the last start could not be written: back off
         chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
+        round_id = uuid.uuid4().hex
+        version = self.model.current_version
+        number = 0
+        try:
+            if self._privacy_budget_exhausted(len(chosen)):
+                return
+            self._follow_head()
+            version = self.model.current_version
+            number = self.store.next_round_number(self.model_name)
+            self.store.start_round(self.model_name, round_id, number, version, len(chosen))
+        except Exception as error:
+            self.store_error = describe_error(error)
+            delay = self._backoff("start")
+            log.error(
+                "could not start a round (%s); trying again in %.1fs", self.store_error, delay
+            )
+            self._start_at = now + delay
+            if number:  # the start may have committed without our knowing: fail it later
+                self._unsettled[round_id] = _Unsettled(
+                    round_id,
+                    number,
+                    f"the round's start could not be recorded ({self.store_error})",
+                    0.0,
+                    [],
+                    now,
+                )
+            return
+        self.store_error = ""
+        self._retry_delay["start"] = _RETRY_BASE_S
         for dev in chosen:
             del self._available[dev]
         self._available_since = None
-        number = self.store.next_round_number(self.model_name)
-        round_id = uuid.uuid4().hex
-        version = self.model.current_version
-        self.store.start_round(self.model_name, round_id, number, version, len(chosen))
         model_bytes = to_wire(self._vector)
         wall_deadline = time.time() + self.config.round_deadline_s
         self._round = _Round(
@@ -864,6 +1071,23 @@ class RoundCoordinator:
         for listener in self._start_listeners:
             listener(round_id)
         self._cond.notify_all()
+        self._signal(Change.ROUND)
+
+    def _follow_head(self) -> None:
+        """Train from the store's head: a rollback or a pushed version moves it under us."""
+        model = self.store.get_model(self.model_name)
+        if model is None or model.current_version == self.model.current_version:
+            return
+        self._vector = self.store.load_version(self.model_name, model.current_version)
+        self.strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
+        log.info(
+            "model %s: head moved from version %d to %d outside the rounds; training from it",
+            self.model_name,
+            self.model.current_version,
+            model.current_version,
+        )
+        self.model = model
 
     def privacy_account(self) -> PrivacyAccount:
         delta = self.config.user_dp.delta if self.config.user_dp else 1e-5
@@ -915,6 +1139,7 @@ class RoundCoordinator:
         log.warning("%s", self.budget_exhausted)
         self._finished = True
         self._cond.notify_all()
+        self._signal(Change.ROUND)
         return True
 
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
@@ -949,18 +1174,122 @@ class RoundCoordinator:
         )
 
     def _close_round(self, rnd: _Round) -> RoundSummary:
-        """Aggregate (or fail) a closing round.
+        """Aggregate (or fail) a closing round; never raises.
 
-        Runs outside the lock; uploads to the round are refused meanwhile.
+        Runs outside the lock; uploads to the round are refused meanwhile. Whatever
+        goes wrong (aggregation, evaluation, the database), the round ends in memory
+        at once, completed or failed, and the driver goes on. A failure that cannot
+        be written yet is written by `_settle` once the database answers again.
         """
+        with self._cond:
+            in_flight = list(rnd.sessions)
+        for session in in_flight:  # their buffers go back to the pool now, not at their deadline
+            session.abort("its round closed")
         accepted = rnd.count(Status.UPLOADED)
         seconds = self.clock() - rnd.started
         participants = [p.record() for p in rnd.cohort.values()]
         version: int | None = None
-        metrics: dict[str, float] = {}
+        result: _Result | None = None
         reason = ""
+        before = self._strategy_state()
+        try:
+            result, reason = self._round_result(rnd, accepted)
+        except Exception as error:
+            log.exception("round %d: aggregation failed", rnd.number)
+            reason = f"aggregating the round failed: {describe_error(error)}"
+        if result is not None:
+            outcome = result
+            try:
+                version = retry_transient(
+                    lambda: self.store.complete_round(
+                        self.model_name,
+                        rnd.id,
+                        outcome.vector,
+                        outcome.metrics,
+                        seconds,
+                        participants,
+                        outcome.privacy,
+                        OptimizerState(self.strategy.name, outcome.strategy_state),
+                    ),
+                    self.config.store_retry_s,
+                    f"storing round {rnd.number}",
+                )
+                self.store_error = ""
+                self._results_failing = None
+            except SupersededError as error:
+                reason = str(error)
+            except Exception as error:
+                self.store_error = describe_error(error)
+                if self._results_failing is None:
+                    self._results_failing = (self.clock(), self.store_error)
+                reason = f"the round's result could not be stored ({self.store_error})"
+                log.error("round %d: %s", rnd.number, reason)
+        if version is None:
+            self.strategy.load_state_dict(before)
+            version = self._record_failure(rnd, reason, seconds, participants, result)
+            if version is not None:
+                reason = ""
+        metrics = result.metrics if result is not None and version is not None else {}
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status="completed" if version is not None else "failed",
+            version=version,
+            selected=len(rnd.cohort),
+            participants=accepted,
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics=metrics,
+            failure_reason=reason,
+        )
+        with self._cond:
+            if version is not None and result is not None:
+                self._apply(version, result)
+            self._closed_rounds[rnd.id] = summary.status
+            while len(self._closed_rounds) > 1000:
+                self._closed_rounds.popitem(last=False)
+            if version is not None:
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
+            self._round = None
+            self._cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
+        if version is not None:
+            log.info(
+                "round %d completed: version %d, %d/%d updates, %.2fs, %s",
+                rnd.number,
+                version,
+                accepted,
+                len(rnd.cohort),
+                seconds,
+                {k: round(v, 4) for k, v in metrics.items()},
+            )
+        else:
+            log.warning(
+                "round %d failed: %s",
+                rnd.number,
+                reason,
+                extra={"round": rnd.number, "round_id": rnd.id, "status": "failed"},
+            )
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
+    def _round_result(self, rnd: _Round, accepted: int) -> tuple[_Result | None, str]:
+        """The round's new weights and metrics, or why it has none."""
         mean_delta: np.ndarray | None = None
         noisy_inside: float | None = None
+        reason = ""
         self.last_secagg_stats = {}
         if rnd.secagg is not None:
             self.last_secagg_stats = {
@@ -1000,102 +1329,135 @@ class RoundCoordinator:
                 f"only {accepted} update(s) arrived before the deadline, "
                 f"{self.config.min_clients} needed"
             )
-        optimizer_before = self.strategy.state_dict()  # aggregate_fit advances it in place
-        if mean_delta is not None:
-            new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
-            if not np.all(np.isfinite(new_vector)):
-                reason = "aggregate is not finite; the round's updates were discarded"
-            else:
-                metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
-                metrics["update_norm"] = float(np.linalg.norm(mean_delta))
-                if self.config.update_clip_norm > 0:
-                    metrics["updates_clipped"] = float(rnd.clipped)
-                if rnd.secagg is not None and rnd.secagg.result is not None:
-                    metrics["secagg"] = 1.0
-                    metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
-                    metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
-                    metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
-                privacy = self._privacy_record(rnd, accepted)
-                next_clip = rnd.clip
-                if privacy is not None:
-                    metrics["dp_epsilon"] = privacy.epsilon
-                    metrics["dp_clip"] = rnd.clip
-                    policy = self.config.user_dp
-                    if policy is not None and policy.adaptive and noisy_inside is not None:
-                        next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
-                        metrics["dp_clip_next"] = next_clip
-                        metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
-                version = self.store.complete_round(
-                    self.model_name,
-                    rnd.id,
-                    new_vector,
-                    metrics,
-                    seconds,
-                    participants,
-                    privacy,
-                    OptimizerState(self.strategy.name, self.strategy.state_dict()),
-                )
-        if version is None:
-            if optimizer_before:  # the round left no version: nor may it move the optimizer
-                self.strategy.load_state_dict(optimizer_before)
-            self.store.fail_round(rnd.id, reason, seconds, participants)
+        if mean_delta is None:
+            return None, reason
+        new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
+        if not np.all(np.isfinite(new_vector)):
+            return None, "aggregate is not finite; the round's updates were discarded"
+        metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
+        metrics["update_norm"] = float(np.linalg.norm(mean_delta))
+        if self.config.update_clip_norm > 0:
+            metrics["updates_clipped"] = float(rnd.clipped)
+        if rnd.secagg is not None and rnd.secagg.result is not None:
+            metrics["secagg"] = 1.0
+            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
+            metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
+        privacy = self._privacy_record(rnd, accepted)
+        next_clip = rnd.clip
+        if privacy is not None:
+            metrics["dp_epsilon"] = privacy.epsilon
+            metrics["dp_clip"] = rnd.clip
+            policy = self.config.user_dp
+            if policy is not None and policy.adaptive and noisy_inside is not None:
+                next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
+                metrics["dp_clip_next"] = next_clip
+                metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
+        return _Result(new_vector, self._strategy_state(), next_clip, metrics, privacy), ""
+
+    def _strategy_state(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v, copy=True) for k, v in self.strategy.state_dict().items()}
+
+    def _apply(self, version: int, result: _Result) -> None:
+        """Make a stored version the current model (under the lock)."""
+        self._vector = result.vector
+        self._clip = result.clip
+        self._results_failing = None
+        self.strategy.load_state_dict(result.strategy_state)
+        self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
+        self._completed_this_run += 1
+        if self.config.rounds and self._completed_this_run >= self.config.rounds:
+            self._finished = True
+
+    def _record_failure(
+        self,
+        rnd: _Round,
+        reason: str,
+        seconds: float,
+        participants: list[ParticipantRecord],
+        result: _Result | None,
+    ) -> int | None:
+        """Write a round's failure; returns its version if it turns out to have completed."""
+        try:
+            stored = retry_transient(
+                lambda: self.store.fail_round(rnd.id, reason, seconds, participants),
+                self.config.store_retry_s,
+                f"recording the failure of round {rnd.number}",
+            )
+        except Exception as error:
+            self.store_error = describe_error(error)
+            log.error(
+                "round %d: its failure could not be recorded (%s); no round starts until "
+                "the database takes it",
+                rnd.number,
+                self.store_error,
+            )
+            self._unsettled[rnd.id] = _Unsettled(
+                rnd.id, rnd.number, reason, seconds, participants, self.clock(), result
+            )
+            return None
+        self.store_error = ""
+        if stored is not None and result is not None:
+            # The commit went through but its acknowledgement was lost: keep that version.
             log.warning(
-                "round %d failed: %s",
-                rnd.number,
-                reason,
-                extra={"round": rnd.number, "round_id": rnd.id, "status": "failed"},
+                "round %d: its result was stored after all, as version %d", rnd.number, stored
             )
-        summary = RoundSummary(
-            round_id=rnd.id,
-            number=rnd.number,
-            status="completed" if version is not None else "failed",
-            version=version,
-            selected=len(rnd.cohort),
-            participants=accepted,
-            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
-            bytes_in=sum(p.bytes_in for p in participants),
-            bytes_out=sum(p.bytes_out for p in participants),
-            seconds=seconds,
-            metrics=metrics,
-            failure_reason=reason,
-        )
-        with self._cond:
-            if version is not None:
-                self._vector = new_vector
-                self._clip = next_clip
-                self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
-                self._completed_this_run += 1
-                if self.config.rounds and self._completed_this_run >= self.config.rounds:
-                    self._finished = True
-            self._closed_rounds[rnd.id] = summary.status
-            while len(self._closed_rounds) > 1000:
-                self._closed_rounds.popitem(last=False)
-            if version is not None:
-                uploaded = frozenset(
-                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
-                )
-                self._completed_uploads[rnd.id] = (version, uploaded)
-                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
-                    self._completed_uploads.popitem(last=False)
-            self._round = None
-            self._cond.notify_all()
-            self._phase_cond.notify_all()
-        if version is not None:
-            log.info(
-                "round %d completed: version %d, %d/%d updates, %.2fs, %s",
-                rnd.number,
-                version,
-                accepted,
-                len(rnd.cohort),
-                seconds,
-                {k: round(v, 4) for k, v in metrics.items()},
-            )
-        for listener in self._listeners:
+            return stored
+        return None
+
+    def _settle(self) -> bool:
+        """Write the ends of rounds the database missed; True when none is left.
+
+        Driver thread only, outside the lock. A round found completed (its commit
+        went through, the acknowledgement did not) is adopted as the current
+        version, so its update is neither lost nor applied a second time.
+        """
+        now = self.clock()
+        if now < self._settle_at:
+            return False
+        for entry in list(self._unsettled.values()):
             try:
-                listener(summary)
-            except Exception:
-                log.exception("round listener failed")
-        return summary
+                stored = self.store.fail_round(
+                    entry.round_id, entry.reason, entry.seconds, entry.participants
+                )
+            except Exception as error:
+                self.store_error = describe_error(error)
+                self._settle_at = now + self._backoff("settle")
+                return False
+            del self._unsettled[entry.round_id]
+            if stored is not None and entry.result is not None:
+                with self._cond:
+                    self._apply(stored, entry.result)
+                    self._cond.notify_all()
+                    self._signal(Change.ROUND)
+                log.warning(
+                    "round %d: its result was stored after all, as version %d",
+                    entry.number,
+                    stored,
+                )
+            elif stored is not None:
+                self._reload_model()
+            else:
+                log.info("round %d: its failure is recorded now", entry.number)
+        self.store_error = ""
+        self._retry_delay["settle"] = _RETRY_BASE_S
+        return True
+
+    def _reload_model(self) -> None:
+        model = self.store.get_model(self.model_name)
+        if model is None:
+            raise RuntimeError(f"model {self.model_name!r} vanished from the store")
+        vector = self.store.load_version(self.model_name, model.current_version)
+        with self._cond:
+            self.model = model
+            self._vector = vector
+            self.strategy.initialize(vector)
+            self._restore_optimizer_state(model.current_version)
+
+    def _backoff(self, what: str) -> float:
+        delay = self._retry_delay[what]
+        self._retry_delay[what] = min(delay * 2, _RETRY_CAP_S)
+        return delay
 
     # called by UploadSession
     def _commit(self, session: UploadSession, vector: np.ndarray) -> None:
@@ -1137,7 +1499,7 @@ class RoundCoordinator:
                 rnd.weight_sum += weight
             participant.status = Status.UPLOADED
             participant.num_examples = session.weight
-            participant.bytes_in += session.assembler.total_bytes
+            participant.bytes_in += session.total_bytes
             self._cond.notify_all()
 
     def _commit_masked(self, session: UploadSession, vector: np.ndarray) -> None:
@@ -1151,18 +1513,20 @@ class RoundCoordinator:
             rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
             crash_point("upload")
             participant.status = Status.UPLOADED
-            participant.bytes_in += session.assembler.total_bytes
+            participant.bytes_in += session.total_bytes
             self._advance_secagg(rnd.secagg)
 
     def _release(self, session: UploadSession, accepted: bool) -> None:
         with self._cond:
             rnd = session.round
+            rnd.sessions.discard(session)
             if not accepted and rnd.secagg is not None:
                 rnd.secagg.end_upload(session.participant.device_id, None)
             if not accepted and session.participant.status is Status.UPLOADING:
                 session.participant.status = Status.SELECTED
-            self._staging.append(session.buffer)
-        self._staging_free.release()
+            if session.buffer is not None:
+                self._staging.append(session.buffer)
+                self._signal(Change.STAGING)
 
 
 def l2_norm(vector: np.ndarray) -> float:
@@ -1174,30 +1538,76 @@ def l2_norm(vector: np.ndarray) -> float:
 
 
 class UploadSession:
-    """One device's upload in progress: chunks into a staging buffer, then one atomic add."""
+    """One device's upload in progress: chunks into a staging buffer, then one atomic add.
+
+    The buffer is taken at the first data chunk (a header alone holds none) and
+    given back when the upload commits, fails, is abandoned by its stream (idle
+    timeout, broken connection) or its round closes (`RoundCoordinator` reaps the
+    sessions of a closing round). A per-session lock orders the memcpy of a chunk
+    against such a release: a buffer is never reused while a chunk is written into it.
+    Lock order: session, then coordinator.
+    """
 
     def __init__(
         self,
         coordinator: RoundCoordinator,
         rnd: _Round,
         participant: Participant,
-        assembler: ChunkAssembler,
+        total_bytes: int,
         weight: int,
-        buffer: np.ndarray,
     ) -> None:
         self._coordinator = coordinator
         self.round = rnd
         self.participant = participant
-        self.assembler = assembler
-        self.buffer = buffer
+        self.total_bytes = total_bytes
         self.weight = weight
+        self.buffer: np.ndarray | None = None
+        self.assembler: ChunkAssembler | None = None
+        self._lock = threading.RLock()
         self._done = False
+        self.released_because = ""
+
+    @property
+    def received(self) -> int:
+        return self.assembler.received if self.assembler is not None else 0
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload abandoned: {self.released_because or 'it already ended'}; check in again",
+            )
 
     def add_chunk(self, data: bytes | memoryview) -> None:
+        """Copy one chunk in; Pending (call again) while no staging buffer is free."""
+        with self._lock:
+            self._check_open()
+            if self.assembler is None:
+                if not data:
+                    return  # an empty chunk needs no buffer
+                buffer = self._coordinator._take_staging(self)
+                self.buffer = buffer
+                try:
+                    self.assembler = ChunkAssembler(self.total_bytes, buffer)
+                except ValueError as exc:
+                    self.abort()
+                    raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            try:
+                self.assembler.add(data)
+            except ValueError as exc:
+                self.abort()
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+
+    def _finish_vector(self) -> np.ndarray:
+        self._check_open()
+        if self.assembler is None:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"stream truncated: received 0 of {self.total_bytes} declared bytes",
+            )
         try:
-            self.assembler.add(data)
+            return self.assembler.finish()
         except ValueError as exc:
-            self.abort()
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
 
     def commit(self) -> None:
@@ -1205,26 +1615,27 @@ class UploadSession:
 
         On any refusal the session is aborted: the device may upload again.
         """
-        try:
+        with self._lock:
             try:
-                vector = self.assembler.finish()
-            except ValueError as exc:
-                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-            if not np.isfinite(vector).all():
-                bad = int(np.count_nonzero(~np.isfinite(vector)))
-                raise FederationError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"update contains {bad} NaN or Inf value(s); it was discarded",
-                )
-            self._coordinator._commit(self, vector)
-        except FederationError:
-            self.abort()
-            raise
-        self._finish(accepted=True)
+                vector = self._finish_vector()
+                if not np.isfinite(vector).all():
+                    bad = int(np.count_nonzero(~np.isfinite(vector)))
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT,
+                        f"update contains {bad} NaN or Inf value(s); it was discarded",
+                    )
+                self._coordinator._commit(self, vector)
+            except FederationError:
+                self.abort()
+                raise
+            self._finish(accepted=True)
 
-    def abort(self) -> None:
-        """Discard a partial upload; the device may upload again."""
-        self._finish(accepted=False)
+    def abort(self, because: str = "") -> None:
+        """Discard a partial upload and give its buffer back; the device may upload again."""
+        with self._lock:
+            if not self._done and because:
+                self.released_because = because
+            self._finish(accepted=False)
 
     def _finish(self, accepted: bool) -> None:
         if not self._done:
@@ -1236,13 +1647,11 @@ class MaskedUploadSession(UploadSession):
     """A secure-aggregation upload: uint32 residues, checked for length only, added mod 2^32."""
 
     def commit(self) -> None:
-        try:
+        with self._lock:
             try:
-                vector = self.assembler.finish()
-            except ValueError as exc:
-                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-            self._coordinator._commit_masked(self, vector)
-        except FederationError:
-            self.abort()
-            raise
-        self._finish(accepted=True)
+                vector = self._finish_vector()
+                self._coordinator._commit_masked(self, vector)
+            except FederationError:
+                self.abort()
+                raise
+            self._finish(accepted=True)
