@@ -186,6 +186,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         data_seed=config.seed,
                         seed=config.seed * 1000 + i,
                         device_key_file=device_key,
+                        # Every simulated device is the operator's own: a simulation of
+                        # fewer than 5 devices may run secure rounds of all of them.
+                        min_secagg_cohort=max(2, min(5, config.clients)),
                     ),
                 ),
                 name=f"device-{i}",
