@@ -12,6 +12,7 @@ COPY proto ./proto
 COPY common ./common
 COPY server ./server
 COPY client ./client
+COPY xeno ./xeno
 RUN pip install .
 
 RUN useradd --create-home --uid 10001 xeno && mkdir -p /data && chown xeno /data

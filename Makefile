@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common server client
+	$(VENV)/bin/mypy common server client xeno
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -165,6 +165,7 @@ def federation(args: argparse.Namespace, ctx: Any, **server: Any) -> dict[str, A
             "data_seed": args.seed,
             "max_wait_ms": 5000,
             "max_backoff": 2.0,
+            "allow_plaintext": not srv.config.secagg,  # the central-DP baseline runs plain
         }
         shards = [list(range(args.devices))[w :: args.workers] for w in range(args.workers)]
         procs = [

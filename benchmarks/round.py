@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.simulation import SimulationConfig, run_simulation
+from xeno.simulation import SimulationConfig, run_simulation
 
 
 def main() -> None:

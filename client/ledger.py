@@ -38,11 +38,23 @@ class LedgerEntry:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    epsilon: float  # cumulative epsilon of this level after the entry, at `delta`
+    epsilon: float  # cumulative epsilon of this level and model after the entry, at `delta`
     delta: float
     unix_time: float = 0.0
+    # Skellam (user level): the L2 sensitivity and noisy dimension the noise was verified for.
+    l2_sensitivity: float = 0.0
+    dimension: int = 0
 
     def spend(self) -> Spend:
+        if self.mechanism.startswith("skellam"):
+            return Spend(
+                Mechanism.SKELLAM,
+                self.noise_multiplier,
+                self.sample_rate,
+                self.steps,
+                self.l2_sensitivity,
+                self.dimension,
+            )
         return Spend(Mechanism.GAUSSIAN, self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -69,19 +81,31 @@ class PrivacyLedger:
         except (KeyError, TypeError) as exc:
             raise LedgerUnreadableError(f"privacy ledger {self._path} is malformed") from exc
 
-    def spends(self, level: str = "sample") -> list[Spend]:
-        return [e.spend() for e in self.entries if e.level == level]
+    def spends(self, level: str = "sample", model: str | None = None) -> list[Spend]:
+        """Spends of one level; the user level is accounted per model (model given)."""
+        return [
+            e.spend()
+            for e in self.entries
+            if e.level == level and (model is None or e.model == model)
+        ]
 
-    def epsilon(self, delta: float, level: str = "sample") -> float:
-        return epsilon_of(self.spends(level), delta)
+    def epsilon(self, delta: float, level: str = "sample", model: str | None = None) -> float:
+        return epsilon_of(self.spends(level, model), delta)
 
-    def epsilon_after(self, spend: Spend, delta: float, level: str = "sample") -> float:
-        return epsilon_of([*self.spends(level), spend], delta)
+    def epsilon_after(
+        self, spend: Spend, delta: float, level: str = "sample", model: str | None = None
+    ) -> float:
+        return epsilon_of([*self.spends(level, model), spend], delta)
 
     def record(
         self, round_id: str, model: str, level: str, mechanism: str, spend: Spend, delta: float
     ) -> LedgerEntry:
-        """Append one round's spend and persist the ledger before returning."""
+        """Append one round's spend and persist the ledger before returning.
+
+        User-level entries are accounted per model, sample-level ones over all models
+        (the same data trains them all).
+        """
+        per_model = model if level == "user" else None
         entry = LedgerEntry(
             round_id=round_id,
             model=model,
@@ -90,9 +114,11 @@ class PrivacyLedger:
             noise_multiplier=spend.noise_multiplier,
             sample_rate=spend.sample_rate,
             steps=spend.steps,
-            epsilon=self.epsilon_after(spend, delta, level),
+            epsilon=self.epsilon_after(spend, delta, level, per_model),
             delta=delta,
             unix_time=time.time(),
+            l2_sensitivity=spend.l2_sensitivity,
+            dimension=spend.dimension,
         )
         entries = [*self.entries, entry]
         self._store._write_json(self._path, {"entries": [asdict(e) for e in entries]})

@@ -26,6 +26,7 @@ import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger import PrivacyLedger
+from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
 from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
@@ -78,10 +79,6 @@ ROUND_MOVED_ON = frozenset(
 
 class EnrollmentRefusedError(RuntimeError):
     """The server refused to register this device (wrong enrollment key)."""
-
-
-class TaskDeclined(Exception):  # noqa: N818 - an outcome, not a failure
-    """The device will not run the task; the reason goes to the server."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +139,27 @@ class ClientConfig:
         "that would exceed it, or that train without DP-SGD, are declined",
         "XENO_EPSILON_BUDGET",
     )
-    delta: float = setting(1e-5, "delta of the device's epsilon budget", "XENO_DELTA")
+    delta: float = setting(1e-5, "delta of the device's epsilon budgets", "XENO_DELTA")
+    allow_plaintext: bool = setting(
+        False,
+        "run plain rounds, whose update the server sees in the clear (default: only tasks "
+        "under secure aggregation are run; others are declined)",
+        "XENO_ALLOW_PLAINTEXT",
+    )
+    min_noise_multiplier: float = setting(
+        0.0,
+        "decline tasks whose user-level noise multiplier, as this device verifies it from "
+        "the task's noise and contributor count, is below this (0: no minimum; any minimum "
+        "also declines tasks without verifiable distributed DP)",
+        "XENO_MIN_NOISE_MULTIPLIER",
+    )
+    max_user_epsilon: float = setting(
+        0.0,
+        "user-level epsilon this device's updates may spend per model, from its own ledger "
+        "of the noise it verified (0: no budget; a budget also declines tasks without "
+        "verifiable distributed DP)",
+        "XENO_MAX_USER_EPSILON",
+    )
     min_secagg_cohort: int = setting(
         5,
         "fewest devices a secure round (and the sum it unmasks) may hold; smaller ones are "
@@ -161,6 +178,11 @@ class ClientConfig:
             raise ValueError("--min-secagg-cohort must be at least 2")
         if not 0 <= self.secagg_corrupt_fraction < 0.5:
             raise ValueError("--secagg-corrupt-fraction must be in [0, 0.5)")
+
+    def protection(self) -> Protection:
+        return Protection(
+            self.allow_plaintext, self.min_noise_multiplier, self.max_user_epsilon, self.delta
+        )
 
 
 class Backoff:
@@ -194,6 +216,7 @@ class DeviceClient:
         )
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
+        self.protection = config.protection()
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
@@ -311,6 +334,25 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
+        try:
+            spend = check_task(task, self.protection, self.ledger)
+            cohort = task.secagg.num_selected
+            if task.secagg.enabled and cohort < self.config.min_secagg_cohort:
+                raise TaskDeclined(
+                    f"secure round of {cohort} devices, below this device's minimum of "
+                    f"{self.config.min_secagg_cohort} (--min-secagg-cohort)"
+                )
+            self._run_accepted(task, spend)
+        except TaskDeclined as declined:
+            log.warning("declining round %d: %s", task.round_number, declined)
+            self._stub.DeclineTask(
+                pb.DeclineTaskRequest(round_id=task.round_id, reason=str(declined)),
+                metadata=self._metadata(),
+                timeout=30,
+            )
+
+    def _run_accepted(self, task: pb.Task, user_spend: Spend | None) -> None:
+        """Download, train and upload a task this device's protection allows."""
         # Calls of the task may run until shortly after the round's deadline, no longer.
         deadline = task.deadline_unix_ms / 1000.0 + 5
 
@@ -331,16 +373,12 @@ class DeviceClient:
             momentum=fit.momentum,
         )
         seed = cfg.seed * 1_000_003 + task.round_number
-        try:
-            result = self._train(task, model, weights, training, seed)
-        except TaskDeclined as declined:
-            log.warning("declining round %d: %s", task.round_number, declined)
-            self._stub.DeclineTask(
-                pb.DeclineTaskRequest(round_id=task.round_id, reason=str(declined)),
-                metadata=self._metadata(),
-                timeout=30,
+        result = self._train(task, model, weights, training, seed)
+        if user_spend is not None:
+            # Written before anything derived from the update leaves the device.
+            self.ledger.record(
+                task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
-            return
         self._stub.ReportMetrics(
             pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
             metadata=self._metadata(),

@@ -31,7 +31,7 @@ from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from server.observability import DatabaseHealth, ServerMetrics
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
-from server.rounds import RoundConfig, RoundCoordinator
+from server.rounds import RoundConfig, RoundCoordinator, check_strategy
 from server.services.admin import AdminServicer
 from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
@@ -64,7 +64,27 @@ class ServerConfig:
     )
     seed: int = setting(0, "seed of the initial weights", "XENO_SEED")
     strategy: str = setting(
-        "fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad", "XENO_STRATEGY"
+        "fedavg",
+        "fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, or a robust one that needs "
+        "--no-secagg: median, trimmed-mean, krum, multi-krum",
+        "XENO_STRATEGY",
+    )
+    trim_fraction: float = setting(
+        0.1,
+        "trimmed-mean: fraction of the largest and of the smallest values dropped per coordinate",
+        "XENO_TRIM_FRACTION",
+    )
+    byzantine: int = setting(
+        1, "krum / multi-krum: number of hostile devices f tolerated per round", "XENO_BYZANTINE"
+    )
+    multi_krum_m: int = setting(
+        0, "multi-krum: updates averaged per round (0: n - f)", "XENO_MULTI_KRUM_M"
+    )
+    update_clip_norm: float = setting(
+        0.0,
+        "plain rounds: scale every update down to this L2 norm before it counts, so one "
+        "device cannot move the model further (0: off)",
+        "XENO_UPDATE_CLIP_NORM",
     )
     server_lr: float | None = setting(
         None,
@@ -277,6 +297,7 @@ class ServerConfig:
             selection_window_s=self.selection_window,
             rounds=self.rounds,
             staging_buffers=self.staging_buffers,
+            update_clip_norm=self.update_clip_norm,
             secagg=self.secagg,
             secagg_clip_norm=self.secagg_clip_norm,
             secagg_max_weight=self.secagg_max_weight,
@@ -404,20 +425,28 @@ class XenoServer:
     ) -> None:
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
+        strategy = make_strategy(
+            config.strategy,
+            config.fit_instructions(),
+            config.server_lr,
+            config.proximal_mu,
+            trim_fraction=config.trim_fraction,
+            byzantine=config.byzantine,
+            multi_krum_m=config.multi_krum_m,
+        )
+        round_config = config.round_config()
+        check_strategy(strategy, round_config)  # before anything is created on disk
         self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
         assert model is not None
-        strategy = make_strategy(
-            config.strategy, config.fit_instructions(), config.server_lr, config.proximal_mu
-        )
         self.registry = DeviceRegistry(self.store, config.enrollment_key)
         self.coordinator = RoundCoordinator(
             self.store,
             config.model,
             strategy,
-            config.round_config(),
+            round_config,
             evaluator=make_evaluator(model.spec, config),  # type: ignore[arg-type]
             identity_keys=self.registry.identity_key,
             recorder=recorder,

@@ -146,6 +146,9 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
         server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any
     ) -> list[DeviceThread]:
         out = []
+        # Devices run the plain rounds of a server started without secure aggregation.
+        config_of = getattr(server, "config", None)  # None: a stand-in for a server not up yet
+        overrides.setdefault("allow_plaintext", not (config_of or FAST_SERVER).secagg)
         # Federations of 2-4 test devices: their secure rounds are below the devices'
         # default minimum cohort of 5 (tests/test_secagg_attacks.py keeps the default).
         overrides.setdefault("min_secagg_cohort", 2)

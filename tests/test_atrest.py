@@ -71,7 +71,7 @@ def test_server_refuses_to_start_without_a_key(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "xeno.cli",
             "server",
             "--port",
             "0",

@@ -43,3 +43,13 @@ def test_secagg_benchmark_reports_a_correct_round() -> None:
     )
     assert line["correct"] is True
     assert isinstance(line["server_cpu_s"], float)
+
+
+@pytest.mark.slow
+def test_poisoning_benchmark_reports_every_run() -> None:
+    line = _json_line(
+        "benchmarks/poisoning.py", "--devices", "4", "--rounds", "1", "--strategies", "median"
+    )
+    accuracy = line["accuracy"]
+    assert isinstance(accuracy, dict)
+    assert set(accuracy["median"]) == {"clean", "scaled", "sign-flipped"}

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from client.runtime import Backoff, ClientConfig
-from common.cli import build_parser
 from common.config import from_namespace
 from server.app import ServerConfig, grpc_server_options
-from server.simulation import SimulationConfig
+from xeno.cli import build_parser
+from xeno.simulation import SimulationConfig
 
-XENO = [sys.executable, "-m", "common.cli"]
+XENO = [sys.executable, "-m", "xeno.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -73,7 +73,7 @@ def _free_port() -> int:
 
 def _run(command: list[str], env: dict[str, str], **kw) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "common.cli", *command],
+        [sys.executable, "-m", "xeno.cli", *command],
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -110,7 +110,7 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
         deadline = time.monotonic() + 90
         while True:
             probe = subprocess.run(
-                [sys.executable, "-m", "common.cli", *health], capture_output=True, text=True
+                [sys.executable, "-m", "xeno.cli", *health], capture_output=True, text=True
             )
             if probe.returncode == 0:
                 break

@@ -25,7 +25,7 @@ from common.privacy import Mechanism, Spend, epsilon_of, gaussian_epsilon, skell
 from common.quantize import FixedPoint, centered, skellam_noise
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 
-XENO = [sys.executable, "-m", "common.cli"]
+XENO = [sys.executable, "-m", "xeno.cli"]
 
 
 def _report_text(server) -> str:

@@ -51,7 +51,7 @@ def test_skellam_rdp_first_term_is_the_gaussian_rdp() -> None:
 
 
 def test_privacy_estimate_cli_json() -> None:
-    base = [sys.executable, "-m", "common.cli", "privacy", "estimate"]
+    base = [sys.executable, "-m", "xeno.cli", "privacy", "estimate"]
     out = subprocess.run(
         [
             *base,
@@ -82,7 +82,7 @@ def test_privacy_estimate_cli_json() -> None:
 
 
 def test_privacy_estimate_cli_inverts_skellam_too() -> None:
-    base = [sys.executable, "-m", "common.cli", "privacy", "estimate", "--mechanism", "skellam"]
+    base = [sys.executable, "-m", "xeno.cli", "privacy", "estimate", "--mechanism", "skellam"]
     common = ["--steps", "20", "--delta", "1e-5", "--dimension", "5000", "--json"]
 
     def run(*args: str) -> dict[str, float]:
@@ -94,7 +94,7 @@ def test_privacy_estimate_cli_inverts_skellam_too() -> None:
     assert run("--noise-multiplier", str(z))["epsilon"] <= 3.0
     assert run("--noise-multiplier", str(0.98 * z))["epsilon"] > 3.0  # the smallest such noise
     # Skellam approaches the Gaussian from above: it needs at least the Gaussian's noise.
-    plain = [sys.executable, "-m", "common.cli", "privacy", "estimate"]
+    plain = [sys.executable, "-m", "xeno.cli", "privacy", "estimate"]
     gaussian = subprocess.run(
         [*plain, "--target-epsilon", "3", *common],
         capture_output=True,

@@ -17,7 +17,7 @@ from client.storage import LocalStore
 from common.atrest import Sealer
 from server.store import Store
 
-XENO = [sys.executable, "-m", "common.cli"]
+XENO = [sys.executable, "-m", "xeno.cli"]
 
 
 def _free_port() -> int:

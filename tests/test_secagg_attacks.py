@@ -379,3 +379,22 @@ def test_an_out_of_range_weight_cannot_wrap_the_weight_sum(harness) -> None:  # 
     rnd = _last_round(h)
     assert rnd.status == "failed" and "weight" in rnd.failure_reason, rnd.failure_reason
     assert h.server.store.get_model(h.server.config.model).current_version == 1
+
+
+def test_noise_generators_are_seeded_from_os_urandom(monkeypatch) -> None:
+    """Rounding and DP noise: a generator per use, seeded by the OS CSPRNG (common/rng.py)."""
+    import torch
+
+    import common.rng as rng
+
+    a, b = rng.os_seeded_generator(), rng.os_seeded_generator()
+    assert not np.array_equal(a.integers(0, 2**63, 8), b.integers(0, 2**63, 8))
+    fixed = bytes(range(32))
+    monkeypatch.setattr(rng.os, "urandom", lambda n: fixed[:n])
+    reference = np.random.Generator(np.random.PCG64(int.from_bytes(fixed, "big")))
+    assert np.array_equal(rng.os_seeded_generator().random(16), reference.random(16))
+    torch_reference = torch.Generator().manual_seed(int.from_bytes(fixed[:8], "big") >> 1)
+    assert torch.equal(
+        torch.rand(8, generator=rng.os_seeded_torch_generator()),
+        torch.rand(8, generator=torch_reference),
+    )

@@ -123,8 +123,7 @@ def test_derived_params_grow_logarithmically_and_meet_the_failure_target() -> No
         for gamma in (0.0, 0.05, 0.1):
             p = derive_params(n, corrupt_fraction=gamma)
             tail = sum(
-                math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i)
-                for i in range(p.threshold)
+                math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
             )
             assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
     assert derive_params(5) == derive_params(5).__class__(degree=4, threshold=3)

@@ -119,7 +119,7 @@ def test_simulate_runs_on_this_database(db_url: str, tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "xeno.cli",
             "simulate",
             "--clients",
             "3",

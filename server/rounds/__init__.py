@@ -7,6 +7,7 @@ from server.rounds.coordinator import (
     RoundSummary,
     TaskInfo,
     UploadSession,
+    check_strategy,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "RoundSummary",
     "TaskInfo",
     "UploadSession",
+    "check_strategy",
 ]

@@ -8,9 +8,12 @@ accounted for, or at the deadline. A round with fewer than `min_clients`
 updates fails cleanly and the next one starts; stragglers are ignored.
 
 Memory is O(d): one float64 accumulator plus a fixed pool of float32
-staging buffers. An upload is staged, validated whole (length, finiteness)
-and only then added in one vectorized step, so a refused or truncated
-upload never touches the aggregate. Nothing here knows about gRPC; the
+staging buffers; a robust strategy (median, trimmed mean, Krum) needs each
+update, so its rounds keep them, n x d float32. Plain rounds may clip every
+update to an L2 bound (`update_clip_norm`) before it counts. An upload is
+staged, validated whole (length, finiteness) and only then added in one
+vectorized step, so a refused or truncated upload never touches the
+aggregate. Nothing here knows about gRPC; the
 clock is injectable and `step()` drives time-based transitions, so tests
 run the state machine without a network.
 """
@@ -45,7 +48,7 @@ from server.privacy import (
 )
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store
-from server.strategies import FitInstructions, Strategy
+from server.strategies import FitInstructions, RobustStrategy, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
 audit = logging.getLogger("xeno.audit")
@@ -67,6 +70,8 @@ class RoundConfig:
     availability_ttl_s: float = 15.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
+    # Plain rounds: every update is scaled down to this L2 norm before it counts (0: off).
+    update_clip_norm: float = 0.0
     secagg: bool = False
     secagg_clip_norm: float = 10.0
     secagg_max_weight: int = 1000
@@ -94,6 +99,8 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        if not math.isfinite(self.update_clip_norm) or self.update_clip_norm < 0:
+            raise ValueError("the update clip norm must be a finite non-negative number")
         dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
         if dp is UserDpMechanism.DISTRIBUTED and not self.secagg:
             raise ValueError("distributed DP adds its noise under secure aggregation: turn it on")
@@ -232,9 +239,32 @@ class _Round:
     secagg_task: SecAggTask | None = None
     clip: float = 0.0  # the user-level DP clip of this round
     inside_clip: int = 0  # central DP: updates that were inside the clip
+    # Robust strategies: the round's accepted updates, one row each (allocated on first use).
+    updates: np.ndarray | None = None
+    kept: int = 0
+    clipped: int = 0  # updates the server-side clip scaled down
 
     def count(self, *statuses: Status) -> int:
         return sum(p.status in statuses for p in self.cohort.values())
+
+
+def check_strategy(strategy: Strategy, config: RoundConfig) -> None:
+    """Refuse (ValueError) a strategy the round settings cannot serve."""
+    if not strategy.needs_individual_updates:
+        return
+    if config.secagg:
+        raise ValueError(
+            f"strategy {strategy.name!r} needs each device's update, and secure "
+            "aggregation reveals only their sum: run it with --no-secagg, or choose "
+            "fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
+        )
+    if config.user_dp is not None:
+        raise ValueError(
+            f"strategy {strategy.name!r} is not accounted for user-level DP (its "
+            "sensitivity is not the mean's): run it without --dp"
+        )
+    if not isinstance(strategy, RobustStrategy):
+        raise TypeError("a strategy that needs individual updates must be a RobustStrategy")
 
 
 class RoundCoordinator:
@@ -280,6 +310,7 @@ class RoundCoordinator:
         self._driver: threading.Thread | None = None
         self._stopping = threading.Event()
 
+        check_strategy(strategy, config)
         model = store.get_model(model_name)
         if model is None:
             raise ValueError(f"model {model_name!r} does not exist in the store")
@@ -912,7 +943,14 @@ class RoundCoordinator:
                     noisy_inside = rnd.inside_clip + self._noise_rng.normal(
                         0.0, central.count_noise
                     )
-            mean_delta = (total / rnd.weight_sum).astype(np.float32)
+            if isinstance(self.strategy, RobustStrategy):
+                assert rnd.updates is not None
+                try:
+                    mean_delta = self.strategy.combine(rnd.updates[: rnd.kept])
+                except ValueError as exc:
+                    reason = f"{self.strategy.name}: {exc}"
+            else:
+                mean_delta = (total / rnd.weight_sum).astype(np.float32)
         else:
             reason = (
                 f"only {accepted} update(s) arrived before the deadline, "
@@ -925,6 +963,8 @@ class RoundCoordinator:
             else:
                 metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
                 metrics["update_norm"] = float(np.linalg.norm(mean_delta))
+                if self.config.update_clip_norm > 0:
+                    metrics["updates_clipped"] = float(rnd.clipped)
                 if rnd.secagg is not None and rnd.secagg.result is not None:
                     metrics["secagg"] = 1.0
                     metrics["secagg_threshold"] = float(rnd.secagg.threshold)
@@ -1019,9 +1059,21 @@ class RoundCoordinator:
                 else:
                     rnd.inside_clip += 1
                 weight = 1
-            vector *= np.float32(weight)
-            rnd.accumulator += vector
-            rnd.weight_sum += weight
+            bound = self.config.update_clip_norm
+            if bound > 0:
+                norm = l2_norm(vector)
+                if norm > bound:
+                    vector *= np.float32(bound / norm)
+                    rnd.clipped += 1
+            if isinstance(self.strategy, RobustStrategy):
+                if rnd.updates is None:
+                    rnd.updates = np.empty((len(rnd.cohort), vector.size), dtype=np.float32)
+                rnd.updates[rnd.kept] = vector
+                rnd.kept += 1
+            else:
+                vector *= np.float32(weight)
+                rnd.accumulator += vector
+                rnd.weight_sum += weight
             participant.status = Status.UPLOADED
             participant.num_examples = session.weight
             participant.bytes_in += session.assembler.total_bytes
@@ -1050,6 +1102,14 @@ class RoundCoordinator:
                 session.participant.status = Status.SELECTED
             self._staging.append(session.buffer)
         self._staging_free.release()
+
+
+def l2_norm(vector: np.ndarray) -> float:
+    """L2 norm without float32 overflow: finite values near 1e38 would square to inf."""
+    peak = float(np.max(np.abs(vector))) if vector.size else 0.0
+    if peak == 0.0:
+        return 0.0
+    return peak * float(np.linalg.norm(vector / np.float32(peak)))
 
 
 class UploadSession:

@@ -1,10 +1,21 @@
-"""Helpers shared by the servicers: metadata, error mapping, auth interceptor."""
+"""Helpers shared by the servicers: the auth interceptor, the caller's identity, error mapping.
+
+Identity is established once, by `AuthInterceptor`, from the call's metadata;
+the interceptor then hands the handler a context that carries the verified
+device id (`AuthenticatedContext`). Handlers read it with `device_id_of` and
+never look at the metadata again: reading the metadata twice, in two places,
+is how a device once authenticated as itself and acted as another (the
+interceptor took the last `x-xeno-device-id`, the servicers the first). A call
+that carries either credential header more than once is refused outright.
+"""
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -15,15 +26,9 @@ audit = logging.getLogger("xeno.audit")
 
 DEVICE_ID_KEY = "x-xeno-device-id"
 AUTHORIZATION_KEY = "authorization"
+CREDENTIAL_KEYS = (DEVICE_ID_KEY, AUTHORIZATION_KEY)
 
 _CODES = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
-
-
-def metadata_value(context: grpc.ServicerContext, key: str) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode()
-    return ""
 
 
 def bearer_token(value: str) -> str:
@@ -31,9 +36,30 @@ def bearer_token(value: str) -> str:
     return value[len(prefix) :] if value.lower().startswith(prefix) else ""
 
 
-def device_id_of(context: grpc.ServicerContext) -> str:
-    """The device id the auth interceptor already verified."""
-    return metadata_value(context, DEVICE_ID_KEY)
+class AuthenticatedContext:
+    """The servicer context of a call, plus the identity the interceptor verified.
+
+    Every attribute but `device_id` is the real context's, so handlers use it as
+    they would the context itself (sync or grpc.aio alike).
+    """
+
+    def __init__(self, context: Any, device_id: str) -> None:
+        self._context = context
+        self.device_id = device_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def device_id_of(context: Any) -> str:
+    """The device id the auth interceptor verified for this call.
+
+    A handler reached without the interceptor has no identity: the call is refused.
+    """
+    if isinstance(context, AuthenticatedContext) and context.device_id:
+        return context.device_id
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "call has no authenticated device identity")
+    raise AssertionError("unreachable: context.abort raises")
 
 
 # Refusals that are ordinary protocol races (a round closed, a phase moved on) are logged
@@ -55,25 +81,86 @@ def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, devic
     raise AssertionError("unreachable: context.abort raises")
 
 
+def _handler_kind(handler: Any) -> str:
+    return ("stream" if handler.request_streaming else "unary") + (
+        "_stream" if handler.response_streaming else "_unary"
+    )
+
+
+def _replace_behavior(handler: Any, behavior: Callable[..., Any]) -> Any:
+    """The handler with its behavior replaced, serializers and streaming kind kept."""
+    make = getattr(grpc, f"{_handler_kind(handler)}_rpc_method_handler")
+    return make(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
+    return _replace_behavior(handler, deny)
+
+
+def with_identity(handler: Any, device_id: str) -> Any:
+    """The handler, called with an `AuthenticatedContext` carrying device_id.
+
+    Works for plain functions, generators, coroutines and async generators, so the
+    same mechanism serves the thread-pool server and grpc.aio handlers.
+    """
+    behavior = getattr(handler, _handler_kind(handler))
+    if inspect.isasyncgenfunction(behavior):
+
+        async def agen(request: Any, context: Any) -> AsyncIterator[Any]:
+            async for item in behavior(request, AuthenticatedContext(context, device_id)):
+                yield item
+
+        return _replace_behavior(handler, agen)
+    if inspect.iscoroutinefunction(behavior):
+
+        async def coro(request: Any, context: Any) -> Any:
+            return await behavior(request, AuthenticatedContext(context, device_id))
+
+        return _replace_behavior(handler, coro)
+
+    def call(request: Any, context: Any) -> Any | Iterator[Any]:
+        return behavior(request, AuthenticatedContext(context, device_id))
+
+    return _replace_behavior(handler, call)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The credential headers of one call, each present at most once."""
+
+    device_id: str
+    token: str
+
+
+def read_credentials(metadata: Sequence[tuple[str, str | bytes]] | None) -> Credentials | str:
+    """The call's credentials, or why they are refused (a header given twice).
+
+    Every occurrence is counted: gRPC delivers repeated keys as separate entries,
+    and any reading that picks one of several values is ambiguous.
+    """
+    found: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in CREDENTIAL_KEYS:
+            if key in found:
+                return f"metadata {key!r} given more than once"
+            found[key] = value if isinstance(value, str) else value.decode(errors="replace")
+    return Credentials(found.get(DEVICE_ID_KEY, ""), bearer_token(found.get(AUTHORIZATION_KEY, "")))
 
 
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
     """Checks bearer credentials on every call of the protected services.
 
-    Device calls need `x-xeno-device-id` and `authorization: Bearer <token>`
-    (Register is open, guarded by the enrollment key); admin calls need the
-    admin token when one is configured. Health and reflection are open.
+    Device calls need `x-xeno-device-id` and `authorization: Bearer <token>`,
+    each exactly once (Register is open, guarded by the enrollment key); their
+    handlers receive the verified id through `with_identity`. Admin calls need
+    the admin token when one is configured. Health and reflection are open.
     """
 
     def __init__(
@@ -93,24 +180,32 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         handler = continuation(handler_call_details)
         if handler is None or method in self._open:
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        token = bearer_token(str(metadata.get(AUTHORIZATION_KEY, "")))
+        creds = read_credentials(handler_call_details.invocation_metadata)
+        if isinstance(creds, str):
+            return self._deny(handler, method, "", creds, "send each credential header once")
         if method.startswith("/xeno.fl.v1.Federation/"):
-            device = str(metadata.get(DEVICE_ID_KEY, ""))
-            if not device or not token:
+            device = creds.device_id
+            if not device or not creds.token:
                 return self._deny(handler, method, device, "missing device id or bearer token")
-            if not self._authenticate_device(device, token):
+            if not self._authenticate_device(device, creds.token):
                 return self._deny(handler, method, device, "unknown device or wrong token")
-        elif (
+            return with_identity(handler, device)
+        if (
             method.startswith("/xeno.fl.v1.Admin/")
             and self._admin_token
-            and not hmac.compare_digest(token.encode(), self._admin_token.encode())
+            and not hmac.compare_digest(creds.token.encode(), self._admin_token.encode())
         ):
             return self._deny(handler, method, "", "admin token missing or wrong")
         return handler
 
     @staticmethod
-    def _deny(handler: Any, method: str, device: str, why: str) -> Any:
+    def _deny(
+        handler: Any,
+        method: str,
+        device: str,
+        why: str,
+        hint: str = "register again (xeno-fl client --reset) if the credentials were lost",
+    ) -> Any:
         audit.warning(
             "refused %s from device %s: UNAUTHENTICATED %s",
             method,
@@ -121,5 +216,5 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         return _abort_handler(
             handler,
             grpc.StatusCode.UNAUTHENTICATED,
-            f"{why}; register again (xeno-fl client --reset) if the credentials were lost",
+            f"{why}; {hint}",
         )

@@ -1,10 +1,14 @@
-"""Server strategies: how a round's mean update becomes the next global model.
+"""Server strategies: how a round's updates become the next global model.
 
 One ABC, one small class per algorithm. The round coordinator streams
 updates into a weighted sum (memory O(d)); a strategy sees only the
 example-weighted mean update and the current global weights, which is all
 FedAvg, FedProx, FedAvgM and the adaptive optimizers of Reddi et al.
-(ICLR 2021) need. All maths is whole-vector numpy, no Python loops.
+(ICLR 2021) need. The robust strategies (median, trimmed mean, Krum,
+Multi-Krum; `server/strategies/robust.py`) set `needs_individual_updates`:
+the coordinator then keeps the round's updates, n x d, and asks the strategy
+to `combine` them; they run in plain rounds only. All maths is whole-vector
+numpy, no Python loops over parameters.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.strategies.robust import coordinate_median, multi_krum, trimmed_mean
+
 __all__ = [
+    "CoordinateMedian",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -24,8 +31,11 @@ __all__ = [
     "FedProx",
     "FedYogi",
     "FitInstructions",
+    "Krum",
+    "RobustStrategy",
     "Strategy",
     "StrategyName",
+    "TrimmedMean",
     "make_strategy",
 ]
 
@@ -46,6 +56,8 @@ class Strategy(ABC):
     """Turns the mean update of a round into the next global weights."""
 
     name: str = "strategy"
+    # True: the coordinator keeps every update of a round and calls `combine` (plain rounds).
+    needs_individual_updates: bool = False
 
     def __init__(self, fit: FitInstructions | None = None) -> None:
         self.fit = fit or FitInstructions()
@@ -208,6 +220,79 @@ class FedYogi(_Adaptive):
         v -= np.float32(1 - self.beta2) * delta_sq * np.sign(v - delta_sq)
 
 
+class RobustStrategy(FedAvg):
+    """Combines the round's individual updates robustly, then steps like FedAvg.
+
+    Updates count equally, whatever example count a device claims: a hostile device
+    would otherwise buy influence by claiming a large one.
+    """
+
+    needs_individual_updates = True
+
+    @abstractmethod
+    def combine(self, updates: np.ndarray) -> np.ndarray:
+        """The round's update from the (n, d) stack of individual ones; ValueError if too few.
+
+        `aggregate_fit` then applies it as FedAvg applies the mean.
+        """
+
+
+class CoordinateMedian(RobustStrategy):
+    """Coordinate-wise median of the updates."""
+
+    name = "median"
+
+    def combine(self, updates: np.ndarray) -> np.ndarray:
+        return coordinate_median(updates)
+
+
+class TrimmedMean(RobustStrategy):
+    """Yin et al., ICML 2018: coordinate-wise mean without the beta-fraction extremes."""
+
+    name = "trimmed-mean"
+
+    def __init__(
+        self, fit: FitInstructions | None = None, server_lr: float = 1.0, trim_fraction: float = 0.1
+    ) -> None:
+        super().__init__(fit, server_lr)
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError("--trim-fraction must be in [0, 0.5)")
+        self.trim_fraction = trim_fraction
+
+    def combine(self, updates: np.ndarray) -> np.ndarray:
+        return trimmed_mean(updates, self.trim_fraction)
+
+
+class Krum(RobustStrategy):
+    """Blanchard et al., NeurIPS 2017: Krum (m = 1) or Multi-Krum (mean of the m best).
+
+    m = 0 means n - f, the largest selection the paper's analysis allows.
+    """
+
+    name = "krum"
+
+    def __init__(
+        self,
+        fit: FitInstructions | None = None,
+        server_lr: float = 1.0,
+        byzantine: int = 1,
+        m: int = 1,
+    ) -> None:
+        super().__init__(fit, server_lr)
+        if byzantine < 0 or m < 0:
+            raise ValueError("--byzantine and --multi-krum-m must be non-negative")
+        self.byzantine = byzantine
+        self.m = m
+        self.name = "krum" if m == 1 else "multi-krum"
+        self.last_selected: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def combine(self, updates: np.ndarray) -> np.ndarray:
+        n = updates.shape[0]
+        m = self.m or n - self.byzantine
+        out, self.last_selected = multi_krum(updates, self.byzantine, min(m, n))
+        return out
+
+
 class StrategyName(enum.StrEnum):
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
@@ -215,6 +300,15 @@ class StrategyName(enum.StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed-mean"
+    KRUM = "krum"
+    MULTI_KRUM = "multi-krum"
+
+
+ROBUST = frozenset(
+    {StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN, StrategyName.KRUM, StrategyName.MULTI_KRUM}
+)
 
 
 def make_strategy(
@@ -222,6 +316,9 @@ def make_strategy(
     fit: FitInstructions | None = None,
     server_lr: float | None = None,
     proximal_mu: float = 0.01,
+    trim_fraction: float = 0.1,
+    byzantine: int = 1,
+    multi_krum_m: int = 0,
 ) -> Strategy:
     """Build a strategy by name; server_lr None keeps each algorithm's own default."""
     try:
@@ -236,6 +333,13 @@ def make_strategy(
         return FedProx(fit, proximal_mu=proximal_mu)
     if kind is StrategyName.FEDAVGM:
         return FedAvgM(fit, **lr)
+    if kind is StrategyName.MEDIAN:
+        return CoordinateMedian(fit, **lr)
+    if kind is StrategyName.TRIMMED_MEAN:
+        return TrimmedMean(fit, **lr, trim_fraction=trim_fraction)
+    if kind in (StrategyName.KRUM, StrategyName.MULTI_KRUM):
+        m = 1 if kind is StrategyName.KRUM else multi_krum_m
+        return Krum(fit, **lr, byzantine=byzantine, m=m)
     adaptive: dict[StrategyName, type[_Adaptive]] = {
         StrategyName.FEDADAM: FedAdam,
         StrategyName.FEDYOGI: FedYogi,

@@ -166,7 +166,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     events: queue.Queue[RoundSummary] = queue.Queue()
     server.coordinator.add_listener(events.put)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "server.simulation"])
+    ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "xeno.simulation"])
     result = SimulationResult(db=config.db, model=config.model)
     with tempfile.TemporaryDirectory(prefix="xeno-sim-") as state_root:
         device_key = str(Path(state_root) / "device.key")
@@ -186,6 +186,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         data_seed=config.seed,
                         seed=config.seed * 1000 + i,
                         device_key_file=device_key,
+                        # The simulation's operator owns its devices: they run plain
+                        # rounds exactly when the server is started without secagg.
+                        allow_plaintext=not config.secagg,
                         # Every simulated device is the operator's own: a simulation of
                         # fewer than 5 devices may run secure rounds of all of them.
                         min_secagg_cohort=max(2, min(5, config.clients)),

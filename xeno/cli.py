@@ -43,7 +43,7 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
 def build_parser() -> argparse.ArgumentParser:
     from client.runtime import ClientConfig
     from server.app import ServerConfig
-    from server.simulation import SimulationConfig
+    from xeno.simulation import SimulationConfig
 
     parser = argparse.ArgumentParser(
         prog="xeno-fl", description=__doc__, formatter_class=_Formatter
@@ -219,7 +219,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_device(from_namespace(ClientConfig, args))
     if args.command == "simulate":
-        from server.simulation import SimulationConfig, simulate
+        from xeno.simulation import SimulationConfig, simulate
 
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return simulate(from_namespace(SimulationConfig, args))
