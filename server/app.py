@@ -28,14 +28,15 @@ from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
-from server.observability import DatabaseHealth, ServerMetrics
+from server.lifecycle.performance import PerformanceLog
+from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
-from server.rounds import RoundConfig, RoundCoordinator, check_strategy
+from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
 from server.services.admin import AdminServicer
 from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
-from server.store import Store
+from server.store import Store, describe_error
 from server.strategies import FitInstructions, StrategyName, make_strategy
 
 log = logging.getLogger("xeno.server")
@@ -266,7 +267,26 @@ class ServerConfig:
         "XENO_METRICS_PORT",
     )
     health_interval: float = setting(
-        2.0, "seconds between database checks behind gRPC health", "XENO_HEALTH_INTERVAL"
+        2.0, "seconds between the checks behind gRPC health", "XENO_HEALTH_INTERVAL"
+    )
+    stall_grace: float = setting(
+        30.0,
+        "seconds the round driver may lag behind its deadlines (a round past its deadline, "
+        "devices waiting with no round started, round ends not stored) before health "
+        "reports NOT_SERVING",
+        "XENO_STALL_GRACE",
+    )
+    min_free_disk_mb: float = setting(
+        64.0,
+        "health reports NOT_SERVING while the SQLite database's file system has less free "
+        "space than this, in MB (0: no check; PostgreSQL's disk is the database's to watch)",
+        "XENO_MIN_FREE_DISK_MB",
+    )
+    store_retry: float = setting(
+        3.0,
+        "seconds a round's database write is retried, with backoff, on transient errors "
+        "before the round fails (and is recorded failed once the database answers)",
+        "XENO_STORE_RETRY",
     )
     max_workers: int = setting(
         256,
@@ -303,6 +323,8 @@ class ServerConfig:
             dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm,
             dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
             dp_sgd_delta=self.dp_sgd_delta,
+            store_retry_s=self.store_retry,
+            stall_grace_s=self.stall_grace,
         )
 
     def user_dp_policy(self) -> UserDpPolicy | None:
@@ -462,17 +484,39 @@ class XenoServer:
         self.coordinator.add_listener(
             lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
         )
+        # Rounds feed the performance history off the round driver's thread, in order.
+        self.performance = PerformanceLog(self.store)
+        self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
+        self.metrics.set_alerts(self.performance.alert_counts(config.model))
+        self.coordinator.add_listener(self._queue_tracking)
         if config.dp != "none":  # a restarted server reports what the ledger already holds
             self.metrics.epsilon.labels(config.model).set(
                 self.coordinator.privacy_account().epsilon
             )
         self.metrics_port: int | None = None
-        self.db_health = DatabaseHealth(
-            lambda: self.store.ping(), self._set_serving, interval_s=config.health_interval
+        self.health_monitor = HealthMonitor(
+            {
+                "database": self._database_problem,
+                "round_driver": self.coordinator.health_problem,
+                "disk": disk_space_check(self.store.local_dir, config.min_free_disk_mb),
+            },
+            self._set_serving,
+            self.metrics,
+            interval_s=config.health_interval,
         )
         self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
+
+    def _queue_tracking(self, summary: RoundSummary) -> None:
+        self._tracking.submit(self._track_round, summary)
+
+    def _track_round(self, summary: RoundSummary) -> None:
+        try:
+            self.performance.record_round(self.config.model, summary)
+            self.metrics.set_alerts(self.performance.alert_counts(self.config.model))
+        except Exception:
+            log.exception("recording the performance of round %d failed", summary.number)
 
     @property
     def address(self) -> str:
@@ -482,7 +526,7 @@ class XenoServer:
         self._grpc.start()
         self.coordinator.start()
         self._set_serving(True)
-        self.db_health.start()
+        self.health_monitor.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         log.info(
@@ -492,6 +536,13 @@ class XenoServer:
             _safe_url(self.config.db),
         )
         return self
+
+    def _database_problem(self) -> str:
+        try:
+            self.store.ping()
+        except Exception as error:
+            return f"the database does not answer ({describe_error(error)})"
+        return ""
 
     def _set_serving(self, serving: bool) -> None:
         status = (
@@ -503,11 +554,12 @@ class XenoServer:
             self.health.set(service, status)
 
     def stop(self, grace: float = 2.0) -> None:
-        self.db_health.stop()
+        self.health_monitor.stop()
         self.metrics.close()
         self.health.enter_graceful_shutdown()
         self.coordinator.stop()
         self._grpc.stop(grace).wait()
+        self._tracking.shutdown(wait=True)
         self.store.close()
 
     def wait(self) -> None:

@@ -4,14 +4,16 @@
 live in one process, as in the tests) and listens to the round coordinator.
 `JsonFormatter` writes one JSON object per log line with the round and device
 ids passed as `extra`; it never serializes arguments it was not given, so no
-token or key reaches a log through it. `DatabaseHealth` flips the gRPC health
-status to NOT_SERVING while the database does not answer.
+token or key reaches a log through it. `HealthMonitor` sets the gRPC health
+status to NOT_SERVING while any of its checks fails: the database does not
+answer, the round driver makes no progress it owes, or the disk is nearly full.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +94,21 @@ class ServerMetrics:
             registry=r,
         )
         self.epsilon.labels(model).set(0.0)
+        self.alerts = Gauge(
+            "xeno_performance_alerts",
+            "Degradation alerts stored for a metric of the model (server/lifecycle/performance.py)",
+            ["model", "metric"],
+            registry=r,
+        )
+        self.health_check = Gauge(
+            "xeno_health_check_ok",
+            "1 while the health check passes, 0 while it fails (database, round_driver, disk)",
+            ["model", "check"],
+            registry=r,
+        )
+        self.serving = Gauge(
+            "xeno_serving", "1 while gRPC health reports SERVING", ["model"], registry=r
+        )
         # Export every per-model series from the start, zeros included.
         for metric in (
             self.rounds_started,
@@ -130,6 +147,11 @@ class ServerMetrics:
         if "unmask_cpu_seconds" in secagg:
             self.aggregation_seconds.labels(m).observe(float(secagg["unmask_cpu_seconds"]))
 
+    def set_alerts(self, counts: dict[str, int]) -> None:
+        """Alerts stored per metric (by the server's rounds and by any app using the store)."""
+        for metric, count in counts.items():
+            self.alerts.labels(self.model, metric).set(count)
+
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -163,34 +185,90 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class DatabaseHealth:
-    """Polls the database; sets the gRPC health of every service accordingly."""
+class HealthMonitor:
+    """Runs named checks every interval; gRPC health is SERVING only while all pass.
+
+    A check returns "" when fine, else the reason it fails. Each change is logged
+    with its reason, and `xeno_health_check_ok{check}` / `xeno_serving` follow the
+    checks, so a container health check, a dashboard and the log tell the same story.
+    A check that raises counts as failing with the exception as its reason.
+    """
 
     def __init__(
-        self, ping: Callable[[], None], set_status: Callable[[bool], None], interval_s: float = 2.0
+        self,
+        checks: dict[str, Callable[[], str]],
+        set_status: Callable[[bool], None],
+        metrics: ServerMetrics | None = None,
+        interval_s: float = 2.0,
     ) -> None:
-        self._ping = ping
+        self._checks = checks
         self._set_status = set_status
+        self._metrics = metrics
         self._interval = interval_s
         self._stop = threading.Event()
-        self._healthy = True
-        self._thread = threading.Thread(target=self._loop, name="db-health", daemon=True)
+        self.problems: dict[str, str] = {}
+        self._serving = True
+        self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
+        if metrics is not None:
+            for name in checks:
+                metrics.health_check.labels(metrics.model, name).set(1)
+            metrics.serving.labels(metrics.model).set(1)
 
     def start(self) -> None:
         self._thread.start()
 
+    def check_now(self) -> dict[str, str]:
+        """Run every check once, update the health status; returns the failing ones."""
+        problems: dict[str, str] = {}
+        for name, check in self._checks.items():
+            try:
+                reason = check()
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if reason:
+                problems[name] = reason
+        for name in self._checks:
+            old, new = self.problems.get(name), problems.get(name)
+            if new and new != old and not old:
+                log.error("health check %s failing: %s", name, new)
+            elif old and not new:
+                log.warning("health check %s passes again", name)
+            if self._metrics is not None:
+                self._metrics.health_check.labels(self._metrics.model, name).set(0 if new else 1)
+        self.problems = problems
+        serving = not problems
+        if serving != self._serving:
+            self._serving = serving
+            self._set_status(serving)
+            log.log(
+                logging.WARNING if serving else logging.ERROR,
+                "health: %s",
+                "SERVING" if serving else "NOT_SERVING (" + "; ".join(problems.values()) + ")",
+            )
+        if self._metrics is not None:
+            self._metrics.serving.labels(self._metrics.model).set(1 if serving else 0)
+        return problems
+
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self._ping()
-                healthy = True
-            except Exception as exc:
-                healthy = False
-                if self._healthy:
-                    log.error("database unreachable: %s", type(exc).__name__)
-            if healthy != self._healthy:
-                self._healthy = healthy
-                self._set_status(healthy)
+            self.check_now()
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def disk_space_check(path: str | None, min_free_mb: float) -> Callable[[], str]:
+    """A health check failing when the file system holding path has < min_free_mb free."""
+
+    def check() -> str:
+        if path is None or min_free_mb <= 0:
+            return ""
+        free_mb = shutil.disk_usage(path).free / 2**20
+        if free_mb < min_free_mb:
+            return (
+                f"the database's disk ({path}) has {free_mb:.0f} MB free, "
+                f"less than --min-free-disk-mb {min_free_mb:g}"
+            )
+        return ""
+
+    return check

@@ -53,3 +53,12 @@ def test_poisoning_benchmark_reports_every_run() -> None:
     accuracy = line["accuracy"]
     assert isinstance(accuracy, dict)
     assert set(accuracy["median"]) == {"clean", "scaled", "sign-flipped"}
+
+
+@pytest.mark.slow
+def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
+    line = _json_line("benchmarks/intents.py", "--overhead-only", "--repeats", "1")
+    assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
+    seconds = line["dp_sgd_epoch_seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "ratio", "hooks_ratio"}

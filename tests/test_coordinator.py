@@ -221,3 +221,212 @@ def test_corrupt_blob_is_detected_on_read(store: Store) -> None:
 
     with pytest.raises(CorruptBlobError):
         store.load_version("m", 1)
+
+
+# ---------------------------------------------------------------- database failures
+def _db_down(*_args, **_kwargs):
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("INSERT ...", {}, ConnectionRefusedError("connection refused"))
+
+
+def _full_round(coord, clock, devices=("a", "b", "c"), value=1.0):
+    tasks = start_round(coord, clock, list(devices))
+    for d in devices:
+        upload(coord, d, tasks[d], np.full(D, value))
+    return tasks, coord.step()
+
+
+def _assert_chain(store: Store) -> None:
+    """Versions 1..n in a chain, one per completed round, none twice, nothing running."""
+    versions = store.list_versions("m")
+    assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+    assert all(v.parent_version == v.version - 1 for v in versions[1:])
+    rounds = store.list_rounds("m")
+    completed = [r for r in rounds if r.status == "completed"]
+    assert sorted(r.result_version for r in completed) == [v.version for v in versions[1:]]
+    assert sorted(v.round_id for v in versions[1:]) == sorted(r.id for r in completed)
+    assert not [r for r in rounds if r.status == "running"]
+
+
+def test_round_end_not_stored_fails_in_memory_and_is_written_once_the_db_answers(
+    store: Store, monkeypatch
+) -> None:
+    clock = Clock()
+    coord = make(store, clock, store_retry_s=0.0, stall_grace_s=5)
+    _full_round(coord, clock, value=1.0)
+    monkeypatch.setattr(store, "complete_round", _db_down)
+    monkeypatch.setattr(store, "fail_round", _db_down)
+    tasks, summary = _full_round(coord, clock, value=2.0)
+    assert summary.status == "failed" and "could not be stored" in summary.failure_reason
+    # in memory at once: the round is closed, devices are told so, the model is unchanged
+    with pytest.raises(FederationError) as err:
+        coord.report_metrics("a", tasks["a"].round_id, {})
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    assert coord.model.current_version == 2
+    # no new round while the failure is not written: the database may hold more than we know
+    for d in "abc":
+        coord.check_in(d, 0)
+    clock.now += 5
+    assert coord.step() is None and coord.task_for("a") is None
+    clock.now += 3
+    assert "could not be stored" in coord.health_problem()
+    monkeypatch.undo()  # the database is back
+    clock.now += 3
+    coord.step()  # writes the failure, then starts the next round
+    failed = store.list_rounds("m")[1]
+    assert failed.status == "failed" and "could not be stored" in failed.failure_reason
+    for d in "abc":
+        upload(coord, d, coord.task_for(d), np.full(D, 3.0))
+    summary = coord.step()
+    assert summary.status == "completed" and summary.version == 3
+    # version 2 (1.0) plus this round's mean update; the failed round's 2.0 is nowhere
+    np.testing.assert_array_equal(store.load_version("m", 3), np.full(D, 4.0, np.float32))
+    assert coord.health_problem() == ""
+    _assert_chain(store)
+
+
+def test_commit_whose_acknowledgement_was_lost_is_adopted_not_redone(
+    store: Store, monkeypatch
+) -> None:
+    """The connection drops during COMMIT: the version exists, the caller saw an error."""
+    clock = Clock()
+    coord = make(store, clock, store_retry_s=0.0)
+    real_complete = store.complete_round
+
+    def commit_then_lose_the_reply(*args, **kwargs):
+        real_complete(*args, **kwargs)
+        _db_down()
+
+    monkeypatch.setattr(store, "complete_round", commit_then_lose_the_reply)
+    monkeypatch.setattr(store, "fail_round", _db_down)
+    _, summary = _full_round(coord, clock, value=1.0)
+    assert summary.status == "failed"  # as far as anyone could tell at the time
+    monkeypatch.undo()
+    clock.now += 3
+    coord.step()  # settles: the round turns out completed, and its version is adopted
+    assert coord.model.current_version == 2
+    _, summary = _full_round(coord, clock, value=0.5)
+    assert summary.status == "completed" and summary.version == 3
+    # version 3 is version 2 plus the mean update: version 2 was applied exactly once
+    np.testing.assert_array_equal(store.load_version("m", 3), np.full(D, 1.5, np.float32))
+    _assert_chain(store)
+
+
+def test_transient_write_errors_are_retried(store: Store, monkeypatch) -> None:
+    clock = Clock()
+    coord = make(store, clock, store_retry_s=5.0)
+    real_complete = store.complete_round
+    failures = iter([True, True, False])
+
+    def flaky(*args, **kwargs):
+        if next(failures):
+            _db_down()
+        return real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(store, "complete_round", flaky)
+    _, summary = _full_round(coord, clock)
+    assert summary.status == "completed" and summary.version == 2
+    _assert_chain(store)
+
+
+def test_round_start_that_cannot_be_written_is_retried_with_the_same_devices(
+    store: Store, monkeypatch
+) -> None:
+    clock = Clock()
+    coord = make(store, clock, stall_grace_s=2)
+    monkeypatch.setattr(store, "start_round", _db_down)
+    for d in "abc":
+        coord.check_in(d, 0)
+    coord.step()
+    clock.now += 5
+    coord.step()
+    assert coord.task_for("a") is None
+    assert "no round has started" in coord.health_problem()
+    monkeypatch.undo()
+    clock.now += 3
+    coord.step()  # the failed start is settled (its row never committed)
+    coord.step()
+    assert all(coord.task_for(d) is not None for d in "abc")  # still available
+    assert coord.health_problem() == ""
+    for d in "abc":
+        upload(coord, d, coord.task_for(d), np.ones(D))
+    assert coord.step().status == "completed"
+    _assert_chain(store)
+
+
+def test_any_exception_while_closing_fails_the_round_and_the_next_one_runs(
+    store: Store,
+) -> None:
+    clock = Clock()
+    broken = {"on": True}
+
+    def evaluator(vector):
+        if broken["on"]:
+            raise MemoryError("evaluation ran out of memory")
+        return {"accuracy": 1.0}
+
+    coord = RoundCoordinator(
+        store,
+        "m",
+        FedAvg(),
+        RoundConfig(min_clients=2, clients_per_round=3, round_deadline_s=10, selection_window_s=1),
+        evaluator=evaluator,
+        clock=clock,
+        rng=random.Random(0),
+    )
+    _, summary = _full_round(coord, clock)
+    assert summary.status == "failed" and "MemoryError" in summary.failure_reason
+    assert store.list_rounds("m")[0].status == "failed"
+    broken["on"] = False
+    _, summary = _full_round(coord, clock)
+    assert summary.status == "completed" and summary.version == 2
+    _assert_chain(store)
+
+
+def test_failed_round_leaves_the_server_optimizer_state_as_it_was(
+    store: Store, monkeypatch
+) -> None:
+    from server.strategies import FedAdam
+
+    clock = Clock()
+    strategy = FedAdam(server_lr=0.1)
+    coord = RoundCoordinator(
+        store,
+        "m",
+        strategy,
+        RoundConfig(
+            min_clients=2,
+            clients_per_round=3,
+            round_deadline_s=10,
+            selection_window_s=1,
+            store_retry_s=0.0,
+        ),
+        clock=clock,
+        rng=random.Random(0),
+    )
+    _full_round(coord, clock)
+    before = {k: v.copy() for k, v in strategy.state_dict().items()}
+    monkeypatch.setattr(store, "complete_round", _db_down)
+    _, summary = _full_round(coord, clock, value=5.0)
+    assert summary.status == "failed"
+    for key, value in strategy.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_reports_a_dead_driver_and_a_round_past_its_deadline(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock, stall_grace_s=2)
+    tasks = start_round(coord, clock, ["a", "b", "c"])
+    assert tasks["a"] is not None and coord.health_problem() == ""
+    clock.now += 10 + 3  # nobody drives the round to its close
+    assert "past its deadline" in coord.health_problem()
+
+    def die() -> None:
+        raise SystemExit("driver bug")
+
+    coord.step = die  # type: ignore[method-assign]
+    coord.start()
+    coord._driver.join(timeout=5)
+    assert coord.health_problem() == "the round driver thread has died"

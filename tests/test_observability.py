@@ -96,3 +96,26 @@ def test_health_follows_database_reachability(server_factory, monkeypatch) -> No
     wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
     monkeypatch.undo()
     wait_for(health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_health_is_not_serving_while_the_database_disk_is_nearly_full(server_factory) -> None:
+    """--min-free-disk-mb above what the disk has: NOT_SERVING with the reason and the gauge."""
+    server = server_factory(health_interval=0.1, min_free_disk_mb=1e12)
+    end = time.monotonic() + 10
+    while "disk" not in server.health_monitor.problems:
+        assert time.monotonic() < end, "the disk check never failed"
+        time.sleep(0.05)
+    assert "--min-free-disk-mb" in server.health_monitor.problems["disk"]
+    with grpc.insecure_channel(server.address) as channel:
+        status = (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            .status
+        )
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    registry = server.metrics.registry
+    assert registry.get_sample_value("xeno_serving", {"model": "digits-mlp"}) == 0
+    labels = {"model": "digits-mlp", "check": "disk"}
+    assert registry.get_sample_value("xeno_health_check_ok", labels) == 0
+    labels["check"] = "database"
+    assert registry.get_sample_value("xeno_health_check_ok", labels) == 1

@@ -30,7 +30,7 @@ def test_upgrade_from_the_first_migration_keeps_the_data(db_url: str) -> None:
             {"digest": "a" * 64, "now": now},
         )
     store.create_schema()  # what `xeno-fl server` does on start
-    assert store.schema_revision() == "0003"
+    assert store.schema_revision() == "0004"
     assert store.device_credentials() == {"dev-old": ("a" * 64, None)}
     assert store.privacy_ledger("any") == []  # the ledger table exists, empty
     # the new column works
@@ -140,6 +140,6 @@ def test_simulate_runs_on_this_database(db_url: str, tmp_path) -> None:
     rounds = json.loads(report.read_text())["rounds"]
     assert [r["version"] for r in rounds] == [2, 3]
     store = Store(db_url)
-    assert store.schema_revision() == "0003"
+    assert store.schema_revision() == "0004"
     assert [r.status for r in store.list_rounds("digits-mlp")] == ["completed", "completed"]
     store.close()

@@ -193,7 +193,70 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "rounds":
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
+    _add_lifecycle_commands(admin_sub)
     return parser
+
+
+def _model_flag(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--model",
+        default=os.environ.get("XENO_MODEL", "digits-mlp"),
+        help="model name (default: digits-mlp) [env XENO_MODEL]",
+    )
+
+
+def _add_lifecycle_commands(admin_sub: Any) -> None:
+    q = admin_sub.add_parser("show", help="one version's record (default: the head)")
+    _model_flag(q)
+    q.add_argument("version", nargs="?", default="", help="version number or tag (default: head)")
+    q = admin_sub.add_parser(
+        "rollback",
+        help="make a new head version with an older version's weights (history is kept; a "
+        "running server trains from it next round, a round in flight fails as superseded)",
+    )
+    _model_flag(q)
+    q.add_argument("target", type=int, help="the version whose weights become the new head")
+    q.add_argument("--reason", default="", help="why; recorded with the new version")
+    q.add_argument(
+        "--operator",
+        default=os.environ.get("USER", "admin"),
+        help="who; recorded as created_by (default: $USER)",
+    )
+    q = admin_sub.add_parser(
+        "compare", help="metric changes and weight distance (L2, cosine) between two versions"
+    )
+    _model_flag(q)
+    q.add_argument("version_a", type=int)
+    q.add_argument("version_b", type=int)
+    q = admin_sub.add_parser(
+        "tag", help="point a tag (production, staging, any name) at a version, or --remove it"
+    )
+    _model_flag(q)
+    q.add_argument("tag")
+    q.add_argument("version", nargs="?", type=int, default=0, help="default: the head")
+    q.add_argument("--remove", action="store_true", help="remove the tag")
+    q.add_argument("--operator", default=os.environ.get("USER", "admin"), help="who")
+    q = admin_sub.add_parser(
+        "prune",
+        help="delete all but the newest --keep versions; tagged and A/B-tested versions and "
+        "the head are always kept",
+    )
+    _model_flag(q)
+    q.add_argument("--keep", type=int, default=3, help="newest versions to keep (default: 3)")
+    q = admin_sub.add_parser(
+        "alerts",
+        help="degradation alerts: a degrading trend, or a value k standard deviations worse "
+        "than its recent baseline",
+    )
+    q.add_argument("--model", default="", help="only this model (default: all)")
+    q.add_argument("--metric", default="", help="only this metric")
+    q.add_argument("--limit", type=int, default=100, help="newest N (default: 100)")
+    q = admin_sub.add_parser(
+        "trend", help="a metric's trend: Mann-Kendall test and Theil-Sen slope"
+    )
+    _model_flag(q)
+    q.add_argument("metric", help="e.g. accuracy, loss, round_seconds")
+    q.add_argument("--window", type=int, default=0, help="newest N values (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,6 +386,8 @@ def _admin(args: argparse.Namespace) -> int:
         return _privacy_report(
             call("GetPrivacyReport", pb.GetPrivacyReportRequest(model_name=args.model)), args.json
         )
+    if args.admin_command in ("show", "rollback", "compare", "tag", "prune", "alerts", "trend"):
+        return _admin_lifecycle(args, call)
     rows: list[tuple[Any, ...]]
     cols: tuple[str, ...]
     if args.admin_command == "models":
@@ -338,14 +403,27 @@ def _admin(args: argparse.Namespace) -> int:
             (
                 v.version,
                 v.parent_version or "-",
+                v.created_by,
+                v.round_number or "-",
                 _fmt(v.metrics.get("accuracy")),
                 _fmt(v.metrics.get("loss")),
                 v.sha256[:12],
+                ",".join(v.tags),
                 v.description,
             )
             for v in resp.versions
         ]
-        cols = ("version", "parent", "accuracy", "loss", "sha256", "description")
+        cols = (
+            "version",
+            "parent",
+            "created by",
+            "round",
+            "accuracy",
+            "loss",
+            "sha256",
+            "tags",
+            "description",
+        )
     else:
         resp = call(
             "GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model, limit=args.limit)
@@ -382,6 +460,140 @@ def _admin(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*[str(x) for x in row])
     Console().print(table)
+    return 0
+
+
+def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
+    from datetime import UTC, datetime
+
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.pb import admin_pb2 as pb
+
+    cmd = args.admin_command
+    resp: Any
+    if cmd == "show":
+        ref = str(args.version)
+        resp = call(
+            "GetVersion",
+            pb.GetVersionRequest(
+                model_name=args.model,
+                version=int(ref) if ref.isdigit() else 0,
+                tag="" if ref.isdigit() else ref,
+            ),
+        )
+    elif cmd == "rollback":
+        resp = call(
+            "Rollback",
+            pb.RollbackRequest(
+                model_name=args.model,
+                target_version=args.target,
+                reason=args.reason,
+                operator=args.operator,
+            ),
+        )
+    elif cmd == "compare":
+        resp = call(
+            "CompareVersions",
+            pb.CompareVersionsRequest(
+                model_name=args.model, version_a=args.version_a, version_b=args.version_b
+            ),
+        )
+    elif cmd == "tag":
+        resp = call(
+            "SetTag",
+            pb.SetTagRequest(
+                model_name=args.model,
+                tag=args.tag,
+                version=args.version,
+                remove=args.remove,
+                operator=args.operator,
+            ),
+        )
+    elif cmd == "alerts":
+        resp = call(
+            "ListAlerts",
+            pb.ListAlertsRequest(model_name=args.model, metric=args.metric, limit=args.limit),
+        )
+    elif cmd == "trend":
+        resp = call(
+            "GetTrend",
+            pb.GetTrendRequest(model_name=args.model, metric=args.metric, window=args.window),
+        )
+    else:
+        if args.keep < 1:
+            print(f"error: --keep must be at least 1, got {args.keep}", file=sys.stderr)
+            return 2
+        resp = call("PruneVersions", pb.PruneVersionsRequest(model_name=args.model, keep=args.keep))
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    console = Console()
+    if cmd == "show":
+        table = Table(title=f"{args.model} version {resp.version}", show_header=False)
+        for key, value in (
+            ("version", resp.version),
+            ("parent", resp.parent_version or "-"),
+            ("created by", resp.created_by),
+            ("round", resp.round_number or "-"),
+            ("rollback of", resp.rollback_of or "-"),
+            ("tags", ", ".join(resp.tags) or "-"),
+            ("sha256", resp.sha256),
+            ("description", resp.description),
+            *((f"metric {k}", f"{v:.6g}") for k, v in sorted(resp.metrics.items())),
+        ):
+            table.add_row(key, str(value))
+        console.print(table)
+    elif cmd == "rollback":
+        console.print(
+            f"model {args.model}: version {resp.version} is the new head, with the weights of "
+            f"version {args.target}"
+        )
+    elif cmd == "compare":
+        table = Table(title=f"{args.model}: version {resp.version_a} -> {resp.version_b}")
+        for col in ("metric", f"v{resp.version_a}", f"v{resp.version_b}", "change", "change %"):
+            table.add_column(col)
+        for key, c in sorted(resp.metric_changes.items()):
+            pct = f"{c.change_percent:+.2f}" if c.HasField("change_percent") else "-"
+            table.add_row(key, f"{c.v1:.6g}", f"{c.v2:.6g}", f"{c.change:+.6g}", pct)
+        console.print(table)
+        console.print(
+            f"weights: L2 distance {resp.l2_distance:.6g}, cosine similarity "
+            f"{resp.cosine_similarity:.6f}"
+        )
+    elif cmd == "tag":
+        verb = "removed from" if args.remove else "now points at"
+        console.print(f"model {args.model}: tag {args.tag!r} {verb} version {resp.version}")
+    elif cmd == "alerts":
+        table = Table(title="performance alerts, newest first")
+        for col in ("time", "model", "metric", "kind", "value", "baseline", "message"):
+            table.add_column(col, overflow="fold")
+        for a in resp.alerts:
+            when = datetime.fromtimestamp(a.created_unix_ms / 1000, UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            table.add_row(
+                when,
+                a.model_name,
+                a.metric,
+                a.kind,
+                f"{a.value:.6g}",
+                f"{a.baseline:.6g}",
+                a.message,
+            )
+        console.print(table if resp.alerts else "no alerts")
+    elif cmd == "trend":
+        console.print(
+            f"{args.metric} of {args.model}: [bold]{resp.trend}[/bold] ({resp.direction} is "
+            f"better; n {resp.n}, Kendall tau {resp.tau:.3f}, p {resp.p_value:.3g}, Theil-Sen "
+            f"slope {resp.slope:.4g} per value, "
+            f"95% CI [{resp.slope_low:.4g}, {resp.slope_high:.4g}])"
+        )
+    else:
+        deleted = ", ".join(str(v) for v in resp.deleted) or "none"
+        console.print(f"model {args.model}: deleted versions {deleted}")
     return 0
 
 

@@ -34,7 +34,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "sha256", "parent_version", "round_id", "created_unix_ms", "metrics", "description")
+    __slots__ = ("version", "sha256", "parent_version", "round_id", "created_unix_ms", "metrics", "description", "created_by", "tags", "round_number", "rollback_of")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,10 @@ class VersionInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_OF_FIELD_NUMBER: _ClassVar[int]
     version: int
     sha256: str
     parent_version: int
@@ -56,7 +60,11 @@ class VersionInfo(_message.Message):
     created_unix_ms: int
     metrics: _containers.ScalarMap[str, float]
     description: str
-    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., parent_version: _Optional[int] = ..., round_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...
+    created_by: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    round_number: int
+    rollback_of: int
+    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., parent_version: _Optional[int] = ..., round_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ..., created_by: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., round_number: _Optional[int] = ..., rollback_of: _Optional[int] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("model_name",)
@@ -186,3 +194,176 @@ class PrivacyReport(_message.Message):
     budget: float
     devices: _containers.RepeatedCompositeFieldContainer[DevicePrivacySummary]
     def __init__(self, model_name: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[PrivacyLedgerEntry, _Mapping]]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., status: _Optional[str] = ..., budget: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DevicePrivacySummary, _Mapping]]] = ...) -> None: ...
+
+class GetVersionRequest(_message.Message):
+    __slots__ = ("model_name", "version", "tag")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    tag: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("model_name", "target_version", "reason", "operator")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    target_version: int
+    reason: str
+    operator: str
+    def __init__(self, model_name: _Optional[str] = ..., target_version: _Optional[int] = ..., reason: _Optional[str] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class CompareVersionsRequest(_message.Message):
+    __slots__ = ("model_name", "version_a", "version_b")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_A_FIELD_NUMBER: _ClassVar[int]
+    VERSION_B_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version_a: int
+    version_b: int
+    def __init__(self, model_name: _Optional[str] = ..., version_a: _Optional[int] = ..., version_b: _Optional[int] = ...) -> None: ...
+
+class MetricChange(_message.Message):
+    __slots__ = ("v1", "v2", "change", "change_percent")
+    V1_FIELD_NUMBER: _ClassVar[int]
+    V2_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    v1: float
+    v2: float
+    change: float
+    change_percent: float
+    def __init__(self, v1: _Optional[float] = ..., v2: _Optional[float] = ..., change: _Optional[float] = ..., change_percent: _Optional[float] = ...) -> None: ...
+
+class CompareVersionsResponse(_message.Message):
+    __slots__ = ("version_a", "version_b", "metric_changes", "only_in_a", "only_in_b", "l2_distance", "cosine_similarity")
+    class MetricChangesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MetricChange
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MetricChange, _Mapping]] = ...) -> None: ...
+    VERSION_A_FIELD_NUMBER: _ClassVar[int]
+    VERSION_B_FIELD_NUMBER: _ClassVar[int]
+    METRIC_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IN_A_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IN_B_FIELD_NUMBER: _ClassVar[int]
+    L2_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    version_a: int
+    version_b: int
+    metric_changes: _containers.MessageMap[str, MetricChange]
+    only_in_a: _containers.RepeatedScalarFieldContainer[str]
+    only_in_b: _containers.RepeatedScalarFieldContainer[str]
+    l2_distance: float
+    cosine_similarity: float
+    def __init__(self, version_a: _Optional[int] = ..., version_b: _Optional[int] = ..., metric_changes: _Optional[_Mapping[str, MetricChange]] = ..., only_in_a: _Optional[_Iterable[str]] = ..., only_in_b: _Optional[_Iterable[str]] = ..., l2_distance: _Optional[float] = ..., cosine_similarity: _Optional[float] = ...) -> None: ...
+
+class SetTagRequest(_message.Message):
+    __slots__ = ("model_name", "tag", "version", "remove", "operator")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    tag: str
+    version: int
+    remove: bool
+    operator: str
+    def __init__(self, model_name: _Optional[str] = ..., tag: _Optional[str] = ..., version: _Optional[int] = ..., remove: _Optional[bool] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class SetTagResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class PruneVersionsRequest(_message.Message):
+    __slots__ = ("model_name", "keep")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    keep: int
+    def __init__(self, model_name: _Optional[str] = ..., keep: _Optional[int] = ...) -> None: ...
+
+class PruneVersionsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, deleted: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("model_name", "metric", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AlertInfo(_message.Message):
+    __slots__ = ("model_name", "metric", "kind", "value", "baseline", "message", "created_unix_ms")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    kind: str
+    value: float
+    baseline: float
+    message: str
+    created_unix_ms: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., kind: _Optional[str] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ..., message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[AlertInfo]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[AlertInfo, _Mapping]]] = ...) -> None: ...
+
+class GetTrendRequest(_message.Message):
+    __slots__ = ("model_name", "metric", "window")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    metric: str
+    window: int
+    def __init__(self, model_name: _Optional[str] = ..., metric: _Optional[str] = ..., window: _Optional[int] = ...) -> None: ...
+
+class TrendInfo(_message.Message):
+    __slots__ = ("trend", "direction", "n", "tau", "p_value", "slope", "slope_low", "slope_high")
+    TREND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_LOW_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    trend: str
+    direction: str
+    n: int
+    tau: float
+    p_value: float
+    slope: float
+    slope_low: float
+    slope_high: float
+    def __init__(self, trend: _Optional[str] = ..., direction: _Optional[str] = ..., n: _Optional[int] = ..., tau: _Optional[float] = ..., p_value: _Optional[float] = ..., slope: _Optional[float] = ..., slope_low: _Optional[float] = ..., slope_high: _Optional[float] = ...) -> None: ...

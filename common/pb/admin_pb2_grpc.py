@@ -54,6 +54,41 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.FromString,
                 _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/xeno.fl.v1.Admin/GetVersion',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.VersionInfo.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/xeno.fl.v1.Admin/Rollback',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.CompareVersions = channel.unary_unary(
+                '/xeno.fl.v1.Admin/CompareVersions',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsResponse.FromString,
+                _registered_method=True)
+        self.SetTag = channel.unary_unary(
+                '/xeno.fl.v1.Admin/SetTag',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagResponse.FromString,
+                _registered_method=True)
+        self.PruneVersions = channel.unary_unary(
+                '/xeno.fl.v1.Admin/PruneVersions',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ListAlerts',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.GetTrend = channel.unary_unary(
+                '/xeno.fl.v1.Admin/GetTrend',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -85,6 +120,55 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVersion(self, request, context):
+        """One version's record: the head, a number, or the version a tag points at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Append a new head whose weights are the target's; history is never rewritten. A running
+        server trains from it from its next round; a round in flight fails as superseded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTag(self, request, context):
+        """Point a tag (alias: production, staging, any name) at a version, or remove it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneVersions(self, request, context):
+        """Delete all but the newest `keep` versions, never the head, a tagged or an A/B-tested one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Degradation alerts of the performance tracker, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrend(self, request, context):
+        """The Mann-Kendall / Theil-Sen trend of a recorded metric.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +191,41 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetPrivacyReport,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetVersionRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.VersionInfo.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackResponse.SerializeToString,
+            ),
+            'CompareVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareVersions,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsResponse.SerializeToString,
+            ),
+            'SetTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTag,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagResponse.SerializeToString,
+            ),
+            'PruneVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneVersions,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'GetTrend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrend,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +336,195 @@ class Admin:
             '/xeno.fl.v1.Admin/GetPrivacyReport',
             xeno_dot_fl_dot_v1_dot_admin__pb2.GetPrivacyReportRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.PrivacyReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/GetVersion',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/Rollback',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/CompareVersions',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.CompareVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/SetTag',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.SetTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/PruneVersions',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.PruneVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ListAlerts',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/GetTrend',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,10 +46,20 @@ from server.privacy import (
     budget_message,
 )
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
-from server.store import ModelRecord, ParticipantRecord, PrivacyRecord, Store
+from server.store import (
+    ModelRecord,
+    ParticipantRecord,
+    PrivacyRecord,
+    Store,
+    SupersededError,
+    describe_error,
+    retry_transient,
+)
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
 log = logging.getLogger("xeno.server.rounds")
+_RETRY_BASE_S = 0.1
+_RETRY_CAP_S = 2.0
 audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
@@ -85,6 +95,10 @@ class RoundConfig:
     dp_sgd_max_grad_norm: float = 1.0
     dp_sgd_target_epsilon: float = 0.0
     dp_sgd_delta: float = 1e-5
+    # A write that fails transiently is tried again for this long before the round fails.
+    store_retry_s: float = 3.0
+    # How far past its deadlines the driver may lag before health reports NOT_SERVING.
+    stall_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -217,6 +231,30 @@ class RoundSummary:
     failure_reason: str = ""
 
 
+@dataclass(frozen=True)
+class _Result:
+    """What a round would produce: kept until its commit is known to have happened or not."""
+
+    vector: np.ndarray
+    strategy_state: dict[str, np.ndarray]
+    clip: float
+    metrics: dict[str, float]
+    privacy: PrivacyRecord | None
+
+
+@dataclass
+class _Unsettled:
+    """A round that ended while the database did not answer: its end is written later."""
+
+    round_id: str
+    number: int
+    reason: str
+    seconds: float
+    participants: list[ParticipantRecord]
+    since: float
+    result: _Result | None = None
+
+
 @dataclass
 class _Round:
     id: str
@@ -307,6 +345,17 @@ class RoundCoordinator:
         self._start_listeners: list[Callable[[str], None]] = []
         self._driver: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Rounds whose end could not be written yet; no round starts until they are, since
+        # one of them may have committed a version whose acknowledgement was lost.
+        self._unsettled: dict[str, _Unsettled] = {}
+        self._settle_at = 0.0
+        self._start_at = 0.0
+        self._retry_delay = {"settle": _RETRY_BASE_S, "start": _RETRY_BASE_S}
+        self.store_error = ""  # the last write failure, "" once writes succeed again
+        # Since when results fail to be stored (None once one is): a disk that is full for
+        # the blob but not for the small failure rows fails every round, yet "progresses".
+        self._results_failing: tuple[float, str] | None = None
+        self._heartbeat = clock()
 
         check_strategy(strategy, config)
         model = store.get_model(model_name)
@@ -623,6 +672,8 @@ class RoundCoordinator:
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
         """Start or close a round when due. Called by the driver thread, or by tests."""
+        if self._unsettled and not self._settle():
+            return None
         with self._cond:
             if self._finished:
                 return None
@@ -652,6 +703,7 @@ class RoundCoordinator:
 
         def loop() -> None:
             while not self._stopping.is_set():
+                self._heartbeat = self.clock()
                 try:
                     self.step()
                 except Exception:
@@ -659,8 +711,59 @@ class RoundCoordinator:
                 with self._cond:
                     self._cond.wait(interval_s)
 
+        self._heartbeat = self.clock()
         self._driver = threading.Thread(target=loop, name="round-driver", daemon=True)
         self._driver.start()
+
+    def health_problem(self) -> str:
+        """Why the federation is not making progress it should make ("" when it is).
+
+        Lock-free on purpose: the check must answer even while a stuck step holds the
+        lock. Progress is owed when the driver is running, a round is open, or enough
+        devices wait; the allowance is the relevant deadline plus `stall_grace_s`.
+        """
+        if self._stopping.is_set() or self._finished:
+            return ""
+        cfg = self.config
+        grace = cfg.stall_grace_s
+        now = self.clock()
+        driver = self._driver
+        if driver is not None:
+            if not driver.is_alive():
+                return "the round driver thread has died"
+            busy = now - self._heartbeat
+            if busy > cfg.round_deadline_s + grace:
+                return f"the round driver has been stuck in one step for {busy:.0f}s"
+        unsettled = list(self._unsettled.values())
+        if unsettled:
+            waiting = now - min(u.since for u in unsettled)
+            if waiting > grace:
+                return (
+                    f"{len(unsettled)} round end(s) could not be stored for {waiting:.0f}s "
+                    f"({self.store_error or 'database error'}); no round can start"
+                )
+        failing = self._results_failing
+        if failing is not None and now - failing[0] > grace:
+            return f"no round result could be stored for {now - failing[0]:.0f}s ({failing[1]})"
+        rnd = self._round
+        if rnd is not None:
+            end = rnd.deadline
+            if rnd.secagg is not None:
+                end = max(end, rnd.secagg.phase_deadline)
+            late = now - end
+            if late > grace:
+                return f"round {rnd.number} is {late:.0f}s past its deadline"
+            return ""
+        since = self._available_since
+        if since is not None:
+            idle = now - since - cfg.selection_window_s
+            if idle > grace:
+                why = f": {self.store_error}" if self.store_error else ""
+                return (
+                    f"{len(self._available)} device(s) wait but no round has started "
+                    f"for {idle:.0f}s{why}"
+                )
+        return ""
 
     def stop(self) -> None:
         self._stopping.set()
@@ -747,16 +850,41 @@ class RoundCoordinator:
         enough = count >= self.config.cohort_size
         if not enough and now - self._available_since < self.config.selection_window_s:
             return
-        if self._privacy_budget_exhausted(min(count, self.config.cohort_size)):
-            return
+        if now < self._start_at:
+            return  # the last start could not be written: back off
         chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
+        round_id = uuid.uuid4().hex
+        version = self.model.current_version
+        number = 0
+        try:
+            if self._privacy_budget_exhausted(len(chosen)):
+                return
+            self._follow_head()
+            version = self.model.current_version
+            number = self.store.next_round_number(self.model_name)
+            self.store.start_round(self.model_name, round_id, number, version, len(chosen))
+        except Exception as error:
+            self.store_error = describe_error(error)
+            delay = self._backoff("start")
+            log.error(
+                "could not start a round (%s); trying again in %.1fs", self.store_error, delay
+            )
+            self._start_at = now + delay
+            if number:  # the start may have committed without our knowing: fail it later
+                self._unsettled[round_id] = _Unsettled(
+                    round_id,
+                    number,
+                    f"the round's start could not be recorded ({self.store_error})",
+                    0.0,
+                    [],
+                    now,
+                )
+            return
+        self.store_error = ""
+        self._retry_delay["start"] = _RETRY_BASE_S
         for dev in chosen:
             del self._available[dev]
         self._available_since = None
-        number = self.store.next_round_number(self.model_name)
-        round_id = uuid.uuid4().hex
-        version = self.model.current_version
-        self.store.start_round(self.model_name, round_id, number, version, len(chosen))
         model_bytes = to_wire(self._vector)
         wall_deadline = time.time() + self.config.round_deadline_s
         self._round = _Round(
@@ -786,6 +914,21 @@ class RoundCoordinator:
         for listener in self._start_listeners:
             listener(round_id)
         self._cond.notify_all()
+
+    def _follow_head(self) -> None:
+        """Train from the store's head: a rollback or a pushed version moves it under us."""
+        model = self.store.get_model(self.model_name)
+        if model is None or model.current_version == self.model.current_version:
+            return
+        self._vector = self.store.load_version(self.model_name, model.current_version)
+        self.strategy.initialize(self._vector)
+        log.info(
+            "model %s: head moved from version %d to %d outside the rounds; training from it",
+            self.model_name,
+            self.model.current_version,
+            model.current_version,
+        )
+        self.model = model
 
     def privacy_account(self) -> PrivacyAccount:
         delta = self.config.user_dp.delta if self.config.user_dp else 1e-5
@@ -871,18 +1014,109 @@ class RoundCoordinator:
         )
 
     def _close_round(self, rnd: _Round) -> RoundSummary:
-        """Aggregate (or fail) a closing round.
+        """Aggregate (or fail) a closing round; never raises.
 
-        Runs outside the lock; uploads to the round are refused meanwhile.
+        Runs outside the lock; uploads to the round are refused meanwhile. Whatever
+        goes wrong (aggregation, evaluation, the database), the round ends in memory
+        at once, completed or failed, and the driver goes on. A failure that cannot
+        be written yet is written by `_settle` once the database answers again.
         """
         accepted = rnd.count(Status.UPLOADED)
         seconds = self.clock() - rnd.started
         participants = [p.record() for p in rnd.cohort.values()]
         version: int | None = None
-        metrics: dict[str, float] = {}
+        result: _Result | None = None
         reason = ""
+        before = self._strategy_state()
+        try:
+            result, reason = self._round_result(rnd, accepted)
+        except Exception as error:
+            log.exception("round %d: aggregation failed", rnd.number)
+            reason = f"aggregating the round failed: {describe_error(error)}"
+        if result is not None:
+            outcome = result
+            try:
+                version = retry_transient(
+                    lambda: self.store.complete_round(
+                        self.model_name,
+                        rnd.id,
+                        outcome.vector,
+                        outcome.metrics,
+                        seconds,
+                        participants,
+                        outcome.privacy,
+                    ),
+                    self.config.store_retry_s,
+                    f"storing round {rnd.number}",
+                )
+                self.store_error = ""
+                self._results_failing = None
+            except SupersededError as error:
+                reason = str(error)
+            except Exception as error:
+                self.store_error = describe_error(error)
+                if self._results_failing is None:
+                    self._results_failing = (self.clock(), self.store_error)
+                reason = f"the round's result could not be stored ({self.store_error})"
+                log.error("round %d: %s", rnd.number, reason)
+        if version is None:
+            self.strategy.load_state_dict(before)
+            version = self._record_failure(rnd, reason, seconds, participants, result)
+            if version is not None:
+                reason = ""
+        metrics = result.metrics if result is not None and version is not None else {}
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status="completed" if version is not None else "failed",
+            version=version,
+            selected=len(rnd.cohort),
+            participants=accepted,
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics=metrics,
+            failure_reason=reason,
+        )
+        with self._cond:
+            if version is not None and result is not None:
+                self._apply(version, result)
+            self._closed_rounds[rnd.id] = summary.status
+            while len(self._closed_rounds) > 1000:
+                self._closed_rounds.popitem(last=False)
+            self._round = None
+            self._cond.notify_all()
+            self._phase_cond.notify_all()
+        if version is not None:
+            log.info(
+                "round %d completed: version %d, %d/%d updates, %.2fs, %s",
+                rnd.number,
+                version,
+                accepted,
+                len(rnd.cohort),
+                seconds,
+                {k: round(v, 4) for k, v in metrics.items()},
+            )
+        else:
+            log.warning(
+                "round %d failed: %s",
+                rnd.number,
+                reason,
+                extra={"round": rnd.number, "round_id": rnd.id, "status": "failed"},
+            )
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
+    def _round_result(self, rnd: _Round, accepted: int) -> tuple[_Result | None, str]:
+        """The round's new weights and metrics, or why it has none."""
         mean_delta: np.ndarray | None = None
         noisy_inside: float | None = None
+        reason = ""
         self.last_secagg_stats = {}
         if rnd.secagg is not None:
             self.last_secagg_stats = {
@@ -922,85 +1156,132 @@ class RoundCoordinator:
                 f"only {accepted} update(s) arrived before the deadline, "
                 f"{self.config.min_clients} needed"
             )
-        if mean_delta is not None:
-            new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
-            if not np.all(np.isfinite(new_vector)):
-                reason = "aggregate is not finite; the round's updates were discarded"
-            else:
-                metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
-                metrics["update_norm"] = float(np.linalg.norm(mean_delta))
-                if self.config.update_clip_norm > 0:
-                    metrics["updates_clipped"] = float(rnd.clipped)
-                if rnd.secagg is not None and rnd.secagg.result is not None:
-                    metrics["secagg"] = 1.0
-                    metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
-                    metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
-                    metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
-                privacy = self._privacy_record(rnd, accepted)
-                next_clip = rnd.clip
-                if privacy is not None:
-                    metrics["dp_epsilon"] = privacy.epsilon
-                    metrics["dp_clip"] = rnd.clip
-                    policy = self.config.user_dp
-                    if policy is not None and policy.adaptive and noisy_inside is not None:
-                        next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
-                        metrics["dp_clip_next"] = next_clip
-                        metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
-                version = self.store.complete_round(
-                    self.model_name, rnd.id, new_vector, metrics, seconds, participants, privacy
-                )
-        if version is None:
-            self.store.fail_round(rnd.id, reason, seconds, participants)
+        if mean_delta is None:
+            return None, reason
+        new_vector = self.strategy.aggregate_fit(rnd.base_vector, mean_delta)
+        if not np.all(np.isfinite(new_vector)):
+            return None, "aggregate is not finite; the round's updates were discarded"
+        metrics = dict(self.evaluator(new_vector)) if self.evaluator else {}
+        metrics["update_norm"] = float(np.linalg.norm(mean_delta))
+        if self.config.update_clip_norm > 0:
+            metrics["updates_clipped"] = float(rnd.clipped)
+        if rnd.secagg is not None and rnd.secagg.result is not None:
+            metrics["secagg"] = 1.0
+            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
+            metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
+        privacy = self._privacy_record(rnd, accepted)
+        next_clip = rnd.clip
+        if privacy is not None:
+            metrics["dp_epsilon"] = privacy.epsilon
+            metrics["dp_clip"] = rnd.clip
+            policy = self.config.user_dp
+            if policy is not None and policy.adaptive and noisy_inside is not None:
+                next_clip = policy.next_clip(rnd.clip, noisy_inside, accepted)
+                metrics["dp_clip_next"] = next_clip
+                metrics["dp_noisy_inside_fraction"] = noisy_inside / accepted
+        return _Result(new_vector, self._strategy_state(), next_clip, metrics, privacy), ""
+
+    def _strategy_state(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v, copy=True) for k, v in self.strategy.state_dict().items()}
+
+    def _apply(self, version: int, result: _Result) -> None:
+        """Make a stored version the current model (under the lock)."""
+        self._vector = result.vector
+        self._clip = result.clip
+        self._results_failing = None
+        self.strategy.load_state_dict(result.strategy_state)
+        self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
+        self._completed_this_run += 1
+        if self.config.rounds and self._completed_this_run >= self.config.rounds:
+            self._finished = True
+
+    def _record_failure(
+        self,
+        rnd: _Round,
+        reason: str,
+        seconds: float,
+        participants: list[ParticipantRecord],
+        result: _Result | None,
+    ) -> int | None:
+        """Write a round's failure; returns its version if it turns out to have completed."""
+        try:
+            stored = retry_transient(
+                lambda: self.store.fail_round(rnd.id, reason, seconds, participants),
+                self.config.store_retry_s,
+                f"recording the failure of round {rnd.number}",
+            )
+        except Exception as error:
+            self.store_error = describe_error(error)
+            log.error(
+                "round %d: its failure could not be recorded (%s); no round starts until "
+                "the database takes it",
+                rnd.number,
+                self.store_error,
+            )
+            self._unsettled[rnd.id] = _Unsettled(
+                rnd.id, rnd.number, reason, seconds, participants, self.clock(), result
+            )
+            return None
+        self.store_error = ""
+        if stored is not None and result is not None:
+            # The commit went through but its acknowledgement was lost: keep that version.
             log.warning(
-                "round %d failed: %s",
-                rnd.number,
-                reason,
-                extra={"round": rnd.number, "round_id": rnd.id, "status": "failed"},
+                "round %d: its result was stored after all, as version %d", rnd.number, stored
             )
-        summary = RoundSummary(
-            round_id=rnd.id,
-            number=rnd.number,
-            status="completed" if version is not None else "failed",
-            version=version,
-            selected=len(rnd.cohort),
-            participants=accepted,
-            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
-            bytes_in=sum(p.bytes_in for p in participants),
-            bytes_out=sum(p.bytes_out for p in participants),
-            seconds=seconds,
-            metrics=metrics,
-            failure_reason=reason,
-        )
-        with self._cond:
-            if version is not None:
-                self._vector = new_vector
-                self._clip = next_clip
-                self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
-                self._completed_this_run += 1
-                if self.config.rounds and self._completed_this_run >= self.config.rounds:
-                    self._finished = True
-            self._closed_rounds[rnd.id] = summary.status
-            while len(self._closed_rounds) > 1000:
-                self._closed_rounds.popitem(last=False)
-            self._round = None
-            self._cond.notify_all()
-            self._phase_cond.notify_all()
-        if version is not None:
-            log.info(
-                "round %d completed: version %d, %d/%d updates, %.2fs, %s",
-                rnd.number,
-                version,
-                accepted,
-                len(rnd.cohort),
-                seconds,
-                {k: round(v, 4) for k, v in metrics.items()},
-            )
-        for listener in self._listeners:
+            return stored
+        return None
+
+    def _settle(self) -> bool:
+        """Write the ends of rounds the database missed; True when none is left.
+
+        Driver thread only, outside the lock. A round found completed (its commit
+        went through, the acknowledgement did not) is adopted as the current
+        version, so its update is neither lost nor applied a second time.
+        """
+        now = self.clock()
+        if now < self._settle_at:
+            return False
+        for entry in list(self._unsettled.values()):
             try:
-                listener(summary)
-            except Exception:
-                log.exception("round listener failed")
-        return summary
+                stored = self.store.fail_round(
+                    entry.round_id, entry.reason, entry.seconds, entry.participants
+                )
+            except Exception as error:
+                self.store_error = describe_error(error)
+                self._settle_at = now + self._backoff("settle")
+                return False
+            del self._unsettled[entry.round_id]
+            if stored is not None and entry.result is not None:
+                with self._cond:
+                    self._apply(stored, entry.result)
+                    self._cond.notify_all()
+                log.warning(
+                    "round %d: its result was stored after all, as version %d",
+                    entry.number,
+                    stored,
+                )
+            elif stored is not None:
+                self._reload_model()
+            else:
+                log.info("round %d: its failure is recorded now", entry.number)
+        self.store_error = ""
+        self._retry_delay["settle"] = _RETRY_BASE_S
+        return True
+
+    def _reload_model(self) -> None:
+        model = self.store.get_model(self.model_name)
+        if model is None:
+            raise RuntimeError(f"model {self.model_name!r} vanished from the store")
+        vector = self.store.load_version(self.model_name, model.current_version)
+        with self._cond:
+            self.model = model
+            self._vector = vector
+
+    def _backoff(self, what: str) -> float:
+        delay = self._retry_delay[what]
+        self._retry_delay[what] = min(delay * 2, _RETRY_CAP_S)
+        return delay
 
     # called by UploadSession
     def _commit(self, session: UploadSession, vector: np.ndarray) -> None:

@@ -1,13 +1,26 @@
-"""Operator-facing Admin servicer: read-only views of models, versions and rounds."""
+"""Operator-facing Admin servicer: views of models, versions and rounds, and the model lifecycle.
+
+Thin: the lifecycle calls go to server/lifecycle/, whose refusals carry the
+gRPC status they map to (a refused call changes nothing).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
+from server.errors import FederationError
+from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.privacy import privacy_report
+from server.services.common import status_code
 from server.store import Store
+
+T = TypeVar("T")
 
 
 def _ms(dt: object) -> int:
@@ -18,6 +31,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, store: Store, privacy_budget: float = 0.0) -> None:
         self.store = store
         self.privacy_budget = privacy_budget
+        self.versions = VersionControl(store)
+        self.performance = PerformanceLog(store)
+
+    @staticmethod
+    def _run(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except FederationError as err:
+            context.abort(status_code(err.kind), err.message)
+            raise AssertionError("unreachable: context.abort raises") from err
 
     def _model_or_abort(self, name: str, context: grpc.ServicerContext) -> None:
         if self.store.get_model(name) is None:
@@ -47,20 +70,89 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
     ) -> pb.ListVersionsResponse:
         self._model_or_abort(request.model_name, context)
+        round_ids = {
+            v.version: v.round_id or "" for v in self.store.list_versions(request.model_name)
+        }
+        records = self._run(context, lambda: self.versions.history(request.model_name))
         return pb.ListVersionsResponse(
-            versions=[
-                pb.VersionInfo(
-                    version=v.version,
-                    sha256=v.blob_sha256,
-                    parent_version=v.parent_version or 0,
-                    round_id=v.round_id or "",
-                    created_unix_ms=_ms(v.created_at),
-                    metrics={k: float(x) for k, x in v.metrics.items()},
-                    description=v.description,
-                )
-                for v in self.store.list_versions(request.model_name)
-            ]
+            versions=[_version_info(r, round_ids.get(r.version, "")) for r in records]
         )
+
+    def GetVersion(
+        self, request: pb.GetVersionRequest, context: grpc.ServicerContext
+    ) -> pb.VersionInfo:
+        ref: int | str | None = request.tag or (request.version or None)
+        record = self._run(context, lambda: self.versions.get(request.model_name, ref))
+        rows = {v.version: v.round_id or "" for v in self.store.list_versions(request.model_name)}
+        return _version_info(record, rows.get(record.version, ""))
+
+    def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.ServicerContext
+    ) -> pb.RollbackResponse:
+        version = self._run(
+            context,
+            lambda: self.versions.rollback(
+                request.model_name,
+                int(request.target_version),
+                request.operator or "admin",
+                request.reason,
+            ),
+        )
+        return pb.RollbackResponse(version=version)
+
+    def CompareVersions(
+        self, request: pb.CompareVersionsRequest, context: grpc.ServicerContext
+    ) -> pb.CompareVersionsResponse:
+        out = self._run(
+            context,
+            lambda: self.versions.compare(
+                request.model_name, int(request.version_a), int(request.version_b)
+            ),
+        )
+        changes = {}
+        for key, c in out["metric_changes"].items():
+            change = pb.MetricChange(v1=c["v1"], v2=c["v2"], change=c["change"])
+            if c["change_percent"] is not None:
+                change.change_percent = c["change_percent"]
+            changes[key] = change
+        return pb.CompareVersionsResponse(
+            version_a=out["version_a"],
+            version_b=out["version_b"],
+            metric_changes=changes,
+            only_in_a=out["only_in_a"],
+            only_in_b=out["only_in_b"],
+            l2_distance=out["weight_distance"]["l2"],
+            cosine_similarity=out["weight_distance"]["cosine_similarity"],
+        )
+
+    def SetTag(self, request: pb.SetTagRequest, context: grpc.ServicerContext) -> pb.SetTagResponse:
+        if request.remove:
+            version = self._run(
+                context, lambda: self.versions.untag(request.model_name, request.tag)
+            )
+        else:
+            version = self._run(
+                context,
+                lambda: self.versions.tag(
+                    request.model_name,
+                    request.version or None,
+                    request.tag,
+                    request.operator or "admin",
+                ),
+            )
+        return pb.SetTagResponse(version=version)
+
+    def PruneVersions(
+        self, request: pb.PruneVersionsRequest, context: grpc.ServicerContext
+    ) -> pb.PruneVersionsResponse:
+        if request.keep < 0:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"keep must be >= 1, got {request.keep}"
+            )
+        deleted = self._run(
+            context, lambda: self.versions.prune(request.model_name, request.keep or DEFAULT_KEEP)
+        )
+        return pb.PruneVersionsResponse(deleted=deleted)
 
     def GetRoundHistory(
         self, request: pb.GetRoundHistoryRequest, context: grpc.ServicerContext
@@ -126,3 +218,63 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 for d in report.devices
             ],
         )
+
+    def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAlertsResponse:
+        alerts = self._run(
+            context,
+            lambda: self.performance.alerts(
+                request.model_name or None, request.metric or None, request.limit or 100
+            ),
+        )
+        return pb.ListAlertsResponse(
+            alerts=[
+                pb.AlertInfo(
+                    model_name=a.model_name,
+                    metric=a.metric,
+                    kind=a.kind,
+                    value=a.value,
+                    baseline=a.baseline,
+                    message=a.message,
+                    created_unix_ms=_ms(a.created_at),
+                )
+                for a in alerts
+            ]
+        )
+
+    def GetTrend(self, request: pb.GetTrendRequest, context: grpc.ServicerContext) -> pb.TrendInfo:
+        if request.window < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "window must be >= 0 (0: all)")
+        r = self._run(
+            context,
+            lambda: self.performance.trend(
+                request.model_name, request.metric, request.window or None
+            ),
+        )
+        return pb.TrendInfo(
+            trend=r.trend.value,
+            direction=r.direction.value,
+            n=r.n,
+            tau=r.tau,
+            p_value=r.p_value,
+            slope=r.slope,
+            slope_low=r.slope_low,
+            slope_high=r.slope_high,
+        )
+
+
+def _version_info(r: VersionRecord, round_id: str) -> pb.VersionInfo:
+    return pb.VersionInfo(
+        version=r.version,
+        sha256=r.sha256,
+        parent_version=r.parent_version or 0,
+        round_id=round_id,
+        created_unix_ms=_ms(r.created_at),
+        metrics=r.metrics,
+        description=r.description,
+        created_by=r.created_by,
+        tags=r.tags,
+        round_number=r.round_number or 0,
+        rollback_of=r.rollback_of or 0,
+    )

@@ -31,6 +31,12 @@ CREDENTIAL_KEYS = (DEVICE_ID_KEY, AUTHORIZATION_KEY)
 _CODES = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
 
 
+def status_code(kind: ErrorKind) -> grpc.StatusCode:
+    """The gRPC status a domain refusal of this kind maps to."""
+    code: grpc.StatusCode = _CODES[kind]
+    return code
+
+
 def bearer_token(value: str) -> str:
     prefix = "bearer "
     return value[len(prefix) :] if value.lower().startswith(prefix) else ""

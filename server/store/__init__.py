@@ -9,13 +9,16 @@ leaves either all of it or none.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, select, text, update
+from sqlalchemy import Engine, create_engine, event, exc, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
@@ -23,9 +26,11 @@ from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
 from server.store.models import (
+    AbTestRow,
     BlobRow,
     DeviceRow,
     ModelRow,
+    ModelTagRow,
     ModelVersionRow,
     PrivacyLedgerRow,
     RoundParticipantRow,
@@ -38,16 +43,73 @@ __all__ = [
     "ParticipantRecord",
     "PrivacyRecord",
     "Store",
+    "SupersededError",
+    "describe_error",
+    "is_transient",
+    "retry_transient",
     "utcnow",
 ]
+
+
+log = logging.getLogger("xeno.server.store")
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed database call may succeed when tried again.
+
+    Lost or refused connections, a server restarting, SQLite's "database is
+    locked" and "database or disk is full" (space can be freed), pool timeouts.
+    Integrity errors and programming errors are not: trying again cannot help.
+    """
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for logs and failure reasons: the error's type and first line, no SQL, no URL."""
+    inner = getattr(error, "orig", None) or error
+    first = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    return f"{type(inner).__name__}: {first}"[:300] if first else type(inner).__name__
+
+
+def retry_transient(
+    call: Callable[[], T],
+    budget_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    base_s: float = 0.05,
+) -> T:
+    """call(), tried again with exponential backoff while it fails transiently, for budget_s.
+
+    Only safe for calls that are idempotent or that commit nothing when they fail:
+    every write of the round coordinator is (see Store.complete_round).
+    """
+    deadline = time.monotonic() + budget_s
+    delay = base_s
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            left = deadline - time.monotonic()
+            if not is_transient(error) or left <= 0:
+                raise
+            log.warning("%s failed (%s); retrying in %.2fs", what, describe_error(error), delay)
+            sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+
+
 class CorruptBlobError(RuntimeError):
     """A stored blob does not match its SHA-256 address."""
+
+
+class SupersededError(RuntimeError):
+    """A round's result would land on a head that moved meanwhile (a rollback, a new version)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +171,10 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    args: dict[str, Any] = {}
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        args["connect_timeout"] = 5  # an unreachable server must not hang a round for minutes
+    return create_engine(url, pool_pre_ping=True, connect_args=args)
 
 
 class Store:
@@ -121,6 +186,14 @@ class Store:
         self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def local_dir(self) -> str | None:
+        """The folder of a SQLite database file (None for in-memory and server databases)."""
+        database = self.engine.url.database
+        if self.engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return None
+        return str(Path(database).resolve().parent)
 
     def create_schema(self) -> None:
         """Bring the schema to the newest migration (creating it in an empty database)."""
@@ -182,6 +255,10 @@ class Store:
             return {row[0]: (row[1], row[2]) for row in rows}
 
     # blobs -----------------------------------------------------------------
+    def put_blob(self, s: Session, data: bytes) -> str:
+        """Add data as a content-addressed blob inside the caller's transaction; its SHA-256."""
+        return self._put_blob(s, data)
+
     def _put_blob(self, s: Session, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if s.get(BlobRow, digest) is None:
@@ -242,6 +319,7 @@ class Store:
                     metrics={},
                     description="initial weights",
                     created_at=now,
+                    created_by="server",
                 )
             )
             return _model_record(row)
@@ -268,6 +346,60 @@ class Store:
                     .order_by(ModelVersionRow.version)
                 )
             )
+
+    def protected_versions(self, name: str) -> set[int]:
+        """Versions retention never deletes: the head, every tagged version, every A/B-tested one.
+
+        The one rule shared by `prune` (server/lifecycle) and the server's own retention.
+        """
+        with self.session() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if model is None:
+                return set()
+            return self._protected(s, model)
+
+    @staticmethod
+    def _protected(s: Session, model: ModelRow) -> set[int]:
+        keep = {model.current_version}
+        keep.update(s.scalars(select(ModelTagRow.version).where(ModelTagRow.model_id == model.id)))
+        keep.update(s.scalars(select(AbTestRow.version_a).where(AbTestRow.model_a_id == model.id)))
+        keep.update(s.scalars(select(AbTestRow.version_b).where(AbTestRow.model_b_id == model.id)))
+        return keep
+
+    def prune_versions(self, name: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` versions except protected ones; blobs no version uses.
+
+        Returns the deleted version numbers. One transaction, with the model row locked,
+        so a tag or an A/B test created meanwhile is seen.
+        """
+        if keep < 1:
+            raise ValueError("keep at least one version")
+        with self._session.begin() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            if model is None:
+                raise KeyError(f"no model {name!r}")
+            rows = s.scalars(
+                select(ModelVersionRow)
+                .where(ModelVersionRow.model_id == model.id)
+                .order_by(ModelVersionRow.version.desc())
+            ).all()
+            protected = self._protected(s, model)
+            doomed = [r for r in rows[keep:] if r.version not in protected]
+            digests = {r.blob_sha256 for r in doomed}
+            for r in doomed:
+                s.delete(r)
+            s.flush()
+            if digests:
+                used = set(
+                    s.scalars(
+                        select(ModelVersionRow.blob_sha256).where(
+                            ModelVersionRow.blob_sha256.in_(digests)
+                        )
+                    )
+                )
+                for digest in digests - used:
+                    s.delete(s.get(BlobRow, digest))
+            return sorted(r.version for r in doomed)
 
     # rounds ----------------------------------------------------------------
     def next_round_number(self, name: str) -> int:
@@ -310,11 +442,17 @@ class Store:
 
     def fail_round(
         self, round_id: str, reason: str, seconds: float, participants: list[ParticipantRecord]
-    ) -> None:
+    ) -> int | None:
+        """Mark a running round failed. Idempotent; a round already ended is left as it is.
+
+        Returns the round's version when it had in fact completed: a commit whose
+        acknowledgement was lost (the connection dropped during COMMIT) looks like a
+        failure to the caller, who must then adopt that version, not redo the round.
+        """
         with self._session.begin() as s:
             row = s.get(RoundRow, round_id)
-            if row is None:
-                return
+            if row is None or row.status != "running":
+                return row.result_version if row is not None else None
             row.status = "failed"
             row.failure_reason = reason
             row.seconds = seconds
@@ -322,6 +460,7 @@ class Store:
             for key, value in _round_counts(participants).items():
                 setattr(row, key, value)
             s.add_all(_participant_rows(round_id, participants))
+            return None
 
     def fail_running_rounds(self, name: str, reason: str) -> int:
         """Mark rounds left running by a previous process as failed; returns how many."""
@@ -344,16 +483,39 @@ class Store:
         participants: list[ParticipantRecord],
         privacy: PrivacyRecord | None = None,
     ) -> int:
-        """Store the round's new version, its record and its ledger entry in one commit."""
+        """Store the round's new version, its record and its ledger entry in one commit.
+
+        Idempotent: called again for a round it already completed (a retry after a
+        lost acknowledgement), it returns that round's version and writes nothing.
+        The new version's parent must be the round's base version, so a result is
+        never applied on top of a version it was not computed from.
+        """
         now = utcnow()
         with self._session.begin() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
             rnd = s.get(RoundRow, round_id)
             if model is None or rnd is None:
                 raise KeyError(f"unknown model {name!r} or round {round_id!r}")
+            wire = to_wire(new_weights)
+            if rnd.status == "completed" and rnd.result_version is not None:
+                stored = s.scalar(
+                    select(ModelVersionRow.blob_sha256).where(
+                        ModelVersionRow.model_id == model.id,
+                        ModelVersionRow.version == rnd.result_version,
+                    )
+                )
+                if stored == hashlib.sha256(wire).hexdigest():
+                    return rnd.result_version  # this very result, committed before
+                raise RuntimeError(f"round {round_id} was already completed with other weights")
             if rnd.status != "running":
                 raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
-            digest = self._put_blob(s, to_wire(new_weights))
+            if model.current_version != rnd.base_version:
+                raise SupersededError(
+                    f"superseded: the round trained version {rnd.base_version}, but the head "
+                    f"moved to version {model.current_version} (a rollback or a new version) "
+                    "during the round; its update was not applied"
+                )
+            digest = self._put_blob(s, wire)
             version = model.current_version + 1
             counts = _round_counts(participants)
             s.add(
@@ -366,6 +528,7 @@ class Store:
                     metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",
                     created_at=now,
+                    created_by="federation",
                 )
             )
             model.current_version = version

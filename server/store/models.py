@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -76,6 +77,10 @@ class ModelVersionRow(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # "federation" for a round's version, else whoever made it (an operator, an app).
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    # A rollback's new head copies this version's weights.
+    rollback_of: Mapped[int | None] = mapped_column(Integer)
 
 
 class RoundRow(Base):
@@ -138,3 +143,87 @@ class PrivacyLedgerRow(Base):
     epsilon: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# Model lifecycle (server/lifecycle/): tags, performance history and alerts, A/B tests.
+
+
+class ModelTagRow(Base):
+    """An alias (`production`, `staging`, any name) pointing at one version of a model."""
+
+    __tablename__ = "model_tags"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PerformanceMetricRow(Base):
+    """One observation of a model's metric (a round's accuracy, a device's latency, ...)."""
+
+    __tablename__ = "performance_metrics"
+    __table_args__ = (Index("ix_performance_metrics_series", "model_id", "metric", "recorded_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    context: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    version: Mapped[int | None] = mapped_column(Integer)
+    round_number: Mapped[int | None] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PerformanceAlertRow(Base):
+    """A degradation the tracker detected: a degrading trend or a value far off its baseline."""
+
+    __tablename__ = "performance_alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    metric: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[float] = mapped_column(Float)
+    baseline: Mapped[float] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AbTestRow(Base):
+    """An A/B test between two pinned model versions."""
+
+    __tablename__ = "ab_tests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # The references as given (name, name:version or name@alias) and what they resolved to.
+    model_a: Mapped[str] = mapped_column(String(256))
+    model_b: Mapped[str] = mapped_column(String(256))
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version_a: Mapped[int] = mapped_column(Integer)
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version_b: Mapped[int] = mapped_column(Integer)
+    traffic_split: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[list[Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16))
+    winner: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AbResultRow(Base):
+    """One observed value of one metric in one arm of an A/B test."""
+
+    __tablename__ = "ab_results"
+    __table_args__ = (Index("ix_ab_results_arm", "test_id", "metric", "variant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    test_id: Mapped[int] = mapped_column(ForeignKey("ab_tests.id"))
+    variant: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    device_id: Mapped[str] = mapped_column(String(64), default="")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,256 @@
+"""The database goes away mid-federation; rounds resume by themselves and health tells the truth.
+
+Real failures, not mocks: PostgreSQL is reached through a TCP proxy that the
+test cuts (every connection reset, new ones refused at once) and restores,
+since the local PostgreSQL server is shared and must not be stopped; SQLite
+runs out of space through `PRAGMA max_page_count` on every connection of the
+server's engine, which fails writes with SQLITE_FULL exactly as a full disk does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import make_url
+
+from server.app import XenoServer
+from server.rounds import RoundSummary
+from server.store import Store
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class CuttableProxy:
+    """A TCP proxy to host:port that can be cut (all connections reset, new ones closed)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self.cut_now = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.cut_now:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.cut_now = True
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self._open.clear()
+
+    def restore(self) -> None:
+        self.cut_now = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def _health(address: str) -> int | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                .status
+            )
+        except grpc.RpcError:
+            return None
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def assert_version_chain(store: Store, model: str = "digits-mlp") -> None:
+    """Versions 1..n, each the child of the previous, one per completed round, none twice."""
+    versions = store.list_versions(model)
+    assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+    assert all(v.parent_version == v.version - 1 for v in versions[1:])
+    rounds = store.list_rounds(model)
+    completed = [r for r in rounds if r.status == "completed"]
+    assert sorted(r.result_version for r in completed) == [v.version for v in versions[1:]]
+    assert sorted(v.round_id for v in versions[1:]) == sorted(r.id for r in completed)
+    # the round open when the server stopped may still read "running"; no other
+    assert sum(r.status == "running" for r in rounds) <= 1
+
+
+OUTAGE_SERVER: dict[str, Any] = dict(
+    rounds=0,
+    clients_per_round=3,
+    min_clients=3,
+    selection_window=0.5,
+    round_deadline=10.0,
+    health_interval=0.1,
+    stall_grace=1.0,
+    store_retry=0.3,
+)
+
+
+def _outage(
+    server: XenoServer, device_threads: Any, cut: Callable[[], None], restore: Callable[[], None]
+) -> tuple[list[RoundSummary], float]:
+    """Run rounds, cut the database mid-federation, restore it; returns summaries, resume time."""
+    summaries: list[RoundSummary] = []
+    server.coordinator.add_listener(summaries.append)
+    device_threads(server, 3)
+    coordinator = server.coordinator
+    _wait(lambda: coordinator.model.current_version >= 3, 90, "two rounds before the outage")
+    cut_in_round: list[str] = []
+
+    def cut_mid_round(round_id: str) -> None:  # the round has started; its end will fail
+        if not cut_in_round:
+            cut_in_round.append(round_id)
+            cut()
+
+    coordinator.add_start_listener(cut_mid_round)
+    _wait(lambda: bool(cut_in_round), 30, "a round to start")
+    # a round's write fails: the round fails in memory, and health says so
+    _wait(lambda: coordinator.store_error != "", 30, "a write to fail")
+    _wait(lambda: _health(server.address) == NOT_SERVING, 30, "health to report NOT_SERVING")
+    assert server.health_monitor.problems
+    time.sleep(1.0)
+    assert _health(server.address) == NOT_SERVING
+    assert server.metrics.serving.labels("digits-mlp")._value.get() == 0
+    at_restore = coordinator.model.current_version
+    restore()
+    resumed = _wait(
+        lambda: coordinator.model.current_version >= at_restore + 2, 60, "rounds to resume"
+    )
+    _wait(lambda: _health(server.address) == SERVING, 30, "health to report SERVING again")
+    [cut_round] = [s for s in summaries if s.round_id == cut_in_round[0]]
+    assert cut_round.status == "failed" and "could not be stored" in cut_round.failure_reason
+    return summaries, resumed
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[tuple[str, str]]:
+    """(direct URL, schema) of a fresh schema on the shared PostgreSQL server."""
+    base = os.environ.get("XENO_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("XENO_TEST_POSTGRES_URL is not set")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield base, schema
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def _with_schema(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.mark.slow
+def test_postgres_outage_mid_federation_rounds_resume_by_themselves(
+    server_factory: Any, device_threads: Any, postgres_schema: tuple[str, str]
+) -> None:
+    base, schema = postgres_schema
+    direct = make_url(base)
+    proxy = CuttableProxy(direct.host or "127.0.0.1", direct.port or 5432)
+    via_proxy = direct.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        server = server_factory(db=_with_schema(via_proxy, schema), **OUTAGE_SERVER)
+        summaries, resumed = _outage(server, device_threads, proxy.cut, proxy.restore)
+    finally:
+        proxy.close()
+    failed = [s for s in summaries if s.status == "failed"]
+    assert resumed < 30
+    store = Store(_with_schema(base, schema))
+    try:
+        assert_version_chain(store)
+        stored = {r.id: r for r in store.list_rounds("digits-mlp")}
+        for s in failed:  # every failure reported in memory is recorded as a failure
+            if s.round_id in stored:
+                assert stored[s.round_id].status == "failed"
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_sqlite_out_of_space_mid_federation_rounds_resume_once_space_is_freed(
+    server_factory: Any, device_threads: Any, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path}/full.db"
+    server = server_factory(db=db, **OUTAGE_SERVER)
+    engine = server.store.engine
+    limit = {"pages": 0}
+
+    @event.listens_for(engine, "connect")
+    def _cap(dbapi_conn: Any, _record: Any) -> None:
+        if limit["pages"]:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA max_page_count={limit['pages']}")
+            cur.close()
+
+    def fill_disk() -> None:
+        with engine.connect() as conn:
+            pages = conn.execute(text("PRAGMA page_count")).scalar_one()
+        limit["pages"] = int(pages) + 1
+        engine.dispose()  # every new connection gets the cap
+
+    def free_space() -> None:
+        limit["pages"] = 0
+        engine.dispose()
+
+    summaries, resumed = _outage(server, device_threads, fill_disk, free_space)
+    assert resumed < 30
+    failed = [s for s in summaries if s.status == "failed"]
+    assert any("full" in s.failure_reason for s in failed), [s.failure_reason for s in failed]
+    assert_version_chain(server.store)
