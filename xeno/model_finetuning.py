@@ -41,8 +41,8 @@ EXPORT_FORMAT = "xeno-user-export"
 EXPORT_VERSION = 1
 
 
-def _device_state_dir() -> Path:
-    return Path(os.environ.get("XENO_STATE_DIR") or xeno_home() / "device")
+def _device_state_dir(home: str | Path | None) -> Path:
+    return Path(os.environ.get("XENO_STATE_DIR") or Path(home or xeno_home()) / "device")
 
 
 def _privacy_ledger(state_dir: Path) -> list[dict[str, Any]]:
@@ -60,7 +60,10 @@ def _privacy_ledger(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def export_user_data(
-    user_id: str, path: str | Path | None = None, device_state_dir: str | Path | None = None
+    user_id: str,
+    path: str | Path | None = None,
+    device_state_dir: str | Path | None = None,
+    home: str | Path | None = None,
 ) -> dict[str, Any]:
     """One machine-readable archive of everything kept for the user (GDPR art. 15 and 20).
 
@@ -69,7 +72,7 @@ def export_user_data(
     `.npz`), response templates, consent records and the device's privacy
     ledger. Written to `path` as JSON (0600, atomically) when given.
     """
-    with UserStore(user_id) as store:
+    with UserStore(user_id, home=home) as store:
         archive: dict[str, Any] = {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_VERSION,
@@ -78,14 +81,14 @@ def export_user_data(
             "store": store.export(),
             "consent": consent_history(store),
         }
-    state = Path(device_state_dir) if device_state_dir is not None else _device_state_dir()
+    state = Path(device_state_dir) if device_state_dir is not None else _device_state_dir(home)
     archive["privacy_ledger"] = _privacy_ledger(state)
     if path is not None:
         atomic_write(Path(path), json.dumps(archive, indent=1, ensure_ascii=False).encode())
     return archive
 
 
-def delete_user_data(user_id: str) -> dict[str, Any]:
+def delete_user_data(user_id: str, home: str | Path | None = None) -> dict[str, Any]:
     """Erase the user's on-device data by crypto-shredding (GDPR art. 17).
 
     The user's store key is overwritten and removed first, then the database
@@ -93,4 +96,4 @@ def delete_user_data(user_id: str) -> dict[str, Any]:
     longer be decrypted. Returns {"user_id", "store_deleted"}.
     """
     user_id = validate_user_id(user_id)
-    return {"user_id": user_id, "store_deleted": delete_user_store(user_id)}
+    return {"user_id": user_id, "store_deleted": delete_user_store(user_id, home)}
