@@ -18,6 +18,7 @@ For one round a device
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client.retry import retry_after_s
 from client.storage import IdentityStore
 from common.pb import federation_pb2 as pb
 from common.quantize import FixedPoint
@@ -150,12 +152,24 @@ class SecAggDevice:
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
-        response = getattr(self.stub, method)(
-            request, metadata=self.metadata, timeout=self.timeout()
-        )
-        self.report.bytes_received += response.ByteSize()
-        return response
+        """One phase call; a RESOURCE_EXHAUSTED refusal is retried after the wait it names.
+
+        Phase calls are idempotent, so repeating one is safe.
+        """
+        for attempt in range(8):
+            self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
+            try:
+                response = getattr(self.stub, method)(
+                    request, metadata=self.metadata, timeout=self.timeout()
+                )
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 7:
+                    raise
+                time.sleep(max(retry_after_s(err), 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
+                continue
+            self.report.bytes_received += response.ByteSize()
+            return response
+        raise AssertionError("unreachable")
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:

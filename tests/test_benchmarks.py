@@ -65,6 +65,14 @@ def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
 
 
 @pytest.mark.slow
+def test_robust_benchmark_times_every_rule() -> None:
+    line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
+    seconds = line["seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+
+
+@pytest.mark.slow
 def test_personalization_benchmark_reports_shares() -> None:
     line = _json_line("benchmarks/personalization.py", "--users", "3", "--interactions", "10")
     assert set(line["share_right_after"]) == {"10"}  # type: ignore[arg-type]
