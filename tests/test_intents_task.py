@@ -37,7 +37,8 @@ def test_task_settings_choose_model_spec_and_evaluation_data() -> None:
     config = ServerConfig(task="intents")
     assert config.model == "intents-fasttext"
     assert config.model_spec() == ModelSpec("fasttext", {"num_classes": 150})
-    assert ServerConfig().model == "digits-mlp" and ServerConfig().model_spec().architecture == "mlp"
+    assert ServerConfig().model == "digits-mlp"
+    assert ServerConfig().model_spec().architecture == "mlp"
     assert ServerConfig(task="intents", model="mine").model == "mine"
     test = evaluation_set(TaskName.INTENTS, config.model_spec(), 0, 0.2)
     assert test.x.shape[0] == 4500 and test.x.dtype == np.int64
