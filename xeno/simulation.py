@@ -175,7 +175,6 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         task=task.value,
         model=config.model,
         learning_rate=learning_rate,
-        **({"secagg_clip_norm": INTENTS_SECAGG_CLIP_NORM} if task is TaskName.INTENTS else {}),
         params=config.params,
         seed=config.seed,
         data_seed=config.seed,
@@ -197,6 +196,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         # and only after this long with fewer (device processes start slowly on a busy machine).
         selection_window=30.0,
     )
+    if task is TaskName.INTENTS:
+        server_config = replace(server_config, secagg_clip_norm=INTENTS_SECAGG_CLIP_NORM)
     server = XenoServer(server_config)
     events: queue.Queue[RoundSummary] = queue.Queue()
     server.coordinator.add_listener(events.put)
