@@ -35,8 +35,9 @@ import numpy as np
 
 from common.quantize import FixedPoint
 from common.secagg import derive_params
+from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -94,6 +95,7 @@ class RoundConfig:
     secagg_dropout: float = 0.1
     secagg_degree: int = 0
     secagg_threshold: int = 0
+    secagg_corrupt_fraction: float = 0.05
     # User-level DP of the global model (None: off) and sample-level DP-SGD on devices.
     user_dp: UserDpPolicy | None = None
     dp_sgd: bool = False
@@ -211,20 +213,6 @@ class TaskInfo:
     secagg: SecAggTask | None = None
     user_dp: UserDpPolicy | None = None
     dp_sgd: DpSgdTask | None = None
-
-
-@dataclass(frozen=True)
-class UnmaskAnswer:
-    """The answer to a device's GetUnmaskRequest.
-
-    completed_version is set (and the lists empty) when the round already closed
-    successfully with this device's masked update in its sum: nothing to reveal.
-    """
-
-    survivors: list[str]
-    dropped: list[str]
-    total_survivors: int
-    completed_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -725,11 +713,15 @@ class RoundCoordinator:
                 list(secagg.participants),
                 secagg.neighbour_keys(device_id),
                 degree,
-                secagg.settings.threshold,
+                secagg.threshold,
             )
 
     def share_keys(
-        self, device_id: str, round_id: str, shares: dict[str, bytes]
+        self,
+        device_id: str,
+        round_id: str,
+        shares: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]] | None = None,
     ) -> list[tuple[str, bytes]]:
         """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
 
@@ -739,7 +731,7 @@ class RoundCoordinator:
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
-                secagg.share(device_id, shares)
+                secagg.share(device_id, shares, commitments)
             elif sent != shares:
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
@@ -760,17 +752,17 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
             return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> UnmaskAnswer:
+    def unmask_request(
+        self, device_id: str, round_id: str
+    ) -> tuple[list[str], list[str], int, list[str]]:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
-        Raises Pending while the upload phase is open. A device whose update is in the
-        sum of a round that already completed (the others' shares sufficed) is told so
-        instead of "closed".
+        Also the number of uploads in the sum and the round's survivor set. Raises
+        Pending while the upload phase is open, and RoundCompleted when the round already
+        completed with this device's update in its sum (the others' shares sufficed).
         """
         with self._cond:
-            version = self._completed_with(device_id, round_id)
-            if version is not None:
-                return UnmaskAnswer([], [], 0, completed_version=version)
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
                 if device_id not in secagg.uploaded:
@@ -779,9 +771,35 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return UnmaskAnswer(
-                list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            return (
+                list(request.survivors),
+                list(request.dropped),
+                len(secagg.uploaded),
+                list(secagg.survivor_set),
             )
+
+    def confirm_survivors(
+        self, device_id: str, round_id: str, signature: bytes
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Phase 4b: accept a signature over the survivor set.
+
+        Once the phase closes: the signatures of the devices within two hops of this one.
+        Idempotent; raises Pending while the phase is open, RoundCompleted once the round
+        completed with this device's update in its sum.
+        """
+        with self._cond:
+            self._check_completed(device_id, round_id)
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            mine = secagg.confirmations.get(device_id)
+            if secagg.phase is Phase.CONFIRM or mine is None:
+                secagg.confirm(device_id, signature)
+            elif mine != signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already confirmed the survivor set"
+                )
+            if secagg.phase is Phase.CONFIRM:
+                self._await_phase_end(rnd, secagg, Phase.CONFIRM)
+            return secagg.confirmations_for(device_id)
 
     def unmask(
         self,
@@ -789,23 +807,20 @@ class RoundCoordinator:
         round_id: str,
         revealed: list[tuple[str, ShareKind, bytes]],
         unverifiable: list[str],
-    ) -> int | None:
-        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes.
+    ) -> None:
+        """Phase 4c: accept revealed shares; the driver unmasks once the phase closes.
 
-        Returns the new version instead when the round already completed with this
-        device's update in its sum (the shares are then not needed and dropped).
+        Raises RoundCompleted when the round already completed with this device's
+        update in its sum: the shares are then not needed and dropped.
         """
         with self._cond:
-            version = self._completed_with(device_id, round_id)
-            if version is not None:
-                return version
+            self._check_completed(device_id, round_id)
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
             self._advance_secagg(secagg)
-            return None
 
-    def _completed_with(self, device_id: str, round_id: str) -> int | None:
-        """The version a closed round produced, if it completed with this device's update.
+    def _check_completed(self, device_id: str, round_id: str) -> None:
+        """Raise RoundCompleted if the round completed with this device's masked update.
 
         A round being closed (aggregation and its commit run outside the lock) may still
         fail, so while it closes the call is Pending until the round's end is known.
@@ -816,8 +831,7 @@ class RoundCoordinator:
             raise Pending(Change.ROUND, CLOSE_WAIT_S, "the round is closing; call again")
         done = self._completed_uploads.get(round_id)
         if done is not None and device_id in done[1]:
-            return done[0]
-        return None
+            raise RoundCompleted(done[0])
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -1145,13 +1159,13 @@ class RoundCoordinator:
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
         cfg = self.config
         n = len(rnd.cohort)
-        params = derive_params(n, cfg.secagg_dropout)
+        params = derive_params(n, cfg.secagg_dropout, corrupt_fraction=cfg.secagg_corrupt_fraction)
         degree = min(cfg.secagg_degree or params.degree, n - 1)
         if degree < n - 1 and degree % 2:
             degree += 1  # the ring graph is symmetric for even degrees (or complete)
-        majority = (degree + 1) // 2 + 1
-        threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
-        threshold = min(threshold, degree + 1)
+        # Never below the malicious-model bound (devices refuse less).
+        bound = threshold_bound(n, degree, cfg.secagg_corrupt_fraction)
+        threshold = min(max(cfg.secagg_threshold, bound), degree + 1)
         fixed_point = self._round_fixed_point(n)
         min_uploads = self._min_contributors(n)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
@@ -1165,11 +1179,14 @@ class RoundCoordinator:
                 fixed_point,
                 cfg.secagg_phase_timeout_s,
                 min_uploads=min_uploads,
+                corrupt_fraction=cfg.secagg_corrupt_fraction,
             ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
+            model_name=self.model_name,
+            model_version=rnd.base_version,
             phase_started=now,
         )
 
@@ -1294,7 +1311,7 @@ class RoundCoordinator:
         if rnd.secagg is not None:
             self.last_secagg_stats = {
                 "degree": rnd.secagg.settings.degree,
-                "threshold": rnd.secagg.settings.threshold,
+                "threshold": rnd.secagg.threshold,
                 "phase_seconds": dict(rnd.secagg.phase_seconds),
                 "unmask_cpu_seconds": rnd.secagg.unmask_cpu_seconds,
             }
@@ -1340,7 +1357,7 @@ class RoundCoordinator:
             metrics["updates_clipped"] = float(rnd.clipped)
         if rnd.secagg is not None and rnd.secagg.result is not None:
             metrics["secagg"] = 1.0
-            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_threshold"] = float(rnd.secagg.threshold)
             metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
             metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
         privacy = self._privacy_record(rnd, accepted)

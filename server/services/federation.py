@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import Change, ErrorKind, FederationError
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
@@ -361,7 +361,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                         ErrorKind.INVALID_ARGUMENT, f"two shares for {share.receiver}"
                     )
                 shares[share.receiver] = share.ciphertext
-            mine = self.coordinator.share_keys(device, request.round_id, shares)
+            commitments: dict[str, tuple[bytes, bytes]] = {}
+            for c in request.commitments:
+                if c.holder in commitments:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, f"two share commitments for {c.holder}"
+                    )
+                commitments[c.holder] = (c.mask_key, c.self_mask_seed)
+            mine = self.coordinator.share_keys(device, request.round_id, shares, commitments)
         except FederationError as err:
             abort(context, err, "ShareKeys", device)
         return pb.ShareKeysResponse(
@@ -393,17 +400,34 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            answer = self.coordinator.unmask_request(device, request.round_id)
+            survivors, dropped, total, everyone = self.coordinator.unmask_request(
+                device, request.round_id
+            )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        if answer.completed_version is not None:
-            return pb.UnmaskRequest(
-                round_completed=True, completed_version=answer.completed_version
-            )
         return pb.UnmaskRequest(
-            survivors=answer.survivors,
-            dropped=answer.dropped,
-            total_survivors=answer.total_survivors,
+            survivors=survivors, dropped=dropped, total_survivors=total, round_survivors=everyone
+        )
+
+    def ConfirmSurvivors(
+        self, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmSurvivorsResponse:
+        device = device_id_of(context)
+        try:
+            signatures = self.coordinator.confirm_survivors(
+                device, request.round_id, request.signature
+            )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
+        except FederationError as err:
+            abort(context, err, "ConfirmSurvivors", device)
+        return pb.ConfirmSurvivorsResponse(
+            signatures=[
+                pb.SurvivorSignature(device_id=d, signature=sig, identity_public_key=key)
+                for d, sig, key in signatures
+            ]
         )
 
     def Unmask(
@@ -420,11 +444,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 else:
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
-            version = self.coordinator.unmask(
-                device, request.round_id, revealed, list(request.unverifiable)
-            )
+            self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
-        if version is not None:
-            return pb.UnmaskSharesResponse(round_completed=True, completed_version=version)
         return pb.UnmaskSharesResponse()
