@@ -70,3 +70,17 @@ def test_robust_benchmark_times_every_rule() -> None:
     seconds = line["seconds"]
     assert isinstance(seconds, dict)
     assert set(seconds) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+
+
+@pytest.mark.slow
+def test_personalization_benchmark_reports_shares() -> None:
+    line = _json_line("benchmarks/personalization.py", "--users", "3", "--interactions", "10")
+    assert set(line["share_right_after"]) == {"10"}  # type: ignore[arg-type]
+    assert line["target_met"] is False  # fewer than 30 interactions: not measured
+
+
+@pytest.mark.slow
+def test_assistant_latency_benchmark_reports_timings() -> None:
+    line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
+    assert isinstance(line["train_seconds_median"], float)
+    assert isinstance(line["predict_cpu_ms_p99"], float)

@@ -4,6 +4,7 @@
     xeno-fl client    run a device client
     xeno-fl simulate  a server and N device processes on this machine
     xeno-fl admin     inspect models, versions and rounds
+    xeno-fl user      a user's assistant data: export, delete, consent, retention
 
 Every flag also reads an environment variable (shown in --help); a flag
 wins over the variable, the variable over the default.
@@ -194,7 +195,46 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rounds":
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     _add_lifecycle_commands(admin_sub)
+    _add_user_parser(sub)
     return parser
+
+
+def _add_user_parser(sub: Any) -> None:
+    from client.assistant.consent import Scope
+
+    p = sub.add_parser(
+        "user",
+        help="a user's assistant data on this device: export, delete, consent, retention",
+        description="The assistant's per-user encrypted store under --home (XENO_HOME). "
+        "The device key comes from XENO_DEVICE_KEY, XENO_DEVICE_KEY_FILE, the OS keyring, "
+        "or $XENO_HOME/device.key.",
+    )
+    p.add_argument(
+        "--home",
+        default=os.environ.get("XENO_HOME") or "./data",
+        help="folder of the assistant's data (default: ./data) [env XENO_HOME]",
+    )
+    user_sub = p.add_subparsers(dest="user_command", required=True, metavar="WHAT")
+    q = user_sub.add_parser("export", help="everything kept for the user, as one JSON archive")
+    q.add_argument("user_id")
+    q.add_argument("--out", default=None, help="write the archive here (0600); else stdout")
+    q = user_sub.add_parser(
+        "delete", help="erase the user's store (crypto-shredding: its key is destroyed)"
+    )
+    q.add_argument("user_id")
+    q.add_argument("--yes", action="store_true", help="confirm; nothing is deleted without it")
+    q = user_sub.add_parser(
+        "consent", help="grant or revoke a consent scope; without flags, show the history"
+    )
+    q.add_argument("user_id")
+    scopes = [s.value for s in Scope]
+    q.add_argument("--grant", choices=scopes, default=None)
+    q.add_argument("--revoke", choices=scopes, default=None)
+    q = user_sub.add_parser(
+        "retention", help="set how many days episodes and interactions are kept; or show it"
+    )
+    q.add_argument("user_id")
+    q.add_argument("--days", type=float, default=None)
 
 
 def _model_flag(q: argparse.ArgumentParser) -> None:
@@ -288,6 +328,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return simulate(from_namespace(SimulationConfig, args))
     if args.command == "privacy":
         return _privacy(args)
+    if args.command == "user":
+        return _user(args)
     return _admin(args)
 
 
@@ -734,3 +776,42 @@ def _admin_caller(args: argparse.Namespace) -> Any:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _user(args: argparse.Namespace) -> int:
+    from client.assistant import consent
+    from client.assistant.store import StoreError, UserStore
+    from xeno.model_finetuning import delete_user_data, export_user_data
+
+    try:
+        if args.user_command == "export":
+            archive = export_user_data(args.user_id, path=args.out, home=args.home)
+            if args.out is None:
+                print(json.dumps(archive, indent=1, ensure_ascii=False))
+            else:
+                print(f"wrote {args.out}")
+            return 0
+        if args.user_command == "delete":
+            if not args.yes:
+                print("error: deleting is final; add --yes to confirm", file=sys.stderr)
+                return 2
+            print(json.dumps(delete_user_data(args.user_id, home=args.home)))
+            return 0
+        with UserStore(args.user_id, home=args.home) as store:
+            if args.user_command == "consent":
+                if args.grant and args.revoke:
+                    print("error: --grant or --revoke, not both", file=sys.stderr)
+                    return 2
+                if args.grant:
+                    consent.record(store, args.grant, True)
+                if args.revoke:
+                    consent.record(store, args.revoke, False)
+                print(json.dumps(consent.consent_history(store)))
+                return 0
+            if args.days is not None:
+                store.set_retention_days(args.days)
+            print(json.dumps({"retention_days": store.retention_days()}))
+            return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
