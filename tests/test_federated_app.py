@@ -25,7 +25,7 @@ def manager(tmp_path) -> PersonalizedModelManager:
     m = PersonalizedModelManager(
         db=f"sqlite:///{tmp_path}/fl.db",
         home=tmp_path,
-        settings=FederationSettings(local_epochs=2, learning_rate=0.05),
+        settings=FederationSettings(local_epochs=2, learning_rate=0.05, min_secagg_cohort=2),
     )
     yield m
     m.close()
@@ -135,5 +135,5 @@ def test_too_few_updates_is_a_clear_refusal(manager: PersonalizedModelManager) -
     assert out["success"] is False and out["model_updated"] is False
     assert "1 user update(s) pending, 5 needed" in out["error"]
     out = manager.update_global_model(model_id, min_updates=1)
-    assert "secure aggregation needs at least 2 users" in out["error"]
+    assert "secure aggregation here needs at least 2 users" in out["error"]
     assert [v.version for v in manager._store.list_versions(model_id)] == [1]

@@ -76,6 +76,9 @@ class FederationSettings:
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     round_deadline_s: float = 60.0
+    # Users' devices refuse a secure round smaller than this (a small secure sum tells each
+    # member much about the others); the devices' own default unless set.
+    min_secagg_cohort: int = ClientConfig.min_secagg_cohort
 
 
 class _UserDevice(DeviceClient):
@@ -154,12 +157,14 @@ class FederatedTrainer:
         """One real round with every pending user; the seed's result dict."""
         with self._lock:
             pending = dict(self._pending)
-        need = max(min_updates, 2)
+        floor = max(2, self.settings.min_secagg_cohort)
+        need = max(min_updates, floor)
         if len(pending) < need:
             why = (
                 f"{len(pending)} user update(s) pending, {min_updates} needed"
                 if len(pending) < min_updates
-                else "secure aggregation needs at least 2 users"
+                else f"secure aggregation here needs at least {floor} users (the users' "
+                "devices refuse smaller secure rounds: FederationSettings.min_secagg_cohort)"
             )
             return {
                 "success": False,
@@ -196,7 +201,10 @@ class FederatedTrainer:
             key_file.parent.mkdir(parents=True, exist_ok=True)
             write_new_key(key_file)
         before = {r.id for r in self.store.list_rounds(self.model_id)}
-        server = XenoServer(config, store=self.store).start()
+        server = XenoServer(config, store=self.store)
+        ended = threading.Event()  # one round, completed or failed: no retry loop
+        server.coordinator.add_listener(lambda _summary: ended.set())
+        server.start()
         devices: list[_UserDevice] = []
         threads: list[threading.Thread] = []
         try:
@@ -209,6 +217,7 @@ class FederatedTrainer:
                         device_key_file=str(key_file),
                         max_wait_ms=1000,
                         max_backoff=1.0,
+                        min_secagg_cohort=floor,
                     ),
                     p.data,
                     p.result,
@@ -218,7 +227,7 @@ class FederatedTrainer:
                 threads.append(threading.Thread(target=device.run, daemon=True, name="user"))
             for t in threads:
                 t.start()
-            server.coordinator.wait_finished(timeout=s.round_deadline_s * 2 + 30)
+            ended.wait(timeout=s.round_deadline_s * 2 + 30)
         finally:
             for d in devices:
                 d.stop.set()
