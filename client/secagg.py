@@ -47,6 +47,18 @@ from common.secagg.graph import graph_seed
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
 
+# A phase call that failed with one of these is sent again, byte for byte: the server
+# answers a resend of the same message as it answered (or would answer) the first.
+RESEND = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
 
 class SecAggProtocolError(RuntimeError):
     """The server asked for something an honest device must refuse."""
@@ -145,17 +157,41 @@ class SecAggDevice:
         self.rng = rng or np.random.default_rng()
         self.report = SecAggReport()
         self._revealed = False
+        self._keys: tuple[KeyPair, KeyPair, bytes] | None = None
+        self.resends = 0
         self.fixed_point = fixed_point_of(task.secagg)
         self.min_contributors = task.secagg.min_contributors
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
-        response = getattr(self.stub, method)(
-            request, metadata=self.metadata, timeout=self.timeout()
-        )
+        """One phase call; after a lost answer, the same message again (with backoff)."""
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        while True:
+            self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
+            try:
+                response = getattr(self.stub, method)(
+                    request, metadata=self.metadata, timeout=self.timeout()
+                )
+                break
+            except grpc.RpcError as err:
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay * (0.5 + 0.5 * float(self.rng.random())))
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
         self.report.bytes_received += response.ByteSize()
         return response
+
+    def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
+        """The device's keys for the round and their signature, made once per round."""
+        if self._keys is None:
+            enc, mask = generate_keypair(), generate_keypair()
+            signature = sign_keys(
+                self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
+            )
+            self._keys = (enc, mask, signature)
+        return self._keys
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
@@ -164,10 +200,7 @@ class SecAggDevice:
         encoded = self.fixed_point.encode(update, num_examples, self.rng)
         self.report.encode_seconds = time.perf_counter() - started
 
-        enc, mask = generate_keypair(), generate_keypair()
-        signature = sign_keys(
-            self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
-        )
+        enc, mask, signature = self.round_keys()
         advertised: pb.AdvertiseKeysResponse = self._call(  # type: ignore[assignment]
             "AdvertiseKeys",
             pb.AdvertiseKeysRequest(
@@ -349,7 +382,22 @@ class SecAggDevice:
             for chunk in iter_chunks(data, CHUNK_BYTES):
                 yield pb.MaskedChunk(data=chunk)
 
-        self.stub.UploadMasked(  # type: ignore[attr-defined]
-            messages(), metadata=self.metadata, timeout=self.timeout()
-        )
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        resent = False
+        while True:
+            try:
+                self.stub.UploadMasked(  # type: ignore[attr-defined]
+                    messages(), metadata=self.metadata, timeout=self.timeout()
+                )
+                break
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS and resent:
+                    break  # the first stream was accepted; its answer was lost
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+            resent = True
         self.report.bytes_sent += len(data)

@@ -158,6 +158,9 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 1
     def advertise(self, device: str, keys: DeviceKeys) -> None:
+        known = self.keys.get(device)
+        if known is not None and device in self.graph and _same_keys(known, keys):
+            return  # a resend after a lost answer, once the phase closed: the same answer
         self._require_phase(Phase.ADVERTISE, "AdvertiseKeys")
         if device not in self.cohort:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not in this round")
@@ -196,6 +199,8 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 2
     def share(self, device: str, shares: dict[str, bytes]) -> None:
+        if device in self.u2 and self.shares.get(device) == shares:
+            return  # a resend after a lost answer, once the phase closed
         self._require_phase(Phase.SHARE, "ShareKeys")
         if device not in self.graph:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not a participant")
@@ -234,14 +239,14 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 3
     def begin_upload(self, device: str, total_elements: int) -> None:
+        if device in self.uploaded:  # also after the phase: a resend after a lost answer
+            raise FederationError(
+                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
+            )
         self._require_phase(Phase.UPLOAD, "UploadMasked")
         if device not in self.u2:
             raise FederationError(
                 ErrorKind.PERMISSION_DENIED, "device did not complete ShareKeys in this round"
-            )
-        if device in self.uploaded:
-            raise FederationError(
-                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
             )
         if device in self.uploading:
             raise FederationError(
@@ -286,8 +291,6 @@ class SecAggRound:
             return  # the sum was already unmasked with other devices' shares
         self._require_phase(Phase.UNMASK, "Unmask")
         request = self.unmask_request(device)
-        if device in self.revealed:
-            raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already revealed")
         wanted = {v: ShareKind.SELF_MASK_SEED for v in request.survivors}
         wanted.update({v: ShareKind.MASK_KEY for v in request.dropped})
         seen: set[str] = set()
@@ -305,6 +308,10 @@ class SecAggRound:
                 parsed.append((owner, kind, decode_share(data)))
             except ValueError as exc:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        if device in self.revealed:
+            if self.revealed[device] == parsed:
+                return  # the same shares again: a resend after a lost answer
+            raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already revealed")
         for sender in unverifiable:
             audit.warning(
                 "round %s: device %s reports that the share from %s failed authentication",
@@ -464,3 +471,11 @@ class SecAggRound:
         if weight_sum <= 0:
             raise ValueError("the unmasked weight sum is not positive: inconsistent shares")
         return SecAggResult(weighted_sum, weight_sum, survivors, dropped)
+
+
+def _same_keys(a: DeviceKeys, b: DeviceKeys) -> bool:
+    return (
+        a.encryption_public_key == b.encryption_public_key
+        and a.mask_public_key == b.mask_public_key
+        and a.signature == b.signature
+    )

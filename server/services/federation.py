@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,7 +216,17 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self, request: pb.CheckInRequest, context: grpc.ServicerContext
     ) -> pb.CheckInResponse:
         device = device_id_of(context)
-        outcome = self.coordinator.check_in(device, request.max_wait_ms / 1000.0)
+        returned = threading.Event()
+
+        def on_end() -> None:  # also runs when the device hangs up mid-poll (it stopped)
+            if not returned.is_set():
+                self.coordinator.leave(device, "check-in cancelled", only_if_untouched=True)
+
+        context.add_callback(on_end)
+        outcome = self.coordinator.check_in(
+            device, request.max_wait_ms / 1000.0, cancelled=lambda: not context.is_active()
+        )
+        returned.set()
         if outcome.finished:
             return pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
         if outcome.task is None:
@@ -290,6 +301,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        device = device_id_of(context)
+        self.coordinator.leave(device, request.reason[:500] or "left")
+        return pb.LeaveResponse()
 
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
