@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger import PrivacyLedger
 from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
+from client.retry import retry_after_s
 from client.secagg import SecAggDevice
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
@@ -305,6 +306,13 @@ class DeviceClient:
             self.store.clear_credentials()
             self._creds = None
             self.stop.wait(self.backoff.next_delay())
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Rate limited or the server is full: wait at least what it asks, jittered up so
+            # that devices refused together do not come back together.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info("server asked to slow down (%s); retrying in %.1fs", err.details(), delay)
+            self.stop.wait(delay)
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:

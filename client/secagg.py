@@ -18,6 +18,7 @@ For one round a device
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client.retry import retry_after_s
 from client.storage import IdentityStore
 from common.pb import federation_pb2 as pb
 from common.quantize import FixedPoint
@@ -164,7 +166,11 @@ class SecAggDevice:
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        """One phase call; after a lost answer, the same message again (with backoff)."""
+        """One phase call; after a lost answer, the same message again (with backoff).
+
+        Phase calls are idempotent, so repeating one is safe; a RESOURCE_EXHAUSTED
+        refusal is repeated after the wait it names.
+        """
         give_up = time.monotonic() + self.timeout()
         delay = 0.1
         while True:
@@ -177,7 +183,10 @@ class SecAggDevice:
             except grpc.RpcError as err:
                 if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-            time.sleep(delay * (0.5 + 0.5 * float(self.rng.random())))
+                wait = delay * random.uniform(0.5, 1.0)
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    wait = max(retry_after_s(err), delay) * random.uniform(1.0, 1.5)
+            time.sleep(wait)
             delay = min(delay * 2, 2.0)
             self.resends += 1
         self.report.bytes_received += response.ByteSize()

@@ -17,11 +17,13 @@ accuracy): those would leak outside the accounted mechanism.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import secrets
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from client.packed_mlp import PackedMLP
+from client.packed_text import PackedFastText
 from common.data import Dataset
 from common.evaluation import evaluate
 from common.tensors import flatten_state_dict, load_flat_into_module
@@ -151,6 +154,38 @@ def dp_sample_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / batches, batches
 
 
+def _add_noise_in_place(optimizer: Any) -> None:
+    """Opacus's `add_noise` for a flat packed parameter, drawing the noise into one new buffer.
+
+    Opacus allocates a zero tensor, then a normal tensor, then their sum with
+    the gradient: three passes over the parameter per step, which for an
+    embedding model cost more than the rest of the step. The same draw
+    (`normal_(0, sigma C)` from the optimizer's generator, one call per
+    parameter) and the same sum, in one allocation.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
+    for p in optimizer.params:
+        _check_processed_flag(p.summed_grad)
+        if std == 0:
+            noisy = p.summed_grad.clone()
+        else:
+            noisy = torch.empty_like(p.summed_grad).normal_(0.0, std, generator=optimizer.generator)
+            noisy.add_(p.summed_grad)
+        p.grad = noisy.view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+def pack_for_dp(model: nn.Module) -> PackedMLP | PackedFastText | None:
+    """The model as a one-pass DP-SGD module when one exists for its architecture."""
+    if PackedMLP.layers_of(model) is not None:
+        return PackedMLP(model)
+    if PackedFastText.accepts(model):
+        return PackedFastText(model)
+    return None
+
+
 def train_local_dp(
     model: nn.Module,
     global_vector: np.ndarray,
@@ -161,8 +196,9 @@ def train_local_dp(
 ) -> DpTrainResult:
     """DP-SGD local training through Opacus; the update plus what the accountant recorded.
 
-    An MLP (Linear layers, element-wise activations) trains as a `PackedMLP`:
-    Opacus's ghost-clipping optimizer, Poisson loader and accountant from
+    An MLP (Linear layers, element-wise activations) trains as a `PackedMLP`,
+    the fastText-style text model as a `PackedFastText`: Opacus's
+    ghost-clipping optimizer, Poisson loader and accountant from
     `make_private(grad_sample_mode="ghost")`, with the clipped gradient sum
     computed in one pass instead of through Opacus's two backward passes. Any
     other model trains through Opacus's `hooks` per-sample gradients.
@@ -181,7 +217,7 @@ def train_local_dp(
         raise ValueError("no local training data")
     started = time.perf_counter()
     load_flat_into_module(model, global_vector)
-    packed = PackedMLP(model) if PackedMLP.layers_of(model) is not None else None
+    packed = pack_for_dp(model)
     # Opacus hooks the module it wraps; keep the device's cached model clean.
     work: nn.Module = packed if packed is not None else copy.deepcopy(model)
     work.train()
@@ -209,7 +245,9 @@ def train_local_dp(
         wrapped, dp_optimizer, _, dp_loader = engine.make_private(
             **private_settings, grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss()
         )
-        wrapped.remove_hooks()  # the norms come from PackedMLP's single pass instead
+        wrapped.remove_hooks()  # the norms come from the packed module's single pass instead
+        if not dp_optimizer.secure_mode and not hasattr(dp_optimizer, "_adjusted_noise_multiplier"):
+            dp_optimizer.add_noise = functools.partial(_add_noise_in_place, dp_optimizer)
         loop_started = time.perf_counter()
         for _ in range(config.local_epochs):
             for x, y in dp_loader:
@@ -231,7 +269,7 @@ def train_local_dp(
     history = engine.accountant.history
     steps = sum(int(h[2]) for h in history)
     sample_rate = float(history[-1][1]) if history else 0.0
-    # A PackedMLP's state is its one flat Parameter, already in wire order.
+    # A packed module's state is its one flat Parameter, already in wire order.
     delta = flatten_state_dict(work.state_dict()) - global_vector
     if not np.all(np.isfinite(delta)):
         raise FloatingPointError(

@@ -1,23 +1,30 @@
 """Assemble and run the aggregation server: store, coordinator, servicers, interceptors.
 
 `XenoServer` is what `xeno-fl server`, `xeno-fl simulate`, the benchmarks
-and the end-to-end tests all start: a real gRPC server on a TCP port with
-health checking and reflection, over the domain layer.
+and the end-to-end tests all start: a real gRPC server (asyncio, on its own
+event-loop thread) on a TCP port with health checking and, with
+`--reflection`, reflection, over the domain layer. Domain work runs in a
+bounded thread pool; no call holds a thread while it waits
+(server/services/aio.py), and server/services/guard.py bounds what callers
+can hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,17 +35,22 @@ from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
-from server.rounds import RoundConfig, RoundCoordinator, check_strategy
+from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
 from server.services.admin import AdminServicer
+from server.services.aio import Changes, Runner, capture_handlers, register_servicer
 from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
+from server.services.guard import GuardConfig, GuardInterceptor
 from server.store import Store, describe_error
 from server.strategies import FitInstructions, StrategyName, make_strategy
 
 log = logging.getLogger("xeno.server")
+
+T = TypeVar("T")
 
 FEDERATION_SERVICE = federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -288,10 +300,76 @@ class ServerConfig:
         "XENO_STORE_RETRY",
     )
     max_workers: int = setting(
-        256,
-        "gRPC worker threads (each waiting device holds one during its long poll)",
+        32,
+        "threads for database and aggregation work; no call holds one while it waits "
+        "(long polls and secure-aggregation phases wait as coroutines)",
         "XENO_MAX_WORKERS",
     )
+    max_concurrent_rpcs: int = setting(
+        4096,
+        "calls in progress at once (health checks exempt); the one over is refused with "
+        "RESOURCE_EXHAUSTED. A secure-aggregation cohort of n devices needs about n",
+        "XENO_MAX_CONCURRENT_RPCS",
+    )
+    stream_first_message_timeout: float = setting(
+        10.0,
+        "seconds a client stream (upload, reflection) may take to send its first message",
+        "XENO_STREAM_FIRST_MESSAGE_TIMEOUT",
+    )
+    stream_idle_timeout: float = setting(
+        30.0,
+        "seconds a client stream may go without a message before the server closes it; "
+        "an idle upload gives its staging buffer back",
+        "XENO_STREAM_IDLE_TIMEOUT",
+    )
+    checkin_rate: float = setting(
+        5.0, "check-ins per second allowed per device (sustained)", "XENO_CHECKIN_RATE"
+    )
+    checkin_burst: float = setting(
+        20.0, "check-ins a device may make at once", "XENO_CHECKIN_BURST"
+    )
+    peer_checkin_rate: float = setting(
+        500.0,
+        "check-ins per second allowed per client address (all its devices)",
+        "XENO_PEER_CHECKIN_RATE",
+    )
+    peer_checkin_burst: float = setting(
+        2000.0, "check-ins a client address may make at once", "XENO_PEER_CHECKIN_BURST"
+    )
+    register_rate: float = setting(
+        0.2,
+        "registrations per second allowed per device identity key",
+        "XENO_REGISTER_RATE",
+    )
+    register_burst: float = setting(
+        5.0, "registrations an identity key may make at once", "XENO_REGISTER_BURST"
+    )
+    peer_register_rate: float = setting(
+        50.0, "registrations per second allowed per client address", "XENO_PEER_REGISTER_RATE"
+    )
+    peer_register_burst: float = setting(
+        500.0, "registrations a client address may make at once", "XENO_PEER_REGISTER_BURST"
+    )
+    reflection: bool = setting(
+        False,
+        "serve gRPC reflection (lets anyone list the services; off by default)",
+        "XENO_REFLECTION",
+    )
+
+    def guard_config(self) -> GuardConfig:
+        return GuardConfig(
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+            first_message_s=self.stream_first_message_timeout,
+            idle_s=self.stream_idle_timeout,
+            device_checkin_rate=self.checkin_rate,
+            device_checkin_burst=self.checkin_burst,
+            peer_checkin_rate=self.peer_checkin_rate,
+            peer_checkin_burst=self.peer_checkin_burst,
+            device_register_rate=self.register_rate,
+            device_register_burst=self.register_burst,
+            peer_register_rate=self.peer_register_rate,
+            peer_register_burst=self.peer_register_burst,
+        )
 
     def model_spec(self) -> ModelSpec:
         if self.params > 0:
@@ -463,26 +541,37 @@ class XenoServer:
             identity_keys=self.registry.identity_key,
             recorder=recorder,
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-            interceptors=[AuthInterceptor(self.registry.authenticate, config.admin_token)],
-            options=grpc_server_options(config),
+        # The gRPC server lives on its own event loop; domain work runs in the pool.
+        if config.max_workers < 1:
+            raise ValueError("--max-workers must be at least 1")
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="xeno-work"
         )
-        register_federation(FederationServicer(self.registry, self.coordinator), self._grpc)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.store, config.privacy_budget), self._grpc
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-loop", daemon=True
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        self._loop_thread.start()
+        self.changes = Changes(self._loop)
+        self.coordinator.add_change_listener(self.changes.announce)
+        self.runner = Runner(self._pool, self.changes)
+        self.guard = GuardInterceptor(config.guard_config())
+        self.health = health_aio.HealthServicer()
+        try:
+            self._grpc = self._on_loop(self._make_grpc())
+        except BaseException:
+            self._shutdown_loop()
+            raise
         self.metrics = ServerMetrics(config.model)
         self.coordinator.add_start_listener(self.metrics.round_started)
         self.coordinator.add_listener(
             lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
         )
+        # Rounds feed the performance history off the round driver's thread, in order.
+        self.performance = PerformanceLog(self.store)
+        self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
+        self.metrics.set_alerts(self.performance.alert_counts(config.model))
+        self.coordinator.add_listener(self._queue_tracking)
         if config.dp != "none":  # a restarted server reports what the ledger already holds
             self.metrics.epsilon.labels(config.model).set(
                 self.coordinator.privacy_account().epsilon
@@ -498,16 +587,70 @@ class XenoServer:
             self.metrics,
             interval_s=config.health_interval,
         )
-        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        try:
+            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
+            self._shutdown_loop()
             raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
+
+    async def _make_grpc(self) -> grpc.aio.Server:
+        config = self.config
+        server = grpc.aio.server(
+            # Auth first: the guard (and its per-device limits) sees authenticated calls only.
+            interceptors=[
+                AuthInterceptor(self.registry.authenticate, config.admin_token),
+                self.guard,
+            ],
+            options=grpc_server_options(config),
+        )
+        register_federation(
+            FederationServicer(self.registry, self.coordinator, self.runner), server
+        )
+        register_servicer(
+            server,
+            ADMIN_SERVICE,
+            capture_handlers(
+                admin_pb2_grpc.add_AdminServicer_to_server,
+                AdminServicer(self.store, config.privacy_budget),
+            ),
+            self.runner,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                server,
+            )
+        return server
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run a coroutine on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _shutdown_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _queue_tracking(self, summary: RoundSummary) -> None:
+        self._tracking.submit(self._track_round, summary)
+
+    def _track_round(self, summary: RoundSummary) -> None:
+        try:
+            self.performance.record_round(self.config.model, summary)
+            self.metrics.set_alerts(self.performance.alert_counts(self.config.model))
+        except Exception:
+            log.exception("recording the performance of round %d failed", summary.number)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> XenoServer:
-        self._grpc.start()
+        self._on_loop(self._grpc.start())
         self.coordinator.start()
         self._set_serving(True)
         self.health_monitor.start()
@@ -534,19 +677,29 @@ class XenoServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
-            self.health.set(service, status)
+        if not self._loop.is_running():
+            return
+
+        async def set_all() -> None:
+            for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
+                await self.health.set(service, status)
+
+        future = asyncio.run_coroutine_threadsafe(set_all(), self._loop)
+        if threading.current_thread() is not self._loop_thread:
+            future.result(timeout=10)
 
     def stop(self, grace: float = 2.0) -> None:
         self.health_monitor.stop()
         self.metrics.close()
-        self.health.enter_graceful_shutdown()
+        self._on_loop(self.health.enter_graceful_shutdown())
         self.coordinator.stop()
-        self._grpc.stop(grace).wait()
+        self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
+        self._tracking.shutdown(wait=True)
+        self._shutdown_loop()
         self.store.close()
 
     def wait(self) -> None:
-        self._grpc.wait_for_termination()
+        self._on_loop(self._grpc.wait_for_termination(), timeout=None)
 
 
 def _safe_url(url: str) -> str:

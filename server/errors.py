@@ -28,3 +28,34 @@ class FederationError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+class Change(enum.Enum):
+    """What a pending call waits for; the coordinator announces each (see `Pending`)."""
+
+    ROUND = "round"  # a round started or closed, the federation finished, the server stops
+    PHASE = "phase"  # a secure-aggregation phase closed
+    STAGING = "staging"  # a staging buffer came back to the pool
+
+
+class Pending(Exception):  # noqa: N818 - a state, not a failure
+    """The answer needs `change` to happen first; nothing was changed that a retry would repeat.
+
+    Domain calls never block: a call that must wait (a secure-aggregation phase that is
+    still open, an upload chunk with no free staging buffer) raises Pending, and the
+    transport layer calls again once the coordinator announces `change`, giving up after
+    `timeout_s` with `expired` (an error of kind `expired_kind`). Every call that may
+    raise Pending is idempotent, so calling it again is safe.
+    """
+
+    def __init__(
+        self,
+        change: Change,
+        timeout_s: float,
+        expired: str = "phase still open; call again",
+        expired_kind: ErrorKind = ErrorKind.UNAVAILABLE,
+    ) -> None:
+        super().__init__(expired)
+        self.change = change
+        self.timeout_s = timeout_s
+        self.expired = FederationError(expired_kind, expired)

@@ -94,6 +94,12 @@ class ServerMetrics:
             registry=r,
         )
         self.epsilon.labels(model).set(0.0)
+        self.alerts = Gauge(
+            "xeno_performance_alerts",
+            "Degradation alerts stored for a metric of the model (server/lifecycle/performance.py)",
+            ["model", "metric"],
+            registry=r,
+        )
         self.health_check = Gauge(
             "xeno_health_check_ok",
             "1 while the health check passes, 0 while it fails (database, round_driver, disk)",
@@ -140,6 +146,11 @@ class ServerMetrics:
             self.phase_seconds.labels(m, phase).observe(float(seconds))
         if "unmask_cpu_seconds" in secagg:
             self.aggregation_seconds.labels(m).observe(float(secagg["unmask_cpu_seconds"]))
+
+    def set_alerts(self, counts: dict[str, int]) -> None:
+        """Alerts stored per metric (by the server's rounds and by any app using the store)."""
+        for metric, count in counts.items():
+            self.alerts.labels(self.model, metric).set(count)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""

@@ -53,3 +53,34 @@ def test_poisoning_benchmark_reports_every_run() -> None:
     accuracy = line["accuracy"]
     assert isinstance(accuracy, dict)
     assert set(accuracy["median"]) == {"clean", "scaled", "sign-flipped"}
+
+
+@pytest.mark.slow
+def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
+    line = _json_line("benchmarks/intents.py", "--overhead-only", "--repeats", "1")
+    assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
+    seconds = line["dp_sgd_epoch_seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "ratio", "hooks_ratio"}
+
+
+@pytest.mark.slow
+def test_robust_benchmark_times_every_rule() -> None:
+    line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
+    seconds = line["seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+
+
+@pytest.mark.slow
+def test_personalization_benchmark_reports_shares() -> None:
+    line = _json_line("benchmarks/personalization.py", "--users", "3", "--interactions", "10")
+    assert set(line["share_right_after"]) == {"10"}  # type: ignore[arg-type]
+    assert line["target_met"] is False  # fewer than 30 interactions: not measured
+
+
+@pytest.mark.slow
+def test_assistant_latency_benchmark_reports_timings() -> None:
+    line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
+    assert isinstance(line["train_seconds_median"], float)
+    assert isinstance(line["predict_cpu_ms_p99"], float)

@@ -110,7 +110,7 @@ def test_device_dying_mid_round_does_not_block_it(
 
 
 def test_health_and_reflection_are_served(server_factory) -> None:
-    server = server_factory()
+    server = server_factory(reflection=True)
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "xeno.fl.v1.Federation", "xeno.fl.v1.Admin"):
@@ -124,6 +124,19 @@ def test_health_and_reflection_are_served(server_factory) -> None:
         )
         names = {s.name for s in resp.list_services_response.service}
         assert {"xeno.fl.v1.Federation", "xeno.fl.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_is_off_unless_asked_for(server_factory) -> None:
+    server = server_factory()
+    with grpc.insecure_channel(server.address) as channel:
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(
+                refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.slow

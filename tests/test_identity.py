@@ -131,3 +131,44 @@ def test_duplicated_admin_token_is_refused(server_factory) -> None:
                 timeout=10,
             )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_identity_reaches_sync_streaming_and_async_handlers() -> None:
+    """The wrapper does not depend on the server's threading model (thread pool or grpc.aio)."""
+    import asyncio
+
+    from server.services.common import device_id_of, with_identity
+
+    class Context:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise RuntimeError(details)
+
+    def plain(request: object, context: object) -> str:
+        return device_id_of(context)
+
+    def stream(request: object, context: object):
+        yield device_id_of(context)
+
+    async def coroutine(request: object, context: object) -> str:
+        return device_id_of(context)
+
+    async def agen(request: object, context: object):
+        yield device_id_of(context)
+
+    def call(handler):
+        wrapped = with_identity(handler, "dev-a")
+        return wrapped.unary_unary or wrapped.unary_stream
+
+    assert call(grpc.unary_unary_rpc_method_handler(plain))(None, Context()) == "dev-a"
+    assert list(call(grpc.unary_stream_rpc_method_handler(stream))(None, Context())) == ["dev-a"]
+    assert asyncio.run(call(grpc.unary_unary_rpc_method_handler(coroutine))(None, Context())) == (
+        "dev-a"
+    )
+
+    async def collect() -> list[str]:
+        return [x async for x in call(grpc.unary_stream_rpc_method_handler(agen))(None, Context())]
+
+    assert asyncio.run(collect()) == ["dev-a"]
+    # A handler reached without the interceptor has no identity.
+    with pytest.raises(RuntimeError, match="no authenticated device identity"):
+        device_id_of(Context())

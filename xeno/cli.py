@@ -4,6 +4,7 @@
     xeno-fl client    run a device client
     xeno-fl simulate  a server and N device processes on this machine
     xeno-fl admin     inspect models, versions and rounds
+    xeno-fl user      a user's assistant data: export, delete, consent, retention
 
 Every flag also reads an environment variable (shown in --help); a flag
 wins over the variable, the variable over the default.
@@ -194,7 +195,46 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rounds":
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     _add_lifecycle_commands(admin_sub)
+    _add_user_parser(sub)
     return parser
+
+
+def _add_user_parser(sub: Any) -> None:
+    from client.assistant.consent import Scope
+
+    p = sub.add_parser(
+        "user",
+        help="a user's assistant data on this device: export, delete, consent, retention",
+        description="The assistant's per-user encrypted store under --home (XENO_HOME). "
+        "The device key comes from XENO_DEVICE_KEY, XENO_DEVICE_KEY_FILE, the OS keyring, "
+        "or $XENO_HOME/device.key.",
+    )
+    p.add_argument(
+        "--home",
+        default=os.environ.get("XENO_HOME") or "./data",
+        help="folder of the assistant's data (default: ./data) [env XENO_HOME]",
+    )
+    user_sub = p.add_subparsers(dest="user_command", required=True, metavar="WHAT")
+    q = user_sub.add_parser("export", help="everything kept for the user, as one JSON archive")
+    q.add_argument("user_id")
+    q.add_argument("--out", default=None, help="write the archive here (0600); else stdout")
+    q = user_sub.add_parser(
+        "delete", help="erase the user's store (crypto-shredding: its key is destroyed)"
+    )
+    q.add_argument("user_id")
+    q.add_argument("--yes", action="store_true", help="confirm; nothing is deleted without it")
+    q = user_sub.add_parser(
+        "consent", help="grant or revoke a consent scope; without flags, show the history"
+    )
+    q.add_argument("user_id")
+    scopes = [s.value for s in Scope]
+    q.add_argument("--grant", choices=scopes, default=None)
+    q.add_argument("--revoke", choices=scopes, default=None)
+    q = user_sub.add_parser(
+        "retention", help="set how many days episodes and interactions are kept; or show it"
+    )
+    q.add_argument("user_id")
+    q.add_argument("--days", type=float, default=None)
 
 
 def _model_flag(q: argparse.ArgumentParser) -> None:
@@ -243,6 +283,20 @@ def _add_lifecycle_commands(admin_sub: Any) -> None:
     )
     _model_flag(q)
     q.add_argument("--keep", type=int, default=3, help="newest versions to keep (default: 3)")
+    q = admin_sub.add_parser(
+        "alerts",
+        help="degradation alerts: a degrading trend, or a value k standard deviations worse "
+        "than its recent baseline",
+    )
+    q.add_argument("--model", default="", help="only this model (default: all)")
+    q.add_argument("--metric", default="", help="only this metric")
+    q.add_argument("--limit", type=int, default=100, help="newest N (default: 100)")
+    q = admin_sub.add_parser(
+        "trend", help="a metric's trend: Mann-Kendall test and Theil-Sen slope"
+    )
+    _model_flag(q)
+    q.add_argument("metric", help="e.g. accuracy, loss, round_seconds")
+    q.add_argument("--window", type=int, default=0, help="newest N values (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +328,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return simulate(from_namespace(SimulationConfig, args))
     if args.command == "privacy":
         return _privacy(args)
+    if args.command == "user":
+        return _user(args)
     return _admin(args)
 
 
@@ -372,7 +428,7 @@ def _admin(args: argparse.Namespace) -> int:
         return _privacy_report(
             call("GetPrivacyReport", pb.GetPrivacyReportRequest(model_name=args.model)), args.json
         )
-    if args.admin_command in ("show", "rollback", "compare", "tag", "prune"):
+    if args.admin_command in ("show", "rollback", "compare", "tag", "prune", "alerts", "trend"):
         return _admin_lifecycle(args, call)
     rows: list[tuple[Any, ...]]
     cols: tuple[str, ...]
@@ -450,6 +506,8 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
+    from datetime import UTC, datetime
+
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
     from rich.table import Table
@@ -496,6 +554,16 @@ def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
                 operator=args.operator,
             ),
         )
+    elif cmd == "alerts":
+        resp = call(
+            "ListAlerts",
+            pb.ListAlertsRequest(model_name=args.model, metric=args.metric, limit=args.limit),
+        )
+    elif cmd == "trend":
+        resp = call(
+            "GetTrend",
+            pb.GetTrendRequest(model_name=args.model, metric=args.metric, window=args.window),
+        )
     else:
         if args.keep < 1:
             print(f"error: --keep must be at least 1, got {args.keep}", file=sys.stderr)
@@ -540,6 +608,31 @@ def _admin_lifecycle(args: argparse.Namespace, call: Any) -> int:
     elif cmd == "tag":
         verb = "removed from" if args.remove else "now points at"
         console.print(f"model {args.model}: tag {args.tag!r} {verb} version {resp.version}")
+    elif cmd == "alerts":
+        table = Table(title="performance alerts, newest first")
+        for col in ("time", "model", "metric", "kind", "value", "baseline", "message"):
+            table.add_column(col, overflow="fold")
+        for a in resp.alerts:
+            when = datetime.fromtimestamp(a.created_unix_ms / 1000, UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            table.add_row(
+                when,
+                a.model_name,
+                a.metric,
+                a.kind,
+                f"{a.value:.6g}",
+                f"{a.baseline:.6g}",
+                a.message,
+            )
+        console.print(table if resp.alerts else "no alerts")
+    elif cmd == "trend":
+        console.print(
+            f"{args.metric} of {args.model}: [bold]{resp.trend}[/bold] ({resp.direction} is "
+            f"better; n {resp.n}, Kendall tau {resp.tau:.3f}, p {resp.p_value:.3g}, Theil-Sen "
+            f"slope {resp.slope:.4g} per value, "
+            f"95% CI [{resp.slope_low:.4g}, {resp.slope_high:.4g}])"
+        )
     else:
         deleted = ", ".join(str(v) for v in resp.deleted) or "none"
         console.print(f"model {args.model}: deleted versions {deleted}")
@@ -683,3 +776,42 @@ def _admin_caller(args: argparse.Namespace) -> Any:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _user(args: argparse.Namespace) -> int:
+    from client.assistant import consent
+    from client.assistant.store import StoreError, UserStore
+    from xeno.model_finetuning import delete_user_data, export_user_data
+
+    try:
+        if args.user_command == "export":
+            archive = export_user_data(args.user_id, path=args.out, home=args.home)
+            if args.out is None:
+                print(json.dumps(archive, indent=1, ensure_ascii=False))
+            else:
+                print(f"wrote {args.out}")
+            return 0
+        if args.user_command == "delete":
+            if not args.yes:
+                print("error: deleting is final; add --yes to confirm", file=sys.stderr)
+                return 2
+            print(json.dumps(delete_user_data(args.user_id, home=args.home)))
+            return 0
+        with UserStore(args.user_id, home=args.home) as store:
+            if args.user_command == "consent":
+                if args.grant and args.revoke:
+                    print("error: --grant or --revoke, not both", file=sys.stderr)
+                    return 2
+                if args.grant:
+                    consent.record(store, args.grant, True)
+                if args.revoke:
+                    consent.record(store, args.revoke, False)
+                print(json.dumps(consent.consent_history(store)))
+                return 0
+            if args.days is not None:
+                store.set_retention_days(args.days)
+            print(json.dumps({"retention_days": store.retention_days()}))
+            return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

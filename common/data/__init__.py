@@ -17,7 +17,7 @@ __all__ = ["Dataset", "FederatedData", "digits_split", "dirichlet_partition", "f
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features (float32, n x f) and integer labels (n)."""
+    """Features (float32, n x f; or int64 bucket ids padded with -1 for text) and labels (n)."""
 
     x: np.ndarray
     y: np.ndarray

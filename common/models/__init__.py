@@ -2,6 +2,13 @@
 
 Only architectures registered here can be built; the wire carries a name
 and JSON keyword arguments, never code.
+
+- `mlp`: fully connected classifier over float32 feature vectors (digits).
+- `fasttext`: the intent classifier over text (Joulin et al., "Bag of Tricks
+  for Efficient Text Classification", EACL 2017): word unigrams, bigrams and
+  character n-grams hashed into buckets (`common.text`, a wire contract), an
+  EmbeddingBag averaging their vectors and a linear head. Its input is a
+  batch of bucket ids padded with -1 (`common.text.featurize`).
 """
 
 from __future__ import annotations
@@ -14,8 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.text import PAD, TextFeatures
+
 __all__ = [
     "ARCHITECTURES",
+    "FastText",
     "ModelSpec",
     "build_model",
     "infer_spec",
@@ -45,7 +55,49 @@ def _mlp(input_dim: int = 64, hidden: list[int] | None = None, num_classes: int 
     return MLP(input_dim, [64] if hidden is None else list(hidden), num_classes)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp}
+class FastText(nn.Module):
+    """fastText-style classifier: mean of hashed feature embeddings -> linear head.
+
+    Parameters, in state_dict (wire) order: `embedding.weight` (buckets x
+    dim), `head.weight` (num_classes x dim), `head.bias`. The embedding starts
+    uniform in +-1/dim and the head at zero, fastText's own initialization.
+    """
+
+    def __init__(
+        self,
+        buckets: int = 1 << 13,
+        dim: int = 48,
+        num_classes: int = 150,
+        char_min: int = 3,
+        char_max: int = 5,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or num_classes < 2:
+            raise ValueError("fasttext needs dim >= 1 and num_classes >= 2")
+        self.features = TextFeatures(buckets, char_min, char_max)
+        self.embedding = nn.EmbeddingBag(buckets, dim, mode="mean")
+        self.head = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-1.0 / dim, 1.0 / dim)
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
+    @staticmethod
+    def bags(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat bucket ids, bag offsets) of a padded batch, EmbeddingBag's input form."""
+        if x.dim() != 2:
+            raise ValueError(f"fasttext takes a padded batch of bucket ids, got {tuple(x.shape)}")
+        mask = x != PAD
+        lengths = mask.sum(dim=1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        return x[mask], offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, offsets = self.bags(x)
+        return self.head(self.embedding(ids, offsets))  # type: ignore[no-any-return]
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "fasttext": FastText}
 
 
 @dataclass(frozen=True)

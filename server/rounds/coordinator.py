@@ -36,7 +36,7 @@ import numpy as np
 from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import ErrorKind, FederationError
+from server.errors import Change, ErrorKind, FederationError, Pending
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -277,6 +277,7 @@ class _Round:
     secagg_task: SecAggTask | None = None
     clip: float = 0.0  # the user-level DP clip of this round
     inside_clip: int = 0  # central DP: updates that were inside the clip
+    sessions: set[UploadSession] = field(default_factory=set)  # uploads in progress
     # Robust strategies: the round's accepted updates, one row each (allocated on first use).
     updates: np.ndarray | None = None
     kept: int = 0
@@ -334,8 +335,10 @@ class RoundCoordinator:
         # Devices blocked in a secure-aggregation phase wait here, woken only when a phase
         # changes: waking every waiting device on every submission costs O(n^2) wake-ups.
         self._phase_cond = threading.Condition(lock)
+        # Free staging buffers (guarded by the lock). An upload takes one at its first data
+        # chunk, not at its header, and gives it back when it ends, idles or its round closes.
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
-        self._staging_free = threading.Semaphore(config.staging_buffers)
+        self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
         self._polling: collections.Counter[str] = collections.Counter()  # CheckIns in flight
         self._available_since: float | None = None
@@ -404,9 +407,59 @@ class RoundCoordinator:
         """Call listener with the id of every round that starts."""
         self._start_listeners.append(listener)
 
+    def add_change_listener(self, listener: Callable[[Change], None]) -> None:
+        """Call listener (from any thread, maybe under the lock) on every `Change`.
+
+        The transport layer uses it to call `Pending` calls again; listeners must
+        only schedule work, never block or call back into the coordinator.
+        """
+        self._change_listeners.append(listener)
+
+    def _signal(self, change: Change) -> None:
+        if change is Change.PHASE:
+            self._phase_cond.notify_all()
+        for listener in self._change_listeners:
+            listener(change)
+
     @property
     def finished(self) -> bool:
         return self._finished
+
+    def check_in_now(self, device_id: str) -> CheckInOutcome | None:
+        """A task for this device or the end of the federation; None: nothing yet.
+
+        Never blocks. The device counts as available for selection; the transport
+        layer long-polls by calling again on each `Change.ROUND` (and at least
+        every second, which keeps the device available), up to the device's wait.
+        """
+        with self._cond:
+            if self._finished:
+                return CheckInOutcome(
+                    finished=True, reason=self.budget_exhausted or "the federation has finished"
+                )
+            task = self._task_for(device_id)
+            if task is not None:
+                return task
+            self._mark_available(device_id, self.clock())
+            return None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def poll_started(self, device_id: str) -> None:
+        """A CheckIn of this device is waiting: it is available for as long as it waits."""
+        with self._cond:
+            self._polling[device_id] += 1
+
+    def poll_ended(self, device_id: str, cancelled: bool) -> None:
+        """The CheckIn returned, or was cancelled (the device hung up: it is gone)."""
+        with self._cond:
+            self._polling[device_id] -= 1
+            if self._polling[device_id] <= 0:
+                del self._polling[device_id]
+        if cancelled:
+            self.leave(device_id, "check-in cancelled", only_if_untouched=True)
 
     def check_in(
         self,
@@ -469,6 +522,7 @@ class RoundCoordinator:
                         self._advance_secagg(rnd.secagg)
                     log.info("device %s left round %d: %s", device_id, rnd.number, reason)
             self._cond.notify_all()
+            self._signal(Change.ROUND)
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -550,8 +604,8 @@ class RoundCoordinator:
             if num_examples < 1:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "num_examples must be at least 1")
             participant.status = Status.UPLOADING
-        weight = min(num_examples, self.config.max_examples_weight)
-        return self._staged_session(UploadSession, rnd, participant, total_bytes, weight)
+            weight = min(num_examples, self.config.max_examples_weight)
+            return self._staged_session(UploadSession, rnd, participant, total_bytes, weight)
 
     def _staged_session(
         self,
@@ -561,20 +615,35 @@ class RoundCoordinator:
         total_bytes: int,
         weight: int,
     ) -> UploadSession:
-        # Waiting for a staging buffer must not hold the lock: it is backpressure on the stream.
-        deadline = max(rnd.deadline, rnd.secagg.phase_deadline if rnd.secagg else 0.0)
-        if not self._staging_free.acquire(timeout=max(1.0, deadline - self.clock())):
-            with self._cond:
-                if participant.status is Status.UPLOADING:
-                    participant.status = Status.SELECTED
-                if rnd.secagg is not None:
-                    rnd.secagg.end_upload(participant.device_id, None)
-            raise FederationError(ErrorKind.UNAVAILABLE, "server busy staging uploads; retry")
+        """A session without a buffer yet (call under the lock): a header alone holds none."""
+        session = kind(self, rnd, participant, total_bytes, weight)
+        rnd.sessions.add(session)
+        return session
+
+    def _take_staging(self, session: UploadSession) -> np.ndarray:
+        """A free staging buffer for the session's first data chunk; Pending when none is free.
+
+        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
+        the stream, bounded by the round's (or phase's) deadline.
+        """
         with self._cond:
+            rnd = session.round
+            if self._round is not rnd or rnd.closing:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"round {rnd.id} closed before the upload completed; check in again",
+                )
+            if not self._staging:
+                deadline = max(rnd.deadline, rnd.secagg.phase_deadline if rnd.secagg else 0.0)
+                raise Pending(
+                    Change.STAGING,
+                    max(1.0, deadline - self.clock()),
+                    "server busy staging uploads; retry",
+                )
             buffer = self._staging.pop()
         if buffer.size < self.model.manifest.total_elements + 1:
             buffer = np.empty(self.model.manifest.total_elements + 1, dtype=WIRE_DTYPE)
-        return kind(self, rnd, participant, ChunkAssembler(total_bytes, buffer), weight, buffer)
+        return buffer
 
     def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
         with self._cond:
@@ -628,31 +697,44 @@ class RoundCoordinator:
 
     def _advance_secagg(self, secagg: SecAggRound) -> None:
         if secagg.advance(self.clock()):
-            self._phase_cond.notify_all()
+            self._signal(Change.PHASE)
             if secagg.finished:
                 self._cond.notify_all()  # wake the driver to close the round
 
     def _await_phase_end(self, rnd: _Round, secagg: SecAggRound, phase: Phase) -> None:
+        """Return once `phase` has closed; while it is open raise Pending (never block).
+
+        Every phase call submits idempotently and then calls this, so the transport
+        layer can simply call again on `Change.PHASE` without holding a thread for
+        the phase: the submission is repeated harmlessly and the answer returned.
+        """
         self._advance_secagg(secagg)
-        self._phase_cond.wait_for(
-            lambda: secagg.phase is not phase or rnd.closing or self._stopping.is_set(),
-            timeout=max(0.0, secagg.phase_deadline - self.clock()) + 5.0,
-        )
         if secagg.phase is Phase.FAILED:
             raise FederationError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"secure aggregation of round {rnd.id} failed: {secagg.failure}; check in again",
             )
         if secagg.phase is phase:
-            raise FederationError(ErrorKind.UNAVAILABLE, "phase still open; call again")
+            if rnd.closing or self._stopping.is_set():
+                raise FederationError(ErrorKind.UNAVAILABLE, "phase still open; call again")
+            raise Pending(Change.PHASE, max(0.0, secagg.phase_deadline - self.clock()) + 5.0)
 
     def advertise_keys(
         self, device_id: str, round_id: str, keys: DeviceKeys
     ) -> tuple[list[str], list[DeviceKeys], int, int]:
-        """Phase 1: accept signed round keys; once the phase closes, the neighbours' keys."""
+        """Phase 1: accept signed round keys; once the phase closes, the neighbours' keys.
+
+        Idempotent; raises Pending while the phase is open.
+        """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
-            secagg.advertise(device_id, keys)
+            mine = secagg.keys.get(device_id)
+            if secagg.phase is Phase.ADVERTISE or mine is None:
+                secagg.advertise(device_id, keys)
+            elif mine.signature != keys.signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already advertised other round keys"
+                )
             if secagg.phase is Phase.ADVERTISE:
                 self._await_phase_end(rnd, secagg, Phase.ADVERTISE)
             degree = min(secagg.settings.degree, len(secagg.participants) - 1)
@@ -666,10 +748,17 @@ class RoundCoordinator:
     def share_keys(
         self, device_id: str, round_id: str, shares: dict[str, bytes]
     ) -> list[tuple[str, bytes]]:
-        """Phase 2: accept encrypted shares, wait for the phase to close, return mine."""
+        """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
+
+        Idempotent; raises Pending while the phase is open.
+        """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
-            secagg.share(device_id, shares)
+            sent = secagg.shares.get(device_id)
+            if secagg.phase is Phase.SHARE or sent is None:
+                secagg.share(device_id, shares)
+            elif sent != shares:
+                raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
                 self._await_phase_end(rnd, secagg, Phase.SHARE)
             return secagg.shares_for(device_id)
@@ -686,10 +775,13 @@ class RoundCoordinator:
                 )
             secagg.begin_upload(device_id, total_elements)
             participant = rnd.cohort[device_id]
-        return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
+            return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
     def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
-        """Phase 4a: wait for uploads to close; (survivors, dropped) among my neighbours."""
+        """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
+
+        Raises Pending while the upload phase is open.
+        """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
@@ -717,6 +809,7 @@ class RoundCoordinator:
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
         """Start or close a round when due. Called by the driver thread, or by tests."""
+        stale: list[UploadSession] = []
         if self._unsettled and not self._settle():
             return None
         with self._cond:
@@ -729,19 +822,24 @@ class RoundCoordinator:
                 return None
             if rnd.closing:
                 return None
+            due = True
             if rnd.secagg is not None:
                 if rnd.secagg.advance(now):
-                    self._phase_cond.notify_all()
-                if not rnd.secagg.finished:
-                    return None
+                    self._signal(Change.PHASE)
+                if rnd.secagg.phase not in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
+                    stale = list(rnd.sessions)  # uploads too late to be added
+                due = rnd.secagg.finished
             else:
                 accepted = rnd.count(Status.UPLOADED)
                 pending = rnd.count(Status.SELECTED, Status.UPLOADING)
                 due = accepted >= self.config.clients_per_round or pending == 0
-                if not due and now < rnd.deadline:
-                    return None
-            rnd.closing = True
-        return self._close_round(rnd)
+                due = due or now >= rnd.deadline
+            if due:
+                rnd.closing = True
+        # Outside the lock: a session's lock comes before the coordinator's.
+        for session in stale:
+            session.abort("the upload phase of its round closed")
+        return self._close_round(rnd) if due else None
 
     def start(self, interval_s: float = 0.1) -> None:
         """Run step() in a background thread until stop()."""
@@ -814,7 +912,8 @@ class RoundCoordinator:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-            self._phase_cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
         if self._driver is not None:
             self._driver.join(timeout=10)
 
@@ -962,6 +1061,7 @@ class RoundCoordinator:
         for listener in self._start_listeners:
             listener(round_id)
         self._cond.notify_all()
+        self._signal(Change.ROUND)
 
     def _follow_head(self) -> None:
         """Train from the store's head: a rollback or a pushed version moves it under us."""
@@ -1028,6 +1128,7 @@ class RoundCoordinator:
         log.warning("%s", self.budget_exhausted)
         self._finished = True
         self._cond.notify_all()
+        self._signal(Change.ROUND)
         return True
 
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
@@ -1069,6 +1170,10 @@ class RoundCoordinator:
         at once, completed or failed, and the driver goes on. A failure that cannot
         be written yet is written by `_settle` once the database answers again.
         """
+        with self._cond:
+            in_flight = list(rnd.sessions)
+        for session in in_flight:  # their buffers go back to the pool now, not at their deadline
+            session.abort("its round closed")
         accepted = rnd.count(Status.UPLOADED)
         seconds = self.clock() - rnd.started
         participants = [p.record() for p in rnd.cohort.values()]
@@ -1135,7 +1240,8 @@ class RoundCoordinator:
                 self._closed_rounds.popitem(last=False)
             self._round = None
             self._cond.notify_all()
-            self._phase_cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
         if version is not None:
             log.info(
                 "round %d completed: version %d, %d/%d updates, %.2fs, %s",
@@ -1304,6 +1410,8 @@ class RoundCoordinator:
                 with self._cond:
                     self._apply(stored, entry.result)
                     self._cond.notify_all()
+                    self._signal(Change.ROUND)
+                    self._signal(Change.ROUND)
                 log.warning(
                     "round %d: its result was stored after all, as version %d",
                     entry.number,
@@ -1371,7 +1479,7 @@ class RoundCoordinator:
                 rnd.weight_sum += weight
             participant.status = Status.UPLOADED
             participant.num_examples = session.weight
-            participant.bytes_in += session.assembler.total_bytes
+            participant.bytes_in += session.total_bytes
             self._cond.notify_all()
 
     def _commit_masked(self, session: UploadSession, vector: np.ndarray) -> None:
@@ -1385,18 +1493,20 @@ class RoundCoordinator:
             rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
             crash_point("upload")
             participant.status = Status.UPLOADED
-            participant.bytes_in += session.assembler.total_bytes
+            participant.bytes_in += session.total_bytes
             self._advance_secagg(rnd.secagg)
 
     def _release(self, session: UploadSession, accepted: bool) -> None:
         with self._cond:
             rnd = session.round
+            rnd.sessions.discard(session)
             if not accepted and rnd.secagg is not None:
                 rnd.secagg.end_upload(session.participant.device_id, None)
             if not accepted and session.participant.status is Status.UPLOADING:
                 session.participant.status = Status.SELECTED
-            self._staging.append(session.buffer)
-        self._staging_free.release()
+            if session.buffer is not None:
+                self._staging.append(session.buffer)
+                self._signal(Change.STAGING)
 
 
 def l2_norm(vector: np.ndarray) -> float:
@@ -1408,30 +1518,76 @@ def l2_norm(vector: np.ndarray) -> float:
 
 
 class UploadSession:
-    """One device's upload in progress: chunks into a staging buffer, then one atomic add."""
+    """One device's upload in progress: chunks into a staging buffer, then one atomic add.
+
+    The buffer is taken at the first data chunk (a header alone holds none) and
+    given back when the upload commits, fails, is abandoned by its stream (idle
+    timeout, broken connection) or its round closes (`RoundCoordinator` reaps the
+    sessions of a closing round). A per-session lock orders the memcpy of a chunk
+    against such a release: a buffer is never reused while a chunk is written into it.
+    Lock order: session, then coordinator.
+    """
 
     def __init__(
         self,
         coordinator: RoundCoordinator,
         rnd: _Round,
         participant: Participant,
-        assembler: ChunkAssembler,
+        total_bytes: int,
         weight: int,
-        buffer: np.ndarray,
     ) -> None:
         self._coordinator = coordinator
         self.round = rnd
         self.participant = participant
-        self.assembler = assembler
-        self.buffer = buffer
+        self.total_bytes = total_bytes
         self.weight = weight
+        self.buffer: np.ndarray | None = None
+        self.assembler: ChunkAssembler | None = None
+        self._lock = threading.RLock()
         self._done = False
+        self.released_because = ""
+
+    @property
+    def received(self) -> int:
+        return self.assembler.received if self.assembler is not None else 0
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload abandoned: {self.released_because or 'it already ended'}; check in again",
+            )
 
     def add_chunk(self, data: bytes | memoryview) -> None:
+        """Copy one chunk in; Pending (call again) while no staging buffer is free."""
+        with self._lock:
+            self._check_open()
+            if self.assembler is None:
+                if not data:
+                    return  # an empty chunk needs no buffer
+                buffer = self._coordinator._take_staging(self)
+                self.buffer = buffer
+                try:
+                    self.assembler = ChunkAssembler(self.total_bytes, buffer)
+                except ValueError as exc:
+                    self.abort()
+                    raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            try:
+                self.assembler.add(data)
+            except ValueError as exc:
+                self.abort()
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+
+    def _finish_vector(self) -> np.ndarray:
+        self._check_open()
+        if self.assembler is None:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"stream truncated: received 0 of {self.total_bytes} declared bytes",
+            )
         try:
-            self.assembler.add(data)
+            return self.assembler.finish()
         except ValueError as exc:
-            self.abort()
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
 
     def commit(self) -> None:
@@ -1439,26 +1595,27 @@ class UploadSession:
 
         On any refusal the session is aborted: the device may upload again.
         """
-        try:
+        with self._lock:
             try:
-                vector = self.assembler.finish()
-            except ValueError as exc:
-                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-            if not np.isfinite(vector).all():
-                bad = int(np.count_nonzero(~np.isfinite(vector)))
-                raise FederationError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"update contains {bad} NaN or Inf value(s); it was discarded",
-                )
-            self._coordinator._commit(self, vector)
-        except FederationError:
-            self.abort()
-            raise
-        self._finish(accepted=True)
+                vector = self._finish_vector()
+                if not np.isfinite(vector).all():
+                    bad = int(np.count_nonzero(~np.isfinite(vector)))
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT,
+                        f"update contains {bad} NaN or Inf value(s); it was discarded",
+                    )
+                self._coordinator._commit(self, vector)
+            except FederationError:
+                self.abort()
+                raise
+            self._finish(accepted=True)
 
-    def abort(self) -> None:
-        """Discard a partial upload; the device may upload again."""
-        self._finish(accepted=False)
+    def abort(self, because: str = "") -> None:
+        """Discard a partial upload and give its buffer back; the device may upload again."""
+        with self._lock:
+            if not self._done and because:
+                self.released_because = because
+            self._finish(accepted=False)
 
     def _finish(self, accepted: bool) -> None:
         if not self._done:
@@ -1470,13 +1627,11 @@ class MaskedUploadSession(UploadSession):
     """A secure-aggregation upload: uint32 residues, checked for length only, added mod 2^32."""
 
     def commit(self) -> None:
-        try:
+        with self._lock:
             try:
-                vector = self.assembler.finish()
-            except ValueError as exc:
-                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-            self._coordinator._commit_masked(self, vector)
-        except FederationError:
-            self.abort()
-            raise
-        self._finish(accepted=True)
+                vector = self._finish_vector()
+                self._coordinator._commit_masked(self, vector)
+            except FederationError:
+                self.abort()
+                raise
+            self._finish(accepted=True)

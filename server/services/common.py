@@ -28,7 +28,13 @@ DEVICE_ID_KEY = "x-xeno-device-id"
 AUTHORIZATION_KEY = "authorization"
 CREDENTIAL_KEYS = (DEVICE_ID_KEY, AUTHORIZATION_KEY)
 
-_CODES = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
+_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind
+}
+
+
+def status_of(kind: ErrorKind) -> grpc.StatusCode:
+    return _CODES[kind]
 
 
 def status_code(kind: ErrorKind) -> grpc.StatusCode:
@@ -73,7 +79,7 @@ def device_id_of(context: Any) -> str:
 _ROUTINE = {ErrorKind.FAILED_PRECONDITION, ErrorKind.NOT_FOUND, ErrorKind.UNAVAILABLE}
 
 
-def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, device: str) -> NoReturn:
+def _audit_refusal(error: FederationError, rpc: str, device: str) -> None:
     audit.log(
         logging.INFO if error.kind in _ROUTINE else logging.WARNING,
         "refused %s from device %s: %s %s",
@@ -83,7 +89,22 @@ def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, devic
         error.message,
         extra={"device_id": device or None, "status": error.kind.value},
     )
+
+
+def abort(context: grpc.ServicerContext, error: FederationError, rpc: str, device: str) -> NoReturn:
+    _audit_refusal(error, rpc, device)
     context.abort(_CODES[error.kind], error.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def abort_async(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    error: FederationError,
+    rpc: str,
+    device: str,
+) -> NoReturn:
+    _audit_refusal(error, rpc, device)
+    await context.abort(_CODES[error.kind], error.message)
     raise AssertionError("unreachable: context.abort raises")
 
 
@@ -104,8 +125,8 @@ def _replace_behavior(handler: Any, behavior: Callable[..., Any]) -> Any:
 
 
 def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        await context.abort(code, message)
 
     return _replace_behavior(handler, deny)
 
@@ -160,7 +181,7 @@ def read_credentials(metadata: Sequence[tuple[str, str | bytes]] | None) -> Cred
     return Credentials(found.get(DEVICE_ID_KEY, ""), bearer_token(found.get(AUTHORIZATION_KEY, "")))
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
     """Checks bearer credentials on every call of the protected services.
 
     Device calls need `x-xeno-device-id` and `authorization: Bearer <token>`,
@@ -179,11 +200,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         self._admin_token = admin_token
         self._open = open_methods
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
     ) -> Any:
         method: str = handler_call_details.method
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or method in self._open:
             return handler
         creds = read_credentials(handler_call_details.invocation_metadata)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -13,14 +13,17 @@ from google.protobuf.message import DecodeError
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import ErrorKind, FederationError
+from server.errors import Change, ErrorKind, FederationError
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.secagg import DeviceKeys, ShareKind
-from server.services.common import abort, device_id_of
+from server.services.aio import Changes, Runner, capture_handlers, register_servicer, wait_event
+from server.services.common import abort, abort_async, device_id_of
 
 log = logging.getLogger("xeno.server.federation")
+
+FEDERATION = "xeno.fl.v1.Federation"
 
 
 def task_to_proto(task: TaskInfo) -> pb.Task:
@@ -111,93 +114,98 @@ def _keys_to_proto(keys: DeviceKeys) -> pb.RoundKeys:
     )
 
 
-def _receive_stream(
-    raw_messages: Iterator[bytes],
+async def _receive_stream(
+    runner: Runner,
+    raw_messages: AsyncIterator[bytes],
     header_type: Any,
     begin: Callable[[Any], UploadSession],
-    context: grpc.ServicerContext,
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     rpc: str,
     device: str,
 ) -> int:
     """Header first, then data chunks into a staged session; commit or abort it whole.
 
-    Messages arrive unparsed (see `raw_upload_handlers`) and are read as FramedChunk,
-    so each data byte is copied once: from gRPC's buffer into the staging buffer.
+    Messages arrive unparsed (see `register_federation`) and are read as FramedChunk,
+    so each data byte is copied once: from gRPC's buffer into the staging buffer. The
+    session takes its staging buffer at the first data chunk (waiting, as a coroutine,
+    while none is free); the stream ending, idling or breaking gives it back.
     """
     session = None
     try:
         try:
-            messages = (FramedChunk(raw) for raw in raw_messages)
-            first = next(messages, None)
-            if first is None or first.WhichOneof("part") != "header":
+            messages = aiter(raw_messages)
+            first = await anext(messages, None)
+            if first is None or FramedChunk(first).WhichOneof("part") != "header":
                 raise FederationError(
                     ErrorKind.INVALID_ARGUMENT, "the first message of an upload must be its header"
                 )
             try:
-                header = header_type.FromString(first.header_bytes)
+                header = header_type.FromString(FramedChunk(first).header_bytes)
             except DecodeError:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "malformed header") from None
-            session = begin(header)
-            _receive_data(messages, session)
+            session = await runner.run(begin, header)
+            async for raw in messages:
+                msg = FramedChunk(raw)
+                if msg.WhichOneof("part") != "data":
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
+                    )
+                if session.assembler is None:  # the first data chunk: wait for a buffer
+                    await runner.call(session.add_chunk, msg.data)
+                else:  # a memcpy: cheaper here than a hop to the pool
+                    session.add_chunk(msg.data)
         except ValueError as exc:
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-        session.commit()
-        received = session.assembler.received
+        await runner.run(session.commit)
+        received = session.received
         session = None
         return received
     except FederationError as err:
-        abort(context, err, rpc, device)
+        await abort_async(context, err, rpc, device)
     finally:
         if session is not None:
-            session.abort()
+            session.abort("its stream ended early")
 
 
-def _receive_data(messages: Iterator[FramedChunk], session: UploadSession) -> None:
-    for msg in messages:
-        if msg.WhichOneof("part") != "data":
-            raise FederationError(
-                ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
-            )
-        session.add_chunk(msg.data)
-
-
-def register_federation(servicer: FederationServicer, server: grpc.Server) -> None:
-    """Register the servicer, with UploadUpdate and UploadMasked taking unparsed messages.
+def federation_handlers(servicer: FederationServicer) -> dict[str, Any]:
+    """The servicer's method handlers, with UploadUpdate and UploadMasked taking raw bytes.
 
     The generated registration is reused for every other method; the two upload
-    streams get an identity deserializer so `_receive_stream` can read chunks
-    without copying. The wire contract is unchanged.
+    streams get no deserializer so `_receive_stream` can read chunks without
+    copying. The wire contract is unchanged.
     """
-    captured: dict[str, Any] = {}
-
-    class _Capture:
-        def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-            pass
-
-        def add_registered_method_handlers(self, _service: str, handlers: Any) -> None:
-            captured.update(handlers)
-
-    federation_pb2_grpc.add_FederationServicer_to_server(servicer, _Capture())
-    captured["UploadUpdate"] = grpc.stream_unary_rpc_method_handler(
+    handlers = capture_handlers(federation_pb2_grpc.add_FederationServicer_to_server, servicer)
+    handlers["UploadUpdate"] = grpc.stream_unary_rpc_method_handler(
         servicer.UploadUpdate, response_serializer=pb.UploadUpdateResponse.SerializeToString
     )
-    captured["UploadMasked"] = grpc.stream_unary_rpc_method_handler(
+    handlers["UploadMasked"] = grpc.stream_unary_rpc_method_handler(
         servicer.UploadMasked, response_serializer=pb.UploadMaskedResponse.SerializeToString
     )
-    service = "xeno.fl.v1.Federation"
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, captured),))
-    server.add_registered_method_handlers(service, captured)  # type: ignore[attr-defined]
+    return handlers
+
+
+def register_federation(servicer: FederationServicer, server: grpc.aio.Server) -> None:
+    register_servicer(server, FEDERATION, federation_handlers(servicer), servicer.runner)
 
 
 class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignore[misc]
+    """Device calls over the domain layer.
+
+    Plain methods run in the runner's pool (server/services/aio.py); the long poll
+    and the streams are coroutines.
+    """
+
     def __init__(
         self,
         registry: DeviceRegistry,
         coordinator: RoundCoordinator,
+        runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.registry = registry
         self.coordinator = coordinator
+        self.runner = runner
+        self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
 
     def Register(
@@ -212,21 +220,36 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         log.info("registered device %s", device_id)
         return pb.RegisterResponse(device_id=device_id, token=token, enrollment_index=index)
 
-    def CheckIn(
-        self, request: pb.CheckInRequest, context: grpc.ServicerContext
+    async def CheckIn(
+        self,
+        request: pb.CheckInRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.CheckInResponse:
+        """Long poll as a coroutine: asks again on each round change, at least every second."""
         device = device_id_of(context)
-        returned = threading.Event()
-
-        def on_end() -> None:  # also runs when the device hangs up mid-poll (it stopped)
-            if not returned.is_set():
-                self.coordinator.leave(device, "check-in cancelled", only_if_untouched=True)
-
-        context.add_callback(on_end)
-        outcome = self.coordinator.check_in(
-            device, request.max_wait_ms / 1000.0, cancelled=lambda: not context.is_active()
-        )
-        returned.set()
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
+        give_up = loop.time() + wait
+        # The device is available while this call waits; a cancelled call (the device
+        # stopped, or was killed and its connection closed) takes it off the list at once.
+        await self.runner.run(self.coordinator.poll_started, device)
+        cancelled = True
+        try:
+            while True:
+                changed = self.changes.snapshot()[Change.ROUND]
+                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                remaining = give_up - loop.time()
+                if outcome is not None or remaining <= 0 or self.coordinator.stopping:
+                    break
+                await wait_event(changed, min(remaining, 1.0))
+            cancelled = False
+        finally:
+            # Not awaited: a cancelled coroutine must not wait for the pool.
+            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
+        if outcome is None:
+            return pb.CheckInResponse(
+                wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
+            )
         if outcome.finished:
             return pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
         if outcome.task is None:
@@ -235,14 +258,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             )
         return pb.CheckInResponse(task=task_to_proto(outcome.task))
 
-    def DownloadModel(
-        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelChunk]:
+    async def DownloadModel(
+        self,
+        request: pb.DownloadModelRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[pb.ModelChunk]:
         device = device_id_of(context)
         try:
-            task, data, digest = self.coordinator.model_for_download(device, request.round_id)
+            task, data, digest = await self.runner.run(
+                self.coordinator.model_for_download, device, request.round_id
+            )
         except FederationError as err:
-            abort(context, err, "DownloadModel", device)
+            await abort_async(context, err, "DownloadModel", device)
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 model_name=task.model_name,
@@ -256,10 +283,12 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         for chunk in iter_chunks(data, self.chunk_bytes):
             yield pb.ModelChunk(data=chunk)
             sent += len(chunk)
-        self.coordinator.record_download(device, request.round_id, sent)
+        await self.runner.run(self.coordinator.record_download, device, request.round_id, sent)
 
-    def UploadUpdate(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    async def UploadUpdate(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.UploadUpdateResponse:
         device = device_id_of(context)
 
@@ -277,8 +306,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 header.num_examples,
             )
 
-        received = _receive_stream(
-            request_iterator, pb.UpdateHeader, begin, context, "UploadUpdate", device
+        received = await _receive_stream(
+            self.runner, request_iterator, pb.UpdateHeader, begin, context, "UploadUpdate", device
         )
         return pb.UploadUpdateResponse(received_bytes=received)
 
@@ -356,8 +385,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             ]
         )
 
-    def UploadMasked(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    async def UploadMasked(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.UploadMaskedResponse:
         device = device_id_of(context)
 
@@ -366,8 +397,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 device, header.round_id, header.total_elements, header.total_bytes
             )
 
-        received = _receive_stream(
-            request_iterator, pb.MaskedHeader, begin, context, "UploadMasked", device
+        received = await _receive_stream(
+            self.runner, request_iterator, pb.MaskedHeader, begin, context, "UploadMasked", device
         )
         return pb.UploadMaskedResponse(received_bytes=received)
 

@@ -1,0 +1,155 @@
+"""Statistics of the model lifecycle: trend tests and two-sample comparisons (pure functions).
+
+- `trend`: Mann-Kendall (Kendall's tau of the values against their order, scipy's
+  `kendalltau`, which handles ties) with the Theil-Sen slope (`theilslopes`); a
+  trend is "improving" or "degrading" only when p < alpha, in the metric's good
+  direction or against it, else "stable". Theil-Sen needs every pair of points
+  (n^2 / 2 slopes), so above `THEIL_SEN_MAX_POINTS` points the slope is estimated
+  on that many evenly strided points; the test itself always uses every point.
+- `welch`: Welch's unequal-variance t-test of two arms from their counts, means and
+  variances (scipy's `ttest_ind_from_stats`) with the 95% confidence interval of
+  the difference (Welch-Satterthwaite degrees of freedom).
+- `sample_ratio_mismatch`: chi-square goodness of fit of the arm counts against
+  the configured split (a broken assignment shows as p < 0.001).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "THEIL_SEN_MAX_POINTS",
+    "Direction",
+    "Trend",
+    "TrendResult",
+    "WelchResult",
+    "direction_of",
+    "sample_ratio_mismatch",
+    "trend",
+    "welch",
+]
+
+THEIL_SEN_MAX_POINTS = 2000
+
+
+def _scipy_stats() -> Any:
+    # Imported on first use: scipy.stats costs about a second, and the server starts
+    # (and restarts after a crash) without needing it.
+    from scipy import stats
+
+    return stats
+
+
+class Direction(enum.Enum):
+    """Which way a metric gets better."""
+
+    HIGHER = "higher"
+    LOWER = "lower"
+
+
+class Trend(enum.Enum):
+    IMPROVING = "improving"
+    DEGRADING = "degrading"
+    STABLE = "stable"
+
+
+_LOWER_IS_BETTER = ("loss", "latency", "error", "perplexity", "dropout", "seconds", "time")
+
+
+def direction_of(metric: str) -> Direction:
+    """Lower is better for losses, errors, latencies, durations and dropouts; else higher."""
+    name = metric.lower()
+    return Direction.LOWER if any(w in name for w in _LOWER_IS_BETTER) else Direction.HIGHER
+
+
+@dataclass(frozen=True)
+class TrendResult:
+    trend: Trend
+    direction: Direction
+    n: int
+    tau: float
+    p_value: float
+    # Theil-Sen: change per observation, with its 95% confidence interval.
+    slope: float
+    slope_low: float
+    slope_high: float
+    alpha: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["trend"] = self.trend.value
+        out["direction"] = self.direction.value
+        return out
+
+
+def trend(values: np.ndarray, direction: Direction, alpha: float = 0.05) -> TrendResult:
+    """Mann-Kendall trend of values (in time order) with the Theil-Sen slope."""
+    y = np.asarray(values, dtype=np.float64)
+    n = int(y.size)
+    if n < 3 or np.all(y == y[0]):
+        return TrendResult(Trend.STABLE, direction, n, 0.0, 1.0, 0.0, 0.0, 0.0, alpha)
+    x = np.arange(n, dtype=np.float64)
+    sps = _scipy_stats()
+    tau, p = sps.kendalltau(x, y)
+    tau, p = float(tau), float(p)
+    if not math.isfinite(p):
+        tau, p = 0.0, 1.0
+    if n > THEIL_SEN_MAX_POINTS:
+        idx = np.linspace(0, n - 1, THEIL_SEN_MAX_POINTS).round().astype(np.int64)
+        ts = sps.theilslopes(y[idx], x[idx])
+    else:
+        ts = sps.theilslopes(y, x)
+    slope, low, high = float(ts[0]), float(ts[2]), float(ts[3])
+    result = Trend.STABLE
+    if p < alpha and tau != 0:
+        rising = tau > 0
+        good = rising if direction is Direction.HIGHER else not rising
+        result = Trend.IMPROVING if good else Trend.DEGRADING
+    return TrendResult(result, direction, n, tau, p, slope, low, high, alpha)
+
+
+@dataclass(frozen=True)
+class WelchResult:
+    difference: float  # mean_b - mean_a
+    ci_low: float
+    ci_high: float
+    p_value: float
+    t: float
+    df: float
+
+
+def welch(
+    n_a: int, mean_a: float, var_a: float, n_b: int, mean_b: float, var_b: float
+) -> WelchResult:
+    """Welch's t-test of mean_b - mean_a; sample variances (ddof = 1). NaN p below 2 per arm."""
+    diff = mean_b - mean_a
+    if n_a < 2 or n_b < 2:
+        return WelchResult(diff, math.nan, math.nan, math.nan, math.nan, math.nan)
+    se2 = var_a / n_a + var_b / n_b
+    if se2 <= 0:
+        # Both arms constant: the difference is exact.
+        p = 1.0 if diff == 0 else 0.0
+        return WelchResult(
+            diff, diff, diff, p, math.copysign(math.inf, diff) if diff else 0.0, math.nan
+        )
+    sps = _scipy_stats()
+    res = sps.ttest_ind_from_stats(
+        mean_b, math.sqrt(var_b), n_b, mean_a, math.sqrt(var_a), n_a, equal_var=False
+    )
+    df = se2**2 / ((var_a / n_a) ** 2 / (n_a - 1) + (var_b / n_b) ** 2 / (n_b - 1))
+    half = float(sps.t.ppf(0.975, df)) * math.sqrt(se2)
+    return WelchResult(diff, diff - half, diff + half, float(res.pvalue), float(res.statistic), df)
+
+
+def sample_ratio_mismatch(count_a: int, count_b: int, share_a: float) -> float:
+    """p-value of the chi-square test that the arm counts follow the configured split."""
+    total = count_a + count_b
+    if total == 0:
+        return 1.0
+    expected = [total * share_a, total * (1 - share_a)]
+    return float(_scipy_stats().chisquare([count_a, count_b], expected).pvalue)

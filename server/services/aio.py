@@ -1,0 +1,192 @@
+"""The asyncio transport under the servicers: no call holds a thread while it waits.
+
+The server is a `grpc.aio` server. Servicer methods written as plain functions
+(most of them: Register, the secure-aggregation phase calls, the Admin API) run
+in a bounded thread pool, one short piece of domain work at a time, and see a
+`SyncContext` whose `abort` works as in the synchronous API. When the domain
+layer raises `Pending` (a phase still open, no free staging buffer), the call
+gives its thread back and waits as a coroutine until the coordinator announces
+the awaited `Change`, then runs again (every such domain call is idempotent).
+So a cohort of 1,000 devices waiting in a phase costs 1,000 coroutines, not
+1,000 threads. Any new unary method gets this for free: raise `Pending` in the
+domain call and register the servicer with `register_servicer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from server.errors import Change, FederationError, Pending
+from server.services.common import AuthenticatedContext, status_of
+
+log = logging.getLogger("xeno.server.aio")
+
+T = TypeVar("T")
+
+
+class Changes:
+    """The coordinator's `Change` announcements (from any thread) as asyncio events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events = {change: asyncio.Event() for change in Change}
+
+    def announce(self, change: Change) -> None:
+        """Thread-safe; wakes every coroutine waiting for `change`."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._fire, change)
+
+    def _fire(self, change: Change) -> None:
+        event, self._events[change] = self._events[change], asyncio.Event()
+        event.set()
+
+    def snapshot(self) -> dict[Change, asyncio.Event]:
+        """The events that the next announcement of each change will set.
+
+        Taken *before* asking the domain layer, so an announcement between the
+        answer and the wait is not missed.
+        """
+        return dict(self._events)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set or `timeout` seconds have passed."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+
+class Runner:
+    """Runs domain calls in the bounded pool; waits out `Pending` as a coroutine."""
+
+    def __init__(self, pool: ThreadPoolExecutor, changes: Changes) -> None:
+        self.pool = pool
+        self.changes = changes
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the pool (with the caller's context variables), once."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(self.pool, functools.partial(ctx.run, fn, *args))
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), called again on each announced change while it raises Pending.
+
+        Raises the Pending's `expired` FederationError once its timeout has passed.
+        """
+        loop = asyncio.get_running_loop()
+        give_up: float | None = None
+        while True:
+            events = self.changes.snapshot()
+            try:
+                return await self.run(fn, *args)
+            except Pending as pending:
+                now = loop.time()
+                if give_up is None:
+                    give_up = now + pending.timeout_s
+                if now >= give_up:
+                    raise pending.expired from None
+                # Wake at least once a second: a deadline may pass with no announcement.
+                await wait_event(events[pending.change], min(give_up - now, 1.0))
+
+
+class AbortRpc(Exception):  # noqa: N818 - control flow, like grpc's own abort
+    """Raised by `SyncContext.abort` in the pool; the coroutine aborts the call with it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class SyncContext:
+    """What a plain-function servicer method sees of an asyncio call."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        self._context = context
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return str(self._context.peer())
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AbortRpc(code, details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def sync_view(context: Any) -> Any:
+    """The context a plain-function method gets, keeping the identity auth attached."""
+    if isinstance(context, AuthenticatedContext):
+        return AuthenticatedContext(SyncContext(context._context), context.device_id)
+    return SyncContext(context)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: FederationError) -> None:  # type: ignore[type-arg]
+    await context.abort(status_of(error.kind), error.message)
+
+
+def _unary(behavior: Callable[..., Any], runner: Runner) -> Callable[..., Any]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        try:
+            return await runner.call(behavior, request, sync_view(context))
+        except AbortRpc as abort:
+            await context.abort(abort.code, abort.details)
+        except FederationError as err:  # a Pending that expired
+            await abort_with(context, err)
+
+    return handle
+
+
+def adapt(handler: Any, runner: Runner) -> Any:
+    """An asyncio handler for `handler`: plain unary functions go through the runner."""
+    if handler.request_streaming or handler.response_streaming:
+        behavior = handler.stream_stream or handler.stream_unary or handler.unary_stream
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            raise TypeError(f"streaming method {behavior!r} must be async: it would hold a thread")
+        return handler
+    if inspect.iscoroutinefunction(handler.unary_unary):
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        _unary(handler.unary_unary, runner),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def capture_handlers(add_to_server: Callable[[Any, Any], None], servicer: Any) -> dict[str, Any]:
+    """The method handlers a generated `add_XServicer_to_server` would register."""
+    captured: dict[str, Any] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _service: str, handlers: Any) -> None:
+            captured.update(handlers)
+
+    add_to_server(servicer, _Capture())
+    return captured
+
+
+def register_servicer(
+    server: grpc.aio.Server,
+    service: str,
+    handlers: dict[str, Any],
+    runner: Runner,
+) -> None:
+    adapted = {name: adapt(h, runner) for name, h in handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, adapted),))
+    server.add_registered_method_handlers(service, adapted)  # type: ignore[attr-defined]

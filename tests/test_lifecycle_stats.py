@@ -1,0 +1,113 @@
+"""The lifecycle's statistics against plain references (hypothesis) and known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.lifecycle.stats import (
+    Direction,
+    Trend,
+    direction_of,
+    sample_ratio_mismatch,
+    trend,
+    welch,
+)
+
+values = st.lists(
+    st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=3, max_size=40
+)
+
+
+def mk_s(y: list[float]) -> int:
+    """Mann-Kendall S: sum of sign(y_j - y_i) over i < j."""
+    return sum(int(np.sign(y[j] - y[i])) for i in range(len(y)) for j in range(i + 1, len(y)))
+
+
+def theil_sen(y: list[float]) -> float:
+    slopes = [(y[j] - y[i]) / (j - i) for i in range(len(y)) for j in range(i + 1, len(y))]
+    return float(np.median(slopes))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_trend_agrees_with_the_plain_definitions(y: list[float]) -> None:
+    r = trend(np.array(y), Direction.HIGHER)
+    if len(set(y)) == 1:
+        assert r.trend is Trend.STABLE and r.p_value == 1.0
+        return
+    s = mk_s(y)
+    assert np.sign(r.tau) == np.sign(s)
+    assert r.slope == pytest.approx(theil_sen(y), rel=1e-9, abs=1e-9)
+    if r.trend is not Trend.STABLE:
+        assert r.p_value < 0.05
+        assert (r.trend is Trend.IMPROVING) == (s > 0)
+    # Lower-is-better swaps the verdict, never the statistics.
+    low = trend(np.array(y), Direction.LOWER)
+    assert (low.tau, low.p_value) == (r.tau, r.p_value)
+    flip = {Trend.IMPROVING: Trend.DEGRADING, Trend.DEGRADING: Trend.IMPROVING}
+    assert low.trend is flip.get(r.trend, Trend.STABLE)
+
+
+def test_trend_of_noisy_series() -> None:
+    rng = np.random.default_rng(0)
+    x = np.arange(200)
+    assert trend(0.01 * x + rng.normal(0, 0.3, 200), Direction.HIGHER).trend is Trend.IMPROVING
+    assert trend(0.01 * x + rng.normal(0, 0.3, 200), Direction.LOWER).trend is Trend.DEGRADING
+    flat = [trend(rng.normal(0, 1, 100), Direction.HIGHER).trend for _ in range(200)]
+    # A stationary series is called a trend about alpha of the time, not more.
+    assert flat.count(Trend.STABLE) >= 180
+    big = trend(0.5 * np.arange(100_000) + rng.normal(0, 1000, 100_000), Direction.HIGHER)
+    assert big.trend is Trend.IMPROVING and big.slope == pytest.approx(0.5, rel=0.05)
+    assert trend(np.array([1.0, 2.0]), Direction.HIGHER).trend is Trend.STABLE
+
+
+def test_directions() -> None:
+    assert direction_of("loss") is Direction.LOWER
+    assert direction_of("inference_latency") is Direction.LOWER
+    assert direction_of("round_seconds") is Direction.LOWER
+    assert direction_of("dropouts") is Direction.LOWER
+    assert direction_of("accuracy") is Direction.HIGHER
+    assert direction_of("user_satisfaction") is Direction.HIGHER
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(-100, 100), min_size=2, max_size=30),
+    st.lists(st.floats(-100, 100), min_size=2, max_size=30),
+)
+def test_welch_matches_the_textbook_formula(a: list[float], b: list[float]) -> None:
+    va, vb = float(np.var(a, ddof=1)), float(np.var(b, ddof=1))
+    r = welch(len(a), float(np.mean(a)), va, len(b), float(np.mean(b)), vb)
+    se = math.sqrt(va / len(a) + vb / len(b))
+    assert r.difference == pytest.approx(np.mean(b) - np.mean(a), abs=1e-9)
+    if se < 1e-9:
+        return
+    from scipy import stats
+
+    ref = stats.ttest_ind(b, a, equal_var=False)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+    half = stats.t.ppf(0.975, r.df) * se
+    assert (r.ci_low, r.ci_high) == pytest.approx((r.difference - half, r.difference + half))
+    assert (r.ci_low <= 0 <= r.ci_high) == (r.p_value >= 0.05 - 1e-9)
+
+
+def test_welch_coverage_of_the_confidence_interval() -> None:
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(400):
+        a, b = rng.normal(0, 1, 30), rng.normal(0.3, 2, 50)
+        r = welch(30, a.mean(), a.var(ddof=1), 50, b.mean(), b.var(ddof=1))
+        hits += r.ci_low <= 0.3 <= r.ci_high
+    assert 0.92 <= hits / 400 <= 0.98
+
+
+def test_sample_ratio_mismatch() -> None:
+    assert sample_ratio_mismatch(5000, 5000, 0.5) == pytest.approx(1.0)
+    assert sample_ratio_mismatch(5200, 4800, 0.5) < 0.001
+    assert sample_ratio_mismatch(900, 100, 0.9) == pytest.approx(1.0)
+    assert sample_ratio_mismatch(0, 0, 0.5) == 1.0

@@ -1,0 +1,478 @@
+"""Bounded resources: hostile devices aiming at availability, over real gRPC.
+
+Stalled uploads, idle streams, floods of calls and large secure-aggregation
+cohorts must not stop honest devices from finishing rounds. Each limit refuses
+with a clear status and message and leaves the server's state as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+from test_bad_input import check_in_all, header
+
+from client.retry import RETRY_AFTER_KEY, retry_after_s
+from client.runtime import DeviceClient
+from common.pb import federation_pb2 as pb
+from common.tensors import iter_chunks, to_wire
+from server.limits import CallLimit, TokenBuckets
+from server.rounds.coordinator import Status
+
+
+def eventually(predicate, timeout: float = 10.0) -> None:
+    """Poll a condition the server reaches right after answering (its handler's cleanup)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---------------------------------------------------------------------- limiter units
+def test_token_bucket_allows_its_burst_then_refuses_with_the_wait() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=2.0, burst=3, what="check-ins from this device", clock=clock)
+    assert [buckets.take("a") for _ in range(3)] == [None, None, None]
+    refusal = buckets.take("a")
+    assert refusal is not None
+    assert refusal.message == (
+        "too many check-ins from this device: at most 2 per second (bursts of 3); retry in 500 ms"
+    )
+    assert refusal.retry_after_ms == 500
+    # the refused call took nothing: exactly the announced wait lets one call through
+    refusal = buckets.take("a")
+    assert refusal is not None and refusal.retry_after_ms == 500
+    assert buckets.take("b") is None  # other keys are independent
+    clock.now += 0.5
+    assert buckets.take("a") is None
+    assert buckets.take("a") is not None
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=10.0, burst=5, what="calls", clock=clock)
+    for _ in range(5):
+        assert buckets.take("k") is None
+    clock.now += 1000.0  # a long pause refills to the burst, never beyond
+    assert sum(buckets.take("k") is None for _ in range(20)) == 5
+
+
+def test_token_buckets_forget_the_oldest_keys_beyond_their_bound() -> None:
+    buckets = TokenBuckets(rate=1.0, burst=1, what="calls", max_keys=3, clock=Clock())
+    for key in ["a", "b", "c", "d"]:
+        assert buckets.take(key) is None
+    assert len(buckets) == 3
+    assert buckets.take("a") is None  # forgotten: starts over with a full bucket
+    assert buckets.take("d") is not None
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "message"),
+    [
+        (0.0, 1, "the rate must be a positive number"),
+        (float("nan"), 1, "the rate must be a positive number"),
+        (1.0, 0.5, "the burst must be at least 1"),
+    ],
+)
+def test_token_bucket_settings_are_checked(rate: float, burst: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TokenBuckets(rate, burst, "check-ins")
+
+
+def test_call_limit_refuses_the_call_over_it_and_counts_exits() -> None:
+    limit = CallLimit(2)
+    assert limit.enter() is None and limit.enter() is None
+    refusal = limit.enter()
+    assert refusal is not None and "2 calls already in progress" in refusal.message
+    assert limit.active == 2  # the refused call is not counted
+    limit.exit()
+    assert limit.enter() is None
+    limit.exit()
+    limit.exit()
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        limit.exit()
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self._trailers = trailers
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "too many check-ins"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailers
+
+
+@pytest.mark.parametrize(
+    ("trailers", "seconds"),
+    [
+        (((RETRY_AFTER_KEY, "1500"),), 1.5),
+        (((RETRY_AFTER_KEY, "soon"),), 0.0),
+        (((RETRY_AFTER_KEY, "-5"),), 0.0),
+        (((RETRY_AFTER_KEY, "1e12"),), 600.0),
+        ((), 0.0),
+    ],
+)
+def test_retry_hint_is_read_and_bounded(trailers, seconds: float) -> None:
+    assert retry_after_s(_Refused(trailers)) == seconds
+
+
+# ---------------------------------------------------------------------- over gRPC
+def _metadata_of(err: grpc.RpcError) -> dict[str, str]:
+    return dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+
+
+def test_check_ins_are_rate_limited_per_device_with_a_retry_hint(
+    server_factory, raw_device
+) -> None:
+    server = server_factory(checkin_rate=0.5, checkin_burst=2)
+    flooder, other = raw_device(server), raw_device(server)
+    for _ in range(2):
+        assert flooder.check_in(0).WhichOneof("outcome") == "wait"
+    server.coordinator._available.pop(flooder.device_id, None)
+    with pytest.raises(grpc.RpcError) as err:
+        flooder.check_in(0)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many check-ins from this device: at most 0.5 per second" in err.value.details()
+    hint = int(_metadata_of(err.value)[RETRY_AFTER_KEY])
+    assert 1000 < hint <= 2000
+    # refused before the domain layer: the flooder was not marked available
+    assert flooder.device_id not in server.coordinator._available
+    assert other.check_in(0).WhichOneof("outcome") == "wait"  # others are not limited
+    time.sleep(hint / 1000 + 0.05)
+    assert flooder.check_in(0).WhichOneof("outcome") == "wait"
+
+
+def test_registrations_are_rate_limited_per_address_and_store_nothing(server_factory) -> None:
+    server = server_factory(peer_register_rate=0.1, peer_register_burst=3)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_stub(channel)
+        for _ in range(3):
+            stub.Register(pb.RegisterRequest(), timeout=10)
+        before = len(server.registry)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(pb.RegisterRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many registrations from this address" in err.value.details()
+    assert int(_metadata_of(err.value)[RETRY_AFTER_KEY]) > 0
+    assert len(server.registry) == before
+    assert len(server.store.device_credentials()) == before
+
+
+def pb_stub(channel: grpc.Channel):
+    from common.pb import federation_pb2_grpc
+
+    return federation_pb2_grpc.FederationStub(channel)
+
+
+def test_concurrent_calls_are_bounded_and_health_still_answers(server_factory, raw_device) -> None:
+    server = server_factory(max_concurrent_rpcs=2, min_clients=3, clients_per_round=3)
+    a, b, c = raw_device(server), raw_device(server), raw_device(server)
+    polls = [
+        d.stub.CheckIn.future(pb.CheckInRequest(max_wait_ms=3000), metadata=d.md, timeout=30)
+        for d in (a, b)
+    ]
+    deadline = time.monotonic() + 10
+    while server.guard.calls.active < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as err:
+        c.check_in(0)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "server busy: 2 calls already in progress" in err.value.details()
+    assert _metadata_of(err.value)[RETRY_AFTER_KEY] == "1000"
+    assert c.device_id not in server.coordinator._available  # nothing happened for it
+    health = health_pb2_grpc.HealthStub(a.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    for poll in polls:
+        assert poll.result().WhichOneof("outcome") == "wait"
+    eventually(lambda: server.guard.calls.active == 0)
+    assert c.check_in(0).WhichOneof("outcome") == "wait"
+
+
+class Stall:
+    """A request stream that sends `messages` and then nothing until released."""
+
+    def __init__(self, messages: list[pb.UpdateChunk]) -> None:
+        self.messages = messages
+        self.release = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.UpdateChunk]:
+        yield from self.messages
+        self.release.wait(120)
+
+
+def _task_and_manifest(server, devices):
+    tasks = check_in_all(devices)
+    task = tasks[devices[0].device_id].task
+    first = next(
+        devices[0].stub.DownloadModel(
+            pb.DownloadModelRequest(round_id=task.round_id), metadata=devices[0].md
+        )
+    )
+    return tasks, first.header.manifest
+
+
+def test_a_stalled_upload_holds_no_buffer_and_an_idle_one_gives_it_back(
+    server_factory, raw_device
+) -> None:
+    server = server_factory(
+        staging_buffers=1,
+        clients_per_round=3,
+        min_clients=3,
+        selection_window=0.2,
+        eval_data="none",
+        stream_first_message_timeout=1.0,
+        stream_idle_timeout=1.0,
+    )
+    header_only, one_chunk, honest = raw_device(server), raw_device(server), raw_device(server)
+    tasks, manifest = _task_and_manifest(server, [header_only, one_chunk, honest])
+    d = manifest.total_elements
+
+    def msgs(device, values=0.25):
+        task = tasks[device.device_id].task
+        data = to_wire(np.full(d, values, dtype=np.float32))
+        return [header(task, manifest)] + [
+            pb.UpdateChunk(data=c) for c in iter_chunks(data, 1 << 12)
+        ]
+
+    stalled = Stall(msgs(header_only)[:1])
+    stalled_call = header_only.stub.UploadUpdate.future(
+        iter(stalled), metadata=header_only.md, timeout=60
+    )
+    coordinator = server.coordinator
+    deadline = time.monotonic() + 10
+    while coordinator._round.cohort[header_only.device_id].status is not Status.UPLOADING:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(coordinator._staging) == 1  # a header holds no staging buffer
+
+    # One data chunk takes the only buffer; when the stream then idles it comes back.
+    held = Stall(msgs(one_chunk)[:2])
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        one_chunk.stub.UploadUpdate(iter(held), metadata=one_chunk.md, timeout=60)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no next message within 1 s" in err.value.details()
+    assert "--stream-idle-timeout" in err.value.details()
+    assert time.monotonic() - started < 10
+    held.release.set()
+    assert len(coordinator._staging) == 1
+    assert coordinator._round.cohort[one_chunk.device_id].status is Status.SELECTED
+
+    # The honest upload goes through although the header-only stream is still open.
+    honest.stub.UploadUpdate(iter(msgs(honest)), metadata=honest.md, timeout=30)
+    assert coordinator._round.cohort[honest.device_id].status is Status.UPLOADED
+    # ...and the one whose stream idled may upload again.
+    one_chunk.stub.UploadUpdate(iter(msgs(one_chunk)), metadata=one_chunk.md, timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        stalled_call.result()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stalled.release.set()
+
+
+def test_a_stream_that_never_sends_is_closed_after_the_first_message_timeout(
+    server_factory, raw_device
+) -> None:
+    server = server_factory(stream_first_message_timeout=0.5)
+    device = raw_device(server)
+    silent = Stall([])
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        device.stub.UploadUpdate(iter(silent), metadata=device.md, timeout=30)
+    silent.release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert err.value.details() == (
+        "no first message within 0.5 s: the server closed the idle stream "
+        "(--stream-first-message-timeout)"
+    )
+    assert time.monotonic() - started < 5
+    eventually(lambda: server.guard.calls.active == 0)
+
+
+def test_a_secagg_round_needs_no_thread_per_waiting_device(server_factory, device_threads):
+    """Six devices wait in every phase together; two worker threads are enough."""
+    server = server_factory(
+        secagg=True,
+        max_workers=2,
+        clients_per_round=6,
+        min_clients=6,
+        rounds=1,
+        eval_data="none",
+        secagg_phase_timeout=20.0,
+    )
+    device_threads(server, 6)
+    assert server.coordinator.wait_finished(timeout=120)
+    [rnd] = server.store.list_rounds(server.config.model)
+    assert rnd.status == "completed" and rnd.participants == 6
+    assert rnd.metrics.get("secagg") == 1.0
+
+
+class IdleStreams:
+    """`count` reflection streams that never send, reopened whenever the server closes one."""
+
+    def __init__(self, address: str, count: int) -> None:
+        self.address, self.count = address, count
+        self.closed: dict[str, int] = {}
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _one(self, stub) -> None:
+        while not self._stop.is_set():
+            call = stub.ServerReflectionInfo()  # no request is ever written
+            self.opened += 1
+            code = await call.code()
+            self.closed[code.name] = self.closed.get(code.name, 0) + 1
+            await asyncio.sleep(0.05)
+
+    async def _run(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            tasks = [asyncio.create_task(self._one(stub)) for _ in range(self.count)]
+            while not self._stop.is_set():
+                await asyncio.sleep(0.1)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __enter__(self) -> IdleStreams:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class StallingDevice:
+    """Selected in every round: opens its upload with a header (maybe a chunk), then stalls."""
+
+    def __init__(self, device, with_chunk: bool) -> None:
+        self.device, self.with_chunk = device, with_chunk
+        self.stalls = 0
+        self._stop = threading.Event()
+        self._streams: list[Stall] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        manifest = None
+        while not self._stop.is_set():
+            try:
+                resp = self.device.check_in(2000)
+                if resp.WhichOneof("outcome") != "task":
+                    if resp.WhichOneof("outcome") == "finished":
+                        return
+                    continue
+                task = resp.task
+                if manifest is None:
+                    manifest = next(
+                        self.device.stub.DownloadModel(
+                            pb.DownloadModelRequest(round_id=task.round_id),
+                            metadata=self.device.md,
+                        )
+                    ).header.manifest
+                messages = [header(task, manifest)]
+                if self.with_chunk:
+                    messages.append(pb.UpdateChunk(data=bytes(1 << 12)))
+                stall = Stall(messages)
+                self._streams.append(stall)
+                self.device.stub.UploadUpdate.future(
+                    iter(stall), metadata=self.device.md, timeout=120
+                )
+                self.stalls += 1
+            except grpc.RpcError:
+                time.sleep(0.1)
+
+    def __enter__(self) -> StallingDevice:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for s in self._streams:
+            s.release.set()
+        self._thread.join(timeout=30)
+
+
+def test_idle_streams_and_stalled_uploads_do_not_stop_honest_rounds(
+    server_factory, raw_device, device_threads
+) -> None:
+    """The attack of issue 10: 256 idle streams (no credentials needed) and four devices
+    that start uploads and stall, against 5 honest devices that must finish 3 rounds.
+
+    Before: 256 idle reflection streams took every worker thread (Register and Health
+    went unanswered), and four header-only uploads held all four staging buffers.
+    """
+    server = server_factory(
+        reflection=True,
+        staging_buffers=4,
+        stream_first_message_timeout=1.0,
+        stream_idle_timeout=1.0,
+        clients_per_round=5,
+        overselect=0.8,  # cohorts of 9: the stalling devices are always selected
+        min_clients=5,
+        rounds=3,
+        round_deadline=60.0,
+        selection_window=3.0,
+        eval_data="none",
+    )
+    attackers = [raw_device(server) for _ in range(4)]
+    with IdleStreams(server.address, 256) as idle:
+        deadline = time.monotonic() + 30
+        while idle.opened < 256:
+            assert time.monotonic() < deadline, "the idle streams did not open"
+            time.sleep(0.05)
+        with (
+            StallingDevice(attackers[0], with_chunk=True) as s0,
+            StallingDevice(attackers[1], with_chunk=False) as s1,
+            StallingDevice(attackers[2], with_chunk=False) as s2,
+            StallingDevice(attackers[3], with_chunk=False) as s3,
+        ):
+            honest = device_threads(server, 5)
+            # Register and Health answer promptly all along.
+            with grpc.insecure_channel(server.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for _ in range(3):
+                    started = time.monotonic()
+                    pb_stub(channel).Register(pb.RegisterRequest(), timeout=5)
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    assert status == health_pb2.HealthCheckResponse.SERVING
+                    assert time.monotonic() - started < 2.0
+                    time.sleep(0.5)
+            assert server.coordinator.wait_finished(timeout=150), "honest rounds did not finish"
+            stalls = [s.stalls for s in (s0, s1, s2, s3)]
+        closed_idle = dict(idle.closed)
+    rounds = server.store.list_rounds(server.config.model)
+    assert [r.status for r in rounds] == ["completed"] * 3
+    assert all(r.participants == 5 for r in rounds)
+    honest_ids = {d.client._creds.device_id for d in honest}
+    assert len(honest_ids) == 5
+    assert all(n >= 1 for n in stalls), stalls  # the attackers were in the cohorts
+    # the server closed idle streams itself (first-message timeout), repeatedly
+    assert closed_idle.get("DEADLINE_EXCEEDED", 0) >= 256, closed_idle
+    deadline = time.monotonic() + 10
+    while len(server.coordinator._staging) < 4:  # every buffer came back
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert DeviceClient  # the honest devices are the unmodified client
