@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from client.ledger import PrivacyLedger
 from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
 from client.retry import retry_after_s
-from client.secagg import SecAggDevice
+from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
     DpSgdSettings,
@@ -45,6 +45,7 @@ from common.models import ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.privacy import Mechanism, Spend, noise_for_epsilon
+from common.secagg.graph import DEFAULT_CORRUPT_FRACTION
 from common.tensors import (
     CHUNK_BYTES,
     ChunkAssembler,
@@ -160,6 +161,24 @@ class ClientConfig:
         "verifiable distributed DP)",
         "XENO_MAX_USER_EPSILON",
     )
+    min_secagg_cohort: int = setting(
+        5,
+        "fewest devices a secure round (and the sum it unmasks) may hold; smaller ones are "
+        "refused, since a sum of two updates reveals each to the other",
+        "XENO_MIN_SECAGG_COHORT",
+    )
+    secagg_corrupt_fraction: float = setting(
+        DEFAULT_CORRUPT_FRACTION,
+        "fraction of a round's devices this device assumes hostile; it refuses a "
+        "secure-aggregation threshold too low for that many",
+        "XENO_SECAGG_CORRUPT_FRACTION",
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_secagg_cohort < 2:
+            raise ValueError("--min-secagg-cohort must be at least 2")
+        if not 0 <= self.secagg_corrupt_fraction < 0.5:
+            raise ValueError("--secagg-corrupt-fraction must be in [0, 0.5)")
 
     def protection(self) -> Protection:
         return Protection(
@@ -346,7 +365,14 @@ class DeviceClient:
             return
         self._pending = None
         try:
-            self._run_accepted(task, check_task(task, self.protection, self.ledger))
+            spend = check_task(task, self.protection, self.ledger)
+            cohort = task.secagg.num_selected
+            if task.secagg.enabled and cohort < self.config.min_secagg_cohort:
+                raise TaskDeclined(
+                    f"secure round of {cohort} devices, below this device's minimum of "
+                    f"{self.config.min_secagg_cohort} (--min-secagg-cohort)"
+                )
+            self._run_accepted(task, spend)
         except TaskDeclined as declined:
             log.warning("declining round %d: %s", task.round_number, declined)
             self._stub.DeclineTask(
@@ -394,6 +420,10 @@ class DeviceClient:
                 self.identities,
                 task,
                 timeout=lambda: remaining() + 60,
+                policy=SecAggPolicy(
+                    min_cohort=self.config.min_secagg_cohort,
+                    corrupt_fraction=self.config.secagg_corrupt_fraction,
+                ),
             )
         self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
         self._deliver(task, self._pending)

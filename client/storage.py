@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from common.atrest import Sealer
 
+MAX_ROUNDS_REMEMBERED = 10_000
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -160,6 +162,28 @@ class IdentityStore:
             self._store._write_json(self.peers_path, pinned)
         return changed
 
+    @property
+    def rounds_path(self) -> Path:
+        return self._store.dir / "secagg-rounds.json"
+
+    def remember_round(self, round_id: str) -> bool:
+        """Record that this device runs secure round `round_id`; False if it already did.
+
+        A device never runs one round id twice (a replayed round could make it reveal
+        shares of a second set of secrets under signatures bound to the first). The
+        newest MAX_ROUNDS_REMEMBERED ids are kept.
+        """
+        try:
+            seen: list[str] = self._store._read_json(self.rounds_path)
+        except FileNotFoundError:
+            seen = []
+        if round_id in seen:
+            return False
+        seen = [*seen, round_id][-MAX_ROUNDS_REMEMBERED:]
+        self._store._write_json(self.rounds_path, seen)
+        return True
+
     def clear(self) -> None:
+        # The rounds it ran stay remembered: a new identity must not rejoin them either.
         self.key_path.unlink(missing_ok=True)
         self.peers_path.unlink(missing_ok=True)

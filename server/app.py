@@ -180,8 +180,16 @@ class ServerConfig:
     )
     secagg_threshold: int = setting(
         0,
-        "shares needed to reconstruct t (0: a majority of the k + 1 holders)",
+        "shares needed to reconstruct t (0, or anything lower: the malicious-model bound "
+        "floor((k + 1 + a) / 2) + 1, a the corrupt neighbours tolerated)",
         "XENO_SECAGG_THRESHOLD",
+    )
+    secagg_corrupt_fraction: float = setting(
+        0.05,
+        "fraction of a round's devices that may be hostile or the server's own; the "
+        "threshold and degree are derived to tolerate them (devices refuse less than "
+        "their own --secagg-corrupt-fraction)",
+        "XENO_SECAGG_CORRUPT_FRACTION",
     )
     dp: str = setting(
         "none",
@@ -394,6 +402,7 @@ class ServerConfig:
             secagg_dropout=self.secagg_dropout,
             secagg_degree=self.secagg_degree,
             secagg_threshold=self.secagg_threshold,
+            secagg_corrupt_fraction=self.secagg_corrupt_fraction,
             user_dp=self.user_dp_policy(),
             dp_sgd=self.dp_sgd,
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,

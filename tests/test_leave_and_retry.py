@@ -63,6 +63,7 @@ def _device(server: XenoServer, tmp_path: Path, i: int, n: int) -> DeviceClient:
         max_wait_ms=2000,
         max_backoff=1.0,
         allow_plaintext=not server.config.secagg,
+        min_secagg_cohort=2,
     )
     return DeviceClient(config, load_partition(config), threading.Event())
 
@@ -91,6 +92,7 @@ def clients() -> Iterator[list[DeviceClient]]:
         (True, "ShareKeys"),
         (True, "UploadMasked"),
         (True, "GetUnmaskRequest"),
+        (True, "ConfirmSurvivors"),
         (True, "Unmask"),
         (False, "ReportMetrics"),
         (False, "UploadUpdate"),

@@ -189,6 +189,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         # The simulation's operator owns its devices: they run plain
                         # rounds exactly when the server is started without secagg.
                         allow_plaintext=not config.secagg,
+                        # Every simulated device is the operator's own: a simulation of
+                        # fewer than 5 devices may run secure rounds of all of them.
+                        min_secagg_cohort=max(2, min(5, config.clients)),
                     ),
                 ),
                 name=f"device-{i}",

@@ -89,6 +89,11 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
                 _registered_method=True)
+        self.ConfirmSurvivors = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ConfirmSurvivors',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.FromString,
+                _registered_method=True)
         self.Unmask = channel.unary_unary(
                 '/xeno.fl.v1.Federation/Unmask',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskSharesRequest.SerializeToString,
@@ -181,8 +186,17 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmSurvivors(self, request, context):
+        """4b. Consistency check: my signature over the round's survivor set in; the
+        signatures of the devices whose secrets I hold shares of (and of their share
+        holders) out. Blocks until the phase closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Unmask(self, request, context):
-        """4b. For each survivor the share of its self-mask seed, for each dropped
+        """4c. For each survivor the share of its self-mask seed, for each dropped
         device the share of its mask key, never both for one device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -246,6 +260,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetUnmaskRequest,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.SerializeToString,
+            ),
+            'ConfirmSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSurvivors,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.SerializeToString,
             ),
             'Unmask': grpc.unary_unary_rpc_method_handler(
                     servicer.Unmask,
@@ -550,6 +569,33 @@ class Federation:
             '/xeno.fl.v1.Federation/GetUnmaskRequest',
             xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ConfirmSurvivors',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ import numpy as np
 
 from common.quantize import FixedPoint
 from common.secagg import derive_params
+from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
 from server.errors import Change, ErrorKind, FederationError, Pending
 from server.faults import crash_point
@@ -90,6 +91,7 @@ class RoundConfig:
     secagg_dropout: float = 0.1
     secagg_degree: int = 0
     secagg_threshold: int = 0
+    secagg_corrupt_fraction: float = 0.05
     # User-level DP of the global model (None: off) and sample-level DP-SGD on devices.
     user_dp: UserDpPolicy | None = None
     dp_sgd: bool = False
@@ -742,11 +744,15 @@ class RoundCoordinator:
                 list(secagg.participants),
                 secagg.neighbour_keys(device_id),
                 degree,
-                secagg.settings.threshold,
+                secagg.threshold,
             )
 
     def share_keys(
-        self, device_id: str, round_id: str, shares: dict[str, bytes]
+        self,
+        device_id: str,
+        round_id: str,
+        shares: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]] | None = None,
     ) -> list[tuple[str, bytes]]:
         """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
 
@@ -756,7 +762,7 @@ class RoundCoordinator:
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
-                secagg.share(device_id, shares)
+                secagg.share(device_id, shares, commitments)
             elif sent != shares:
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
@@ -777,10 +783,13 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
             return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
+    def unmask_request(
+        self, device_id: str, round_id: str
+    ) -> tuple[list[str], list[str], int, list[str]]:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
-        Raises Pending while the upload phase is open.
+        Also the number of uploads in the sum and the round's survivor set. Raises
+        Pending while the upload phase is open.
         """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
@@ -791,7 +800,33 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            return (
+                list(request.survivors),
+                list(request.dropped),
+                len(secagg.uploaded),
+                list(secagg.survivor_set),
+            )
+
+    def confirm_survivors(
+        self, device_id: str, round_id: str, signature: bytes
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Phase 4b: accept a signature over the survivor set.
+
+        Once the phase closes: the signatures of the devices within two hops of this one.
+        Idempotent; raises Pending while the phase is open.
+        """
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            mine = secagg.confirmations.get(device_id)
+            if secagg.phase is Phase.CONFIRM or mine is None:
+                secagg.confirm(device_id, signature)
+            elif mine != signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already confirmed the survivor set"
+                )
+            if secagg.phase is Phase.CONFIRM:
+                self._await_phase_end(rnd, secagg, Phase.CONFIRM)
+            return secagg.confirmations_for(device_id)
 
     def unmask(
         self,
@@ -1134,13 +1169,13 @@ class RoundCoordinator:
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
         cfg = self.config
         n = len(rnd.cohort)
-        params = derive_params(n, cfg.secagg_dropout)
+        params = derive_params(n, cfg.secagg_dropout, corrupt_fraction=cfg.secagg_corrupt_fraction)
         degree = min(cfg.secagg_degree or params.degree, n - 1)
         if degree < n - 1 and degree % 2:
             degree += 1  # the ring graph is symmetric for even degrees (or complete)
-        majority = (degree + 1) // 2 + 1
-        threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
-        threshold = min(threshold, degree + 1)
+        # Never below the malicious-model bound (devices refuse less).
+        bound = threshold_bound(n, degree, cfg.secagg_corrupt_fraction)
+        threshold = min(max(cfg.secagg_threshold, bound), degree + 1)
         fixed_point = self._round_fixed_point(n)
         min_uploads = self._min_contributors(n)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
@@ -1154,11 +1189,14 @@ class RoundCoordinator:
                 fixed_point,
                 cfg.secagg_phase_timeout_s,
                 min_uploads=min_uploads,
+                corrupt_fraction=cfg.secagg_corrupt_fraction,
             ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
+            model_name=self.model_name,
+            model_version=rnd.base_version,
             phase_started=now,
         )
 
@@ -1275,7 +1313,7 @@ class RoundCoordinator:
         if rnd.secagg is not None:
             self.last_secagg_stats = {
                 "degree": rnd.secagg.settings.degree,
-                "threshold": rnd.secagg.settings.threshold,
+                "threshold": rnd.secagg.threshold,
                 "phase_seconds": dict(rnd.secagg.phase_seconds),
                 "unmask_cpu_seconds": rnd.secagg.unmask_cpu_seconds,
             }
@@ -1321,7 +1359,7 @@ class RoundCoordinator:
             metrics["updates_clipped"] = float(rnd.clipped)
         if rnd.secagg is not None and rnd.secagg.result is not None:
             metrics["secagg"] = 1.0
-            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_threshold"] = float(rnd.secagg.threshold)
             metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
             metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
         privacy = self._privacy_record(rnd, accepted)

@@ -375,7 +375,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                         ErrorKind.INVALID_ARGUMENT, f"two shares for {share.receiver}"
                     )
                 shares[share.receiver] = share.ciphertext
-            mine = self.coordinator.share_keys(device, request.round_id, shares)
+            commitments: dict[str, tuple[bytes, bytes]] = {}
+            for c in request.commitments:
+                if c.holder in commitments:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, f"two share commitments for {c.holder}"
+                    )
+                commitments[c.holder] = (c.mask_key, c.self_mask_seed)
+            mine = self.coordinator.share_keys(device, request.round_id, shares, commitments)
         except FederationError as err:
             abort(context, err, "ShareKeys", device)
         return pb.ShareKeysResponse(
@@ -407,10 +414,31 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped, total = self.coordinator.unmask_request(device, request.round_id)
+            survivors, dropped, total, everyone = self.coordinator.unmask_request(
+                device, request.round_id
+            )
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        return pb.UnmaskRequest(survivors=survivors, dropped=dropped, total_survivors=total)
+        return pb.UnmaskRequest(
+            survivors=survivors, dropped=dropped, total_survivors=total, round_survivors=everyone
+        )
+
+    def ConfirmSurvivors(
+        self, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmSurvivorsResponse:
+        device = device_id_of(context)
+        try:
+            signatures = self.coordinator.confirm_survivors(
+                device, request.round_id, request.signature
+            )
+        except FederationError as err:
+            abort(context, err, "ConfirmSurvivors", device)
+        return pb.ConfirmSurvivorsResponse(
+            signatures=[
+                pb.SurvivorSignature(device_id=d, signature=sig, identity_public_key=key)
+                for d, sig, key in signatures
+            ]
+        )
 
     def Unmask(
         self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext
