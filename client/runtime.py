@@ -40,12 +40,13 @@ from client.training import (
 )
 from common.atrest import Sealer, load_key
 from common.config import setting
-from common.data import Dataset, federated_digits
-from common.models import ModelSpec, build_model
+from common.data import Dataset
+from common.models import FastText, ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.privacy import Mechanism, Spend, noise_for_epsilon
 from common.secagg.graph import DEFAULT_CORRUPT_FRACTION
+from common.tasks import TaskName, TextShard, simulated_shard
 from common.tensors import (
     CHUNK_BYTES,
     ChunkAssembler,
@@ -90,9 +91,14 @@ class ClientConfig:
     state_dir: str = setting(
         "data/device", "folder of the device's local store (credentials)", "XENO_STATE_DIR"
     )
+    task: str = setting(
+        "digits",
+        "which simulated data this device holds: digits, or intents (one CLINC150 user)",
+        "XENO_TASK",
+    )
     partition: int = setting(
         0,
-        "which shard of the digits data this device holds (0-based; -1: its enrollment "
+        "which shard of the task's data this device holds (0-based; -1: its enrollment "
         "order modulo --num-partitions, for fleets started with docker compose --scale)",
         "XENO_PARTITION",
     )
@@ -207,7 +213,10 @@ class Backoff:
 
 class DeviceClient:
     def __init__(
-        self, config: ClientConfig, data: Dataset | None, stop: threading.Event | None = None
+        self,
+        config: ClientConfig,
+        data: Dataset | TextShard | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.data = data
@@ -450,6 +459,17 @@ class DeviceClient:
             "".join(f", {k} {v:.3f}" for k, v in result.metrics.items() if "seconds" not in k),
         )
 
+    def _data_for(self, model: torch.nn.Module) -> Dataset:
+        """The local data in the input form of the task's model (texts: its hashed features)."""
+        assert self.data is not None
+        if isinstance(self.data, TextShard):
+            if not isinstance(model, FastText):
+                raise TaskDeclined("this device holds text; the task's model does not take text")
+            return self.data.featurized(model.features)
+        if isinstance(model, FastText):
+            raise TaskDeclined("the task's model takes text; this device holds feature vectors")
+        return self.data
+
     def _train(
         self,
         task: pb.Task,
@@ -463,7 +483,7 @@ class DeviceClient:
         With DP-SGD, the round's spend is checked against the budget before any
         training and written to the ledger before the update can leave the device.
         """
-        assert self.data is not None
+        data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
@@ -472,13 +492,13 @@ class DeviceClient:
                     f"privacy budget: the task trains without DP-SGD and this device only "
                     f"spends its data under DP (epsilon budget {budget:g})"
                 )
-            result = train_local(model, weights, self.data, training, seed)
+            result = train_local(model, weights, data, training, seed)
             if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
                 # Metrics computed on private data would escape the accounted mechanism.
                 result.metrics.pop("train_loss", None)
                 result.metrics.pop("train_accuracy", None)
             return result
-        q, per_epoch = dp_sample_rate(len(self.data), training.batch_size)
+        q, per_epoch = dp_sample_rate(len(data), training.batch_size)
         steps = per_epoch * training.local_epochs
         z = dp_sgd.noise_multiplier
         if z <= 0:
@@ -500,7 +520,7 @@ class DeviceClient:
         result = train_local_dp(
             model,
             weights,
-            self.data,
+            data,
             training,
             DpSgdSettings(z, dp_sgd.max_grad_norm or 1.0),
             seed=None,  # never the configured shuffling seed: sample and noise must be secret
@@ -593,16 +613,16 @@ def _noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: flo
     return noise_for_epsilon(target, sample_rate, steps, delta)
 
 
-def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset:
-    partition = config.partition if partition is None else partition
-    if not 0 <= partition < config.num_partitions:
-        raise ValueError(
-            f"--partition {partition} is outside 0..{config.num_partitions - 1} (or -1: auto)"
-        )
-    fed = federated_digits(
-        config.num_partitions, config.alpha, config.data_seed, config.test_fraction
+def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset | TextShard:
+    """The simulated local data of shard `partition` (default: the configured one)."""
+    return simulated_shard(
+        TaskName.parse(config.task),
+        config.partition if partition is None else partition,
+        config.num_partitions,
+        config.alpha,
+        config.data_seed,
+        config.test_fraction,
     )
-    return fed.clients[partition]
 
 
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:

@@ -372,7 +372,8 @@ class SecAggDevice:
                 f"{self.min_contributors}, so this device will not help unmask it"
             )
         owners = {self.me, *(v for v in survivors + dropped if v in received)}
-        self._confirm(everyone, participants, peers, owners, t)
+        if not self._confirm(everyone, participants, peers, owners, t):
+            return self.report
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True
@@ -478,17 +479,27 @@ class SecAggDevice:
         peers: dict[str, pb.RoundKeys],
         owners: set[str],
         t: int,
-    ) -> None:
-        """Consistency check: t holders of each secret I reveal for signed this very set."""
+    ) -> bool:
+        """Consistency check: t holders of each secret I reveal for signed this very set.
+
+        False when the check closed without this device: then it reveals nothing.
+        """
         message = survivors_message(
             self.round_id, self.task.model_name, self.task.model_version, everyone
         )
         request = pb.ConfirmSurvivorsRequest(
             round_id=self.round_id, signature=sign_keys(self.identity, message)
         )
-        response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
-            "ConfirmSurvivors", request
-        )
+        try:
+            response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
+                "ConfirmSurvivors", request
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The check closed without this device (enough holders of every needed secret
+            # confirmed, or the round failed): its upload is in the sum, nothing to reveal.
+            return False
         self.report.confirm_bytes = request.ByteSize() + response.ByteSize()
         started = time.perf_counter()
         known = {d: k.identity_public_key for d, k in peers.items()}
@@ -523,6 +534,7 @@ class SecAggDevice:
                     f"survivor set this device was given; {t} needed before revealing anything"
                 )
         self.report.confirm_seconds = time.perf_counter() - started
+        return True
 
     def _my_identity_key(self) -> bytes:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat

@@ -147,6 +147,8 @@ class SecAggRound:
     requests: dict[str, _Unmasking] = field(default_factory=dict)
     survivor_set: list[str] = field(default_factory=list)
     confirmations: dict[str, bytes] = field(default_factory=dict)
+    # Consistency check: per secret the unmasking needs, how many of its holders confirmed.
+    confirmed_holders: dict[str, int] = field(default_factory=dict)
     # (holder, owner, kind) of every revealed share that failed its commitment
     bad_shares: list[tuple[str, str, ShareKind]] = field(default_factory=list)
     threshold: int = 0
@@ -346,10 +348,15 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ consistency check
     def confirm(self, device: str, signature: bytes) -> None:
-        """A survivor's signature over the survivor set (Bonawitz et al. 2017, section 4)."""
+        """A survivor's signature over the survivor set (Bonawitz et al. 2017, section 4).
+
+        Accepted late, during UNMASK, too: the check closes as soon as enough holders
+        confirmed, and a slower honest device can still check and reveal its shares.
+        """
         if self.confirmations.get(device) == signature:
             return  # a resend after a lost answer, also once the phase closed
-        self._require_phase(Phase.CONFIRM, "ConfirmSurvivors")
+        if self.phase is not Phase.UNMASK:
+            self._require_phase(Phase.CONFIRM, "ConfirmSurvivors")
         self.unmask_request(device)
         message = survivors_message(
             self.round_id, self.model_name, self.model_version, self.survivor_set
@@ -367,6 +374,18 @@ class SecAggRound:
                 )
             return
         self.confirmations[device] = signature
+        for v in (device, *self.graph[device]):
+            if v in self.confirmed_holders:
+                self.confirmed_holders[v] += 1
+
+    def _confirm_ready(self) -> bool:
+        """Every secret the sum needs has t holders that confirmed.
+
+        Then each device's check can pass, so stragglers (devices that uploaded, then
+        vanished) are not waited for.
+        """
+        t = self.threshold
+        return all(count >= t for count in self.confirmed_holders.values())
 
     def confirmations_for(self, device: str) -> list[tuple[str, bytes, bytes]]:
         """(signer, signature, identity key) of the confirmed devices within two hops."""
@@ -468,6 +487,8 @@ class SecAggRound:
             complete = True
         if self.phase is Phase.UNMASK and self._unmask_ready():
             complete = True
+        if self.phase is Phase.CONFIRM and self._confirm_ready():
+            complete = True
         if not complete and now < self.phase_deadline:
             return False
         if self.phase is Phase.UPLOAD and self.uploading and now < self.phase_deadline:
@@ -539,6 +560,10 @@ class SecAggRound:
                     dropped=sorted(v for v in near if v not in survivors),
                 )
             self.survivor_set = sorted(survivors)
+            dropped_needed = {
+                v for v in set(self.u2) - survivors if survivors.intersection(self.graph[v])
+            }
+            self.confirmed_holders = dict.fromkeys(survivors | dropped_needed, 0)
             self.phase, self.phase_deadline = Phase.CONFIRM, deadline
         elif self.phase is Phase.CONFIRM:
             if len(self.confirmations) < t:

@@ -818,7 +818,7 @@ class RoundCoordinator:
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
-            if secagg.phase is Phase.CONFIRM or mine is None:
+            if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
                 secagg.confirm(device_id, signature)
             elif mine != signature:
                 raise FederationError(
