@@ -543,8 +543,12 @@ class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
     def __init__(
-        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+        self,
+        config: ServerConfig,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
+        store: Store | None = None,
     ) -> None:
+        """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         strategy = make_strategy(
@@ -558,7 +562,10 @@ class XenoServer:
         )
         round_config = config.round_config()
         check_strategy(strategy, round_config)  # before anything is created on disk
-        self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
+        self._owns_store = store is None
+        self.store = store or Store(
+            config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY"))
+        )
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
@@ -728,7 +735,8 @@ class XenoServer:
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)
