@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from client.packed_mlp import PackedMLP
 from client.packed_text import PackedFastText
 from common.data import Dataset
 from common.evaluation import evaluate
+from common.rng import os_seeded_torch_generator
 from common.tensors import flatten_state_dict, load_flat_into_module
 
 # The first torch.optim constructor imports torch._dynamo (~1 s, sympy and all). Pay that when
@@ -224,7 +224,7 @@ def train_local_dp(
     optimizer = torch.optim.SGD(
         work.parameters(), lr=config.learning_rate, momentum=config.momentum
     )
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    generator = os_seeded_torch_generator() if seed is None else torch.Generator().manual_seed(seed)
     loader = DataLoader(
         _Rows(torch.from_numpy(data.x), torch.from_numpy(data.y).long()),
         batch_size=config.batch_size,

@@ -30,10 +30,10 @@ from grpc_reflection.v1alpha import reflection
 
 from common.atrest import Sealer, load_key
 from common.config import setting
-from common.data import digits_split
 from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
+from common.models import ModelSpec, build_model, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
+from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
@@ -63,7 +63,17 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: all interfaces)", "XENO_HOST")
     port: int = setting(50051, "TCP port to listen on; 0 picks a free one", "XENO_PORT")
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL", "XENO_DB")
-    model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
+    task: str = setting(
+        "digits",
+        "what a new model trains: digits (an MLP on 8x8 digits) or intents (the fastText-style "
+        "model on CLINC150's 150 intents); sets the model's spec and the evaluation data",
+        "XENO_TASK",
+    )
+    model: str = setting(
+        "",
+        "name of the federated model (empty: digits-mlp or intents-fasttext, by --task)",
+        "XENO_MODEL",
+    )
     hidden: str = setting(
         "64",
         "MLP hidden layer sizes, comma-separated (used when the model is created)",
@@ -180,8 +190,16 @@ class ServerConfig:
     )
     secagg_threshold: int = setting(
         0,
-        "shares needed to reconstruct t (0: a majority of the k + 1 holders)",
+        "shares needed to reconstruct t (0, or anything lower: the malicious-model bound "
+        "floor((k + 1 + a) / 2) + 1, a the corrupt neighbours tolerated)",
         "XENO_SECAGG_THRESHOLD",
+    )
+    secagg_corrupt_fraction: float = setting(
+        0.05,
+        "fraction of a round's devices that may be hostile or the server's own; the "
+        "threshold and degree are derived to tolerate them (devices refuse less than "
+        "their own --secagg-corrupt-fraction)",
+        "XENO_SECAGG_CORRUPT_FRACTION",
     )
     dp: str = setting(
         "none",
@@ -252,7 +270,10 @@ class ServerConfig:
     )
     dp_sgd_delta: float = setting(1e-5, "delta of the sample-level guarantee", "XENO_DP_SGD_DELTA")
     eval_data: str = setting(
-        "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
+        "auto",
+        "held-out data for server-side evaluation: auto (the task's: a fifth of digits, or "
+        "CLINC150's in-scope test split) or none",
+        "XENO_EVAL_DATA",
     )
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
     test_fraction: float = setting(
@@ -371,11 +392,14 @@ class ServerConfig:
             peer_register_burst=self.peer_register_burst,
         )
 
+    def __post_init__(self) -> None:
+        task = TaskName.parse(self.task)
+        if not self.model:
+            object.__setattr__(self, "model", default_model_name(task))
+
     def model_spec(self) -> ModelSpec:
-        if self.params > 0:
-            return mlp_for_params(self.params)
         hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
-        return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})
+        return model_spec_for(TaskName.parse(self.task), hidden, self.params)
 
     def round_config(self) -> RoundConfig:
         return RoundConfig(
@@ -394,6 +418,7 @@ class ServerConfig:
             secagg_dropout=self.secagg_dropout,
             secagg_degree=self.secagg_degree,
             secagg_threshold=self.secagg_threshold,
+            secagg_corrupt_fraction=self.secagg_corrupt_fraction,
             user_dp=self.user_dp_policy(),
             dp_sgd=self.dp_sgd,
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
@@ -474,9 +499,10 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
 def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
     if config.eval_data == "none":
         return None
-    if config.eval_data != "digits":
-        raise ValueError(f"unknown eval data {config.eval_data!r}; use digits or none")
-    _, test = digits_split(config.data_seed, config.test_fraction)
+    task = TaskName.parse(config.task)
+    if config.eval_data not in ("auto", task.value):
+        raise ValueError(f"unknown eval data {config.eval_data!r}; use auto or none")
+    test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
     module = build_model(spec)
 
     def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
@@ -511,8 +537,12 @@ class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
     def __init__(
-        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+        self,
+        config: ServerConfig,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
+        store: Store | None = None,
     ) -> None:
+        """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         strategy = make_strategy(
@@ -526,7 +556,10 @@ class XenoServer:
         )
         round_config = config.round_config()
         check_strategy(strategy, round_config)  # before anything is created on disk
-        self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
+        self._owns_store = store is None
+        self.store = store or Store(
+            config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY"))
+        )
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
@@ -696,7 +729,8 @@ class XenoServer:
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)

@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from client.secagg import SecAggDevice, SecAggProtocolError, check_unmask_request
+from client.secagg import SecAggDevice, SecAggPolicy, SecAggProtocolError, check_unmask_request
 from client.storage import IdentityStore, LocalStore
 from common.atrest import Sealer
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.quantize import FixedPoint, clip_l2
+
+# These tests exercise the protocol's mechanics with 3-5 devices; the attack tests
+# (test_secagg_attacks.py) run devices with their default policy.
+SMALL_COHORTS = SecAggPolicy(min_cohort=2)
 
 
 class GoneError(Exception):
@@ -107,6 +111,7 @@ class Harness:
                 timeout=lambda: 60.0,
                 rng=np.random.default_rng(i),
                 stop_before=stop_before.get(i),
+                policy=SMALL_COHORTS,
             )
             for i in range(len(self.devices))
         ]
@@ -260,9 +265,10 @@ def test_honest_device_refuses_to_reveal_both_shares(harness, monkeypatch) -> No
     honest = coordinator.unmask_request
 
     def curious(device_id: str, round_id: str):
-        survivors, _dropped, total = honest(device_id, round_id)
+        survivors, _dropped, total, everyone = honest(device_id, round_id)
         others = [d for d in survivors if d != device_id]
-        return survivors, others, total  # asks for the mask keys of devices that did upload
+        # asks for the mask keys of devices that did upload
+        return survivors, others, total, everyone
 
     monkeypatch.setattr(coordinator, "unmask_request", curious)
     updates, weights = make_updates(h.server, 3)
@@ -380,6 +386,7 @@ def test_bad_secagg_input_is_refused_and_the_round_completes(harness) -> None:
             tasks[i],
             timeout=lambda: 60.0,
             rng=np.random.default_rng(i),
+            policy=SMALL_COHORTS,
         )
         for i in range(4)
     ]
@@ -429,4 +436,7 @@ def test_device_refuses_a_threshold_below_a_majority(harness, monkeypatch) -> No
     updates, weights = make_updates(h.server, 3)
     _, errors = h.run_round(updates, weights)
     assert len(errors) == 3
-    assert all(isinstance(e, SecAggProtocolError) and "majority" in str(e) for e in errors.values())
+    assert all(
+        isinstance(e, SecAggProtocolError) and "unsafe threshold 1" in str(e)
+        for e in errors.values()
+    )

@@ -116,15 +116,39 @@ def test_neighbour_graph_is_regular_symmetric_and_shared(n: int) -> None:
 
 
 def test_derived_params_grow_logarithmically_and_meet_the_failure_target() -> None:
-    small, big = derive_params(100), derive_params(1000)
+    # Semi-honest (no corrupt devices assumed): the degree grows like log n.
+    small, big = derive_params(100, corrupt_fraction=0), derive_params(1000, corrupt_fraction=0)
     assert big.degree <= small.degree + 8 and big.degree < 60
     for n in (100, 1000):
-        p = derive_params(n)
-        tail = sum(
-            math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
-        )
-        assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
+        for gamma in (0.0, 0.05, 0.1):
+            p = derive_params(n, corrupt_fraction=gamma)
+            tail = sum(
+                math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
+            )
+            assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
     assert derive_params(5) == derive_params(5).__class__(degree=4, threshold=3)
+
+
+@pytest.mark.parametrize("n", [5, 10, 20, 57, 100, 1000])
+@pytest.mark.parametrize("gamma", [0.0, 0.05, 0.1, 0.2])
+def test_threshold_leaves_the_server_one_share_short_of_both_secrets(n: int, gamma: float) -> None:
+    """2t > k + 1 + a: honest holders reveal one secret each, corrupt ones both."""
+    from scipy.stats import hypergeom
+
+    from common.secagg.graph import SECURITY_BITS, corrupt_neighbours, threshold_bound
+
+    p = derive_params(n, corrupt_fraction=gamma)
+    k, corrupt = p.degree, math.floor(gamma * n + 1e-9)
+    a = corrupt_neighbours(n, k, gamma)
+    if k == n - 1:  # complete graph: every corrupt device holds a share (Bonawitz et al.)
+        assert a == corrupt and p.threshold == min((n + corrupt) // 2 + 1, n)
+    else:  # an independent quantile: P[more than a corrupt neighbours] <= 2^-40 / n
+        rv = hypergeom(n - 1, corrupt, k)
+        assert rv.sf(a) <= 2.0**-SECURITY_BITS / n * (1 + 1e-6)
+        assert a == 0 or rv.sf(a - 1) > 2.0**-SECURITY_BITS / n
+    assert p.threshold == threshold_bound(n, k, gamma)
+    if p.threshold <= k + 1 and corrupt < n // 2:
+        assert 2 * p.threshold > k + 1 + a
 
 
 @settings(max_examples=30, deadline=None)

@@ -285,6 +285,16 @@ class DeclineTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RoundKeys(_message.Message):
     __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -330,12 +340,24 @@ class EncryptedShare(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
-    __slots__ = ("round_id", "shares")
+    __slots__ = ("round_id", "shares", "commitments")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
-    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+    commitments: _containers.RepeatedCompositeFieldContainer[ShareCommitment]
+    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., commitments: _Optional[_Iterable[_Union[ShareCommitment, _Mapping]]] = ...) -> None: ...
+
+class ShareCommitment(_message.Message):
+    __slots__ = ("holder", "mask_key", "self_mask_seed")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SEED_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    mask_key: bytes
+    self_mask_seed: bytes
+    def __init__(self, holder: _Optional[str] = ..., mask_key: _Optional[bytes] = ..., self_mask_seed: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysResponse(_message.Message):
     __slots__ = ("shares",)
@@ -374,14 +396,40 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped", "total_survivors")
+    __slots__ = ("survivors", "dropped", "total_survivors", "round_survivors")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     total_survivors: int
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ...) -> None: ...
+    round_survivors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ..., round_survivors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfirmSurvivorsRequest(_message.Message):
+    __slots__ = ("round_id", "signature")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    signature: bytes
+    def __init__(self, round_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorSignature(_message.Message):
+    __slots__ = ("device_id", "signature", "identity_public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    signature: bytes
+    identity_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class ConfirmSurvivorsResponse(_message.Message):
+    __slots__ = ("signatures",)
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
+    def __init__(self, signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "share")

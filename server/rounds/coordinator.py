@@ -35,6 +35,7 @@ import numpy as np
 
 from common.quantize import FixedPoint
 from common.secagg import derive_params
+from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
 from server.errors import Change, ErrorKind, FederationError, Pending
 from server.faults import crash_point
@@ -76,7 +77,9 @@ class RoundConfig:
     selection_window_s: float = 2.0
     rounds: int = 0
     max_wait_s: float = 10.0
-    availability_ttl_s: float = 15.0
+    # A device is available while it waits in CheckIn, and for this long after a CheckIn
+    # returned (the gap before its next one); a stopped device is never selected.
+    availability_ttl_s: float = 2.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
     # Plain rounds: every update is scaled down to this L2 norm before it counts (0: off).
@@ -88,6 +91,7 @@ class RoundConfig:
     secagg_dropout: float = 0.1
     secagg_degree: int = 0
     secagg_threshold: int = 0
+    secagg_corrupt_fraction: float = 0.05
     # User-level DP of the global model (None: off) and sample-level DP-SGD on devices.
     user_dp: UserDpPolicy | None = None
     dp_sgd: bool = False
@@ -338,6 +342,7 @@ class RoundCoordinator:
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
         self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
+        self._polling: collections.Counter[str] = collections.Counter()  # CheckIns in flight
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -444,25 +449,82 @@ class RoundCoordinator:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
-        """Long poll blocking this thread: a task for this device, or when to come back."""
+    def poll_started(self, device_id: str) -> None:
+        """A CheckIn of this device is waiting: it is available for as long as it waits."""
+        with self._cond:
+            self._polling[device_id] += 1
+
+    def poll_ended(self, device_id: str, cancelled: bool) -> None:
+        """The CheckIn returned, or was cancelled (the device hung up: it is gone)."""
+        with self._cond:
+            self._polling[device_id] -= 1
+            if self._polling[device_id] <= 0:
+                del self._polling[device_id]
+        if cancelled:
+            self.leave(device_id, "check-in cancelled", only_if_untouched=True)
+
+    def check_in(
+        self,
+        device_id: str,
+        max_wait_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> CheckInOutcome:
+        """Long poll: a task for this device, or when to come back.
+
+        `cancelled` tells whether the caller has gone (its RPC was cancelled): the
+        device then stops counting as available at once.
+        """
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
         with self._cond:
             give_up = self.clock() + wait
-            while True:
-                if self._finished:
-                    return CheckInOutcome(
-                        finished=True, reason=self.budget_exhausted or "the federation has finished"
-                    )
-                task = self._task_for(device_id)
-                if task is not None:
-                    return task
-                now = self.clock()
-                self._mark_available(device_id, now)
-                remaining = give_up - now
-                if remaining <= 0 or self._stopping.is_set():
-                    return CheckInOutcome(retry_after_ms=200, reason="no task for this device yet")
-                self._cond.wait(min(remaining, 1.0))
+            self._polling[device_id] += 1
+            try:
+                while True:
+                    if self._finished:
+                        return CheckInOutcome(
+                            finished=True,
+                            reason=self.budget_exhausted or "the federation has finished",
+                        )
+                    if cancelled is not None and cancelled():
+                        self._available.pop(device_id, None)
+                        return CheckInOutcome(retry_after_ms=200, reason="check-in cancelled")
+                    task = self._task_for(device_id)
+                    if task is not None:
+                        return task
+                    now = self.clock()
+                    self._mark_available(device_id, now)
+                    remaining = give_up - now
+                    if remaining <= 0 or self._stopping.is_set():
+                        return CheckInOutcome(
+                            retry_after_ms=200, reason="no task for this device yet"
+                        )
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                self._polling[device_id] -= 1
+                if self._polling[device_id] <= 0:
+                    del self._polling[device_id]
+
+    def leave(self, device_id: str, reason: str, only_if_untouched: bool = False) -> None:
+        """The device is gone: never select it, and stop waiting for it in the open round.
+
+        With only_if_untouched (its check-in was cancelled), the open round lets the
+        device go only if it never downloaded the round's model: it may have got its task.
+        """
+        with self._cond:
+            self._available.pop(device_id, None)
+            rnd = self._round
+            participant = rnd.cohort.get(device_id) if rnd is not None else None
+            if rnd is not None and not rnd.closing and participant is not None:
+                untouched = participant.bytes_out == 0
+                if participant.status is Status.SELECTED and (untouched or not only_if_untouched):
+                    participant.status = Status.DECLINED
+                    participant.note = f"left: {reason}"[:500]
+                    if rnd.secagg is not None:
+                        rnd.secagg.withdraw(device_id)
+                        self._advance_secagg(rnd.secagg)
+                    log.info("device %s left round %d: %s", device_id, rnd.number, reason)
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -682,11 +744,15 @@ class RoundCoordinator:
                 list(secagg.participants),
                 secagg.neighbour_keys(device_id),
                 degree,
-                secagg.settings.threshold,
+                secagg.threshold,
             )
 
     def share_keys(
-        self, device_id: str, round_id: str, shares: dict[str, bytes]
+        self,
+        device_id: str,
+        round_id: str,
+        shares: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]] | None = None,
     ) -> list[tuple[str, bytes]]:
         """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
 
@@ -696,7 +762,7 @@ class RoundCoordinator:
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
-                secagg.share(device_id, shares)
+                secagg.share(device_id, shares, commitments)
             elif sent != shares:
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
@@ -717,10 +783,13 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
             return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
+    def unmask_request(
+        self, device_id: str, round_id: str
+    ) -> tuple[list[str], list[str], int, list[str]]:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
-        Raises Pending while the upload phase is open.
+        Also the number of uploads in the sum and the round's survivor set. Raises
+        Pending while the upload phase is open.
         """
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
@@ -731,7 +800,33 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            return (
+                list(request.survivors),
+                list(request.dropped),
+                len(secagg.uploaded),
+                list(secagg.survivor_set),
+            )
+
+    def confirm_survivors(
+        self, device_id: str, round_id: str, signature: bytes
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Phase 4b: accept a signature over the survivor set.
+
+        Once the phase closes: the signatures of the devices within two hops of this one.
+        Idempotent; raises Pending while the phase is open.
+        """
+        with self._cond:
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            mine = secagg.confirmations.get(device_id)
+            if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
+                secagg.confirm(device_id, signature)
+            elif mine != signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already confirmed the survivor set"
+                )
+            if secagg.phase is Phase.CONFIRM:
+                self._await_phase_end(rnd, secagg, Phase.CONFIRM)
+            return secagg.confirmations_for(device_id)
 
     def unmask(
         self,
@@ -919,7 +1014,10 @@ class RoundCoordinator:
 
     def _maybe_start_round(self, now: float) -> None:
         ttl = self.config.availability_ttl_s
-        for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
+        polling = self._polling
+        for dev in [
+            d for d, seen in self._available.items() if now - seen > ttl and d not in polling
+        ]:
             del self._available[dev]
         candidates = sorted(self._available)
         if self.config.secagg:
@@ -1071,13 +1169,13 @@ class RoundCoordinator:
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
         cfg = self.config
         n = len(rnd.cohort)
-        params = derive_params(n, cfg.secagg_dropout)
+        params = derive_params(n, cfg.secagg_dropout, corrupt_fraction=cfg.secagg_corrupt_fraction)
         degree = min(cfg.secagg_degree or params.degree, n - 1)
         if degree < n - 1 and degree % 2:
             degree += 1  # the ring graph is symmetric for even degrees (or complete)
-        majority = (degree + 1) // 2 + 1
-        threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
-        threshold = min(threshold, degree + 1)
+        # Never below the malicious-model bound (devices refuse less).
+        bound = threshold_bound(n, degree, cfg.secagg_corrupt_fraction)
+        threshold = min(max(cfg.secagg_threshold, bound), degree + 1)
         fixed_point = self._round_fixed_point(n)
         min_uploads = self._min_contributors(n)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
@@ -1091,11 +1189,14 @@ class RoundCoordinator:
                 fixed_point,
                 cfg.secagg_phase_timeout_s,
                 min_uploads=min_uploads,
+                corrupt_fraction=cfg.secagg_corrupt_fraction,
             ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
+            model_name=self.model_name,
+            model_version=rnd.base_version,
             phase_started=now,
         )
 
@@ -1212,7 +1313,7 @@ class RoundCoordinator:
         if rnd.secagg is not None:
             self.last_secagg_stats = {
                 "degree": rnd.secagg.settings.degree,
-                "threshold": rnd.secagg.settings.threshold,
+                "threshold": rnd.secagg.threshold,
                 "phase_seconds": dict(rnd.secagg.phase_seconds),
                 "unmask_cpu_seconds": rnd.secagg.unmask_cpu_seconds,
             }
@@ -1258,7 +1359,7 @@ class RoundCoordinator:
             metrics["updates_clipped"] = float(rnd.clipped)
         if rnd.secagg is not None and rnd.secagg.result is not None:
             metrics["secagg"] = 1.0
-            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_threshold"] = float(rnd.secagg.threshold)
             metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
             metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
         privacy = self._privacy_record(rnd, accepted)
@@ -1347,6 +1448,7 @@ class RoundCoordinator:
                 with self._cond:
                     self._apply(stored, entry.result)
                     self._cond.notify_all()
+                    self._signal(Change.ROUND)
                     self._signal(Change.ROUND)
                 log.warning(
                     "round %d: its result was stored after all, as version %d",

@@ -230,13 +230,22 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
         give_up = loop.time() + wait
-        while True:
-            changed = self.changes.snapshot()[Change.ROUND]
-            outcome = await self.runner.run(self.coordinator.check_in_now, device)
-            remaining = give_up - loop.time()
-            if outcome is not None or remaining <= 0 or self.coordinator.stopping:
-                break
-            await wait_event(changed, min(remaining, 1.0))
+        # The device is available while this call waits; a cancelled call (the device
+        # stopped, or was killed and its connection closed) takes it off the list at once.
+        await self.runner.run(self.coordinator.poll_started, device)
+        cancelled = True
+        try:
+            while True:
+                changed = self.changes.snapshot()[Change.ROUND]
+                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                remaining = give_up - loop.time()
+                if outcome is not None or remaining <= 0 or self.coordinator.stopping:
+                    break
+                await wait_event(changed, min(remaining, 1.0))
+            cancelled = False
+        finally:
+            # Not awaited: a cancelled coroutine must not wait for the pool.
+            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
         if outcome is None:
             return pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
@@ -322,6 +331,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
 
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        device = device_id_of(context)
+        self.coordinator.leave(device, request.reason[:500] or "left")
+        return pb.LeaveResponse()
+
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
@@ -361,7 +375,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                         ErrorKind.INVALID_ARGUMENT, f"two shares for {share.receiver}"
                     )
                 shares[share.receiver] = share.ciphertext
-            mine = self.coordinator.share_keys(device, request.round_id, shares)
+            commitments: dict[str, tuple[bytes, bytes]] = {}
+            for c in request.commitments:
+                if c.holder in commitments:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, f"two share commitments for {c.holder}"
+                    )
+                commitments[c.holder] = (c.mask_key, c.self_mask_seed)
+            mine = self.coordinator.share_keys(device, request.round_id, shares, commitments)
         except FederationError as err:
             abort(context, err, "ShareKeys", device)
         return pb.ShareKeysResponse(
@@ -393,10 +414,31 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped, total = self.coordinator.unmask_request(device, request.round_id)
+            survivors, dropped, total, everyone = self.coordinator.unmask_request(
+                device, request.round_id
+            )
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        return pb.UnmaskRequest(survivors=survivors, dropped=dropped, total_survivors=total)
+        return pb.UnmaskRequest(
+            survivors=survivors, dropped=dropped, total_survivors=total, round_survivors=everyone
+        )
+
+    def ConfirmSurvivors(
+        self, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmSurvivorsResponse:
+        device = device_id_of(context)
+        try:
+            signatures = self.coordinator.confirm_survivors(
+                device, request.round_id, request.signature
+            )
+        except FederationError as err:
+            abort(context, err, "ConfirmSurvivors", device)
+        return pb.ConfirmSurvivorsResponse(
+            signatures=[
+                pb.SurvivorSignature(device_id=d, signature=sig, identity_public_key=key)
+                for d, sig, key in signatures
+            ]
+        )
 
     def Unmask(
         self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext
