@@ -96,3 +96,17 @@ def test_lifecycle_benchmark_reports_each_figure() -> None:
     assert figures["analyze_results"] == 2000 and figures["get_trend_points"] == 500
     for key in ("assign_variant_per_s", "analyze_test_s", "get_trend_s", "rollback_to_serving_s"):
         assert isinstance(figures[key], int | float) and figures[key] > 0
+
+
+@pytest.mark.slow
+def test_personal_benchmark_compares_body_and_scratch() -> None:
+    line = _json_line(
+        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+    )
+    assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "body",
+        "scratch",
+        "body+ngrams",
+        "finetune-body",
+        "finetune-scratch",
+    }
