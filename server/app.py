@@ -35,6 +35,7 @@ from common.models import ModelSpec, build_model, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
@@ -645,7 +646,13 @@ class XenoServer:
             options=grpc_server_options(config),
         )
         register_federation(
-            FederationServicer(self.registry, self.coordinator, self.runner), server
+            FederationServicer(
+                self.registry,
+                self.coordinator,
+                self.runner,
+                lifecycle=DeviceLifecycle(self.store, config.model),
+            ),
+            server,
         )
         register_servicer(
             server,
