@@ -224,6 +224,9 @@ class DeviceClient:
         self.store = LocalStore(
             config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
         )
+        leftovers = self.store.remove_leftovers()
+        if leftovers:
+            log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
         self.protection = config.protection()
@@ -233,6 +236,11 @@ class DeviceClient:
         self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # Running A/B tests of the server's model and this device's variant in each.
+        self.ab_assignments: dict[str, pb.AbAssignment] = {}
+        # The round in progress, once trained: a retry after a lost answer resumes it with
+        # the same update and the same secure-aggregation keys instead of training again.
+        self._pending: _PendingTask | None = None
 
     # -------------------------------------------------------------- credentials
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -289,6 +297,7 @@ class DeviceClient:
                 response = self._check_in()
                 if response is None:
                     break
+                self.ab_assignments = {a.test_name: a for a in response.ab_tests}
                 self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
@@ -309,7 +318,34 @@ class DeviceClient:
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
                 self.stop.wait(delay)
         log.info("stopping after %d round(s)", self.rounds_done)
+        self._leave("stopped")
         return 0
+
+    def _leave(self, reason: str) -> None:
+        """Tell the server this device is gone, so it is not selected (best effort)."""
+        if self._creds is None:
+            return
+        try:
+            self._stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata(), timeout=2)
+        except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed
+            log.info("could not tell the server this device leaves: %s", err)
+
+    def inference_version(self, ab_test: str) -> int | None:
+        """The model version this device serves in an A/B test (from its last check-in)."""
+        assignment = self.ab_assignments.get(ab_test)
+        return int(assignment.model_version) if assignment is not None else None
+
+    def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
+        """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
+
+        With ab_test, the server records the values for this device's own variant.
+        """
+        self._ensure_registered()
+        self._stub.ReportPerformance(
+            pb.ReportPerformanceRequest(metrics=metrics, ab_test=ab_test),
+            metadata=self._metadata(),
+            timeout=30,
+        )
 
     def _handle_error(self, err: grpc.RpcError) -> None:
         code = err.code()
@@ -351,6 +387,12 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
+        pending = self._pending
+        if pending is not None and pending.round_id == task.round_id:
+            log.info("round %d: resuming with the update already trained", task.round_number)
+            self._deliver(task, pending)
+            return
+        self._pending = None
         try:
             spend = check_task(task, self.protection, self.ledger)
             cohort = task.secagg.num_selected
@@ -396,14 +438,10 @@ class DeviceClient:
             self.ledger.record(
                 task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
-        self._stub.ReportMetrics(
-            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
-            metadata=self._metadata(),
-            timeout=30,
-        )
+        secagg = None
         if task.secagg.enabled:
             assert self._creds is not None
-            SecAggDevice(
+            secagg = SecAggDevice(
                 self._stub,
                 self._metadata(),
                 self._creds.device_id,
@@ -415,9 +453,24 @@ class DeviceClient:
                     min_cohort=self.config.min_secagg_cohort,
                     corrupt_fraction=self.config.secagg_corrupt_fraction,
                 ),
-            ).run(result.delta, result.num_examples)
+            )
+        self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
+        self._deliver(task, self._pending)
+
+    def _deliver(self, task: pb.Task, pending: _PendingTask) -> None:
+        """Report metrics and send the trained update (plain or secure)."""
+        result = pending.result
+        self._stub.ReportMetrics(
+            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
+            metadata=self._metadata(),
+            timeout=30,
+        )
+        if pending.secagg is not None:
+            pending.secagg.run(result.delta, result.num_examples)
         else:
-            self._upload(task, manifest, result.delta, result.num_examples, remaining())
+            remaining = max(1.0, pending.deadline - time.time())
+            self._upload(task, pending.manifest, result.delta, result.num_examples, remaining)
+        self._pending = None
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples%s",
@@ -563,6 +616,15 @@ class DeviceClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+@dataclass
+class _PendingTask:
+    round_id: str
+    result: TrainResult
+    manifest: Manifest
+    secagg: SecAggDevice | None
+    deadline: float
 
 
 @functools.lru_cache(maxsize=64)
