@@ -41,12 +41,13 @@ from client.training import (
 )
 from common.atrest import Sealer, read_secret, resolve_key
 from common.config import setting
-from common.data import Dataset, federated_digits
-from common.models import ModelSpec, build_model
+from common.data import Dataset
+from common.models import FastText, ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.privacy import Mechanism, Spend, noise_for_epsilon
 from common.secagg.graph import DEFAULT_CORRUPT_FRACTION
+from common.tasks import TaskName, TextShard, simulated_shard
 from common.tensors import (
     CHUNK_BYTES,
     ChunkAssembler,
@@ -92,9 +93,14 @@ class ClientConfig:
     state_dir: str = setting(
         "data/device", "folder of the device's local store (credentials)", "XENO_STATE_DIR"
     )
+    task: str = setting(
+        "digits",
+        "which simulated data this device holds: digits, or intents (one CLINC150 user)",
+        "XENO_TASK",
+    )
     partition: int = setting(
         0,
-        "which shard of the digits data this device holds (0-based; -1: its enrollment "
+        "which shard of the task's data this device holds (0-based; -1: its enrollment "
         "order modulo --num-partitions, for fleets started with docker compose --scale)",
         "XENO_PARTITION",
     )
@@ -233,7 +239,10 @@ class Backoff:
 
 class DeviceClient:
     def __init__(
-        self, config: ClientConfig, data: Dataset | None, stop: threading.Event | None = None
+        self,
+        config: ClientConfig,
+        data: Dataset | TextShard | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.data = data
@@ -249,6 +258,9 @@ class DeviceClient:
             config.enrollment_key, config.enrollment_key_file, "enrollment key file"
         )
         self.store = LocalStore(config.state_dir, Sealer(key))
+        leftovers = self.store.remove_leftovers()
+        if leftovers:
+            log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
         self.protection = config.protection()
@@ -265,6 +277,9 @@ class DeviceClient:
         )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # The round in progress, once trained: a retry after a lost answer resumes it with
+        # the same update and the same secure-aggregation keys instead of training again.
+        self._pending: _PendingTask | None = None
 
     # -------------------------------------------------------------- credentials
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -341,7 +356,17 @@ class DeviceClient:
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
                 self.stop.wait(delay)
         log.info("stopping after %d round(s)", self.rounds_done)
+        self._leave("stopped")
         return 0
+
+    def _leave(self, reason: str) -> None:
+        """Tell the server this device is gone, so it is not selected (best effort)."""
+        if self._creds is None:
+            return
+        try:
+            self._stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata(), timeout=2)
+        except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed
+            log.info("could not tell the server this device leaves: %s", err)
 
     def _handle_error(self, err: grpc.RpcError) -> None:
         code = err.code()
@@ -383,6 +408,12 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
+        pending = self._pending
+        if pending is not None and pending.round_id == task.round_id:
+            log.info("round %d: resuming with the update already trained", task.round_number)
+            self._deliver(task, pending)
+            return
+        self._pending = None
         try:
             spend = check_task(task, self.protection, self.ledger)
             cohort = task.secagg.num_selected
@@ -428,14 +459,10 @@ class DeviceClient:
             self.ledger.record(
                 task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
-        self._stub.ReportMetrics(
-            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
-            metadata=self._metadata(),
-            timeout=30,
-        )
+        secagg = None
         if task.secagg.enabled:
             assert self._creds is not None
-            SecAggDevice(
+            secagg = SecAggDevice(
                 self._stub,
                 self._metadata(),
                 self._creds.device_id,
@@ -447,9 +474,24 @@ class DeviceClient:
                     min_cohort=self.config.min_secagg_cohort,
                     corrupt_fraction=self.config.secagg_corrupt_fraction,
                 ),
-            ).run(result.delta, result.num_examples)
+            )
+        self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
+        self._deliver(task, self._pending)
+
+    def _deliver(self, task: pb.Task, pending: _PendingTask) -> None:
+        """Report metrics and send the trained update (plain or secure)."""
+        result = pending.result
+        self._stub.ReportMetrics(
+            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
+            metadata=self._metadata(),
+            timeout=30,
+        )
+        if pending.secagg is not None:
+            pending.secagg.run(result.delta, result.num_examples)
         else:
-            self._upload(task, manifest, result.delta, result.num_examples, remaining())
+            remaining = max(1.0, pending.deadline - time.time())
+            self._upload(task, pending.manifest, result.delta, result.num_examples, remaining)
+        self._pending = None
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples%s",
@@ -457,6 +499,17 @@ class DeviceClient:
             result.num_examples,
             "".join(f", {k} {v:.3f}" for k, v in result.metrics.items() if "seconds" not in k),
         )
+
+    def _data_for(self, model: torch.nn.Module) -> Dataset:
+        """The local data in the input form of the task's model (texts: its hashed features)."""
+        assert self.data is not None
+        if isinstance(self.data, TextShard):
+            if not isinstance(model, FastText):
+                raise TaskDeclined("this device holds text; the task's model does not take text")
+            return self.data.featurized(model.features)
+        if isinstance(model, FastText):
+            raise TaskDeclined("the task's model takes text; this device holds feature vectors")
+        return self.data
 
     def _train(
         self,
@@ -471,7 +524,7 @@ class DeviceClient:
         With DP-SGD, the round's spend is checked against the budget before any
         training and written to the ledger before the update can leave the device.
         """
-        assert self.data is not None
+        data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
@@ -480,13 +533,13 @@ class DeviceClient:
                     f"privacy budget: the task trains without DP-SGD and this device only "
                     f"spends its data under DP (epsilon budget {budget:g})"
                 )
-            result = train_local(model, weights, self.data, training, seed)
+            result = train_local(model, weights, data, training, seed)
             if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
                 # Metrics computed on private data would escape the accounted mechanism.
                 result.metrics.pop("train_loss", None)
                 result.metrics.pop("train_accuracy", None)
             return result
-        q, per_epoch = dp_sample_rate(len(self.data), training.batch_size)
+        q, per_epoch = dp_sample_rate(len(data), training.batch_size)
         steps = per_epoch * training.local_epochs
         z = dp_sgd.noise_multiplier
         if z <= 0:
@@ -508,7 +561,7 @@ class DeviceClient:
         result = train_local_dp(
             model,
             weights,
-            self.data,
+            data,
             training,
             DpSgdSettings(z, dp_sgd.max_grad_norm or 1.0),
             seed=None,  # never the configured shuffling seed: sample and noise must be secret
@@ -586,22 +639,31 @@ class DeviceClient:
         self._channel.close()
 
 
+@dataclass
+class _PendingTask:
+    round_id: str
+    result: TrainResult
+    manifest: Manifest
+    secagg: SecAggDevice | None
+    deadline: float
+
+
 @functools.lru_cache(maxsize=64)
 def _noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: float) -> float:
     """The same plan gives the same noise every round: bisect once (about 0.5 s), not each time."""
     return noise_for_epsilon(target, sample_rate, steps, delta)
 
 
-def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset:
-    partition = config.partition if partition is None else partition
-    if not 0 <= partition < config.num_partitions:
-        raise ValueError(
-            f"--partition {partition} is outside 0..{config.num_partitions - 1} (or -1: auto)"
-        )
-    fed = federated_digits(
-        config.num_partitions, config.alpha, config.data_seed, config.test_fraction
+def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset | TextShard:
+    """The simulated local data of shard `partition` (default: the configured one)."""
+    return simulated_shard(
+        TaskName.parse(config.task),
+        config.partition if partition is None else partition,
+        config.num_partitions,
+        config.alpha,
+        config.data_seed,
+        config.test_fraction,
     )
-    return fed.clients[partition]
 
 
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:

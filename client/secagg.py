@@ -64,6 +64,18 @@ from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
 
+# A phase call that failed with one of these is sent again, byte for byte: the server
+# answers a resend of the same message as it answered (or would answer) the first.
+RESEND = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
 
 class SecAggProtocolError(RuntimeError):
     """The server asked for something an honest device must refuse."""
@@ -184,30 +196,50 @@ class SecAggDevice:
         self.policy = policy or SecAggPolicy()
         self.report = SecAggReport()
         self._revealed = False
+        self._keys: tuple[KeyPair, KeyPair, bytes] | None = None
+        self._dealt = False  # shares of this round's secrets were made: never run it again
+        self.resends = 0
         self.graph: dict[str, list[str]] = {}
         self.fixed_point = fixed_point_of(task.secagg)
         self.min_contributors = task.secagg.min_contributors
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        """One phase call; a RESOURCE_EXHAUSTED refusal is retried after the wait it names.
+        """One phase call; after a lost answer, the same message again (with backoff).
 
-        Phase calls are idempotent, so repeating one is safe.
+        Phase calls are idempotent, so repeating one is safe; a RESOURCE_EXHAUSTED
+        refusal is repeated after the wait it names.
         """
-        for attempt in range(8):
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        while True:
             self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
             try:
                 response = getattr(self.stub, method)(
                     request, metadata=self.metadata, timeout=self.timeout()
                 )
+                break
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 7:
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-                time.sleep(max(retry_after_s(err), 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
-                continue
-            self.report.bytes_received += response.ByteSize()
-            return response
-        raise AssertionError("unreachable")
+                wait = delay * random.uniform(0.5, 1.0)
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    wait = max(retry_after_s(err), delay) * random.uniform(1.0, 1.5)
+            time.sleep(wait)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+        self.report.bytes_received += response.ByteSize()
+        return response
+
+    def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
+        """The device's keys for the round and their signature, made once per round."""
+        if self._keys is None:
+            enc, mask = generate_keypair(), generate_keypair()
+            signature = sign_keys(
+                self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
+            )
+            self._keys = (enc, mask, signature)
+        return self._keys
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
@@ -215,16 +247,20 @@ class SecAggDevice:
         started = time.perf_counter()
         encoded = self.fixed_point.encode(update, num_examples, self.rng)
         self.report.encode_seconds = time.perf_counter() - started
-        if not self.identities.remember_round(self.round_id):
+        if self._dealt:
+            raise SecAggProtocolError(
+                f"round {self.round_id}: this device already dealt its shares; it will not "
+                "run the round again"
+            )
+        # A resume of this very run (the device went back to CheckIn before its keys were
+        # answered) is not a replay: only a new run of a known round id is refused.
+        if self._keys is None and not self.identities.remember_round(self.round_id):
             raise SecAggProtocolError(
                 f"round id {self.round_id} was already run by this device; refusing a "
                 "replayed round"
             )
 
-        enc, mask = generate_keypair(), generate_keypair()
-        signature = sign_keys(
-            self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
-        )
+        enc, mask, signature = self.round_keys()
         advertised: pb.AdvertiseKeysResponse = self._call(  # type: ignore[assignment]
             "AdvertiseKeys",
             pb.AdvertiseKeysRequest(
@@ -243,6 +279,7 @@ class SecAggDevice:
         peers = self._verified_neighbours(advertised, participants)
 
         # Shares of the mask key and of a fresh self-mask seed, for the neighbours and me.
+        self._dealt = True
         self_seed = os.urandom(32)
         holders = sorted([*peers, self.me])
         points = {h: share_point(participants, h) for h in holders}
@@ -335,7 +372,8 @@ class SecAggDevice:
                 f"{self.min_contributors}, so this device will not help unmask it"
             )
         owners = {self.me, *(v for v in survivors + dropped if v in received)}
-        self._confirm(everyone, participants, peers, owners, t)
+        if not self._confirm(everyone, participants, peers, owners, t):
+            return self.report
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True
@@ -441,17 +479,27 @@ class SecAggDevice:
         peers: dict[str, pb.RoundKeys],
         owners: set[str],
         t: int,
-    ) -> None:
-        """Consistency check: t holders of each secret I reveal for signed this very set."""
+    ) -> bool:
+        """Consistency check: t holders of each secret I reveal for signed this very set.
+
+        False when the check closed without this device: then it reveals nothing.
+        """
         message = survivors_message(
             self.round_id, self.task.model_name, self.task.model_version, everyone
         )
         request = pb.ConfirmSurvivorsRequest(
             round_id=self.round_id, signature=sign_keys(self.identity, message)
         )
-        response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
-            "ConfirmSurvivors", request
-        )
+        try:
+            response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
+                "ConfirmSurvivors", request
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The check closed without this device (enough holders of every needed secret
+            # confirmed, or the round failed): its upload is in the sum, nothing to reveal.
+            return False
         self.report.confirm_bytes = request.ByteSize() + response.ByteSize()
         started = time.perf_counter()
         known = {d: k.identity_public_key for d, k in peers.items()}
@@ -486,6 +534,7 @@ class SecAggDevice:
                     f"survivor set this device was given; {t} needed before revealing anything"
                 )
         self.report.confirm_seconds = time.perf_counter() - started
+        return True
 
     def _my_identity_key(self) -> bytes:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -551,7 +600,22 @@ class SecAggDevice:
             for chunk in iter_chunks(data, CHUNK_BYTES):
                 yield pb.MaskedChunk(data=chunk)
 
-        self.stub.UploadMasked(  # type: ignore[attr-defined]
-            messages(), metadata=self.metadata, timeout=self.timeout()
-        )
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        resent = False
+        while True:
+            try:
+                self.stub.UploadMasked(  # type: ignore[attr-defined]
+                    messages(), metadata=self.metadata, timeout=self.timeout()
+                )
+                break
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS and resent:
+                    break  # the first stream was accepted; its answer was lost
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+            resent = True
         self.report.bytes_sent += len(data)

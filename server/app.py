@@ -32,10 +32,10 @@ from grpc_reflection.v1alpha import reflection
 from common.atrest import Sealer
 from common.certs import Role
 from common.config import setting
-from common.data import digits_split
 from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
+from common.models import ModelSpec, build_model, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
+from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.performance import PerformanceLog
@@ -74,7 +74,17 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: all interfaces)", "XENO_HOST")
     port: int = setting(50051, "TCP port to listen on; 0 picks a free one", "XENO_PORT")
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL", "XENO_DB")
-    model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
+    task: str = setting(
+        "digits",
+        "what a new model trains: digits (an MLP on 8x8 digits) or intents (the fastText-style "
+        "model on CLINC150's 150 intents); sets the model's spec and the evaluation data",
+        "XENO_TASK",
+    )
+    model: str = setting(
+        "",
+        "name of the federated model (empty: digits-mlp or intents-fasttext, by --task)",
+        "XENO_MODEL",
+    )
     hidden: str = setting(
         "64",
         "MLP hidden layer sizes, comma-separated (used when the model is created)",
@@ -271,7 +281,10 @@ class ServerConfig:
     )
     dp_sgd_delta: float = setting(1e-5, "delta of the sample-level guarantee", "XENO_DP_SGD_DELTA")
     eval_data: str = setting(
-        "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
+        "auto",
+        "held-out data for server-side evaluation: auto (the task's: a fifth of digits, or "
+        "CLINC150's in-scope test split) or none",
+        "XENO_EVAL_DATA",
     )
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
     test_fraction: float = setting(
@@ -433,11 +446,14 @@ class ServerConfig:
             peer_register_burst=self.peer_register_burst,
         )
 
+    def __post_init__(self) -> None:
+        task = TaskName.parse(self.task)
+        if not self.model:
+            object.__setattr__(self, "model", default_model_name(task))
+
     def model_spec(self) -> ModelSpec:
-        if self.params > 0:
-            return mlp_for_params(self.params)
         hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
-        return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})
+        return model_spec_for(TaskName.parse(self.task), hidden, self.params)
 
     def round_config(self) -> RoundConfig:
         return RoundConfig(
@@ -548,9 +564,10 @@ def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
 def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
     if config.eval_data == "none":
         return None
-    if config.eval_data != "digits":
-        raise ValueError(f"unknown eval data {config.eval_data!r}; use digits or none")
-    _, test = digits_split(config.data_seed, config.test_fraction)
+    task = TaskName.parse(config.task)
+    if config.eval_data not in ("auto", task.value):
+        raise ValueError(f"unknown eval data {config.eval_data!r}; use auto or none")
+    test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
     module = build_model(spec)
 
     def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
@@ -585,8 +602,12 @@ class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
     def __init__(
-        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+        self,
+        config: ServerConfig,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
+        store: Store | None = None,
     ) -> None:
+        """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         strategy = make_strategy(
@@ -625,8 +646,11 @@ class XenoServer:
         )
         if config.token_ttl < 0:
             raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
-        key = resolve_data_key(config.data_key_file, _data_dir(config.db))
-        self.store = Store(config.db, Sealer(key))
+        self._owns_store = store is None
+        if store is None:
+            key = resolve_data_key(config.data_key_file, _data_dir(config.db))
+            store = Store(config.db, Sealer(key))
+        self.store = store
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
@@ -813,7 +837,8 @@ class XenoServer:
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
         self.registry.close()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)

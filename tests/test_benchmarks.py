@@ -84,3 +84,17 @@ def test_assistant_latency_benchmark_reports_timings() -> None:
     line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
     assert isinstance(line["train_seconds_median"], float)
     assert isinstance(line["predict_cpu_ms_p99"], float)
+
+
+@pytest.mark.slow
+def test_personal_benchmark_compares_body_and_scratch() -> None:
+    line = _json_line(
+        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+    )
+    assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "body",
+        "scratch",
+        "body+ngrams",
+        "finetune-body",
+        "finetune-scratch",
+    }

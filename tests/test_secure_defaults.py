@@ -44,12 +44,12 @@ def test_exposure_rules() -> None:
         replace(SAFE, host="127.0.0.1", tls=False, enrollment_key=False, admin_credential=False)
     )
     check_exposure(replace(SAFE, host="::1", tls=False, admin_credential=False))
-    with pytest.raises(ValueError, match="(?s)without TLS.*xeno-fl admin certs init"):
+    with pytest.raises(ValueError, match=r"(?s)without TLS.*xeno-fl admin certs init"):
         check_exposure(replace(SAFE, tls=False))
     check_exposure(replace(SAFE, tls=False, insecure=True))  # a proxy terminates TLS
-    with pytest.raises(ValueError, match="open enrollment.*--enrollment-key-file"):
+    with pytest.raises(ValueError, match=r"open enrollment.*--enrollment-key-file"):
         check_exposure(replace(SAFE, enrollment_key=False))
-    with pytest.raises(ValueError, match="open admin API.*xeno-fl admin token add"):
+    with pytest.raises(ValueError, match=r"open admin API.*xeno-fl admin token add"):
         check_exposure(replace(SAFE, admin_credential=False))
     # mTLS: the certificate is the enrollment and the admin credential
     check_exposure(replace(SAFE, mtls=True, enrollment_key=False, admin_credential=False))

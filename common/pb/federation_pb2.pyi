@@ -285,6 +285,16 @@ class DeclineTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RoundKeys(_message.Message):
     __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]

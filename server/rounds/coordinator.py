@@ -77,7 +77,9 @@ class RoundConfig:
     selection_window_s: float = 2.0
     rounds: int = 0
     max_wait_s: float = 10.0
-    availability_ttl_s: float = 15.0
+    # A device is available while it waits in CheckIn, and for this long after a CheckIn
+    # returned (the gap before its next one); a stopped device is never selected.
+    availability_ttl_s: float = 2.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
     # Plain rounds: every update is scaled down to this L2 norm before it counts (0: off).
@@ -340,6 +342,7 @@ class RoundCoordinator:
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
         self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
+        self._polling: collections.Counter[str] = collections.Counter()  # CheckIns in flight
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -446,25 +449,82 @@ class RoundCoordinator:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
-        """Long poll blocking this thread: a task for this device, or when to come back."""
+    def poll_started(self, device_id: str) -> None:
+        """A CheckIn of this device is waiting: it is available for as long as it waits."""
+        with self._cond:
+            self._polling[device_id] += 1
+
+    def poll_ended(self, device_id: str, cancelled: bool) -> None:
+        """The CheckIn returned, or was cancelled (the device hung up: it is gone)."""
+        with self._cond:
+            self._polling[device_id] -= 1
+            if self._polling[device_id] <= 0:
+                del self._polling[device_id]
+        if cancelled:
+            self.leave(device_id, "check-in cancelled", only_if_untouched=True)
+
+    def check_in(
+        self,
+        device_id: str,
+        max_wait_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> CheckInOutcome:
+        """Long poll: a task for this device, or when to come back.
+
+        `cancelled` tells whether the caller has gone (its RPC was cancelled): the
+        device then stops counting as available at once.
+        """
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
         with self._cond:
             give_up = self.clock() + wait
-            while True:
-                if self._finished:
-                    return CheckInOutcome(
-                        finished=True, reason=self.budget_exhausted or "the federation has finished"
-                    )
-                task = self._task_for(device_id)
-                if task is not None:
-                    return task
-                now = self.clock()
-                self._mark_available(device_id, now)
-                remaining = give_up - now
-                if remaining <= 0 or self._stopping.is_set():
-                    return CheckInOutcome(retry_after_ms=200, reason="no task for this device yet")
-                self._cond.wait(min(remaining, 1.0))
+            self._polling[device_id] += 1
+            try:
+                while True:
+                    if self._finished:
+                        return CheckInOutcome(
+                            finished=True,
+                            reason=self.budget_exhausted or "the federation has finished",
+                        )
+                    if cancelled is not None and cancelled():
+                        self._available.pop(device_id, None)
+                        return CheckInOutcome(retry_after_ms=200, reason="check-in cancelled")
+                    task = self._task_for(device_id)
+                    if task is not None:
+                        return task
+                    now = self.clock()
+                    self._mark_available(device_id, now)
+                    remaining = give_up - now
+                    if remaining <= 0 or self._stopping.is_set():
+                        return CheckInOutcome(
+                            retry_after_ms=200, reason="no task for this device yet"
+                        )
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                self._polling[device_id] -= 1
+                if self._polling[device_id] <= 0:
+                    del self._polling[device_id]
+
+    def leave(self, device_id: str, reason: str, only_if_untouched: bool = False) -> None:
+        """The device is gone: never select it, and stop waiting for it in the open round.
+
+        With only_if_untouched (its check-in was cancelled), the open round lets the
+        device go only if it never downloaded the round's model: it may have got its task.
+        """
+        with self._cond:
+            self._available.pop(device_id, None)
+            rnd = self._round
+            participant = rnd.cohort.get(device_id) if rnd is not None else None
+            if rnd is not None and not rnd.closing and participant is not None:
+                untouched = participant.bytes_out == 0
+                if participant.status is Status.SELECTED and (untouched or not only_if_untouched):
+                    participant.status = Status.DECLINED
+                    participant.note = f"left: {reason}"[:500]
+                    if rnd.secagg is not None:
+                        rnd.secagg.withdraw(device_id)
+                        self._advance_secagg(rnd.secagg)
+                    log.info("device %s left round %d: %s", device_id, rnd.number, reason)
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -758,7 +818,7 @@ class RoundCoordinator:
         with self._cond:
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
-            if secagg.phase is Phase.CONFIRM or mine is None:
+            if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
                 secagg.confirm(device_id, signature)
             elif mine != signature:
                 raise FederationError(
@@ -954,7 +1014,10 @@ class RoundCoordinator:
 
     def _maybe_start_round(self, now: float) -> None:
         ttl = self.config.availability_ttl_s
-        for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
+        polling = self._polling
+        for dev in [
+            d for d, seen in self._available.items() if now - seen > ttl and d not in polling
+        ]:
             del self._available[dev]
         candidates = sorted(self._available)
         if self.config.secagg:
@@ -1385,6 +1448,7 @@ class RoundCoordinator:
                 with self._cond:
                     self._apply(stored, entry.result)
                     self._cond.notify_all()
+                    self._signal(Change.ROUND)
                     self._signal(Change.ROUND)
                 log.warning(
                     "round %d: its result was stored after all, as version %d",

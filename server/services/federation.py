@@ -253,13 +253,22 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
         give_up = loop.time() + wait
-        while True:
-            changed = self.changes.snapshot()[Change.ROUND]
-            outcome = await self.runner.run(self.coordinator.check_in_now, device)
-            remaining = give_up - loop.time()
-            if outcome is not None or remaining <= 0 or self.coordinator.stopping:
-                break
-            await wait_event(changed, min(remaining, 1.0))
+        # The device is available while this call waits; a cancelled call (the device
+        # stopped, or was killed and its connection closed) takes it off the list at once.
+        await self.runner.run(self.coordinator.poll_started, device)
+        cancelled = True
+        try:
+            while True:
+                changed = self.changes.snapshot()[Change.ROUND]
+                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                remaining = give_up - loop.time()
+                if outcome is not None or remaining <= 0 or self.coordinator.stopping:
+                    break
+                await wait_event(changed, min(remaining, 1.0))
+            cancelled = False
+        finally:
+            # Not awaited: a cancelled coroutine must not wait for the pool.
+            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
         if outcome is None:
             return pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
@@ -344,6 +353,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        device = device_id_of(context)
+        self.coordinator.leave(device, request.reason[:500] or "left")
+        return pb.LeaveResponse()
 
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
