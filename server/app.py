@@ -38,6 +38,7 @@ from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
+from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
@@ -742,6 +743,7 @@ class XenoServer:
                 self.registry,
                 self.coordinator,
                 self.runner,
+                lifecycle=DeviceLifecycle(self.store, config.model),
                 require_device_cert=bool(config.tls_client_ca),
             ),
             server,
