@@ -39,6 +39,7 @@ from server.store.models import (
 
 __all__ = [
     "CorruptBlobError",
+    "DeviceRecord",
     "ModelRecord",
     "OptimizerState",
     "ParticipantRecord",
@@ -182,6 +183,23 @@ class PrivacyRecord:
 
 
 @dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    token_sha256: str
+    identity_public_key: bytes | None
+    cert_name: str | None
+    token_expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+@dataclass(frozen=True)
 class ParticipantRecord:
     device_id: str
     status: str
@@ -272,15 +290,31 @@ class Store:
         token_sha256: str,
         labels: dict[str, str],
         identity_public_key: bytes | None = None,
+        cert_name: str | None = None,
+        token_expires_at: datetime | None = None,
+        revoke: tuple[str, ...] = (),
     ) -> None:
+        """Add a device and, in the same transaction, revoke the devices in `revoke`.
+
+        `revoke`: the same device's earlier registrations, whose tokens must stop working.
+        """
+        now = utcnow()
         with self._session.begin() as s:
+            if revoke:
+                s.execute(
+                    update(DeviceRow)
+                    .where(DeviceRow.id.in_(revoke), DeviceRow.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                )
             s.add(
                 DeviceRow(
                     id=device_id,
                     token_sha256=token_sha256,
                     labels=labels,
                     identity_public_key=identity_public_key,
-                    created_at=utcnow(),
+                    created_at=now,
+                    cert_name=cert_name,
+                    token_expires_at=token_expires_at,
                 )
             )
 
@@ -291,6 +325,29 @@ class Store:
                 select(DeviceRow.id, DeviceRow.token_sha256, DeviceRow.identity_public_key)
             )
             return {row[0]: (row[1], row[2]) for row in rows}
+
+    def device_records(self) -> list[DeviceRecord]:
+        """Every device's credentials, certificate binding, expiry and revocation."""
+        with self.session() as s:
+            return [
+                DeviceRecord(
+                    r.id,
+                    r.token_sha256,
+                    r.identity_public_key,
+                    r.cert_name,
+                    _aware(r.token_expires_at),
+                    _aware(r.revoked_at),
+                )
+                for r in s.scalars(select(DeviceRow).order_by(DeviceRow.created_at))
+            ]
+
+    def renew_token(self, device_id: str, expires_at: datetime) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == device_id)
+                .values(token_expires_at=expires_at)
+            )
 
     # blobs -----------------------------------------------------------------
     def put_blob(self, s: Session, data: bytes) -> str:

@@ -40,6 +40,13 @@ class DeviceRow(Base):
     # Raw Ed25519 public key the device signs its secure-aggregation round keys with.
     identity_public_key: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # With mTLS: the common name of the device certificate it registered with; every later
+    # call must come with that certificate.
+    cert_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The token stops working at this time unless renewed by use (--token-ttl); None: never.
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Set when the device registered again (or was revoked): its token no longer works.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class BlobRow(Base):
