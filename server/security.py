@@ -22,14 +22,47 @@ from common.tls import is_loopback
 log = logging.getLogger("xeno.server.security")
 
 __all__ = [
+    "ADMIN_RPC_ROLES",
     "Exposure",
     "Principal",
     "add_admin_token",
     "check_exposure",
     "parse_admin_tokens",
     "read_secret",
+    "required_role",
     "resolve_data_key",
 ]
+
+
+# The least role each Admin RPC needs. Every RPC of the Admin service must be here
+# (tests/test_roles.py fails otherwise); an RPC missing at run time is refused to all.
+ADMIN_RPC_ROLES: dict[str, Role] = {
+    # viewer: read models, versions, rounds, the privacy report, metrics, alerts, A/B results
+    "ListModels": Role.VIEWER,
+    "ListVersions": Role.VIEWER,
+    "GetVersion": Role.VIEWER,
+    "CompareVersions": Role.VIEWER,
+    "GetRoundHistory": Role.VIEWER,
+    "GetPrivacyReport": Role.VIEWER,
+    "ListAlerts": Role.VIEWER,
+    "GetTrend": Role.VIEWER,
+    "ListAbTests": Role.VIEWER,
+    "AnalyzeAbTest": Role.VIEWER,
+    # operator: change what is served and trained: rollback, tags, A/B tests
+    "Rollback": Role.OPERATOR,
+    "SetTag": Role.OPERATOR,
+    "CreateAbTest": Role.OPERATOR,
+    "AssignVariant": Role.OPERATOR,
+    "RecordAbResult": Role.OPERATOR,
+    "EndAbTest": Role.OPERATOR,
+    # admin: delete data (and, as they come: devices, keys, certificates)
+    "PruneVersions": Role.ADMIN,
+}
+
+
+def required_role(method: str) -> Role | None:
+    """The least role for a full gRPC method name; None when the RPC has no entry."""
+    return ADMIN_RPC_ROLES.get(method.rsplit("/", 1)[-1])
 
 
 @dataclass(frozen=True)

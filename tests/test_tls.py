@@ -163,6 +163,12 @@ def test_mtls_binds_a_device_to_its_certificate(server_factory, pki: Pki) -> Non
         # admin calls: an admin certificate carries its role; a device certificate is refused
         models = admin_pb2_grpc.AdminStub(viewer).ListModels(admin_pb2.ListModelsRequest())
         assert [m.name for m in models.models] == ["digits-mlp"]
+        with pytest.raises(grpc.RpcError) as info:  # the certificate's role is a viewer's
+            admin_pb2_grpc.AdminStub(viewer).Rollback(
+                admin_pb2.RollbackRequest(model_name="digits-mlp", target_version=1)
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "Rollback needs the role operator; vera has viewer" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             admin_pb2_grpc.AdminStub(a).ListModels(admin_pb2.ListModelsRequest())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -23,7 +23,7 @@ import grpc
 from common.certs import CertKind, Role
 from common.tls import peer_identity
 from server.errors import ErrorKind, FederationError
-from server.security import Principal
+from server.security import Principal, required_role
 
 audit = logging.getLogger("xeno.audit")
 
@@ -303,21 +303,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
             return self._deny(handler, method, "", "admin token wrong", "check --admin-token-file")
         if not self._admin_tokens and not self.mtls:
             # Development on loopback: no admin credential configured, the API is open.
-            return with_identity(handler, "", lambda _ctx: Principal("local", Role.ADMIN))
+            local = Principal("local", Role.ADMIN)
+            return with_identity(handler, "", lambda _ctx: authorize(local, method))
 
         def check(context: Any) -> Refusal | Principal:
-            if by_token is not None:
-                return by_token
-            peer = peer_identity(context) if self.mtls else None
-            if peer is not None and peer.kind is CertKind.ADMIN and peer.role is not None:
-                return Principal(peer.name, peer.role)
-            why = "admin credential missing"
-            _audit_unauthenticated(method, "", why)
-            return Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{why}; pass --token-file (an admin token) or, with mTLS, an admin "
-                "certificate (xeno-fl admin certs issue DIR --admin NAME --role ROLE)",
-            )
+            principal = by_token
+            if principal is None:
+                peer = peer_identity(context) if self.mtls else None
+                if peer is not None and peer.kind is CertKind.ADMIN and peer.role is not None:
+                    principal = Principal(peer.name, peer.role)
+            if principal is None:
+                why = "admin credential missing"
+                _audit_unauthenticated(method, "", why)
+                return Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{why}; pass --token-file (an admin token) or, with mTLS, an admin "
+                    "certificate (xeno-fl admin certs issue DIR --admin NAME --role ROLE)",
+                )
+            return authorize(principal, method)
 
         return with_identity(handler, "", check)
 
@@ -335,6 +338,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
             grpc.StatusCode.UNAUTHENTICATED,
             f"{why}; {hint}",
         )
+
+
+def authorize(principal: Principal, method: str) -> Refusal | Principal:
+    """The principal when its role may call method, else PERMISSION_DENIED."""
+    needed = required_role(method)
+    if needed is not None and principal.role.allows(needed):
+        return principal
+    rpc = method.rsplit("/", 1)[-1]
+    why = (
+        f"{rpc} needs the role {needed.value}; {principal.name} has {principal.role.value}"
+        if needed is not None
+        else f"{rpc} has no role entry (server.security.ADMIN_RPC_ROLES): refused to all"
+    )
+    audit.warning(
+        "refused %s to admin %s (%s): PERMISSION_DENIED %s",
+        method,
+        principal.name,
+        principal.role.value,
+        why,
+        extra={"status": "PERMISSION_DENIED"},
+    )
+    return Refusal(grpc.StatusCode.PERMISSION_DENIED, why)
 
 
 def _audit_unauthenticated(method: str, device: str, why: str) -> None:
