@@ -71,5 +71,12 @@ class DeviceRegistry:
             entry = self._devices.get(device_id)
         return None if entry is None else entry[1]
 
+    def forget(self, device_id: str) -> tuple[int, int]:
+        """Erase the device in the store and here: its token stops working at once."""
+        with self._lock:
+            counts = self._store.forget_device(device_id)
+            self._devices.pop(device_id, None)
+        return counts
+
     def __len__(self) -> int:
         return len(self._devices)
