@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client.assistant.consent import Scope, consent_history
-from client.assistant.keys import atomic_write, validate_user_id, xeno_home
+from client.assistant.keys import UserPaths, atomic_write, validate_user_id, xeno_home
 from client.assistant.memory import ContextualMemory
 from client.assistant.personalization import PersonalizationEngine
 from client.assistant.store import UserStore, delete_user_store
@@ -72,6 +72,10 @@ def export_user_data(
     `.npz`), response templates, consent records and the device's privacy
     ledger. Written to `path` as JSON (0600, atomically) when given.
     """
+    paths = UserPaths(Path(home) if home is not None else xeno_home(), validate_user_id(user_id))
+    if not paths.database.exists() and not paths.wrapped_key.exists():
+        # Opening would create an empty store (and a key) for someone we know nothing of.
+        raise ValueError(f"no data is kept for user {user_id!r} under {paths.home}")
     with UserStore(user_id, home=home) as store:
         archive: dict[str, Any] = {
             "format": EXPORT_FORMAT,
