@@ -74,6 +74,11 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.ReportPerformance = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ReportPerformance',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/xeno.fl.v1.Federation/AdvertiseKeys',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -171,6 +176,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportPerformance(self, request, context):
+        """How the served model does on the device (inference latency, user satisfaction,
+        ...), outside any round; with an A/B test, also that test's result for the
+        device's own variant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AdvertiseKeys(self, request, context):
         """Secure aggregation (SecAgg+), used instead of UploadUpdate when
         Task.secagg.enabled. Each phase call blocks until the server closes the
@@ -261,6 +275,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.SerializeToString,
+            ),
+            'ReportPerformance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPerformance,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -509,6 +528,33 @@ class Federation:
             '/xeno.fl.v1.Federation/Forget',
             xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPerformance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ReportPerformance',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
