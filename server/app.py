@@ -152,6 +152,11 @@ class ServerConfig:
         "seconds after which a round closes with what it has (or fails)",
         "XENO_ROUND_DEADLINE",
     )
+    max_examples_weight: int = setting(
+        1_000_000,
+        "a plain round weighs each update by its example count, capped at this",
+        "XENO_MAX_EXAMPLES_WEIGHT",
+    )
     selection_window: float = setting(
         2.0,
         "seconds to wait for more devices once min-clients are available",
@@ -462,6 +467,7 @@ class ServerConfig:
             clients_per_round=self.clients_per_round,
             overselect=self.overselect,
             round_deadline_s=self.round_deadline,
+            max_examples_weight=self.max_examples_weight,
             selection_window_s=self.selection_window,
             rounds=self.rounds,
             staging_buffers=self.staging_buffers,

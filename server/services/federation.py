@@ -15,7 +15,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
 from common.tls import peer_identity
-from server.errors import Change, ErrorKind, FederationError
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
 from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
@@ -469,6 +469,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             survivors, dropped, total, everyone = self.coordinator.unmask_request(
                 device, request.round_id
             )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
         return pb.UnmaskRequest(
@@ -483,6 +485,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             signatures = self.coordinator.confirm_survivors(
                 device, request.round_id, request.signature
             )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "ConfirmSurvivors", device)
         return pb.ConfirmSurvivorsResponse(
@@ -507,6 +511,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
             self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
         return pb.UnmaskSharesResponse()

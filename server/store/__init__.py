@@ -44,6 +44,7 @@ __all__ = [
     "CorruptBlobError",
     "DeviceRecord",
     "ModelRecord",
+    "OptimizerState",
     "ParticipantRecord",
     "PrivacyRecord",
     "Store",
@@ -114,6 +115,43 @@ class CorruptBlobError(RuntimeError):
 
 class SupersededError(RuntimeError):
     """A round's result would land on a head that moved meanwhile (a rollback, a new version)."""
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """A server strategy's per-parameter state: named float32 arrays.
+
+    Stored like model weights (nothing pickled): the arrays as one raw little-endian
+    float32 blob, in manifest order, plus a JSON manifest of names and shapes.
+    """
+
+    strategy: str
+    arrays: dict[str, np.ndarray]
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "tensors": [{"name": k, "shape": list(v.shape)} for k, v in self.arrays.items()],
+        }
+
+    def to_wire(self) -> bytes:
+        return b"".join(
+            to_wire(np.asarray(v, dtype=np.float32).ravel()) for v in self.arrays.values()
+        )
+
+    @classmethod
+    def from_wire(cls, manifest: dict[str, Any], data: bytes) -> OptimizerState:
+        flat = np.frombuffer(data, dtype=WIRE_DTYPE)
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for tensor in manifest["tensors"]:
+            shape = tuple(int(x) for x in tensor["shape"])
+            size = int(np.prod(shape, dtype=np.int64))
+            arrays[str(tensor["name"])] = flat[offset : offset + size].reshape(shape).copy()
+            offset += size
+        if offset != flat.size:
+            raise CorruptBlobError("the optimizer state blob does not match its manifest")
+        return cls(str(manifest["strategy"]), arrays)
 
 
 @dataclass(frozen=True)
@@ -399,6 +437,21 @@ class Store:
             raise KeyError(f"model {name!r} has no version {version}")
         return np.frombuffer(self.read_blob(digest), dtype=WIRE_DTYPE).copy()
 
+    def load_optimizer_state(self, name: str, version: int) -> OptimizerState | None:
+        """The server optimizer's state stored with a version (None: none was stored)."""
+        with self.session() as s:
+            row = s.execute(
+                select(ModelVersionRow.optimizer_state_sha256, ModelVersionRow.optimizer_state)
+                .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == name, ModelVersionRow.version == version)
+            ).one_or_none()
+        if row is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        digest, manifest = row
+        if digest is None or manifest is None:
+            return None
+        return OptimizerState.from_wire(manifest, self.read_blob(digest))
+
     def list_versions(self, name: str) -> list[ModelVersionRow]:
         with self.session() as s:
             return list(
@@ -546,9 +599,12 @@ class Store:
         seconds: float,
         participants: list[ParticipantRecord],
         privacy: PrivacyRecord | None = None,
+        optimizer_state: OptimizerState | None = None,
     ) -> int:
         """Store the round's new version, its record and its ledger entry in one commit.
 
+        The server optimizer's state after this round (moments, momentum) is stored with
+        the version it produced, so a restart resumes from exactly there.
         Idempotent: called again for a round it already completed (a retry after a
         lost acknowledgement), it returns that round's version and writes nothing.
         The new version's parent must be the round's base version, so a result is
@@ -580,6 +636,10 @@ class Store:
                     "during the round; its update was not applied"
                 )
             digest = self._put_blob(s, wire)
+            state_digest, state_manifest = None, None
+            if optimizer_state is not None and optimizer_state.arrays:
+                state_digest = self._put_blob(s, optimizer_state.to_wire())
+                state_manifest = optimizer_state.manifest()
             version = model.current_version + 1
             counts = _round_counts(participants)
             s.add(
@@ -588,6 +648,8 @@ class Store:
                     version=version,
                     parent_version=model.current_version,
                     blob_sha256=digest,
+                    optimizer_state_sha256=state_digest,
+                    optimizer_state=state_manifest,
                     round_id=round_id,
                     metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",

@@ -1,7 +1,7 @@
 """SQLAlchemy 2.0 ORM tables of the aggregation server.
 
-Model weights live in `blobs`, addressed by their SHA-256; versions and
-rounds reference them. Nothing here is pickled: blobs are raw little-endian
+Model weights and server optimizer state live in `blobs`, addressed by their
+SHA-256; versions and rounds reference them. Nothing here is pickled: blobs are raw little-endian
 float32 bytes and structured values are JSON.
 """
 
@@ -80,6 +80,12 @@ class ModelVersionRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     parent_version: Mapped[int | None] = mapped_column(Integer)
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    # The server optimizer's state after this version (raw LE float32 arrays, one blob) and
+    # its manifest {"strategy": name, "tensors": [{"name", "shape"}...]}; None: stateless.
+    optimizer_state_sha256: Mapped[str | None] = mapped_column(
+        ForeignKey("blobs.sha256", name="fk_model_versions_optimizer_state_blob"), default=None
+    )
+    optimizer_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     round_id: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     description: Mapped[str] = mapped_column(Text, default="")
