@@ -84,3 +84,12 @@ def test_assistant_latency_benchmark_reports_timings() -> None:
     line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
     assert isinstance(line["train_seconds_median"], float)
     assert isinstance(line["predict_cpu_ms_p99"], float)
+
+
+@pytest.mark.slow
+def test_retention_benchmark_keeps_the_database_bounded() -> None:
+    line = _json_line(
+        "benchmarks/retention.py", "--params", "2000", "--rounds", "30", "--keep-versions", "5"
+    )
+    kept = line["with_retention"]
+    assert isinstance(kept, dict) and kept["versions_kept"] < 30 + 1
