@@ -236,6 +236,8 @@ class DeviceClient:
         self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # Running A/B tests of the server's model and this device's variant in each.
+        self.ab_assignments: dict[str, pb.AbAssignment] = {}
         # The round in progress, once trained: a retry after a lost answer resumes it with
         # the same update and the same secure-aggregation keys instead of training again.
         self._pending: _PendingTask | None = None
@@ -295,6 +297,7 @@ class DeviceClient:
                 response = self._check_in()
                 if response is None:
                     break
+                self.ab_assignments = {a.test_name: a for a in response.ab_tests}
                 self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
@@ -326,6 +329,23 @@ class DeviceClient:
             self._stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata(), timeout=2)
         except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed
             log.info("could not tell the server this device leaves: %s", err)
+
+    def inference_version(self, ab_test: str) -> int | None:
+        """The model version this device serves in an A/B test (from its last check-in)."""
+        assignment = self.ab_assignments.get(ab_test)
+        return int(assignment.model_version) if assignment is not None else None
+
+    def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
+        """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
+
+        With ab_test, the server records the values for this device's own variant.
+        """
+        self._ensure_registered()
+        self._stub.ReportPerformance(
+            pb.ReportPerformanceRequest(metrics=metrics, ab_test=ab_test),
+            metadata=self._metadata(),
+            timeout=30,
+        )
 
     def _handle_error(self, err: grpc.RpcError) -> None:
         code = err.code()

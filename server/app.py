@@ -34,6 +34,7 @@ from common.modelspec import ModelSpec
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
@@ -606,8 +607,12 @@ class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
     def __init__(
-        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+        self,
+        config: ServerConfig,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
+        store: Store | None = None,
     ) -> None:
+        """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         strategy = make_strategy(
@@ -621,7 +626,10 @@ class XenoServer:
         )
         round_config = config.round_config()
         check_strategy(strategy, round_config)  # before anything is created on disk
-        self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
+        self._owns_store = store is None
+        self.store = store or Store(
+            config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY"))
+        )
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
@@ -702,7 +710,13 @@ class XenoServer:
             options=grpc_server_options(config),
         )
         register_federation(
-            FederationServicer(self.registry, self.coordinator, self.runner), server
+            FederationServicer(
+                self.registry,
+                self.coordinator,
+                self.runner,
+                lifecycle=DeviceLifecycle(self.store, config.model),
+            ),
+            server,
         )
         register_servicer(
             server,
@@ -794,7 +808,8 @@ class XenoServer:
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)

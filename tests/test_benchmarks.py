@@ -93,3 +93,29 @@ def test_retention_benchmark_keeps_the_database_bounded() -> None:
     )
     kept = line["with_retention"]
     assert isinstance(kept, dict) and kept["versions_kept"] < 30 + 1
+
+
+@pytest.mark.slow
+def test_lifecycle_benchmark_reports_each_figure() -> None:
+    line = _json_line(
+        "benchmarks/lifecycle.py", "--results", "2000", "--points", "500", "--assigns", "1000"
+    )
+    figures = line["sqlite"]
+    assert isinstance(figures, dict)
+    assert figures["analyze_results"] == 2000 and figures["get_trend_points"] == 500
+    for key in ("assign_variant_per_s", "analyze_test_s", "get_trend_s", "rollback_to_serving_s"):
+        assert isinstance(figures[key], int | float) and figures[key] > 0
+
+
+@pytest.mark.slow
+def test_personal_benchmark_compares_body_and_scratch() -> None:
+    line = _json_line(
+        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+    )
+    assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "body",
+        "scratch",
+        "body+ngrams",
+        "finetune-body",
+        "finetune-scratch",
+    }

@@ -60,14 +60,30 @@ class CheckInRequest(_message.Message):
     def __init__(self, max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
-    __slots__ = ("task", "wait", "finished")
+    __slots__ = ("task", "wait", "finished", "ab_tests")
     TASK_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    AB_TESTS_FIELD_NUMBER: _ClassVar[int]
     task: Task
     wait: Wait
     finished: Finished
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    ab_tests: _containers.RepeatedCompositeFieldContainer[AbAssignment]
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., ab_tests: _Optional[_Iterable[_Union[AbAssignment, _Mapping]]] = ...) -> None: ...
+
+class AbAssignment(_message.Message):
+    __slots__ = ("test_name", "variant", "model_name", "model_version", "metrics")
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    variant: str
+    model_name: str
+    model_version: int
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, test_name: _Optional[str] = ..., variant: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -270,6 +286,25 @@ class ReportMetricsRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ReportMetricsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportPerformanceRequest(_message.Message):
+    __slots__ = ("metrics", "ab_test")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    AB_TEST_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.ScalarMap[str, float]
+    ab_test: str
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., ab_test: _Optional[str] = ...) -> None: ...
+
+class ReportPerformanceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

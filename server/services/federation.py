@@ -14,6 +14,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
 from server.errors import Change, ErrorKind, FederationError
+from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
@@ -201,10 +202,12 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         coordinator: RoundCoordinator,
         runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
+        lifecycle: DeviceLifecycle | None = None,
     ) -> None:
         self.registry = registry
         self.coordinator = coordinator
         self.runner = runner
+        self.lifecycle = lifecycle
         self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
 
@@ -247,16 +250,29 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             # Not awaited: a cancelled coroutine must not wait for the pool.
             self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
         if outcome is None:
-            return pb.CheckInResponse(
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
             )
-        if outcome.finished:
-            return pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
-        if outcome.task is None:
-            return pb.CheckInResponse(
+        elif outcome.finished:
+            response = pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
+        elif outcome.task is None:
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=outcome.retry_after_ms, reason=outcome.reason)
             )
-        return pb.CheckInResponse(task=task_to_proto(outcome.task))
+        else:
+            response = pb.CheckInResponse(task=task_to_proto(outcome.task))
+        if self.lifecycle is not None:
+            for a in await self.runner.run(self.lifecycle.assignments, device):
+                response.ab_tests.append(
+                    pb.AbAssignment(
+                        test_name=a.test_name,
+                        variant=a.variant,
+                        model_name=a.model_name,
+                        model_version=a.model_version,
+                        metrics=a.metrics,
+                    )
+                )
+        return response
 
     async def DownloadModel(
         self,
@@ -330,6 +346,19 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
+
+    def ReportPerformance(
+        self, request: pb.ReportPerformanceRequest, context: grpc.ServicerContext
+    ) -> pb.ReportPerformanceResponse:
+        device = device_id_of(context)
+        if self.lifecycle is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server records no performance")
+        assert self.lifecycle is not None
+        try:
+            self.lifecycle.report(device, dict(request.metrics), request.ab_test)
+        except FederationError as err:
+            abort(context, err, "ReportPerformance", device)
+        return pb.ReportPerformanceResponse()
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
         device = device_id_of(context)
