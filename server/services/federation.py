@@ -10,10 +10,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from common.certs import CertKind
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import Change, ErrorKind, FederationError
+from common.tls import peer_identity
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
 from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
@@ -203,7 +205,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
         lifecycle: DeviceLifecycle | None = None,
+        require_device_cert: bool = False,
     ) -> None:
+        self.require_device_cert = require_device_cert
         self.registry = registry
         self.coordinator = coordinator
         self.runner = runner
@@ -214,9 +218,28 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
+        cert_name = None
+        if self.require_device_cert:
+            # mTLS: the handshake verified the certificate; it must be a device's.
+            peer = peer_identity(context)
+            if peer is None or peer.kind is not CertKind.DEVICE:
+                abort(
+                    context,
+                    FederationError(
+                        ErrorKind.PERMISSION_DENIED,
+                        "register with a device certificate (xeno-fl admin certs issue DIR "
+                        "--device NAME; the client's --tls-cert/--tls-key)",
+                    ),
+                    "Register",
+                    "",
+                )
+            cert_name = peer.name
         try:
             device_id, token, index = self.registry.register(
-                request.enrollment_key, dict(request.labels), request.identity_public_key
+                request.enrollment_key,
+                dict(request.labels),
+                request.identity_public_key,
+                cert_name=cert_name,
             )
         except FederationError as err:
             abort(context, err, "Register", "")
@@ -446,6 +469,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             survivors, dropped, total, everyone = self.coordinator.unmask_request(
                 device, request.round_id
             )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
         return pb.UnmaskRequest(
@@ -460,6 +485,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             signatures = self.coordinator.confirm_survivors(
                 device, request.round_id, request.signature
             )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "ConfirmSurvivors", device)
         return pb.ConfirmSurvivorsResponse(
@@ -484,6 +511,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
             self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
         return pb.UnmaskSharesResponse()
