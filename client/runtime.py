@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -38,7 +39,7 @@ from client.training import (
     train_local,
     train_local_dp,
 )
-from common.atrest import Sealer, load_key
+from common.atrest import Sealer, read_secret, resolve_key
 from common.config import setting
 from common.data import Dataset
 from common.models import FastText, ModelSpec, build_model
@@ -54,6 +55,7 @@ from common.tensors import (
     iter_chunks,
     to_wire,
 )
+from common.tls import client_channel
 
 log = logging.getLogger("xeno.client")
 
@@ -122,14 +124,38 @@ class ClientConfig:
     proximal_mu: float | None = setting(
         None, "override the server's FedProx mu", "XENO_CLIENT_PROXIMAL_MU"
     )
+    enrollment_key_file: str = setting(
+        "",
+        "file holding the server's enrollment key, if it has one (owner-only)",
+        "XENO_ENROLLMENT_KEY_FILE",
+    )
     enrollment_key: str = setting(
-        "", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY"
+        "",
+        "the enrollment key itself (prefer --enrollment-key-file: a flag's value shows in "
+        "process listings)",
+        "XENO_ENROLLMENT_KEY",
     )
     device_key_file: str = setting(
         "",
         "file with the 32-byte key (64 hex characters) that encrypts the local store; the "
-        "XENO_DEVICE_KEY variable may hold the key itself",
+        "XENO_DEVICE_KEY variable may hold the key itself. Neither given: device.key in "
+        "--state-dir, created on first start",
         "XENO_DEVICE_KEY_FILE",
+    )
+    tls_ca: str = setting(
+        "",
+        "PEM CA certificate that signed the server's certificate: connect over TLS "
+        "(empty: plaintext, loopback development only)",
+        "XENO_TLS_CA",
+    )
+    tls_cert: str = setting(
+        "", "PEM device certificate for mTLS (needs --tls-key)", "XENO_TLS_CERT"
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert (owner-only)", "XENO_TLS_KEY")
+    tls_server_name: str = setting(
+        "",
+        "host name to expect in the server's certificate when it differs from the one in --server",
+        "XENO_TLS_SERVER_NAME",
     )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
@@ -221,18 +247,41 @@ class DeviceClient:
         self.config = config
         self.data = data
         self.stop = stop or threading.Event()
-        self.store = LocalStore(
-            config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
+        key = resolve_key(
+            config.device_key_file,
+            Path(config.state_dir) / "device.key",
+            "XENO_DEVICE_KEY",
+            log,
+            "device key",
         )
+        self.enrollment_key = read_secret(
+            config.enrollment_key, config.enrollment_key_file, "enrollment key file"
+        )
+        self.store = LocalStore(config.state_dir, Sealer(key))
+        leftovers = self.store.remove_leftovers()
+        if leftovers:
+            log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
         self.protection = config.protection()
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
-        self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
+        self._channel = client_channel(
+            config.server,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            options=[("grpc.enable_retries", 0)],
+            server_name=config.tls_server_name,
+        )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # Running A/B tests of the server's model and this device's variant in each.
+        self.ab_assignments: dict[str, pb.AbAssignment] = {}
+        # The round in progress, once trained: a retry after a lost answer resumes it with
+        # the same update and the same secure-aggregation keys instead of training again.
+        self._pending: _PendingTask | None = None
 
     # -------------------------------------------------------------- credentials
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -254,7 +303,7 @@ class DeviceClient:
             try:
                 resp = self._stub.Register(
                     pb.RegisterRequest(
-                        enrollment_key=self.config.enrollment_key,
+                        enrollment_key=self.enrollment_key,
                         labels={"runtime": "xeno-fl-python"},
                         identity_public_key=identity.public_key().public_bytes(
                             Encoding.Raw, PublicFormat.Raw
@@ -289,6 +338,7 @@ class DeviceClient:
                 response = self._check_in()
                 if response is None:
                     break
+                self.ab_assignments = {a.test_name: a for a in response.ab_tests}
                 self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
@@ -309,7 +359,34 @@ class DeviceClient:
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
                 self.stop.wait(delay)
         log.info("stopping after %d round(s)", self.rounds_done)
+        self._leave("stopped")
         return 0
+
+    def _leave(self, reason: str) -> None:
+        """Tell the server this device is gone, so it is not selected (best effort)."""
+        if self._creds is None:
+            return
+        try:
+            self._stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata(), timeout=2)
+        except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed
+            log.info("could not tell the server this device leaves: %s", err)
+
+    def inference_version(self, ab_test: str) -> int | None:
+        """The model version this device serves in an A/B test (from its last check-in)."""
+        assignment = self.ab_assignments.get(ab_test)
+        return int(assignment.model_version) if assignment is not None else None
+
+    def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
+        """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
+
+        With ab_test, the server records the values for this device's own variant.
+        """
+        self._ensure_registered()
+        self._stub.ReportPerformance(
+            pb.ReportPerformanceRequest(metrics=metrics, ab_test=ab_test),
+            metadata=self._metadata(),
+            timeout=30,
+        )
 
     def _handle_error(self, err: grpc.RpcError) -> None:
         code = err.code()
@@ -351,6 +428,12 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
+        pending = self._pending
+        if pending is not None and pending.round_id == task.round_id:
+            log.info("round %d: resuming with the update already trained", task.round_number)
+            self._deliver(task, pending)
+            return
+        self._pending = None
         try:
             spend = check_task(task, self.protection, self.ledger)
             cohort = task.secagg.num_selected
@@ -396,14 +479,10 @@ class DeviceClient:
             self.ledger.record(
                 task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
-        self._stub.ReportMetrics(
-            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
-            metadata=self._metadata(),
-            timeout=30,
-        )
+        secagg = None
         if task.secagg.enabled:
             assert self._creds is not None
-            SecAggDevice(
+            secagg = SecAggDevice(
                 self._stub,
                 self._metadata(),
                 self._creds.device_id,
@@ -415,9 +494,24 @@ class DeviceClient:
                     min_cohort=self.config.min_secagg_cohort,
                     corrupt_fraction=self.config.secagg_corrupt_fraction,
                 ),
-            ).run(result.delta, result.num_examples)
+            )
+        self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
+        self._deliver(task, self._pending)
+
+    def _deliver(self, task: pb.Task, pending: _PendingTask) -> None:
+        """Report metrics and send the trained update (plain or secure)."""
+        result = pending.result
+        self._stub.ReportMetrics(
+            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
+            metadata=self._metadata(),
+            timeout=30,
+        )
+        if pending.secagg is not None:
+            pending.secagg.run(result.delta, result.num_examples)
         else:
-            self._upload(task, manifest, result.delta, result.num_examples, remaining())
+            remaining = max(1.0, pending.deadline - time.time())
+            self._upload(task, pending.manifest, result.delta, result.num_examples, remaining)
+        self._pending = None
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples%s",
@@ -563,6 +657,15 @@ class DeviceClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+@dataclass
+class _PendingTask:
+    round_id: str
+    result: TrainResult
+    manifest: Manifest
+    secagg: SecAggDevice | None
+    deadline: float
 
 
 @functools.lru_cache(maxsize=64)

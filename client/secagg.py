@@ -64,6 +64,18 @@ from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
 
+# A phase call that failed with one of these is sent again, byte for byte: the server
+# answers a resend of the same message as it answered (or would answer) the first.
+RESEND = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
 
 class SecAggProtocolError(RuntimeError):
     """The server asked for something an honest device must refuse."""
@@ -91,6 +103,9 @@ class SecAggReport:
     mask_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Set when the server answered that the round already completed with this device's
+    # update in its sum (GetUnmaskRequest or Unmask): the version it produced.
+    completed_version: int = 0
     unverifiable: int = 0
     # The consistency check: its bytes and the device's time verifying signatures.
     confirm_bytes: int = 0
@@ -184,30 +199,50 @@ class SecAggDevice:
         self.policy = policy or SecAggPolicy()
         self.report = SecAggReport()
         self._revealed = False
+        self._keys: tuple[KeyPair, KeyPair, bytes] | None = None
+        self._dealt = False  # shares of this round's secrets were made: never run it again
+        self.resends = 0
         self.graph: dict[str, list[str]] = {}
         self.fixed_point = fixed_point_of(task.secagg)
         self.min_contributors = task.secagg.min_contributors
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        """One phase call; a RESOURCE_EXHAUSTED refusal is retried after the wait it names.
+        """One phase call; after a lost answer, the same message again (with backoff).
 
-        Phase calls are idempotent, so repeating one is safe.
+        Phase calls are idempotent, so repeating one is safe; a RESOURCE_EXHAUSTED
+        refusal is repeated after the wait it names.
         """
-        for attempt in range(8):
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        while True:
             self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
             try:
                 response = getattr(self.stub, method)(
                     request, metadata=self.metadata, timeout=self.timeout()
                 )
+                break
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 7:
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-                time.sleep(max(retry_after_s(err), 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
-                continue
-            self.report.bytes_received += response.ByteSize()
-            return response
-        raise AssertionError("unreachable")
+                wait = delay * random.uniform(0.5, 1.0)
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    wait = max(retry_after_s(err), delay) * random.uniform(1.0, 1.5)
+            time.sleep(wait)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+        self.report.bytes_received += response.ByteSize()
+        return response
+
+    def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
+        """The device's keys for the round and their signature, made once per round."""
+        if self._keys is None:
+            enc, mask = generate_keypair(), generate_keypair()
+            signature = sign_keys(
+                self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
+            )
+            self._keys = (enc, mask, signature)
+        return self._keys
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
@@ -215,16 +250,20 @@ class SecAggDevice:
         started = time.perf_counter()
         encoded = self.fixed_point.encode(update, num_examples, self.rng)
         self.report.encode_seconds = time.perf_counter() - started
-        if not self.identities.remember_round(self.round_id):
+        if self._dealt:
+            raise SecAggProtocolError(
+                f"round {self.round_id}: this device already dealt its shares; it will not "
+                "run the round again"
+            )
+        # A resume of this very run (the device went back to CheckIn before its keys were
+        # answered) is not a replay: only a new run of a known round id is refused.
+        if self._keys is None and not self.identities.remember_round(self.round_id):
             raise SecAggProtocolError(
                 f"round id {self.round_id} was already run by this device; refusing a "
                 "replayed round"
             )
 
-        enc, mask = generate_keypair(), generate_keypair()
-        signature = sign_keys(
-            self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
-        )
+        enc, mask, signature = self.round_keys()
         advertised: pb.AdvertiseKeysResponse = self._call(  # type: ignore[assignment]
             "AdvertiseKeys",
             pb.AdvertiseKeysRequest(
@@ -243,6 +282,7 @@ class SecAggDevice:
         peers = self._verified_neighbours(advertised, participants)
 
         # Shares of the mask key and of a fresh self-mask seed, for the neighbours and me.
+        self._dealt = True
         self_seed = os.urandom(32)
         holders = sorted([*peers, self.me])
         points = {h: share_point(participants, h) for h in holders}
@@ -326,6 +366,10 @@ class SecAggDevice:
         request: pb.UnmaskRequest = self._call(  # type: ignore[assignment]
             "GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=self.round_id)
         )
+        if request.round_completed:
+            # The others' shares sufficed and the round closed with this update in its sum.
+            self.report.completed_version = request.completed_version
+            return self.report
         survivors, dropped = list(request.survivors), list(request.dropped)
         check_unmask_request(self.me, survivors, dropped, shared_with_me)
         everyone = self._check_survivor_set(request, participants, peers, shared_with_me)
@@ -335,7 +379,8 @@ class SecAggDevice:
                 f"{self.min_contributors}, so this device will not help unmask it"
             )
         owners = {self.me, *(v for v in survivors + dropped if v in received)}
-        self._confirm(everyone, participants, peers, owners, t)
+        if not self._confirm(everyone, participants, peers, owners, t):
+            return self.report  # the round completed with this update: nothing to reveal
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True
@@ -362,17 +407,14 @@ class SecAggDevice:
                         owner=v, kind=pb.SHARE_KIND_MASK_KEY, share=encode_share(received[v][0])
                     )
                 )
-        try:
-            self._call(
-                "Unmask",
-                pb.UnmaskSharesRequest(
-                    round_id=self.round_id, shares=revealed, unverifiable=unverifiable
-                ),
-            )
-        except grpc.RpcError as err:
-            # The server already had enough shares and closed the round: nothing was lost.
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        answer: pb.UnmaskSharesResponse = self._call(  # type: ignore[assignment]
+            "Unmask",
+            pb.UnmaskSharesRequest(
+                round_id=self.round_id, shares=revealed, unverifiable=unverifiable
+            ),
+        )
+        if answer.round_completed:
+            self.report.completed_version = answer.completed_version
         return self.report
 
     def _check_parameters(self, participants: list[str], k: int, t: int) -> None:
@@ -441,19 +483,28 @@ class SecAggDevice:
         peers: dict[str, pb.RoundKeys],
         owners: set[str],
         t: int,
-    ) -> None:
-        """Consistency check: t holders of each secret I reveal for signed this very set."""
+    ) -> bool:
+        """Consistency check: t holders of each secret I reveal for signed this very set.
+
+        False when the server answers that the round already completed with this device's
+        update in its sum: then it reveals nothing.
+        """
         message = survivors_message(
             self.round_id, self.task.model_name, self.task.model_version, everyone
         )
         request = pb.ConfirmSurvivorsRequest(
             round_id=self.round_id, signature=sign_keys(self.identity, message)
         )
+        # Late confirmations are accepted while the round unmasks; once the sum is unmasked
+        # the server answers round_completed (or "closed" if the round failed: an error).
         response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
             "ConfirmSurvivors", request
         )
         self.report.confirm_bytes = request.ByteSize() + response.ByteSize()
-        started = time.perf_counter()
+        if response.round_completed:
+            self.report.completed_version = response.completed_version
+            return False
+        started = time.thread_time()  # CPU: devices share cores in simulations
         known = {d: k.identity_public_key for d, k in peers.items()}
         known[self.me] = self._my_identity_key()
         signed: set[str] = set()
@@ -485,7 +536,8 @@ class SecAggDevice:
                     f"only {len(holders & confirmed)} holders of shares of {v} confirmed the "
                     f"survivor set this device was given; {t} needed before revealing anything"
                 )
-        self.report.confirm_seconds = time.perf_counter() - started
+        self.report.confirm_seconds = time.thread_time() - started
+        return True
 
     def _my_identity_key(self) -> bytes:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -551,7 +603,22 @@ class SecAggDevice:
             for chunk in iter_chunks(data, CHUNK_BYTES):
                 yield pb.MaskedChunk(data=chunk)
 
-        self.stub.UploadMasked(  # type: ignore[attr-defined]
-            messages(), metadata=self.metadata, timeout=self.timeout()
-        )
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        resent = False
+        while True:
+            try:
+                self.stub.UploadMasked(  # type: ignore[attr-defined]
+                    messages(), metadata=self.metadata, timeout=self.timeout()
+                )
+                break
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS and resent:
+                    break  # the first stream was accepted; its answer was lost
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+            resent = True
         self.report.bytes_sent += len(data)

@@ -36,6 +36,21 @@ class LocalStore:
         self.dir = Path(state_dir)
         self._sealer = sealer
 
+    def remove_leftovers(self) -> list[str]:
+        """Delete temporary files of writes that were killed midway; returns their names.
+
+        Only the process that owns the store may call this (at start): another
+        process's write in progress would lose its temporary file.
+        """
+        if not self.dir.is_dir():
+            return []
+        removed = []
+        for leftover in self.dir.glob(".tmp-*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover.name)
+        return removed
+
     def _read_bytes(self, path: Path) -> bytes:
         """Opened contents of path (FileNotFoundError if absent, DataKeyError if unopenable)."""
         return self._sealer.open(path.read_bytes(), path.name.encode())

@@ -147,10 +147,16 @@ class SecAggRound:
     requests: dict[str, _Unmasking] = field(default_factory=dict)
     survivor_set: list[str] = field(default_factory=list)
     confirmations: dict[str, bytes] = field(default_factory=dict)
+    # Consistency check: per secret the unmasking needs, how many of its holders confirmed.
+    confirmed_holders: dict[str, int] = field(default_factory=dict)
     # (holder, owner, kind) of every revealed share that failed its commitment
     bad_shares: list[tuple[str, str, ShareKind]] = field(default_factory=list)
     threshold: int = 0
     revealed: dict[str, list[tuple[str, ShareKind, int]]] = field(default_factory=dict)
+    # Each device's accepted Unmask message, to answer a resend of it (a lost answer).
+    reveal_messages: dict[str, tuple[tuple[str, ShareKind, bytes], ...]] = field(
+        default_factory=dict
+    )
     result: SecAggResult | None = None
     withdrawn: set[str] = field(default_factory=set)
     share_counts: dict[tuple[str, ShareKind], int] = field(default_factory=dict)
@@ -184,6 +190,9 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 1
     def advertise(self, device: str, keys: DeviceKeys) -> None:
+        known = self.keys.get(device)
+        if known is not None and device in self.graph and _same_keys(known, keys):
+            return  # a resend after a lost answer, once the phase closed: the same answer
         self._require_phase(Phase.ADVERTISE, "AdvertiseKeys")
         if device not in self.cohort:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not in this round")
@@ -227,6 +236,8 @@ class SecAggRound:
         shares: dict[str, bytes],
         commitments: dict[str, tuple[bytes, bytes]] | None = None,
     ) -> None:
+        if device in self.u2 and self._same_shares(device, shares, commitments or {}):
+            return  # a resend after a lost answer, once the phase closed
         self._require_phase(Phase.SHARE, "ShareKeys")
         if device not in self.graph:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not a participant")
@@ -263,17 +274,22 @@ class SecAggRound:
                 ErrorKind.INVALID_ARGUMENT, f"share commitments are {COMMITMENT_BYTES} bytes"
             )
         if device in self.shares:
-            if self.shares[device] != shares or any(
-                self.commitments.get((device, h, ShareKind.MASK_KEY)) != c[0]
-                or self.commitments.get((device, h, ShareKind.SELF_MASK_SEED)) != c[1]
-                for h, c in commitments.items()
-            ):
+            if not self._same_shares(device, shares, commitments):
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             return
         self.shares[device] = dict(shares)
         for holder, (mask_key, seed) in commitments.items():
             self.commitments[(device, holder, ShareKind.MASK_KEY)] = mask_key
             self.commitments[(device, holder, ShareKind.SELF_MASK_SEED)] = seed
+
+    def _same_shares(
+        self, device: str, shares: dict[str, bytes], commitments: dict[str, tuple[bytes, bytes]]
+    ) -> bool:
+        return self.shares.get(device) == shares and all(
+            self.commitments.get((device, h, ShareKind.MASK_KEY)) == c[0]
+            and self.commitments.get((device, h, ShareKind.SELF_MASK_SEED)) == c[1]
+            for h, c in commitments.items()
+        )
 
     def shares_for(self, device: str) -> list[tuple[str, bytes]]:
         if device not in self.u2:
@@ -285,14 +301,14 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 3
     def begin_upload(self, device: str, total_elements: int) -> None:
+        if device in self.uploaded:  # also after the phase: a resend after a lost answer
+            raise FederationError(
+                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
+            )
         self._require_phase(Phase.UPLOAD, "UploadMasked")
         if device not in self.u2:
             raise FederationError(
                 ErrorKind.PERMISSION_DENIED, "device did not complete ShareKeys in this round"
-            )
-        if device in self.uploaded:
-            raise FederationError(
-                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
             )
         if device in self.uploading:
             raise FederationError(
@@ -332,8 +348,15 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ consistency check
     def confirm(self, device: str, signature: bytes) -> None:
-        """A survivor's signature over the survivor set (Bonawitz et al. 2017, section 4)."""
-        self._require_phase(Phase.CONFIRM, "ConfirmSurvivors")
+        """A survivor's signature over the survivor set (Bonawitz et al. 2017, section 4).
+
+        Accepted late, during UNMASK, too: the check closes as soon as enough holders
+        confirmed, and a slower honest device can still check and reveal its shares.
+        """
+        if self.confirmations.get(device) == signature:
+            return  # a resend after a lost answer, also once the phase closed
+        if self.phase is not Phase.UNMASK:
+            self._require_phase(Phase.CONFIRM, "ConfirmSurvivors")
         self.unmask_request(device)
         message = survivors_message(
             self.round_id, self.model_name, self.model_version, self.survivor_set
@@ -351,6 +374,18 @@ class SecAggRound:
                 )
             return
         self.confirmations[device] = signature
+        for v in (device, *self.graph[device]):
+            if v in self.confirmed_holders:
+                self.confirmed_holders[v] += 1
+
+    def _confirm_ready(self) -> bool:
+        """Every secret the sum needs has t holders that confirmed.
+
+        Then each device's check can pass, so stragglers (devices that uploaded, then
+        vanished) are not waited for.
+        """
+        t = self.threshold
+        return all(count >= t for count in self.confirmed_holders.values())
 
     def confirmations_for(self, device: str) -> list[tuple[str, bytes, bytes]]:
         """(signer, signature, identity key) of the confirmed devices within two hops."""
@@ -382,6 +417,8 @@ class SecAggRound:
                 "no unmasking for this device: it did not confirm the survivor set in time",
             )
         if device in self.revealed:
+            if self.reveal_messages.get(device) == tuple(revealed):
+                return  # the same shares again: a resend after a lost answer
             raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already revealed")
         wanted = {v: ShareKind.SELF_MASK_SEED for v in request.survivors}
         wanted.update({v: ShareKind.MASK_KEY for v in request.dropped})
@@ -425,6 +462,7 @@ class SecAggRound:
                 continue
             good.append((owner, kind, y))
         self.revealed[device] = good
+        self.reveal_messages[device] = tuple(revealed)
         for owner, kind, _ in good:
             self.share_counts[(owner, kind)] = self.share_counts.get((owner, kind), 0) + 1
 
@@ -448,6 +486,8 @@ class SecAggRound:
         if self.phase is Phase.ADVERTISE and len(self.keys) >= self.target:
             complete = True
         if self.phase is Phase.UNMASK and self._unmask_ready():
+            complete = True
+        if self.phase is Phase.CONFIRM and self._confirm_ready():
             complete = True
         if not complete and now < self.phase_deadline:
             return False
@@ -520,6 +560,10 @@ class SecAggRound:
                     dropped=sorted(v for v in near if v not in survivors),
                 )
             self.survivor_set = sorted(survivors)
+            dropped_needed = {
+                v for v in set(self.u2) - survivors if survivors.intersection(self.graph[v])
+            }
+            self.confirmed_holders = dict.fromkeys(survivors | dropped_needed, 0)
             self.phase, self.phase_deadline = Phase.CONFIRM, deadline
         elif self.phase is Phase.CONFIRM:
             if len(self.confirmations) < t:
@@ -602,3 +646,11 @@ class SecAggRound:
                 "carries an out-of-range weight element"
             )
         return SecAggResult(weighted_sum, weight_units / fixed_point.max_weight, survivors, dropped)
+
+
+def _same_keys(a: DeviceKeys, b: DeviceKeys) -> bool:
+    return (
+        a.encryption_public_key == b.encryption_public_key
+        and a.mask_public_key == b.mask_public_key
+        and a.signature == b.signature
+    )

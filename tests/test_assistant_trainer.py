@@ -197,6 +197,59 @@ def test_templates_bandit_converges_to_the_best_rated(
         templates.rate_template(s.template_id, rating)
     last = Counter(shown[-100:])
     assert last["Booked it for you."] >= 80
-    assert templates.suggest_response("What is the capital of Mongolia") is None
+    # With no personal model every query is unknown: no template is forced on it.
+    other = ResponseTemplates("una", store=UserStore("una", home=trainer.store.paths.home))
+    assert other.suggest_response("Set up a call with Tom") is None
     with pytest.raises(ValueError, match="rating must be"):
         templates.rate_template(1, 7)
+
+
+def test_shipped_body_is_small_and_embeds_to_unit_vectors() -> None:
+    from client.assistant.bodies import SHIPPED_BODY, FastTextBody, fasttext_body, load_body
+
+    assert SHIPPED_BODY.stat().st_size <= 5 * 1024 * 1024
+    body = load_body(SHIPPED_BODY)
+    assert len(body.intents) == 150
+    out = body.embed(["book a table for two", "what's my balance", "!!!"])
+    assert out.shape == (3, body.embedding.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(out[:2], axis=1), 1.0, rtol=1e-5)
+    assert not out[2].any()  # no words: the zero vector, not NaN
+    # The plain reference: mean of the rows of each feature's bucket, then normalized.
+    from common.text import feature_strings, fnv1a_32
+
+    feats = feature_strings("book a table", body.features.char_min, body.features.char_max)
+    rows = [fnv1a_32(f.encode()) % body.features.buckets for f in feats]
+    ref = body.embedding[rows].mean(axis=0)
+    np.testing.assert_allclose(
+        body.embed(["book a table"])[0], ref / np.linalg.norm(ref), rtol=1e-4, atol=1e-6
+    )
+    assert isinstance(fasttext_body(Path("/nonexistent")), FastTextBody)
+
+
+def test_a_federated_body_on_the_device_wins_over_the_shipped_one(tmp_path: Path) -> None:
+    from client.assistant.bodies import device_body_path, fasttext_body, load_body, save_body
+    from common.text import TextFeatures
+
+    emb = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    save_body(device_body_path(tmp_path), emb, TextFeatures(buckets=64), ["a", "b"])
+    body = fasttext_body(tmp_path)
+    assert body is not None
+    assert body.name == load_body(device_body_path(tmp_path)).name
+    assert body.embed(["hello"]).shape == (1, 8)
+
+
+def test_trainer_runs_on_the_fasttext_body_when_given(tmp_path: Path) -> None:
+    from client.assistant.bodies import fasttext_body
+
+    body = fasttext_body(tmp_path)
+    assert body is not None
+    t = CustomModelTrainer("ftb", store=UserStore("ftb", home=tmp_path), body=body)
+    fill(t, 100)
+    result = t.train_intent_classifier()
+    assert result["success"] and result["body"] == body.name
+    assert t.predict_intent("Set up a call with Sarah") == "schedule_meeting"
+    # A head trained on one body refuses to run on another.
+    other = CustomModelTrainer("ftb", store=t.store)
+    with pytest.raises(RuntimeError, match="trained on body"):
+        other.predict_intent("Set up a call with Sarah")
+    t.close()

@@ -84,3 +84,29 @@ def test_assistant_latency_benchmark_reports_timings() -> None:
     line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
     assert isinstance(line["train_seconds_median"], float)
     assert isinstance(line["predict_cpu_ms_p99"], float)
+
+
+@pytest.mark.slow
+def test_lifecycle_benchmark_reports_each_figure() -> None:
+    line = _json_line(
+        "benchmarks/lifecycle.py", "--results", "2000", "--points", "500", "--assigns", "1000"
+    )
+    figures = line["sqlite"]
+    assert isinstance(figures, dict)
+    assert figures["analyze_results"] == 2000 and figures["get_trend_points"] == 500
+    for key in ("assign_variant_per_s", "analyze_test_s", "get_trend_s", "rollback_to_serving_s"):
+        assert isinstance(figures[key], int | float) and figures[key] > 0
+
+
+@pytest.mark.slow
+def test_personal_benchmark_compares_body_and_scratch() -> None:
+    line = _json_line(
+        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+    )
+    assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "body",
+        "scratch",
+        "body+ngrams",
+        "finetune-body",
+        "finetune-scratch",
+    }

@@ -64,6 +64,16 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/xeno.fl.v1.Federation/Leave',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+                _registered_method=True)
+        self.ReportPerformance = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ReportPerformance',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/xeno.fl.v1.Federation/AdvertiseKeys',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -136,6 +146,24 @@ class FederationServicer:
 
     def DeclineTask(self, request, context):
         """The device will not train in this round (e.g. privacy budget spent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """The device is going away (stopped, shutting down): it is no longer available
+        for selection, and a round that selected it and awaits its update stops
+        waiting for it (as after DeclineTask). Idempotent; CheckIn makes it available again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPerformance(self, request, context):
+        """How the served model does on the device (inference latency, user satisfaction,
+        ...), outside any round; with an A/B test, also that test's result for the
+        device's own variant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,6 +249,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DeclineTask,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.SerializeToString,
+            ),
+            'ReportPerformance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPerformance,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -415,6 +453,60 @@ class Federation:
             '/xeno.fl.v1.Federation/DeclineTask',
             xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/Leave',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPerformance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ReportPerformance',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,7 +37,7 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -49,6 +49,7 @@ from server.privacy import (
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import (
     ModelRecord,
+    OptimizerState,
     ParticipantRecord,
     PrivacyRecord,
     Store,
@@ -65,6 +66,11 @@ audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
 
+# How long an unmask call waits for a closing round's aggregation and commit.
+CLOSE_WAIT_S = 30.0
+# Completed rounds whose uploaders are remembered (a late unmask call learns of success).
+RECENT_COMPLETED_ROUNDS = 8
+
 
 @dataclass(frozen=True)
 class RoundConfig:
@@ -77,7 +83,9 @@ class RoundConfig:
     selection_window_s: float = 2.0
     rounds: int = 0
     max_wait_s: float = 10.0
-    availability_ttl_s: float = 15.0
+    # A device is available while it waits in CheckIn, and for this long after a CheckIn
+    # returned (the gap before its next one); a stopped device is never selected.
+    availability_ttl_s: float = 2.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
     # Plain rounds: every update is scaled down to this L2 norm before it counts (0: off).
@@ -113,6 +121,8 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        if self.max_examples_weight < 1:
+            raise ValueError("max_examples_weight must be at least 1")
         if not math.isfinite(self.update_clip_norm) or self.update_clip_norm < 0:
             raise ValueError("the update clip norm must be a finite non-negative number")
         dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
@@ -340,9 +350,15 @@ class RoundCoordinator:
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
         self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
+        self._polling: collections.Counter[str] = collections.Counter()  # CheckIns in flight
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # (version, devices whose update is in the sum) of the last few completed rounds: a
+        # device that uploaded and asks to unmask after the round closed learns it succeeded.
+        self._completed_uploads: collections.OrderedDict[str, tuple[int, frozenset[str]]] = (
+            collections.OrderedDict()
+        )
         self._completed_this_run = 0
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
@@ -369,6 +385,7 @@ class RoundCoordinator:
         self.model = model
         self._vector = store.load_version(model_name, model.current_version)
         strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         self._dp_sgd_task = (
             DpSgdTask(
                 config.dp_sgd_noise_multiplier,
@@ -396,6 +413,21 @@ class RoundCoordinator:
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
+
+    def _restore_optimizer_state(self, version: int) -> None:
+        """Resume the server optimizer (moments, momentum) from the state stored with version."""
+        state = self.store.load_optimizer_state(self.model_name, version)
+        if state is None:
+            return
+        if state.strategy != self.strategy.name:
+            log.warning(
+                "version %d was produced by %s; %s starts from fresh optimizer state",
+                version,
+                state.strategy,
+                self.strategy.name,
+            )
+            return
+        self.strategy.load_state_dict(state.arrays)
 
     # ------------------------------------------------------------------ public API
     def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
@@ -446,25 +478,82 @@ class RoundCoordinator:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
-        """Long poll blocking this thread: a task for this device, or when to come back."""
+    def poll_started(self, device_id: str) -> None:
+        """A CheckIn of this device is waiting: it is available for as long as it waits."""
+        with self._cond:
+            self._polling[device_id] += 1
+
+    def poll_ended(self, device_id: str, cancelled: bool) -> None:
+        """The CheckIn returned, or was cancelled (the device hung up: it is gone)."""
+        with self._cond:
+            self._polling[device_id] -= 1
+            if self._polling[device_id] <= 0:
+                del self._polling[device_id]
+        if cancelled:
+            self.leave(device_id, "check-in cancelled", only_if_untouched=True)
+
+    def check_in(
+        self,
+        device_id: str,
+        max_wait_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> CheckInOutcome:
+        """Long poll: a task for this device, or when to come back.
+
+        `cancelled` tells whether the caller has gone (its RPC was cancelled): the
+        device then stops counting as available at once.
+        """
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
         with self._cond:
             give_up = self.clock() + wait
-            while True:
-                if self._finished:
-                    return CheckInOutcome(
-                        finished=True, reason=self.budget_exhausted or "the federation has finished"
-                    )
-                task = self._task_for(device_id)
-                if task is not None:
-                    return task
-                now = self.clock()
-                self._mark_available(device_id, now)
-                remaining = give_up - now
-                if remaining <= 0 or self._stopping.is_set():
-                    return CheckInOutcome(retry_after_ms=200, reason="no task for this device yet")
-                self._cond.wait(min(remaining, 1.0))
+            self._polling[device_id] += 1
+            try:
+                while True:
+                    if self._finished:
+                        return CheckInOutcome(
+                            finished=True,
+                            reason=self.budget_exhausted or "the federation has finished",
+                        )
+                    if cancelled is not None and cancelled():
+                        self._available.pop(device_id, None)
+                        return CheckInOutcome(retry_after_ms=200, reason="check-in cancelled")
+                    task = self._task_for(device_id)
+                    if task is not None:
+                        return task
+                    now = self.clock()
+                    self._mark_available(device_id, now)
+                    remaining = give_up - now
+                    if remaining <= 0 or self._stopping.is_set():
+                        return CheckInOutcome(
+                            retry_after_ms=200, reason="no task for this device yet"
+                        )
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                self._polling[device_id] -= 1
+                if self._polling[device_id] <= 0:
+                    del self._polling[device_id]
+
+    def leave(self, device_id: str, reason: str, only_if_untouched: bool = False) -> None:
+        """The device is gone: never select it, and stop waiting for it in the open round.
+
+        With only_if_untouched (its check-in was cancelled), the open round lets the
+        device go only if it never downloaded the round's model: it may have got its task.
+        """
+        with self._cond:
+            self._available.pop(device_id, None)
+            rnd = self._round
+            participant = rnd.cohort.get(device_id) if rnd is not None else None
+            if rnd is not None and not rnd.closing and participant is not None:
+                untouched = participant.bytes_out == 0
+                if participant.status is Status.SELECTED and (untouched or not only_if_untouched):
+                    participant.status = Status.DECLINED
+                    participant.note = f"left: {reason}"[:500]
+                    if rnd.secagg is not None:
+                        rnd.secagg.withdraw(device_id)
+                        self._advance_secagg(rnd.secagg)
+                    log.info("device %s left round %d: %s", device_id, rnd.number, reason)
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -729,9 +818,11 @@ class RoundCoordinator:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
         Also the number of uploads in the sum and the round's survivor set. Raises
-        Pending while the upload phase is open.
+        Pending while the upload phase is open, and RoundCompleted when the round already
+        completed with this device's update in its sum (the others' shares sufficed).
         """
         with self._cond:
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
                 if device_id not in secagg.uploaded:
@@ -753,12 +844,14 @@ class RoundCoordinator:
         """Phase 4b: accept a signature over the survivor set.
 
         Once the phase closes: the signatures of the devices within two hops of this one.
-        Idempotent; raises Pending while the phase is open.
+        Idempotent; raises Pending while the phase is open, RoundCompleted once the round
+        completed with this device's update in its sum.
         """
         with self._cond:
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
-            if secagg.phase is Phase.CONFIRM or mine is None:
+            if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
                 secagg.confirm(device_id, signature)
             elif mine != signature:
                 raise FederationError(
@@ -775,11 +868,33 @@ class RoundCoordinator:
         revealed: list[tuple[str, ShareKind, bytes]],
         unverifiable: list[str],
     ) -> None:
-        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes."""
+        """Phase 4c: accept revealed shares; the driver unmasks once the phase closes.
+
+        Raises RoundCompleted when the round already completed with this device's
+        update in its sum: the shares are then not needed and dropped.
+        """
         with self._cond:
+            self._check_completed(device_id, round_id)
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
             self._advance_secagg(secagg)
+
+    def _check_completed(self, device_id: str, round_id: str) -> None:
+        """Raise RoundCompleted if the round completed with this device's masked update.
+
+        A round whose secure aggregation finished, or that is being closed (aggregation
+        and its commit run outside the lock), may still fail, so the call is Pending until
+        the round's end is known. Called with the lock held.
+        """
+        rnd = self._round
+        if rnd is not None and rnd.id == round_id:
+            finished = rnd.secagg is not None and rnd.secagg.finished
+            if rnd.closing or finished:  # the sum is unmasked (or failed): the end is near
+                raise Pending(Change.ROUND, CLOSE_WAIT_S, "the round is closing; call again")
+            return
+        done = self._completed_uploads.get(round_id)
+        if done is not None and device_id in done[1]:
+            raise RoundCompleted(done[0])
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -954,7 +1069,10 @@ class RoundCoordinator:
 
     def _maybe_start_round(self, now: float) -> None:
         ttl = self.config.availability_ttl_s
-        for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
+        polling = self._polling
+        for dev in [
+            d for d, seen in self._available.items() if now - seen > ttl and d not in polling
+        ]:
             del self._available[dev]
         candidates = sorted(self._available)
         if self.config.secagg:
@@ -1042,6 +1160,7 @@ class RoundCoordinator:
             return
         self._vector = self.store.load_version(self.model_name, model.current_version)
         self.strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         log.info(
             "model %s: head moved from version %d to %d outside the rounds; training from it",
             self.model_name,
@@ -1173,6 +1292,7 @@ class RoundCoordinator:
                         seconds,
                         participants,
                         outcome.privacy,
+                        OptimizerState(self.strategy.name, outcome.strategy_state),
                     ),
                     self.config.store_retry_s,
                     f"storing round {rnd.number}",
@@ -1213,6 +1333,13 @@ class RoundCoordinator:
             self._closed_rounds[rnd.id] = summary.status
             while len(self._closed_rounds) > 1000:
                 self._closed_rounds.popitem(last=False)
+            if version is not None:
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
             self._round = None
             self._cond.notify_all()
             self._signal(Change.PHASE)
@@ -1386,6 +1513,7 @@ class RoundCoordinator:
                     self._apply(stored, entry.result)
                     self._cond.notify_all()
                     self._signal(Change.ROUND)
+                    self._signal(Change.ROUND)
                 log.warning(
                     "round %d: its result was stored after all, as version %d",
                     entry.number,
@@ -1407,6 +1535,8 @@ class RoundCoordinator:
         with self._cond:
             self.model = model
             self._vector = vector
+            self.strategy.initialize(vector)
+            self._restore_optimizer_state(model.current_version)
 
     def _backoff(self, what: str) -> float:
         delay = self._retry_delay[what]

@@ -10,10 +10,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from common.certs import CertKind
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import Change, ErrorKind, FederationError
+from common.tls import peer_identity
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
+from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
@@ -201,19 +204,42 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         coordinator: RoundCoordinator,
         runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
+        lifecycle: DeviceLifecycle | None = None,
+        require_device_cert: bool = False,
     ) -> None:
+        self.require_device_cert = require_device_cert
         self.registry = registry
         self.coordinator = coordinator
         self.runner = runner
+        self.lifecycle = lifecycle
         self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
+        cert_name = None
+        if self.require_device_cert:
+            # mTLS: the handshake verified the certificate; it must be a device's.
+            peer = peer_identity(context)
+            if peer is None or peer.kind is not CertKind.DEVICE:
+                abort(
+                    context,
+                    FederationError(
+                        ErrorKind.PERMISSION_DENIED,
+                        "register with a device certificate (xeno-fl admin certs issue DIR "
+                        "--device NAME; the client's --tls-cert/--tls-key)",
+                    ),
+                    "Register",
+                    "",
+                )
+            cert_name = peer.name
         try:
             device_id, token, index = self.registry.register(
-                request.enrollment_key, dict(request.labels), request.identity_public_key
+                request.enrollment_key,
+                dict(request.labels),
+                request.identity_public_key,
+                cert_name=cert_name,
             )
         except FederationError as err:
             abort(context, err, "Register", "")
@@ -230,24 +256,46 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
         give_up = loop.time() + wait
-        while True:
-            changed = self.changes.snapshot()[Change.ROUND]
-            outcome = await self.runner.run(self.coordinator.check_in_now, device)
-            remaining = give_up - loop.time()
-            if outcome is not None or remaining <= 0 or self.coordinator.stopping:
-                break
-            await wait_event(changed, min(remaining, 1.0))
+        # The device is available while this call waits; a cancelled call (the device
+        # stopped, or was killed and its connection closed) takes it off the list at once.
+        await self.runner.run(self.coordinator.poll_started, device)
+        cancelled = True
+        try:
+            while True:
+                changed = self.changes.snapshot()[Change.ROUND]
+                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                remaining = give_up - loop.time()
+                if outcome is not None or remaining <= 0 or self.coordinator.stopping:
+                    break
+                await wait_event(changed, min(remaining, 1.0))
+            cancelled = False
+        finally:
+            # Not awaited: a cancelled coroutine must not wait for the pool.
+            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
         if outcome is None:
-            return pb.CheckInResponse(
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
             )
-        if outcome.finished:
-            return pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
-        if outcome.task is None:
-            return pb.CheckInResponse(
+        elif outcome.finished:
+            response = pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
+        elif outcome.task is None:
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=outcome.retry_after_ms, reason=outcome.reason)
             )
-        return pb.CheckInResponse(task=task_to_proto(outcome.task))
+        else:
+            response = pb.CheckInResponse(task=task_to_proto(outcome.task))
+        if self.lifecycle is not None:
+            for a in await self.runner.run(self.lifecycle.assignments, device):
+                response.ab_tests.append(
+                    pb.AbAssignment(
+                        test_name=a.test_name,
+                        variant=a.variant,
+                        model_name=a.model_name,
+                        model_version=a.model_version,
+                        metrics=a.metrics,
+                    )
+                )
+        return response
 
     async def DownloadModel(
         self,
@@ -321,6 +369,24 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
+
+    def ReportPerformance(
+        self, request: pb.ReportPerformanceRequest, context: grpc.ServicerContext
+    ) -> pb.ReportPerformanceResponse:
+        device = device_id_of(context)
+        if self.lifecycle is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server records no performance")
+        assert self.lifecycle is not None
+        try:
+            self.lifecycle.report(device, dict(request.metrics), request.ab_test)
+        except FederationError as err:
+            abort(context, err, "ReportPerformance", device)
+        return pb.ReportPerformanceResponse()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        device = device_id_of(context)
+        self.coordinator.leave(device, request.reason[:500] or "left")
+        return pb.LeaveResponse()
 
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
@@ -403,6 +469,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             survivors, dropped, total, everyone = self.coordinator.unmask_request(
                 device, request.round_id
             )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
         return pb.UnmaskRequest(
@@ -417,6 +485,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             signatures = self.coordinator.confirm_survivors(
                 device, request.round_id, request.signature
             )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "ConfirmSurvivors", device)
         return pb.ConfirmSurvivorsResponse(
@@ -441,6 +511,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
             self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
         return pb.UnmaskSharesResponse()
