@@ -307,6 +307,16 @@ def _add_user_parser(sub: Any) -> None:
     )
     q.add_argument("user_id")
     q.add_argument("--yes", action="store_true", help="confirm; nothing is deleted without it")
+    q.add_argument(
+        "--server",
+        default=None,
+        help="also ask this aggregation server (HOST:PORT) to erase the device's records",
+    )
+    q.add_argument(
+        "--state-dir",
+        default=os.environ.get("XENO_STATE_DIR"),
+        help="the device client's state folder (default: $XENO_HOME/device) [env XENO_STATE_DIR]",
+    )
     q = user_sub.add_parser(
         "consent", help="grant or revoke a consent scope; without flags, show the history"
     )
@@ -995,7 +1005,15 @@ def _user(args: argparse.Namespace) -> int:
             if not args.yes:
                 print("error: deleting is final; add --yes to confirm", file=sys.stderr)
                 return 2
-            print(json.dumps(delete_user_data(args.user_id, home=args.home)))
+            result = delete_user_data(
+                args.user_id, home=args.home, server=args.server, device_state_dir=args.state_dir
+            )
+            print(json.dumps(result))
+            if "error" in result.get("server", {}):
+                print(
+                    f"error: the server did not erase: {result['server']['error']}", file=sys.stderr
+                )
+                return 1
             return 0
         with UserStore(args.user_id, home=args.home) as store:
             if args.user_command == "consent":

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -59,6 +60,7 @@ from server.store import (
 )
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
+T = TypeVar("T")
 log = logging.getLogger("xeno.server.rounds")
 _RETRY_BASE_S = 0.1
 _RETRY_CAP_S = 2.0
@@ -559,6 +561,22 @@ class RoundCoordinator:
                     log.info("device %s left round %d: %s", device_id, rnd.number, reason)
             self._cond.notify_all()
             self._signal(Change.ROUND)
+
+    def forget(self, device_id: str, erase: Callable[[], T]) -> T:
+        """Take the device out of selection and run `erase` while no round can pick it.
+
+        Refused (FAILED_PRECONDITION) while the device is in the open round's
+        cohort: that round's records still name it, so it must close first.
+        """
+        with self._cond:
+            rnd = self._round
+            if rnd is not None and device_id in rnd.cohort:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the device is in round {rnd.number}; call Forget again after it closes",
+                )
+            self._available.pop(device_id, None)
+            return erase()
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, exc, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, exc, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
@@ -27,6 +27,7 @@ from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
 from server.store.models import (
+    AbResultRow,
     AbTestRow,
     BlobRow,
     DeviceRow,
@@ -347,6 +348,20 @@ class Store:
                     token_expires_at=token_expires_at,
                 )
             )
+
+    def forget_device(self, device_id: str) -> tuple[int, int]:
+        """Erase a device's registration, participation rows and A/B results in one transaction.
+
+        Returns (participation rows, A/B result rows) deleted. Aggregated model
+        versions and the model's privacy ledger hold no per-device data and stay.
+        """
+        with self._session.begin() as s:
+            parts = s.execute(
+                delete(RoundParticipantRow).where(RoundParticipantRow.device_id == device_id)
+            )
+            results = s.execute(delete(AbResultRow).where(AbResultRow.device_id == device_id))
+            s.execute(delete(DeviceRow).where(DeviceRow.id == device_id))
+        return int(parts.rowcount or 0), int(results.rowcount or 0)  # type: ignore[attr-defined]
 
     def device_credentials(self) -> dict[str, tuple[str, bytes | None]]:
         """device id -> (token digest, identity public key)."""
