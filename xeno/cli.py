@@ -41,10 +41,24 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from client.runtime import ClientConfig
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names (the first word that is not a global option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--log-level", "--log-format"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; for one command, only that command's flags are defined.
+
+    The flags of `client` and `simulate` come from modules that import torch (2-9 s on a
+    loaded machine): `xeno-fl server` must not pay for them before it serves.
+    """
     from server.app import ServerConfig
-    from xeno.simulation import SimulationConfig
 
     parser = argparse.ArgumentParser(
         prog="xeno-fl", description=__doc__, formatter_class=_Formatter
@@ -77,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "partition whenever it is selected for a round, until the federation finishes or "
         "it receives SIGTERM.",
     )
-    add_arguments(p, ClientConfig)
+    if command in (None, "client"):
+        from client.runtime import ClientConfig
+
+        add_arguments(p, ClientConfig)
 
     p = sub.add_parser(
         "simulate",
@@ -86,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds rounds on the digits data split by a Dirichlet label partition, show "
         "progress and print the accuracy per round.",
     )
-    add_arguments(p, SimulationConfig)
+    if command in (None, "simulate"):
+        from xeno.simulation import SimulationConfig
+
+        add_arguments(p, SimulationConfig)
 
     p = sub.add_parser(
         "privacy",
@@ -298,6 +318,16 @@ def _add_user_parser(sub: Any) -> None:
     )
     q.add_argument("user_id")
     q.add_argument("--yes", action="store_true", help="confirm; nothing is deleted without it")
+    q.add_argument(
+        "--server",
+        default=None,
+        help="also ask this aggregation server (HOST:PORT) to erase the device's records",
+    )
+    q.add_argument(
+        "--state-dir",
+        default=os.environ.get("XENO_STATE_DIR"),
+        help="the device client's state folder (default: $XENO_HOME/device) [env XENO_STATE_DIR]",
+    )
     q = user_sub.add_parser(
         "consent", help="grant or revoke a consent scope; without flags, show the history"
     )
@@ -375,7 +405,8 @@ def _add_lifecycle_commands(admin_sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
@@ -1065,7 +1096,15 @@ def _user(args: argparse.Namespace) -> int:
             if not args.yes:
                 print("error: deleting is final; add --yes to confirm", file=sys.stderr)
                 return 2
-            print(json.dumps(delete_user_data(args.user_id, home=args.home)))
+            result = delete_user_data(
+                args.user_id, home=args.home, server=args.server, device_state_dir=args.state_dir
+            )
+            print(json.dumps(result))
+            if "error" in result.get("server", {}):
+                print(
+                    f"error: the server did not erase: {result['server']['error']}", file=sys.stderr
+                )
+                return 1
             return 0
         with UserStore(args.user_id, home=args.home) as store:
             if args.user_command == "consent":
