@@ -422,6 +422,13 @@ class Store:
             if self.sealer is None:
                 raise DataKeyError("model blobs are encrypted: configure the server's data key")
             data = self.sealer.open(data, digest.encode())
+        elif self.sealer is not None:
+            # With a data key every blob is written sealed: a plaintext one was put there
+            # behind the server's back (substituted weights), and is not loaded.
+            raise DataKeyError(
+                f"blob {digest} is stored unencrypted although a data key is configured: it "
+                "was not written by this server; restore it from a backup"
+            )
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptBlobError(f"blob {digest} fails its SHA-256 check; the store is corrupt")
         return data
