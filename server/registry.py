@@ -165,5 +165,12 @@ class DeviceRegistry:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
+    def forget(self, device_id: str) -> tuple[int, int]:
+        """Erase the device in the store and here: its token stops working at once."""
+        with self._lock:
+            counts = self._store.forget_device(device_id)
+            self._devices.pop(device_id, None)
+        return counts
+
     def __len__(self) -> int:
         return self._count

@@ -116,3 +116,11 @@ def test_federated_dataset_is_consented_featurized_and_textless(home: Path) -> N
     assert np.array_equal(data.x, expected)
     assert data.x.dtype == np.int64
     trainer.close()
+
+
+def test_export_of_an_unknown_user_creates_nothing(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "export", "nobody")
+    assert code == 2 and "no data is kept for user 'nobody'" in err
+    assert not (home / "users" / "nobody").exists()

@@ -330,6 +330,18 @@ class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForgetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("participations_deleted", "ab_results_deleted")
+    PARTICIPATIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    AB_RESULTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    participations_deleted: int
+    ab_results_deleted: int
+    def __init__(self, participations_deleted: _Optional[int] = ..., ab_results_deleted: _Optional[int] = ...) -> None: ...
+
 class RoundKeys(_message.Message):
     __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -388,6 +388,15 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self.coordinator.leave(device, request.reason[:500] or "left")
         return pb.LeaveResponse()
 
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        device = device_id_of(context)
+        try:
+            parts, results = self.coordinator.forget(device, lambda: self.registry.forget(device))
+        except FederationError as err:
+            abort(context, err, "Forget", device)
+        log.info("forgot device %s: %d participations, %d A/B results", device, parts, results)
+        return pb.ForgetResponse(participations_deleted=parts, ab_results_deleted=results)
+
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
