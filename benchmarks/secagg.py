@@ -14,7 +14,7 @@ reconstructed). Reported:
   client_mask_s    one device's quantize + all masks, measured alone (median of 5)
   bytes_per_client secure-aggregation bytes a device sends and receives (median)
   confirm_*        the consistency check (ConfirmSurvivors) alone: a device's bytes and
-                   its time verifying the relayed signatures (medians); the server's
+                   its CPU time checking the relayed signatures (medians); the server's
                    time is the "confirm" entry of server_phase_s and server_phase_cpu_s
   correct          the new model moved by the plaintext weighted mean, within the bound
 """
