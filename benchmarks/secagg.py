@@ -13,6 +13,9 @@ reconstructed). Reported:
   server_phase_s   wall time of each phase, and the CPU time of the final unmasking
   client_mask_s    one device's quantize + all masks, measured alone (median of 5)
   bytes_per_client secure-aggregation bytes a device sends and receives (median)
+  confirm_*        the consistency check (ConfirmSurvivors) alone: a device's bytes and
+                   its CPU time checking the relayed signatures (medians); the server's
+                   time is the "confirm" entry of server_phase_s and server_phase_cpu_s
   correct          the new model moved by the plaintext weighted mean, within the bound
 """
 
@@ -118,7 +121,16 @@ def worker(address, indices, d, drop, drop_phase, state_dir, ready, go, results)
             uploaded = False
         finally:
             r = device.report
-            results.put((i, uploaded, r.bytes_sent + r.bytes_received, r.mask_seconds))
+            results.put(
+                (
+                    i,
+                    uploaded,
+                    r.bytes_sent + r.bytes_received,
+                    r.mask_seconds,
+                    r.confirm_bytes,
+                    r.confirm_seconds,
+                )
+            )
 
     threads = [threading.Thread(target=run, args=(e,)) for e in devices]
     for t in threads:
@@ -247,7 +259,8 @@ def main() -> None:
         new = server.store.load_version(server.config.model, 2).astype(np.float64)
         secagg: dict = server.coordinator.last_secagg_stats  # type: ignore[type-arg]
         server.stop(grace=0.5)
-    included = sorted(i for i, uploaded, _, _ in rows if uploaded)
+    included = sorted(r[0] for r in rows if r[1])
+    confirmed = [r for r in rows if r[4] > 0]
     from common.quantize import FixedPoint, clip_l2
 
     fp = FixedPoint.for_round(10.0, n, 1000)
@@ -276,6 +289,14 @@ def main() -> None:
                     statistics.median(r[3] for r in rows if r[3] > 0), 4
                 ),
                 "bytes_per_client": int(statistics.median(r[2] for r in rows if r[1])),
+                # The consistency check alone (ConfirmSurvivors): server wall and CPU time of
+                # its phase are server_phase_s / server_phase_cpu_s["confirm"].
+                "confirm_bytes_per_client": int(statistics.median(r[4] for r in confirmed))
+                if confirmed
+                else 0,
+                "confirm_client_verify_s": round(statistics.median(r[5] for r in confirmed), 4)
+                if confirmed
+                else 0.0,
                 "bytes_limit": int(1.05 * 4 * d + 64_000),
                 "round_wall_s": round(wall, 3),
                 "participants": rnd.participants,

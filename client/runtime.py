@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from client.ledger import PrivacyLedger
 from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
 from client.retry import retry_after_s
-from client.secagg import SecAggDevice
+from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
     DpSgdSettings,
@@ -38,13 +39,15 @@ from client.training import (
     train_local,
     train_local_dp,
 )
-from common.atrest import Sealer, load_key
+from common.atrest import Sealer, read_secret, resolve_key
 from common.config import setting
-from common.data import Dataset, federated_digits
-from common.models import ModelSpec, build_model
+from common.data import Dataset
+from common.models import FastText, ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from common.privacy import Mechanism, Spend, noise_for_epsilon
+from common.secagg.graph import DEFAULT_CORRUPT_FRACTION
+from common.tasks import TaskName, TextShard, simulated_shard
 from common.tensors import (
     CHUNK_BYTES,
     ChunkAssembler,
@@ -52,6 +55,7 @@ from common.tensors import (
     iter_chunks,
     to_wire,
 )
+from common.tls import client_channel
 
 log = logging.getLogger("xeno.client")
 
@@ -89,9 +93,14 @@ class ClientConfig:
     state_dir: str = setting(
         "data/device", "folder of the device's local store (credentials)", "XENO_STATE_DIR"
     )
+    task: str = setting(
+        "digits",
+        "which simulated data this device holds: digits, or intents (one CLINC150 user)",
+        "XENO_TASK",
+    )
     partition: int = setting(
         0,
-        "which shard of the digits data this device holds (0-based; -1: its enrollment "
+        "which shard of the task's data this device holds (0-based; -1: its enrollment "
         "order modulo --num-partitions, for fleets started with docker compose --scale)",
         "XENO_PARTITION",
     )
@@ -115,14 +124,38 @@ class ClientConfig:
     proximal_mu: float | None = setting(
         None, "override the server's FedProx mu", "XENO_CLIENT_PROXIMAL_MU"
     )
+    enrollment_key_file: str = setting(
+        "",
+        "file holding the server's enrollment key, if it has one (owner-only)",
+        "XENO_ENROLLMENT_KEY_FILE",
+    )
     enrollment_key: str = setting(
-        "", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY"
+        "",
+        "the enrollment key itself (prefer --enrollment-key-file: a flag's value shows in "
+        "process listings)",
+        "XENO_ENROLLMENT_KEY",
     )
     device_key_file: str = setting(
         "",
         "file with the 32-byte key (64 hex characters) that encrypts the local store; the "
-        "XENO_DEVICE_KEY variable may hold the key itself",
+        "XENO_DEVICE_KEY variable may hold the key itself. Neither given: device.key in "
+        "--state-dir, created on first start",
         "XENO_DEVICE_KEY_FILE",
+    )
+    tls_ca: str = setting(
+        "",
+        "PEM CA certificate that signed the server's certificate: connect over TLS "
+        "(empty: plaintext, loopback development only)",
+        "XENO_TLS_CA",
+    )
+    tls_cert: str = setting(
+        "", "PEM device certificate for mTLS (needs --tls-key)", "XENO_TLS_CERT"
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert (owner-only)", "XENO_TLS_KEY")
+    tls_server_name: str = setting(
+        "",
+        "host name to expect in the server's certificate when it differs from the one in --server",
+        "XENO_TLS_SERVER_NAME",
     )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
@@ -160,6 +193,24 @@ class ClientConfig:
         "verifiable distributed DP)",
         "XENO_MAX_USER_EPSILON",
     )
+    min_secagg_cohort: int = setting(
+        5,
+        "fewest devices a secure round (and the sum it unmasks) may hold; smaller ones are "
+        "refused, since a sum of two updates reveals each to the other",
+        "XENO_MIN_SECAGG_COHORT",
+    )
+    secagg_corrupt_fraction: float = setting(
+        DEFAULT_CORRUPT_FRACTION,
+        "fraction of a round's devices this device assumes hostile; it refuses a "
+        "secure-aggregation threshold too low for that many",
+        "XENO_SECAGG_CORRUPT_FRACTION",
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_secagg_cohort < 2:
+            raise ValueError("--min-secagg-cohort must be at least 2")
+        if not 0 <= self.secagg_corrupt_fraction < 0.5:
+            raise ValueError("--secagg-corrupt-fraction must be in [0, 0.5)")
 
     def protection(self) -> Protection:
         return Protection(
@@ -188,23 +239,49 @@ class Backoff:
 
 class DeviceClient:
     def __init__(
-        self, config: ClientConfig, data: Dataset | None, stop: threading.Event | None = None
+        self,
+        config: ClientConfig,
+        data: Dataset | TextShard | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.data = data
         self.stop = stop or threading.Event()
-        self.store = LocalStore(
-            config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
+        key = resolve_key(
+            config.device_key_file,
+            Path(config.state_dir) / "device.key",
+            "XENO_DEVICE_KEY",
+            log,
+            "device key",
         )
+        self.enrollment_key = read_secret(
+            config.enrollment_key, config.enrollment_key_file, "enrollment key file"
+        )
+        self.store = LocalStore(config.state_dir, Sealer(key))
+        leftovers = self.store.remove_leftovers()
+        if leftovers:
+            log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
         self.protection = config.protection()
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
-        self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
+        self._channel = client_channel(
+            config.server,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            options=[("grpc.enable_retries", 0)],
+            server_name=config.tls_server_name,
+        )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # Running A/B tests of the server's model and this device's variant in each.
+        self.ab_assignments: dict[str, pb.AbAssignment] = {}
+        # The round in progress, once trained: a retry after a lost answer resumes it with
+        # the same update and the same secure-aggregation keys instead of training again.
+        self._pending: _PendingTask | None = None
 
     # -------------------------------------------------------------- credentials
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -226,7 +303,7 @@ class DeviceClient:
             try:
                 resp = self._stub.Register(
                     pb.RegisterRequest(
-                        enrollment_key=self.config.enrollment_key,
+                        enrollment_key=self.enrollment_key,
                         labels={"runtime": "xeno-fl-python"},
                         identity_public_key=identity.public_key().public_bytes(
                             Encoding.Raw, PublicFormat.Raw
@@ -261,6 +338,7 @@ class DeviceClient:
                 response = self._check_in()
                 if response is None:
                     break
+                self.ab_assignments = {a.test_name: a for a in response.ab_tests}
                 self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
@@ -281,7 +359,34 @@ class DeviceClient:
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
                 self.stop.wait(delay)
         log.info("stopping after %d round(s)", self.rounds_done)
+        self._leave("stopped")
         return 0
+
+    def _leave(self, reason: str) -> None:
+        """Tell the server this device is gone, so it is not selected (best effort)."""
+        if self._creds is None:
+            return
+        try:
+            self._stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata(), timeout=2)
+        except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed
+            log.info("could not tell the server this device leaves: %s", err)
+
+    def inference_version(self, ab_test: str) -> int | None:
+        """The model version this device serves in an A/B test (from its last check-in)."""
+        assignment = self.ab_assignments.get(ab_test)
+        return int(assignment.model_version) if assignment is not None else None
+
+    def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
+        """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
+
+        With ab_test, the server records the values for this device's own variant.
+        """
+        self._ensure_registered()
+        self._stub.ReportPerformance(
+            pb.ReportPerformanceRequest(metrics=metrics, ab_test=ab_test),
+            metadata=self._metadata(),
+            timeout=30,
+        )
 
     def _handle_error(self, err: grpc.RpcError) -> None:
         code = err.code()
@@ -323,8 +428,21 @@ class DeviceClient:
 
     # -------------------------------------------------------------- one task
     def _run_task(self, task: pb.Task) -> None:
+        pending = self._pending
+        if pending is not None and pending.round_id == task.round_id:
+            log.info("round %d: resuming with the update already trained", task.round_number)
+            self._deliver(task, pending)
+            return
+        self._pending = None
         try:
-            self._run_accepted(task, check_task(task, self.protection, self.ledger))
+            spend = check_task(task, self.protection, self.ledger)
+            cohort = task.secagg.num_selected
+            if task.secagg.enabled and cohort < self.config.min_secagg_cohort:
+                raise TaskDeclined(
+                    f"secure round of {cohort} devices, below this device's minimum of "
+                    f"{self.config.min_secagg_cohort} (--min-secagg-cohort)"
+                )
+            self._run_accepted(task, spend)
         except TaskDeclined as declined:
             log.warning("declining round %d: %s", task.round_number, declined)
             self._stub.DeclineTask(
@@ -361,14 +479,10 @@ class DeviceClient:
             self.ledger.record(
                 task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
-        self._stub.ReportMetrics(
-            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
-            metadata=self._metadata(),
-            timeout=30,
-        )
+        secagg = None
         if task.secagg.enabled:
             assert self._creds is not None
-            SecAggDevice(
+            secagg = SecAggDevice(
                 self._stub,
                 self._metadata(),
                 self._creds.device_id,
@@ -376,9 +490,28 @@ class DeviceClient:
                 self.identities,
                 task,
                 timeout=lambda: remaining() + 60,
-            ).run(result.delta, result.num_examples)
+                policy=SecAggPolicy(
+                    min_cohort=self.config.min_secagg_cohort,
+                    corrupt_fraction=self.config.secagg_corrupt_fraction,
+                ),
+            )
+        self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
+        self._deliver(task, self._pending)
+
+    def _deliver(self, task: pb.Task, pending: _PendingTask) -> None:
+        """Report metrics and send the trained update (plain or secure)."""
+        result = pending.result
+        self._stub.ReportMetrics(
+            pb.ReportMetricsRequest(round_id=task.round_id, metrics=result.metrics),
+            metadata=self._metadata(),
+            timeout=30,
+        )
+        if pending.secagg is not None:
+            pending.secagg.run(result.delta, result.num_examples)
         else:
-            self._upload(task, manifest, result.delta, result.num_examples, remaining())
+            remaining = max(1.0, pending.deadline - time.time())
+            self._upload(task, pending.manifest, result.delta, result.num_examples, remaining)
+        self._pending = None
         self.rounds_done += 1
         log.info(
             "round %d: trained on %d examples%s",
@@ -386,6 +519,17 @@ class DeviceClient:
             result.num_examples,
             "".join(f", {k} {v:.3f}" for k, v in result.metrics.items() if "seconds" not in k),
         )
+
+    def _data_for(self, model: torch.nn.Module) -> Dataset:
+        """The local data in the input form of the task's model (texts: its hashed features)."""
+        assert self.data is not None
+        if isinstance(self.data, TextShard):
+            if not isinstance(model, FastText):
+                raise TaskDeclined("this device holds text; the task's model does not take text")
+            return self.data.featurized(model.features)
+        if isinstance(model, FastText):
+            raise TaskDeclined("the task's model takes text; this device holds feature vectors")
+        return self.data
 
     def _train(
         self,
@@ -400,7 +544,7 @@ class DeviceClient:
         With DP-SGD, the round's spend is checked against the budget before any
         training and written to the ledger before the update can leave the device.
         """
-        assert self.data is not None
+        data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
@@ -409,13 +553,13 @@ class DeviceClient:
                     f"privacy budget: the task trains without DP-SGD and this device only "
                     f"spends its data under DP (epsilon budget {budget:g})"
                 )
-            result = train_local(model, weights, self.data, training, seed)
+            result = train_local(model, weights, data, training, seed)
             if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
                 # Metrics computed on private data would escape the accounted mechanism.
                 result.metrics.pop("train_loss", None)
                 result.metrics.pop("train_accuracy", None)
             return result
-        q, per_epoch = dp_sample_rate(len(self.data), training.batch_size)
+        q, per_epoch = dp_sample_rate(len(data), training.batch_size)
         steps = per_epoch * training.local_epochs
         z = dp_sgd.noise_multiplier
         if z <= 0:
@@ -437,7 +581,7 @@ class DeviceClient:
         result = train_local_dp(
             model,
             weights,
-            self.data,
+            data,
             training,
             DpSgdSettings(z, dp_sgd.max_grad_norm or 1.0),
             seed=None,  # never the configured shuffling seed: sample and noise must be secret
@@ -515,22 +659,31 @@ class DeviceClient:
         self._channel.close()
 
 
+@dataclass
+class _PendingTask:
+    round_id: str
+    result: TrainResult
+    manifest: Manifest
+    secagg: SecAggDevice | None
+    deadline: float
+
+
 @functools.lru_cache(maxsize=64)
 def _noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: float) -> float:
     """The same plan gives the same noise every round: bisect once (about 0.5 s), not each time."""
     return noise_for_epsilon(target, sample_rate, steps, delta)
 
 
-def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset:
-    partition = config.partition if partition is None else partition
-    if not 0 <= partition < config.num_partitions:
-        raise ValueError(
-            f"--partition {partition} is outside 0..{config.num_partitions - 1} (or -1: auto)"
-        )
-    fed = federated_digits(
-        config.num_partitions, config.alpha, config.data_seed, config.test_fraction
+def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset | TextShard:
+    """The simulated local data of shard `partition` (default: the configured one)."""
+    return simulated_shard(
+        TaskName.parse(config.task),
+        config.partition if partition is None else partition,
+        config.num_partitions,
+        config.alpha,
+        config.data_seed,
+        config.test_fraction,
     )
-    return fed.clients[partition]
 
 
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:

@@ -3,16 +3,23 @@
 For one round a device
 
 1. encodes its update as fixed-point uint32 (common/quantize.py), plus its weight;
+   refuses a round id it has run before (remembered in its store);
 2. makes two X25519 key pairs, signs them with its identity key and advertises them;
    checks the neighbours' signatures, the pinned identity keys and that its
    neighbour list is the graph every device computes from the participants;
+   refuses a cohort below its own minimum and a threshold below the
+   malicious-model bound (common/secagg/graph.py);
 3. Shamir-shares its mask key and a fresh self-mask seed b among its
-   neighbours and itself, each share AES-GCM encrypted to its receiver;
+   neighbours and itself, each share AES-GCM encrypted to its receiver and
+   committed to (SHA-256) for the server; masks only if it then holds valid
+   shares from at least t - 1 neighbours (|U2| >= t);
 4. uploads x + PRG(b) + sum over neighbours v of +-PRG(s_uv), mod 2^32;
-5. answers the unmask request only if it is consistent (survivors and dropped
-   disjoint, all of them neighbours that shared keys), revealing b-shares of
-   survivors and mask-key shares of dropped devices, never both for a device,
-   and only once per round.
+5. consistency check (Bonawitz et al. 2017, section 4): signs the survivor set the
+   server announces and goes on only if, for every device whose secret it is
+   about to reveal a share of, at least t of that device's share holders signed
+   the very same set; every survivor neighbour must be one that shared keys;
+6. reveals b-shares of survivors and mask-key shares of dropped devices, never
+   both for a device, and only once per round.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from client.retry import retry_after_s
 from client.storage import IdentityStore
 from common.pb import federation_pb2 as pb
 from common.quantize import FixedPoint
+from common.rng import os_seeded_generator
 from common.secagg import (
     KeyPair,
     agree,
@@ -44,14 +52,49 @@ from common.secagg import (
     split,
     verify_keys,
 )
-from common.secagg.crypto import mask_info, share_ad, share_key_info, share_point
-from common.secagg.graph import graph_seed
+from common.secagg.crypto import (
+    mask_info,
+    share_ad,
+    share_commitment,
+    share_key_info,
+    share_point,
+    survivors_message,
+)
+from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_bound
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
+
+# A phase call that failed with one of these is sent again, byte for byte: the server
+# answers a resend of the same message as it answered (or would answer) the first.
+RESEND = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 class SecAggProtocolError(RuntimeError):
     """The server asked for something an honest device must refuse."""
+
+
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """What this device demands of a secure round, whatever the server asks."""
+
+    # A sum of two updates reveals each to the other's owner; of very few, almost as much.
+    min_cohort: int = 5
+    # The fraction of devices it assumes hostile when it checks the threshold.
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.min_cohort < 2:
+            raise ValueError("the minimum secure-aggregation cohort is at least 2")
+        if not 0 <= self.corrupt_fraction < 0.5:
+            raise ValueError("the assumed corrupt fraction must be in [0, 0.5)")
 
 
 @dataclass
@@ -60,7 +103,13 @@ class SecAggReport:
     mask_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Set when the server answered that the round already completed with this device's
+    # update in its sum (GetUnmaskRequest or Unmask): the version it produced.
+    completed_version: int = 0
     unverifiable: int = 0
+    # The consistency check: its bytes and the device's time verifying signatures.
+    confirm_bytes: int = 0
+    confirm_seconds: float = 0.0
 
 
 def check_unmask_request(
@@ -135,6 +184,7 @@ class SecAggDevice:
         task: pb.Task,
         timeout: Callable[[], float],
         rng: np.random.Generator | None = None,
+        policy: SecAggPolicy | None = None,
     ) -> None:
         self.stub = stub
         self.metadata = metadata
@@ -144,32 +194,55 @@ class SecAggDevice:
         self.task = task
         self.round_id = task.round_id
         self.timeout = timeout
-        self.rng = rng or np.random.default_rng()
+        # Rounding and DP noise: a generator seeded from the OS CSPRNG for this round.
+        self.rng = rng or os_seeded_generator()
+        self.policy = policy or SecAggPolicy()
         self.report = SecAggReport()
         self._revealed = False
+        self._keys: tuple[KeyPair, KeyPair, bytes] | None = None
+        self._dealt = False  # shares of this round's secrets were made: never run it again
+        self.resends = 0
+        self.graph: dict[str, list[str]] = {}
         self.fixed_point = fixed_point_of(task.secagg)
         self.min_contributors = task.secagg.min_contributors
         check_noise(task)
 
     def _call(self, method: str, request: object) -> object:
-        """One phase call; a RESOURCE_EXHAUSTED refusal is retried after the wait it names.
+        """One phase call; after a lost answer, the same message again (with backoff).
 
-        Phase calls are idempotent, so repeating one is safe.
+        Phase calls are idempotent, so repeating one is safe; a RESOURCE_EXHAUSTED
+        refusal is repeated after the wait it names.
         """
-        for attempt in range(8):
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        while True:
             self.report.bytes_sent += request.ByteSize()  # type: ignore[attr-defined]
             try:
                 response = getattr(self.stub, method)(
                     request, metadata=self.metadata, timeout=self.timeout()
                 )
+                break
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 7:
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-                time.sleep(max(retry_after_s(err), 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
-                continue
-            self.report.bytes_received += response.ByteSize()
-            return response
-        raise AssertionError("unreachable")
+                wait = delay * random.uniform(0.5, 1.0)
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    wait = max(retry_after_s(err), delay) * random.uniform(1.0, 1.5)
+            time.sleep(wait)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+        self.report.bytes_received += response.ByteSize()
+        return response
+
+    def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
+        """The device's keys for the round and their signature, made once per round."""
+        if self._keys is None:
+            enc, mask = generate_keypair(), generate_keypair()
+            signature = sign_keys(
+                self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
+            )
+            self._keys = (enc, mask, signature)
+        return self._keys
 
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
@@ -177,11 +250,20 @@ class SecAggDevice:
         started = time.perf_counter()
         encoded = self.fixed_point.encode(update, num_examples, self.rng)
         self.report.encode_seconds = time.perf_counter() - started
+        if self._dealt:
+            raise SecAggProtocolError(
+                f"round {self.round_id}: this device already dealt its shares; it will not "
+                "run the round again"
+            )
+        # A resume of this very run (the device went back to CheckIn before its keys were
+        # answered) is not a replay: only a new run of a known round id is refused.
+        if self._keys is None and not self.identities.remember_round(self.round_id):
+            raise SecAggProtocolError(
+                f"round id {self.round_id} was already run by this device; refusing a "
+                "replayed round"
+            )
 
-        enc, mask = generate_keypair(), generate_keypair()
-        signature = sign_keys(
-            self.identity, keys_message(self.round_id, self.me, enc.public, mask.public)
-        )
+        enc, mask, signature = self.round_keys()
         advertised: pb.AdvertiseKeysResponse = self._call(  # type: ignore[assignment]
             "AdvertiseKeys",
             pb.AdvertiseKeysRequest(
@@ -196,14 +278,11 @@ class SecAggDevice:
         )
         participants = sorted(advertised.participants)
         k, t = advertised.degree, advertised.threshold
-        if k > max(self.task.secagg.degree, 1) or t < (k + 1) // 2 + 1 or t > k + 1:
-            raise SecAggProtocolError(
-                f"unsafe parameters from the server: degree {k}, threshold {t} "
-                "(the threshold must be a majority of the degree + 1 share holders)"
-            )
+        self._check_parameters(participants, k, t)
         peers = self._verified_neighbours(advertised, participants)
 
         # Shares of the mask key and of a fresh self-mask seed, for the neighbours and me.
+        self._dealt = True
         self_seed = os.urandom(32)
         holders = sorted([*peers, self.me])
         points = {h: share_point(participants, h) for h in holders}
@@ -223,8 +302,29 @@ class SecAggDevice:
             )
             for v in sorted(peers)
         ]
+        commitments = [
+            pb.ShareCommitment(
+                holder=h,
+                mask_key=share_commitment(
+                    self.round_id,
+                    self.me,
+                    h,
+                    pb.SHARE_KIND_MASK_KEY,
+                    encode_share(key_shares[points[h]]),
+                ),
+                self_mask_seed=share_commitment(
+                    self.round_id,
+                    self.me,
+                    h,
+                    pb.SHARE_KIND_SELF_MASK_SEED,
+                    encode_share(seed_shares[points[h]]),
+                ),
+            )
+            for h in holders
+        ]
         shared: pb.ShareKeysResponse = self._call(  # type: ignore[assignment]
-            "ShareKeys", pb.ShareKeysRequest(round_id=self.round_id, shares=outgoing)
+            "ShareKeys",
+            pb.ShareKeysRequest(round_id=self.round_id, shares=outgoing, commitments=commitments),
         )
         received: dict[str, tuple[int, int]] = {}
         unverifiable: list[str] = []
@@ -250,6 +350,13 @@ class SecAggDevice:
                 unverifiable.append(share.sender)
         self.report.unverifiable = len(unverifiable)
         shared_with_me = {s.sender for s in shared.shares}
+        if len(received) + 1 < t:
+            # Masked with fewer partners, the upload could be unmasked with the shares of b
+            # alone: the server withheld shares (Bonawitz et al.'s |U2| >= t check).
+            raise SecAggProtocolError(
+                f"only {len(received)} neighbours sent this device valid shares; masking "
+                f"needs {t - 1} (|U2| >= t = {t}), so this device will not upload"
+            )
 
         started = time.perf_counter()
         masked = self.mask(encoded, self_seed, mask, peers, shared_with_me)
@@ -259,13 +366,21 @@ class SecAggDevice:
         request: pb.UnmaskRequest = self._call(  # type: ignore[assignment]
             "GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=self.round_id)
         )
+        if request.round_completed:
+            # The others' shares sufficed and the round closed with this update in its sum.
+            self.report.completed_version = request.completed_version
+            return self.report
         survivors, dropped = list(request.survivors), list(request.dropped)
         check_unmask_request(self.me, survivors, dropped, shared_with_me)
-        if request.total_survivors < self.min_contributors:
+        everyone = self._check_survivor_set(request, participants, peers, shared_with_me)
+        if len(everyone) < self.min_contributors:
             raise SecAggProtocolError(
-                f"the sum holds {request.total_survivors} updates; its DP noise needs "
+                f"the sum holds {len(everyone)} updates; its DP noise needs "
                 f"{self.min_contributors}, so this device will not help unmask it"
             )
+        owners = {self.me, *(v for v in survivors + dropped if v in received)}
+        if not self._confirm(everyone, participants, peers, owners, t):
+            return self.report  # the round completed with this update: nothing to reveal
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True
@@ -292,29 +407,154 @@ class SecAggDevice:
                         owner=v, kind=pb.SHARE_KIND_MASK_KEY, share=encode_share(received[v][0])
                     )
                 )
-        try:
-            self._call(
-                "Unmask",
-                pb.UnmaskSharesRequest(
-                    round_id=self.round_id, shares=revealed, unverifiable=unverifiable
-                ),
-            )
-        except grpc.RpcError as err:
-            # The server already had enough shares and closed the round: nothing was lost.
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        answer: pb.UnmaskSharesResponse = self._call(  # type: ignore[assignment]
+            "Unmask",
+            pb.UnmaskSharesRequest(
+                round_id=self.round_id, shares=revealed, unverifiable=unverifiable
+            ),
+        )
+        if answer.round_completed:
+            self.report.completed_version = answer.completed_version
         return self.report
+
+    def _check_parameters(self, participants: list[str], k: int, t: int) -> None:
+        """The cohort and threshold this device accepts, whatever the server proposes."""
+        n = len(participants)
+        if len(set(participants)) != n:
+            raise SecAggProtocolError("the participant list names a device twice")
+        if n < self.policy.min_cohort:
+            raise SecAggProtocolError(
+                f"the secure round has {n} participants, below this device's minimum of "
+                f"{self.policy.min_cohort} (--min-secagg-cohort): a sum of so few updates "
+                "reveals too much of each"
+            )
+        if k > max(self.task.secagg.degree, 1) or k < 1 or k > n - 1:
+            raise SecAggProtocolError(f"unsafe degree {k} from the server for {n} participants")
+        bound = threshold_bound(n, k, self.policy.corrupt_fraction)
+        if t < bound or t > k + 1:
+            raise SecAggProtocolError(
+                f"unsafe threshold {t} from the server: with {n} participants, degree {k} "
+                f"and up to a fraction {self.policy.corrupt_fraction:g} of hostile devices "
+                f"this device needs at least {bound} (more than half of the {k + 1} share "
+                "holders plus the hostile ones among them)"
+            )
+
+    def _check_survivor_set(
+        self,
+        request: pb.UnmaskRequest,
+        participants: list[str],
+        peers: dict[str, pb.RoundKeys],
+        shared_with_me: set[str],
+    ) -> list[str]:
+        """The round's survivor set, if it agrees with everything this device knows."""
+        everyone = list(request.round_survivors)
+        if everyone != sorted(set(everyone)):
+            raise SecAggProtocolError("the survivor set is not a sorted list of distinct ids")
+        if self.me not in everyone:
+            raise SecAggProtocolError("the survivor set does not include this device")
+        if not set(everyone) <= set(participants):
+            raise SecAggProtocolError("the survivor set names devices that did not advertise keys")
+        if len(everyone) < self.policy.min_cohort:
+            raise SecAggProtocolError(
+                f"the sum would hold {len(everyone)} updates, below this device's minimum of "
+                f"{self.policy.min_cohort} (--min-secagg-cohort); refusing to unmask it"
+            )
+        if request.total_survivors != len(everyone):
+            raise SecAggProtocolError("the unmask request's count disagrees with the survivor set")
+        stray = sorted((set(everyone) & set(peers)) - shared_with_me)
+        if stray:
+            # Bonawitz et al.'s U3 within U2: a survivor I hold no mask with would let the
+            # server strip every mask I did add by calling my real partners dropped.
+            raise SecAggProtocolError(
+                f"the survivor set names {stray[0]}, which did not share keys with this device"
+            )
+        survivors = sorted({self.me} | (shared_with_me & set(everyone)))
+        dropped = sorted(shared_with_me - set(everyone))
+        if list(request.survivors) != survivors or list(request.dropped) != dropped:
+            raise SecAggProtocolError(
+                "the unmask request's survivors and dropped disagree with the survivor set"
+            )
+        return everyone
+
+    def _confirm(
+        self,
+        everyone: list[str],
+        participants: list[str],
+        peers: dict[str, pb.RoundKeys],
+        owners: set[str],
+        t: int,
+    ) -> bool:
+        """Consistency check: t holders of each secret I reveal for signed this very set.
+
+        False when the server answers that the round already completed with this device's
+        update in its sum: then it reveals nothing.
+        """
+        message = survivors_message(
+            self.round_id, self.task.model_name, self.task.model_version, everyone
+        )
+        request = pb.ConfirmSurvivorsRequest(
+            round_id=self.round_id, signature=sign_keys(self.identity, message)
+        )
+        # Late confirmations are accepted while the round unmasks; once the sum is unmasked
+        # the server answers round_completed (or "closed" if the round failed: an error).
+        response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
+            "ConfirmSurvivors", request
+        )
+        self.report.confirm_bytes = request.ByteSize() + response.ByteSize()
+        if response.round_completed:
+            self.report.completed_version = response.completed_version
+            return False
+        started = time.thread_time()  # CPU: devices share cores in simulations
+        known = {d: k.identity_public_key for d, k in peers.items()}
+        known[self.me] = self._my_identity_key()
+        signed: set[str] = set()
+        strangers: dict[str, bytes] = {}
+        for entry in response.signatures:
+            d = entry.device_id
+            if d not in participants or d in signed:
+                raise SecAggProtocolError(f"unexpected survivor-set signature from {d}")
+            if d in known and entry.identity_public_key != known[d]:
+                raise SecAggProtocolError(f"the identity key relayed for {d} has changed")
+            if not verify_keys(entry.identity_public_key, message, entry.signature):
+                raise SecAggProtocolError(
+                    f"the signature of {d} is not over the survivor set this device was given: "
+                    "the server told devices different stories"
+                )
+            if d not in known:
+                strangers[d] = entry.identity_public_key
+            signed.add(d)
+        changed = self.identities.pin(strangers)
+        if changed:
+            raise SecAggProtocolError(
+                f"identity key of {changed[0]} differs from the one pinned earlier"
+            )
+        confirmed = signed & set(everyone)
+        for v in sorted(owners):
+            holders = {v, *self.graph[v]}
+            if len(holders & confirmed) < t:
+                raise SecAggProtocolError(
+                    f"only {len(holders & confirmed)} holders of shares of {v} confirmed the "
+                    f"survivor set this device was given; {t} needed before revealing anything"
+                )
+        self.report.confirm_seconds = time.thread_time() - started
+        return True
+
+    def _my_identity_key(self) -> bytes:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        return self.identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def _verified_neighbours(
         self, advertised: pb.AdvertiseKeysResponse, participants: list[str]
     ) -> dict[str, pb.RoundKeys]:
         if self.me not in participants:
             raise SecAggProtocolError("the participant list does not include this device")
-        expected = neighbours(
+        self.graph = neighbours(
             participants, advertised.degree, graph_seed(self.round_id, participants)
-        )[self.me]
+        )
+        expected = self.graph[self.me]
         peers = {k.device_id: k for k in advertised.neighbours}
-        if sorted(peers) != expected:
+        if len(peers) != len(advertised.neighbours) or sorted(peers) != expected:
             raise SecAggProtocolError("the server's neighbour list is not the round's graph")
         for k in peers.values():
             message = keys_message(
@@ -363,7 +603,22 @@ class SecAggDevice:
             for chunk in iter_chunks(data, CHUNK_BYTES):
                 yield pb.MaskedChunk(data=chunk)
 
-        self.stub.UploadMasked(  # type: ignore[attr-defined]
-            messages(), metadata=self.metadata, timeout=self.timeout()
-        )
+        give_up = time.monotonic() + self.timeout()
+        delay = 0.1
+        resent = False
+        while True:
+            try:
+                self.stub.UploadMasked(  # type: ignore[attr-defined]
+                    messages(), metadata=self.metadata, timeout=self.timeout()
+                )
+                break
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS and resent:
+                    break  # the first stream was accepted; its answer was lost
+                if err.code() not in RESEND or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self.resends += 1
+            resent = True
         self.report.bytes_sent += len(data)

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from common.atrest import Sealer
 
+MAX_ROUNDS_REMEMBERED = 10_000
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -33,6 +35,21 @@ class LocalStore:
     def __init__(self, state_dir: str | Path, sealer: Sealer) -> None:
         self.dir = Path(state_dir)
         self._sealer = sealer
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete temporary files of writes that were killed midway; returns their names.
+
+        Only the process that owns the store may call this (at start): another
+        process's write in progress would lose its temporary file.
+        """
+        if not self.dir.is_dir():
+            return []
+        removed = []
+        for leftover in self.dir.glob(".tmp-*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover.name)
+        return removed
 
     def _read_bytes(self, path: Path) -> bytes:
         """Opened contents of path (FileNotFoundError if absent, DataKeyError if unopenable)."""
@@ -145,6 +162,28 @@ class IdentityStore:
             self._store._write_json(self.peers_path, pinned)
         return changed
 
+    @property
+    def rounds_path(self) -> Path:
+        return self._store.dir / "secagg-rounds.json"
+
+    def remember_round(self, round_id: str) -> bool:
+        """Record that this device runs secure round `round_id`; False if it already did.
+
+        A device never runs one round id twice (a replayed round could make it reveal
+        shares of a second set of secrets under signatures bound to the first). The
+        newest MAX_ROUNDS_REMEMBERED ids are kept.
+        """
+        try:
+            seen: list[str] = self._store._read_json(self.rounds_path)
+        except FileNotFoundError:
+            seen = []
+        if round_id in seen:
+            return False
+        seen = [*seen, round_id][-MAX_ROUNDS_REMEMBERED:]
+        self._store._write_json(self.rounds_path, seen)
+        return True
+
     def clear(self) -> None:
+        # The rounds it ran stay remembered: a new identity must not rejoin them either.
         self.key_path.unlink(missing_ok=True)
         self.peers_path.unlink(missing_ok=True)

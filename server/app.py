@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -28,18 +29,29 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.atrest import Sealer, load_key
+from common.atrest import Sealer
+from common.certs import Role
 from common.config import setting
-from common.data import digits_split
 from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, mlp_for_params, num_parameters
+from common.models import ModelSpec, build_model, num_parameters
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
+from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from common.tls import server_credentials
+from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
+from server.security import (
+    Exposure,
+    Principal,
+    check_exposure,
+    parse_admin_tokens,
+    read_secret,
+    resolve_data_key,
+)
 from server.services.admin import AdminServicer
 from server.services.aio import Changes, Runner, capture_handlers, register_servicer
 from server.services.common import AuthInterceptor
@@ -63,7 +75,17 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: all interfaces)", "XENO_HOST")
     port: int = setting(50051, "TCP port to listen on; 0 picks a free one", "XENO_PORT")
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL", "XENO_DB")
-    model: str = setting("digits-mlp", "name of the federated model", "XENO_MODEL")
+    task: str = setting(
+        "digits",
+        "what a new model trains: digits (an MLP on 8x8 digits) or intents (the fastText-style "
+        "model on CLINC150's 150 intents); sets the model's spec and the evaluation data",
+        "XENO_TASK",
+    )
+    model: str = setting(
+        "",
+        "name of the federated model (empty: digits-mlp or intents-fasttext, by --task)",
+        "XENO_MODEL",
+    )
     hidden: str = setting(
         "64",
         "MLP hidden layer sizes, comma-separated (used when the model is created)",
@@ -130,6 +152,11 @@ class ServerConfig:
         "seconds after which a round closes with what it has (or fails)",
         "XENO_ROUND_DEADLINE",
     )
+    max_examples_weight: int = setting(
+        1_000_000,
+        "a plain round weighs each update by its example count, capped at this",
+        "XENO_MAX_EXAMPLES_WEIGHT",
+    )
     selection_window: float = setting(
         2.0,
         "seconds to wait for more devices once min-clients are available",
@@ -180,8 +207,16 @@ class ServerConfig:
     )
     secagg_threshold: int = setting(
         0,
-        "shares needed to reconstruct t (0: a majority of the k + 1 holders)",
+        "shares needed to reconstruct t (0, or anything lower: the malicious-model bound "
+        "floor((k + 1 + a) / 2) + 1, a the corrupt neighbours tolerated)",
         "XENO_SECAGG_THRESHOLD",
+    )
+    secagg_corrupt_fraction: float = setting(
+        0.05,
+        "fraction of a round's devices that may be hostile or the server's own; the "
+        "threshold and degree are derived to tolerate them (devices refuse less than "
+        "their own --secagg-corrupt-fraction)",
+        "XENO_SECAGG_CORRUPT_FRACTION",
     )
     dp: str = setting(
         "none",
@@ -252,7 +287,10 @@ class ServerConfig:
     )
     dp_sgd_delta: float = setting(1e-5, "delta of the sample-level guarantee", "XENO_DP_SGD_DELTA")
     eval_data: str = setting(
-        "digits", "held-out data for server-side evaluation: digits or none", "XENO_EVAL_DATA"
+        "auto",
+        "held-out data for server-side evaluation: auto (the task's: a fifth of digits, or "
+        "CLINC150's in-scope test split) or none",
+        "XENO_EVAL_DATA",
     )
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
     test_fraction: float = setting(
@@ -261,16 +299,59 @@ class ServerConfig:
     data_key_file: str = setting(
         "",
         "file with the 32-byte data key (64 hex characters) that encrypts model blobs at rest; "
-        "the XENO_DATA_KEY variable may hold the key itself",
+        "the XENO_DATA_KEY variable may hold the key itself. Neither given: the key file "
+        "xeno.key next to the SQLite database (./data for PostgreSQL), created on first start",
         "XENO_DATA_KEY_FILE",
+    )
+    enrollment_key_file: str = setting(
+        "",
+        "file holding the secret devices must present to register (owner-only)",
+        "XENO_ENROLLMENT_KEY_FILE",
     )
     enrollment_key: str = setting(
         "",
-        "secret devices must present to register (empty: open enrollment)",
+        "the enrollment secret itself (prefer --enrollment-key-file: a flag's value shows in "
+        "process listings; empty: open enrollment, loopback or mTLS only)",
         "XENO_ENROLLMENT_KEY",
     )
+    admin_token_file: str = setting(
+        "",
+        "file of admin credentials (owner-only): one bearer token per line, either TOKEN "
+        "(role admin) or NAME ROLE TOKEN with ROLE viewer, operator or admin; make one with "
+        "`xeno-fl admin token add FILE NAME --role ROLE`",
+        "XENO_ADMIN_TOKEN_FILE",
+    )
     admin_token: str = setting(
-        "", "bearer token admin calls must carry (empty: admin API open)", "XENO_ADMIN_TOKEN"
+        "",
+        "an admin bearer token itself, role admin (prefer --admin-token-file: a flag's value "
+        "shows in process listings; none at all: the admin API is open, loopback only)",
+        "XENO_ADMIN_TOKEN",
+    )
+    token_ttl: float = setting(
+        30 * 86400.0,
+        "seconds a device token stays valid after its last use (0: forever); an expired "
+        "device registers again",
+        "XENO_TOKEN_TTL",
+    )
+    tls_cert: str = setting(
+        "", "PEM certificate the server presents (TLS); needs --tls-key", "XENO_TLS_CERT"
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert (owner-only)", "XENO_TLS_KEY")
+    tls_client_ca: str = setting(
+        "",
+        "PEM CA certificate client certificates must be signed by: devices and admins "
+        "connect with a certificate (mTLS), and a device is bound to its certificate",
+        "XENO_TLS_CLIENT_CA",
+    )
+    insecure: bool = setting(
+        False,
+        "allow plaintext gRPC on a non-loopback address (only behind a proxy that terminates TLS)",
+        "XENO_INSECURE",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "address of the Prometheus /metrics endpoint (0.0.0.0: all interfaces)",
+        "XENO_METRICS_HOST",
     )
     metrics_port: int = setting(
         9464,
@@ -371,11 +452,14 @@ class ServerConfig:
             peer_register_burst=self.peer_register_burst,
         )
 
+    def __post_init__(self) -> None:
+        task = TaskName.parse(self.task)
+        if not self.model:
+            object.__setattr__(self, "model", default_model_name(task))
+
     def model_spec(self) -> ModelSpec:
-        if self.params > 0:
-            return mlp_for_params(self.params)
         hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
-        return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})
+        return model_spec_for(TaskName.parse(self.task), hidden, self.params)
 
     def round_config(self) -> RoundConfig:
         return RoundConfig(
@@ -383,6 +467,7 @@ class ServerConfig:
             clients_per_round=self.clients_per_round,
             overselect=self.overselect,
             round_deadline_s=self.round_deadline,
+            max_examples_weight=self.max_examples_weight,
             selection_window_s=self.selection_window,
             rounds=self.rounds,
             staging_buffers=self.staging_buffers,
@@ -394,6 +479,7 @@ class ServerConfig:
             secagg_dropout=self.secagg_dropout,
             secagg_degree=self.secagg_degree,
             secagg_threshold=self.secagg_threshold,
+            secagg_corrupt_fraction=self.secagg_corrupt_fraction,
             user_dp=self.user_dp_policy(),
             dp_sgd=self.dp_sgd,
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
@@ -471,12 +557,24 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
     log.info("created model %s (%s) at version 1", config.model, spec)
 
 
+def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
+    """The admin credentials: the token file's, plus --admin-token (role admin)."""
+    tokens: dict[str, Principal] = {}
+    if config.admin_token_file:
+        text = read_secret("", config.admin_token_file, "admin token file")
+        tokens.update(parse_admin_tokens(text, config.admin_token_file))
+    if config.admin_token:
+        tokens[config.admin_token] = Principal("admin", Role.ADMIN)
+    return tokens
+
+
 def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
     if config.eval_data == "none":
         return None
-    if config.eval_data != "digits":
-        raise ValueError(f"unknown eval data {config.eval_data!r}; use digits or none")
-    _, test = digits_split(config.data_seed, config.test_fraction)
+    task = TaskName.parse(config.task)
+    if config.eval_data not in ("auto", task.value):
+        raise ValueError(f"unknown eval data {config.eval_data!r}; use auto or none")
+    test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
     module = build_model(spec)
 
     def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
@@ -511,8 +609,12 @@ class XenoServer:
     """A running aggregation server (gRPC + round driver)."""
 
     def __init__(
-        self, config: ServerConfig, recorder: Callable[[str, np.ndarray], None] | None = None
+        self,
+        config: ServerConfig,
+        recorder: Callable[[str, np.ndarray], None] | None = None,
+        store: Store | None = None,
     ) -> None:
+        """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
         StrategyName(config.strategy)  # fail early with a clear message on a typo
         strategy = make_strategy(
@@ -526,12 +628,41 @@ class XenoServer:
         )
         round_config = config.round_config()
         check_strategy(strategy, round_config)  # before anything is created on disk
-        self.store = Store(config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY")))
+        # Secrets and certificates are checked before anything is created on disk.
+        enrollment_key = read_secret(
+            config.enrollment_key, config.enrollment_key_file, "enrollment key file"
+        )
+        self.admin_tokens = admin_tokens(config)
+        self._credentials = (
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert or config.tls_key or config.tls_client_ca
+            else None
+        )
+        mtls = bool(config.tls_client_ca)
+        check_exposure(
+            Exposure(
+                host=config.host,
+                tls=self._credentials is not None,
+                mtls=mtls,
+                insecure=config.insecure,
+                enrollment_key=bool(enrollment_key),
+                admin_credential=bool(self.admin_tokens),
+                metrics_host=config.metrics_host,
+                metrics_on=config.metrics_port >= 0,
+            )
+        )
+        if config.token_ttl < 0:
+            raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
+        self._owns_store = store is None
+        if store is None:
+            key = resolve_data_key(config.data_key_file, _data_dir(config.db))
+            store = Store(config.db, Sealer(key))
+        self.store = store
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
         assert model is not None
-        self.registry = DeviceRegistry(self.store, config.enrollment_key)
+        self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
         self.coordinator = RoundCoordinator(
             self.store,
             config.model,
@@ -588,7 +719,11 @@ class XenoServer:
             interval_s=config.health_interval,
         )
         try:
-            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            target = f"{config.host}:{config.port}"
+            if self._credentials is not None:
+                self.port = self._grpc.add_secure_port(target, self._credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(target)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -600,13 +735,24 @@ class XenoServer:
         server = grpc.aio.server(
             # Auth first: the guard (and its per-device limits) sees authenticated calls only.
             interceptors=[
-                AuthInterceptor(self.registry.authenticate, config.admin_token),
+                AuthInterceptor(
+                    self.registry.authenticate,
+                    self.admin_tokens,
+                    device_cert_name=self.registry.cert_name if config.tls_client_ca else None,
+                ),
                 self.guard,
             ],
             options=grpc_server_options(config),
         )
         register_federation(
-            FederationServicer(self.registry, self.coordinator, self.runner), server
+            FederationServicer(
+                self.registry,
+                self.coordinator,
+                self.runner,
+                lifecycle=DeviceLifecycle(self.store, config.model),
+                require_device_cert=bool(config.tls_client_ca),
+            ),
+            server,
         )
         register_servicer(
             server,
@@ -655,7 +801,9 @@ class XenoServer:
         self._set_serving(True)
         self.health_monitor.start()
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_host, self.config.metrics_port
+            )
         log.info(
             "serving on %s (model %s, db %s)",
             self.address,
@@ -696,10 +844,22 @@ class XenoServer:
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
-        self.store.close()
+        self.registry.close()
+        if self._owns_store:
+            self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)
+
+
+def _data_dir(url: str) -> str:
+    """Where the server keeps local files: the SQLite database's folder, else ./data."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return str(Path(str(parsed.database)).resolve().parent)
+    return "data"
 
 
 def _safe_url(url: str) -> str:

@@ -5,8 +5,10 @@ Phases (Bonawitz et al. CCS 2017, with the sparse graph of Bell et al. CCS 2020)
     ADVERTISE  devices send signed X25519 round keys       -> U1, the graph over U1
     SHARE      devices send encrypted Shamir shares          -> U2
     UPLOAD     devices stream masked uint32 vectors          -> U3, running sum mod 2^32
-    UNMASK     devices reveal b-shares of survivors and      -> U4, reconstruct, remove masks
-               mask-key shares of dropped neighbours
+    CONFIRM    devices sign the survivor set U3; each gets   -> U4 (the malicious-server
+               the signatures of its two-hop neighbourhood      consistency check)
+    UNMASK     devices of U4 reveal b-shares of survivors    -> U5, reconstruct, remove masks
+               and mask-key shares of dropped neighbours
     DONE / FAILED
 
 A phase closes when every device still in the protocol has answered, or at
@@ -16,6 +18,13 @@ upload is staged (so a broken stream can be discarded), then added modulo
 2^32 in one vectorized step, and masks are removed from the sum only.
 `recorder`, when given, sees every vector the aggregation path receives or
 stores (the tests use it to show none is an individual update).
+
+Against hostile devices: every dealt share is committed to (SHA-256) by its
+dealer in ShareKeys, and a revealed share that does not match its commitment
+is dropped and its sender named on the audit log, so a crafted share cannot
+shift a rebuilt secret; a rebuilt mask key must match the public key its owner
+advertised; the weight element of the sum is read as a signed integer and must
+lie in [survivors, survivors x max_weight].
 
 Nothing here knows about gRPC; errors are FederationError with a kind.
 """
@@ -31,17 +40,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from common.quantize import FixedPoint
+from common.quantize import FixedPoint, centered
 from common.secagg import agree, combine, neighbours, prg_uint32, verify_keys
 from common.secagg.crypto import (
+    COMMITMENT_BYTES,
     NONCE_BYTES,
     TAG_BYTES,
     keys_message,
     mask_info,
+    share_commitment,
     share_point,
+    survivors_message,
+    x25519_public,
 )
-from common.secagg.graph import graph_seed
-from common.secagg.shamir import SHARE_BYTES, decode_share
+from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_bound
+from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from server.errors import ErrorKind, FederationError
 from server.faults import crash_point
 
@@ -57,6 +70,7 @@ class Phase(enum.Enum):
     ADVERTISE = "advertise"
     SHARE = "share"
     UPLOAD = "upload"
+    CONFIRM = "confirm"
     UNMASK = "unmask"
     DONE = "done"
     FAILED = "failed"
@@ -84,6 +98,8 @@ class SecAggSettings:
     phase_timeout_s: float
     # Distributed DP: fewer uploads than this carry less noise than promised; never unmask.
     min_uploads: int = 0
+    # The malicious model: fraction of devices that may be hostile (graph.threshold_bound).
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION
 
 
 @dataclass
@@ -113,6 +129,8 @@ class SecAggRound:
     advertise_deadline: float
     target: int
     recorder: Callable[[str, np.ndarray], None] | None = None
+    model_name: str = ""
+    model_version: int = 0
     phase: Phase = Phase.ADVERTISE
     phase_deadline: float = 0.0
     failure: str = ""
@@ -120,12 +138,25 @@ class SecAggRound:
     participants: list[str] = field(default_factory=list)
     graph: dict[str, list[str]] = field(default_factory=dict)
     shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    # (owner, holder, kind) -> the owner's commitment to that share
+    commitments: dict[tuple[str, str, ShareKind], bytes] = field(default_factory=dict)
     u2: list[str] = field(default_factory=list)
     uploading: set[str] = field(default_factory=set)
     uploaded: list[str] = field(default_factory=list)
     accumulator: np.ndarray | None = None
     requests: dict[str, _Unmasking] = field(default_factory=dict)
+    survivor_set: list[str] = field(default_factory=list)
+    confirmations: dict[str, bytes] = field(default_factory=dict)
+    # Consistency check: per secret the unmasking needs, how many of its holders confirmed.
+    confirmed_holders: dict[str, int] = field(default_factory=dict)
+    # (holder, owner, kind) of every revealed share that failed its commitment
+    bad_shares: list[tuple[str, str, ShareKind]] = field(default_factory=list)
+    threshold: int = 0
     revealed: dict[str, list[tuple[str, ShareKind, int]]] = field(default_factory=dict)
+    # Each device's accepted Unmask message, to answer a resend of it (a lost answer).
+    reveal_messages: dict[str, tuple[tuple[str, ShareKind, bytes], ...]] = field(
+        default_factory=dict
+    )
     result: SecAggResult | None = None
     withdrawn: set[str] = field(default_factory=set)
     share_counts: dict[tuple[str, ShareKind], int] = field(default_factory=dict)
@@ -135,6 +166,7 @@ class SecAggRound:
 
     def __post_init__(self) -> None:
         self.phase_deadline = self.advertise_deadline
+        self.threshold = self.settings.threshold
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -158,6 +190,9 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 1
     def advertise(self, device: str, keys: DeviceKeys) -> None:
+        known = self.keys.get(device)
+        if known is not None and device in self.graph and _same_keys(known, keys):
+            return  # a resend after a lost answer, once the phase closed: the same answer
         self._require_phase(Phase.ADVERTISE, "AdvertiseKeys")
         if device not in self.cohort:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not in this round")
@@ -195,7 +230,14 @@ class SecAggRound:
         return [self.keys[v] for v in self.graph[device]]
 
     # ------------------------------------------------------------------ phase 2
-    def share(self, device: str, shares: dict[str, bytes]) -> None:
+    def share(
+        self,
+        device: str,
+        shares: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if device in self.u2 and self._same_shares(device, shares, commitments or {}):
+            return  # a resend after a lost answer, once the phase closed
         self._require_phase(Phase.SHARE, "ShareKeys")
         if device not in self.graph:
             raise FederationError(ErrorKind.PERMISSION_DENIED, "device is not a participant")
@@ -218,11 +260,36 @@ class SecAggRound:
                 ErrorKind.INVALID_ARGUMENT,
                 f"encrypted shares must be {SHARE_CIPHERTEXT_BYTES} bytes (for {bad[0]})",
             )
+        commitments = commitments or {}
+        holders = expected | {device}
+        if set(commitments) != holders:
+            wrong = sorted(set(commitments) ^ holders)
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                "share commitments must name exactly the neighbours and the sender "
+                f"(wrong or missing: {', '.join(wrong[:5])})",
+            )
+        if any(len(c) != COMMITMENT_BYTES for pair in commitments.values() for c in pair):
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT, f"share commitments are {COMMITMENT_BYTES} bytes"
+            )
         if device in self.shares:
-            if self.shares[device] != shares:
+            if not self._same_shares(device, shares, commitments):
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             return
         self.shares[device] = dict(shares)
+        for holder, (mask_key, seed) in commitments.items():
+            self.commitments[(device, holder, ShareKind.MASK_KEY)] = mask_key
+            self.commitments[(device, holder, ShareKind.SELF_MASK_SEED)] = seed
+
+    def _same_shares(
+        self, device: str, shares: dict[str, bytes], commitments: dict[str, tuple[bytes, bytes]]
+    ) -> bool:
+        return self.shares.get(device) == shares and all(
+            self.commitments.get((device, h, ShareKind.MASK_KEY)) == c[0]
+            and self.commitments.get((device, h, ShareKind.SELF_MASK_SEED)) == c[1]
+            for h, c in commitments.items()
+        )
 
     def shares_for(self, device: str) -> list[tuple[str, bytes]]:
         if device not in self.u2:
@@ -234,14 +301,14 @@ class SecAggRound:
 
     # ------------------------------------------------------------------ phase 3
     def begin_upload(self, device: str, total_elements: int) -> None:
+        if device in self.uploaded:  # also after the phase: a resend after a lost answer
+            raise FederationError(
+                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
+            )
         self._require_phase(Phase.UPLOAD, "UploadMasked")
         if device not in self.u2:
             raise FederationError(
                 ErrorKind.PERMISSION_DENIED, "device did not complete ShareKeys in this round"
-            )
-        if device in self.uploaded:
-            raise FederationError(
-                ErrorKind.ALREADY_EXISTS, "a masked update from this device was already accepted"
             )
         if device in self.uploading:
             raise FederationError(
@@ -279,14 +346,79 @@ class SecAggRound:
             )
         return self.requests[device]
 
+    # ------------------------------------------------------------------ consistency check
+    def confirm(self, device: str, signature: bytes) -> None:
+        """A survivor's signature over the survivor set (Bonawitz et al. 2017, section 4).
+
+        Accepted late, during UNMASK, too: the check closes as soon as enough holders
+        confirmed, and a slower honest device can still check and reveal its shares.
+        """
+        if self.confirmations.get(device) == signature:
+            return  # a resend after a lost answer, also once the phase closed
+        if self.phase is not Phase.UNMASK:
+            self._require_phase(Phase.CONFIRM, "ConfirmSurvivors")
+        self.unmask_request(device)
+        message = survivors_message(
+            self.round_id, self.model_name, self.model_version, self.survivor_set
+        )
+        if not verify_keys(self.identity_keys.get(device, b""), message, signature):
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                "the signature over the survivor set does not verify against the device's "
+                "enrolled identity key",
+            )
+        if device in self.confirmations:
+            if self.confirmations[device] != signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already confirmed the survivor set"
+                )
+            return
+        self.confirmations[device] = signature
+        for v in (device, *self.graph[device]):
+            if v in self.confirmed_holders:
+                self.confirmed_holders[v] += 1
+
+    def _confirm_ready(self) -> bool:
+        """Every secret the sum needs has t holders that confirmed.
+
+        Then each device's check can pass, so stragglers (devices that uploaded, then
+        vanished) are not waited for.
+        """
+        t = self.threshold
+        return all(count >= t for count in self.confirmed_holders.values())
+
+    def confirmations_for(self, device: str) -> list[tuple[str, bytes, bytes]]:
+        """(signer, signature, identity key) of the confirmed devices within two hops."""
+        if device not in self.confirmations:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"device did not confirm the survivor set in time for round {self.round_id}",
+            )
+        near = {device, *self.graph[device]}
+        for v in list(near):
+            near.update(self.graph[v])
+        return [
+            (v, self.confirmations[v], self.identity_keys[v])
+            for v in sorted(near)
+            if v in self.confirmations
+        ]
+
+    # ------------------------------------------------------------------ phase 4
     def unmask(
         self, device: str, revealed: list[tuple[str, ShareKind, bytes]], unverifiable: list[str]
     ) -> None:
-        if self.phase is Phase.DONE and device in self.requests:
+        if self.phase is Phase.DONE and device in self.confirmations:
             return  # the sum was already unmasked with other devices' shares
         self._require_phase(Phase.UNMASK, "Unmask")
         request = self.unmask_request(device)
+        if device not in self.confirmations:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                "no unmasking for this device: it did not confirm the survivor set in time",
+            )
         if device in self.revealed:
+            if self.reveal_messages.get(device) == tuple(revealed):
+                return  # the same shares again: a resend after a lost answer
             raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already revealed")
         wanted = {v: ShareKind.SELF_MASK_SEED for v in request.survivors}
         wanted.update({v: ShareKind.MASK_KEY for v in request.dropped})
@@ -312,13 +444,31 @@ class SecAggRound:
                 device,
                 sender,
             )
-        self.revealed[device] = parsed
-        for owner, kind, _ in parsed:
+        good: list[tuple[str, ShareKind, int]] = []
+        for owner, kind, y in parsed:
+            committed = self.commitments.get((owner, device, kind))
+            digest = share_commitment(self.round_id, owner, device, kind.value, encode_share(y))
+            if committed != digest:
+                # A share its dealer never dealt: never let it into a reconstruction.
+                audit.warning(
+                    "round %s: device %s revealed a %s share of %s that does not match its "
+                    "owner's commitment; discarded",
+                    self.round_id,
+                    device,
+                    kind.name,
+                    owner,
+                )
+                self.bad_shares.append((device, owner, kind))
+                continue
+            good.append((owner, kind, y))
+        self.revealed[device] = good
+        self.reveal_messages[device] = tuple(revealed)
+        for owner, kind, _ in good:
             self.share_counts[(owner, kind)] = self.share_counts.get((owner, kind), 0) + 1
 
     def _unmask_ready(self) -> bool:
         """Every secret the sum needs has `threshold` shares: no need to wait for stragglers."""
-        t = self.settings.threshold
+        t = self.threshold
         uploaded = set(self.uploaded)
         dropped = {v for v in set(self.u2) - uploaded if uploaded.intersection(self.graph[v])}
         return all(
@@ -337,6 +487,8 @@ class SecAggRound:
             complete = True
         if self.phase is Phase.UNMASK and self._unmask_ready():
             complete = True
+        if self.phase is Phase.CONFIRM and self._confirm_ready():
+            complete = True
         if not complete and now < self.phase_deadline:
             return False
         if self.phase is Phase.UPLOAD and self.uploading and now < self.phase_deadline:
@@ -349,7 +501,8 @@ class SecAggRound:
             Phase.ADVERTISE: self.cohort,
             Phase.SHARE: self.participants,
             Phase.UPLOAD: self.u2,
-            Phase.UNMASK: list(self.requests),
+            Phase.CONFIRM: list(self.requests),
+            Phase.UNMASK: list(self.confirmations),
         }.get(self.phase, [])
 
     def _answered(self) -> set[str]:
@@ -357,6 +510,7 @@ class SecAggRound:
             Phase.ADVERTISE: set(self.keys),
             Phase.SHARE: set(self.shares),
             Phase.UPLOAD: set(self.uploaded),
+            Phase.CONFIRM: set(self.confirmations),
             Phase.UNMASK: set(self.revealed),
         }.get(self.phase, set())
 
@@ -370,13 +524,16 @@ class SecAggRound:
             now - self.phase_started if self.phase_started else 0.0
         )
         self.phase_started = now
-        t = self.settings.threshold
+        t = self.threshold
         deadline = now + self.settings.phase_timeout_s
         if self.phase is Phase.ADVERTISE:
             self.participants = sorted(self.keys)
             if len(self.participants) < t:
                 return self._fail(f"{len(self.participants)} devices advertised keys, {t} needed")
             degree = min(self.settings.degree, len(self.participants) - 1)
+            # The bound for the cohort that did advertise (devices check the same one).
+            bound = threshold_bound(len(self.participants), degree, self.settings.corrupt_fraction)
+            self.threshold = min(max(self.threshold, bound), degree + 1)
             self.graph = neighbours(
                 self.participants, degree, graph_seed(self.round_id, self.participants)
             )
@@ -402,6 +559,17 @@ class SecAggRound:
                     survivors=sorted([u, *(v for v in near if v in survivors)]),
                     dropped=sorted(v for v in near if v not in survivors),
                 )
+            self.survivor_set = sorted(survivors)
+            dropped_needed = {
+                v for v in set(self.u2) - survivors if survivors.intersection(self.graph[v])
+            }
+            self.confirmed_holders = dict.fromkeys(survivors | dropped_needed, 0)
+            self.phase, self.phase_deadline = Phase.CONFIRM, deadline
+        elif self.phase is Phase.CONFIRM:
+            if len(self.confirmations) < t:
+                return self._fail(
+                    f"{len(self.confirmations)} devices confirmed the survivor set, {t} needed"
+                )
             self.phase, self.phase_deadline = Phase.UNMASK, deadline
             crash_point("unmask")
         elif self.phase is Phase.UNMASK:
@@ -419,7 +587,7 @@ class SecAggRound:
 
     def _unmask_sum(self) -> SecAggResult:
         assert self.accumulator is not None
-        t = self.settings.threshold
+        t = self.threshold
         survivors = sorted(self.uploaded)
         dropped = sorted(set(self.u2) - set(self.uploaded))
         collected: dict[tuple[str, ShareKind], dict[int, int]] = {}
@@ -444,7 +612,13 @@ class SecAggRound:
             points = collected.get((v, ShareKind.MASK_KEY), {})
             if len(points) < t:
                 raise ValueError(f"only {len(points)} shares of the mask key of {v}, {t} needed")
-            mask_key = X25519PrivateKey.from_private_bytes(combine(points, t))
+            raw = combine(points, t)
+            if x25519_public(raw) != self.keys[v].mask_public_key:
+                raise ValueError(
+                    f"the rebuilt mask key of {v} does not match the public key it advertised: "
+                    "its dealt shares are inconsistent"
+                )
+            mask_key = X25519PrivateKey.from_private_bytes(raw)
             for w in self.graph[v]:
                 if w not in self.uploaded:
                     continue
@@ -456,11 +630,27 @@ class SecAggRound:
                     total += prg_uint32(seed, n, scratch)
         self._record("unmasked-sum", total)
         fixed_point = self.settings.fixed_point
-        weighted_sum, weight_sum = fixed_point.decode(total)
+        weighted_sum, _unsigned_weight = fixed_point.decode(total)
         if fixed_point.indicator_scale:
             # The last element is the noisy clipped count; every upload weighs 1.
             inside = fixed_point.decode_indicator(total, len(survivors))
             return SecAggResult(weighted_sum, float(len(survivors)), survivors, dropped, inside)
-        if weight_sum <= 0:
-            raise ValueError("the unmasked weight sum is not positive: inconsistent shares")
-        return SecAggResult(weighted_sum, weight_sum, survivors, dropped)
+        # Each honest weight element is in [1, W]: read the sum signed and bound it, so one
+        # upload with a huge or negative weight cannot wrap the sum into a tiny divisor.
+        weight_units = int(centered(total[-1:])[0])
+        low, high = len(survivors), len(survivors) * fixed_point.max_weight
+        if not low <= weight_units <= high:
+            raise ValueError(
+                f"the unmasked weight sum {weight_units} is outside [{low}, {high}] "
+                f"({len(survivors)} uploads of weight 1..{fixed_point.max_weight}): an upload "
+                "carries an out-of-range weight element"
+            )
+        return SecAggResult(weighted_sum, weight_units / fixed_point.max_weight, survivors, dropped)
+
+
+def _same_keys(a: DeviceKeys, b: DeviceKeys) -> bool:
+    return (
+        a.encryption_public_key == b.encryption_public_key
+        and a.mask_public_key == b.mask_public_key
+        and a.signature == b.signature
+    )

@@ -24,6 +24,9 @@ torch.set_num_threads(1)
 # Data keys for servers and devices started by the tests (subprocesses inherit them).
 os.environ.setdefault("XENO_DATA_KEY", "11" * 32)
 os.environ.setdefault("XENO_DEVICE_KEY", "22" * 32)
+# Test federations have 2-4 devices: below the devices' default minimum secure cohort
+# of 5 (tests/test_secagg_attacks.py runs devices with the default).
+os.environ.setdefault("XENO_MIN_SECAGG_COHORT", "2")
 
 
 def _postgres_urls() -> list[str]:
@@ -140,12 +143,19 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
     started: list[DeviceThread] = []
 
     def start(
-        server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any
+        server: XenoServer,
+        n: int,
+        num_partitions: int | None = None,
+        before_start: Callable[[DeviceClient], None] | None = None,
+        **overrides: Any,
     ) -> list[DeviceThread]:
         out = []
         # Devices run the plain rounds of a server started without secure aggregation.
         config_of = getattr(server, "config", None)  # None: a stand-in for a server not up yet
         overrides.setdefault("allow_plaintext", not (config_of or FAST_SERVER).secagg)
+        # Federations of 2-4 test devices: their secure rounds are below the devices'
+        # default minimum cohort of 5 (tests/test_secagg_attacks.py keeps the default).
+        overrides.setdefault("min_secagg_cohort", 2)
         for i in range(n):
             config = ClientConfig(
                 server=server.address,
@@ -158,6 +168,8 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
             )
             stop = threading.Event()
             client = DeviceClient(config, load_partition(config), stop)
+            if before_start is not None:
+                before_start(client)
             thread = threading.Thread(target=client.run, daemon=True, name=f"device-{i}")
             thread.start()
             dt = DeviceThread(client, thread, stop)

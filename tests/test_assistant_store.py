@@ -135,14 +135,33 @@ def test_migrations_run_in_order_and_only_once(home: Path, monkeypatch: pytest.M
         calls.append(2)
         db.execute("ALTER TABLE episodes ADD COLUMN mood TEXT DEFAULT 'ok'")  # type: ignore[attr-defined]
 
+    n = store_mod.SCHEMA_VERSION
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, v2])
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", n + 1)
     with UserStore("gus") as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == n + 1
         assert s.query("SELECT description, mood FROM episodes") == [("old", "ok")]
     with UserStore("gus") as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == n + 1
     assert calls == [2]
+
+
+def test_a_version_1_store_is_migrated_keeping_its_rows(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    with UserStore("vic") as s, s.transaction() as db:
+        db.execute(
+            "INSERT INTO interactions (ts, query, response, context, feedback) "
+            "VALUES (1e9, 'q', 'r', '{}', 4)"
+        )
+    monkeypatch.undo()
+    monkeypatch.setenv("XENO_HOME", str(home))
+    monkeypatch.setenv("XENO_DEVICE_KEY", KEY)
+    with UserStore("vic", limits=store_mod.Limits(retention_days=36500)) as s:
+        assert s.schema_version() == store_mod.SCHEMA_VERSION
+        assert s.query("SELECT query, feedback, observed FROM interactions") == [("q", 4, "{}")]
 
 
 def test_a_failing_migration_leaves_the_old_schema(
@@ -155,15 +174,16 @@ def test_a_failing_migration_leaves_the_old_schema(
         db.execute("ALTER TABLE episodes ADD COLUMN mood TEXT")  # type: ignore[attr-defined]
         raise RuntimeError("disk on fire")
 
+    n = store_mod.SCHEMA_VERSION
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, broken])
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", n + 1)
     with pytest.raises(RuntimeError, match="disk on fire"):
         UserStore("hal")
     monkeypatch.undo()
     monkeypatch.setenv("XENO_HOME", str(home))
     monkeypatch.setenv("XENO_DEVICE_KEY", KEY)
     with UserStore("hal") as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == n
         assert descriptions(s) == ["old"]
 
 

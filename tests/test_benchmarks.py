@@ -62,3 +62,51 @@ def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
     seconds = line["dp_sgd_epoch_seconds"]
     assert isinstance(seconds, dict)
     assert set(seconds) == {"plain_epoch_s", "dp_sgd_epoch_s", "ratio", "hooks_ratio"}
+
+
+@pytest.mark.slow
+def test_robust_benchmark_times_every_rule() -> None:
+    line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
+    seconds = line["seconds"]
+    assert isinstance(seconds, dict)
+    assert set(seconds) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+
+
+@pytest.mark.slow
+def test_personalization_benchmark_reports_shares() -> None:
+    line = _json_line("benchmarks/personalization.py", "--users", "3", "--interactions", "10")
+    assert set(line["share_right_after"]) == {"10"}  # type: ignore[arg-type]
+    assert line["target_met"] is False  # fewer than 30 interactions: not measured
+
+
+@pytest.mark.slow
+def test_assistant_latency_benchmark_reports_timings() -> None:
+    line = _json_line("benchmarks/assistant_latency.py", "--examples", "60", "--predictions", "50")
+    assert isinstance(line["train_seconds_median"], float)
+    assert isinstance(line["predict_cpu_ms_p99"], float)
+
+
+@pytest.mark.slow
+def test_lifecycle_benchmark_reports_each_figure() -> None:
+    line = _json_line(
+        "benchmarks/lifecycle.py", "--results", "2000", "--points", "500", "--assigns", "1000"
+    )
+    figures = line["sqlite"]
+    assert isinstance(figures, dict)
+    assert figures["analyze_results"] == 2000 and figures["get_trend_points"] == 500
+    for key in ("assign_variant_per_s", "analyze_test_s", "get_trend_s", "rollback_to_serving_s"):
+        assert isinstance(figures[key], int | float) and figures[key] > 0
+
+
+@pytest.mark.slow
+def test_personal_benchmark_compares_body_and_scratch() -> None:
+    line = _json_line(
+        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+    )
+    assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "body",
+        "scratch",
+        "body+ngrams",
+        "finetune-body",
+        "finetune-scratch",
+    }

@@ -37,7 +37,13 @@ def store(db_url: str) -> Store:
 
 
 def make(store: Store, clock: Clock, **cfg) -> RoundCoordinator:
-    defaults = dict(min_clients=2, clients_per_round=3, round_deadline_s=10, selection_window_s=1)
+    defaults = dict(
+        min_clients=2,
+        clients_per_round=3,
+        round_deadline_s=10,
+        selection_window_s=1,
+        availability_ttl_s=15,
+    )
     defaults.update(cfg)
     return RoundCoordinator(
         store,

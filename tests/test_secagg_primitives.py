@@ -116,15 +116,39 @@ def test_neighbour_graph_is_regular_symmetric_and_shared(n: int) -> None:
 
 
 def test_derived_params_grow_logarithmically_and_meet_the_failure_target() -> None:
-    small, big = derive_params(100), derive_params(1000)
+    # Semi-honest (no corrupt devices assumed): the degree grows like log n.
+    small, big = derive_params(100, corrupt_fraction=0), derive_params(1000, corrupt_fraction=0)
     assert big.degree <= small.degree + 8 and big.degree < 60
     for n in (100, 1000):
-        p = derive_params(n)
-        tail = sum(
-            math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
-        )
-        assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
+        for gamma in (0.0, 0.05, 0.1):
+            p = derive_params(n, corrupt_fraction=gamma)
+            tail = sum(
+                math.comb(p.degree, i) * 0.9**i * 0.1 ** (p.degree - i) for i in range(p.threshold)
+            )
+            assert n * tail <= 1e-6 and p.threshold > (p.degree + 1) / 2
     assert derive_params(5) == derive_params(5).__class__(degree=4, threshold=3)
+
+
+@pytest.mark.parametrize("n", [5, 10, 20, 57, 100, 1000])
+@pytest.mark.parametrize("gamma", [0.0, 0.05, 0.1, 0.2])
+def test_threshold_leaves_the_server_one_share_short_of_both_secrets(n: int, gamma: float) -> None:
+    """2t > k + 1 + a: honest holders reveal one secret each, corrupt ones both."""
+    from scipy.stats import hypergeom
+
+    from common.secagg.graph import SECURITY_BITS, corrupt_neighbours, threshold_bound
+
+    p = derive_params(n, corrupt_fraction=gamma)
+    k, corrupt = p.degree, math.floor(gamma * n + 1e-9)
+    a = corrupt_neighbours(n, k, gamma)
+    if k == n - 1:  # complete graph: every corrupt device holds a share (Bonawitz et al.)
+        assert a == corrupt and p.threshold == min((n + corrupt) // 2 + 1, n)
+    else:  # an independent quantile: P[more than a corrupt neighbours] <= 2^-40 / n
+        rv = hypergeom(n - 1, corrupt, k)
+        assert rv.sf(a) <= 2.0**-SECURITY_BITS / n * (1 + 1e-6)
+        assert a == 0 or rv.sf(a - 1) > 2.0**-SECURITY_BITS / n
+    assert p.threshold == threshold_bound(n, k, gamma)
+    if p.threshold <= k + 1 and corrupt < n // 2:
+        assert 2 * p.threshold > k + 1 + a
 
 
 @settings(max_examples=30, deadline=None)
@@ -157,3 +181,54 @@ def test_stochastic_rounding_is_unbiased() -> None:
 def test_centered_lift() -> None:
     values = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=np.uint32)
     np.testing.assert_array_equal(centered(values), [0, 1, 2**31 - 1, -(2**31), -1])
+
+
+class _RoundsAway:
+    """A randomness source under which stochastic rounding always moves away from zero.
+
+    u = 0 makes every fractional part round up (the largest positive code), u = 1 makes
+    none do (the most negative code): the worst case a device's rounding can produce.
+    """
+
+    def __init__(self, u: float) -> None:
+        self.u = u
+
+    def random(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.full(shape, self.u)
+
+
+def _largest_cohort(clip: float, max_weight: int) -> int:
+    """The largest n the encoding accepts (FixedPoint.for_round raises beyond), by bisection."""
+    low, high = 1, 1 << 40
+    while high - low > 1:
+        mid = (low + high) // 2
+        try:
+            FixedPoint.for_round(clip, mid, max_weight)
+            low = mid
+        except ValueError:
+            high = mid
+    return low
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("cohort", ["one", "largest"])
+def test_fixed_point_worst_case_sum_of_n_updates_at_the_clip_decodes_to_n_c(
+    sign: float, cohort: str
+) -> None:
+    """n devices each send +-C e_0 at the maximum weight, rounded away from zero: no wrap."""
+    clip, max_weight = 10.0, 1000  # the server's defaults (--secagg-clip-norm, -max-weight)
+    n = 1 if cohort == "one" else _largest_cohort(clip, max_weight)
+    assert cohort == "one" or n > 1_000_000
+    fp = FixedPoint.for_round(clip, n, max_weight)
+    update = np.zeros(6, dtype=np.float32)
+    update[0] = sign * clip  # exactly at the clip: the largest update a device can send
+    one = fp.encode(update, max_weight, _RoundsAway(0.0 if sign > 0 else 1.0))  # type: ignore[arg-type]
+    # the modular sum of n such uploads, as the server's uint32 accumulator computes it
+    total = ((one.astype(np.uint64) * np.uint64(n)) % np.uint64(1 << 32)).astype(np.uint32)
+    decoded, weights = fp.decode(total)
+    expected = sign * n * clip
+    # each device's rounding moves its code by less than one unit: less than n/s in all
+    assert abs(decoded[0] - expected) <= n / fp.scale
+    assert abs(decoded[0] - expected) <= 1e-2 * n * clip  # and the encoding is still useful
+    assert np.all(decoded[1:] == 0)
+    assert weights == pytest.approx(n)

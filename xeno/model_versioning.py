@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from common.tensors import unflatten_to_state_dict
+from server.lifecycle.abtests import AbTests
 from server.lifecycle.errors import InvalidInputError
 from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.stats import Direction
@@ -28,7 +29,7 @@ from server.lifecycle.versions import DEFAULT_KEEP, VersionControl
 from server.store import Store
 from xeno._store import open_store, weights_of
 
-__all__ = ["ModelVersionControl", "PerformanceTracker"]
+__all__ = ["ABTestingManager", "ModelVersionControl", "PerformanceTracker"]
 
 
 class ModelVersionControl:
@@ -193,3 +194,57 @@ class PerformanceTracker:
     ) -> list[dict[str, Any]]:
         """Stored degradation alerts, newest first."""
         return [a.to_dict() for a in self._log.alerts(model_name, metric_name, limit)]
+
+
+class ABTestingManager:
+    """A/B tests between two model versions (or aliases) across users and devices.
+
+    `traffic_split` is the share of users in variant_a. Assignment is sticky without a
+    stored table: a SHA-256 hash of (test, user). `analyze_test` declares a winner only
+    when Welch's t-test gives p < 0.05 (else "inconclusive"); the seed's example, with one
+    result per arm, is inconclusive.
+    """
+
+    def __init__(self, db: str | None = None, *, store: Store | None = None) -> None:
+        self._store = store or open_store(db)
+        self._owns_store = store is None
+        self._tests = AbTests(self._store)
+
+    def close(self) -> None:
+        if self._owns_store:
+            self._store.close()
+
+    def create_test(
+        self,
+        test_name: str,
+        model_a: str,
+        model_b: str,
+        traffic_split: float = 0.5,
+        metrics: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """A running test; models are `name` (its head now), `name:VERSION` or `name@TAG`."""
+        return self._tests.create(test_name, model_a, model_b, traffic_split, metrics or [])
+
+    def assign_variant(self, test_name: str, user_id: str) -> str:
+        """The user's variant, variant_a or variant_b: the same every time."""
+        return self._tests.assign(test_name, user_id).value
+
+    def record_result(self, test_name: str, variant: str, metrics: dict[str, float]) -> None:
+        """One observation of some of the test's declared metrics in one arm."""
+        self._tests.record(test_name, variant, metrics)
+
+    def analyze_test(self, test_name: str) -> dict[str, Any]:
+        """Per metric: means, difference (b - a), percent_change, winner, counts, 95% CI, p."""
+        return self._tests.analyze(test_name)
+
+    def end_test(
+        self, test_name: str, winner: str | None = None, tag: str = "production"
+    ) -> dict[str, Any]:
+        """Stop assignment and results; tag the winner's version (winner "none": no tag)."""
+        return self._tests.end(test_name, winner, tag)
+
+    def get_test(self, test_name: str) -> dict[str, Any]:
+        return self._tests.get(test_name)
+
+    def list_tests(self) -> list[dict[str, Any]]:
+        return self._tests.all()

@@ -143,7 +143,13 @@ def _v1(db: Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(db: Connection) -> None:
+    # What the personalization engine observed of each response (length, style, tone, format),
+    # computed once when the interaction is recorded rather than on every read.
+    db.execute("ALTER TABLE interactions ADD COLUMN observed TEXT NOT NULL DEFAULT '{}'")
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

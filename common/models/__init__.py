@@ -146,8 +146,17 @@ def mlp_for_params(target: int, input_dim: int = 64, num_classes: int = 10) -> M
 
 
 def infer_spec(state: Any) -> ModelSpec | None:
-    """The zoo spec whose model has exactly this state dict's names and shapes, if any."""
+    """The zoo spec whose model has exactly this state dict's names and shapes, if any.
+
+    fastText's n-gram range is not in its weights: the defaults (3-5) are assumed.
+    """
     names = list(state)
+    if names == ["embedding.weight", "head.weight", "head.bias"]:
+        buckets, dim = (int(d) for d in state["embedding.weight"].shape)
+        classes = int(state["head.bias"].shape[0])
+        if tuple(state["head.weight"].shape) != (classes, dim) or classes < 2:
+            return None
+        return ModelSpec("fasttext", {"buckets": buckets, "dim": dim, "num_classes": classes})
     if not names or len(names) % 2 or not all(n.startswith("net.") for n in names):
         return None
     weights = [state[n] for n in names if n.endswith(".weight")]

@@ -367,3 +367,165 @@ class TrendInfo(_message.Message):
     slope_low: float
     slope_high: float
     def __init__(self, trend: _Optional[str] = ..., direction: _Optional[str] = ..., n: _Optional[int] = ..., tau: _Optional[float] = ..., p_value: _Optional[float] = ..., slope: _Optional[float] = ..., slope_low: _Optional[float] = ..., slope_high: _Optional[float] = ...) -> None: ...
+
+class AbArm(_message.Message):
+    __slots__ = ("model_name", "version", "reference")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    reference: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., reference: _Optional[str] = ...) -> None: ...
+
+class AbTestInfo(_message.Message):
+    __slots__ = ("name", "status", "traffic_split", "metrics", "variant_a", "variant_b", "winner")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_A_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_B_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: str
+    traffic_split: float
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    variant_a: AbArm
+    variant_b: AbArm
+    winner: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., traffic_split: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ..., variant_a: _Optional[_Union[AbArm, _Mapping]] = ..., variant_b: _Optional[_Union[AbArm, _Mapping]] = ..., winner: _Optional[str] = ...) -> None: ...
+
+class CreateAbTestRequest(_message.Message):
+    __slots__ = ("name", "model_a", "model_b", "traffic_split", "metrics")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_A_FIELD_NUMBER: _ClassVar[int]
+    MODEL_B_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_a: str
+    model_b: str
+    traffic_split: float
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., model_a: _Optional[str] = ..., model_b: _Optional[str] = ..., traffic_split: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListAbTestsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAbTestsResponse(_message.Message):
+    __slots__ = ("tests",)
+    TESTS_FIELD_NUMBER: _ClassVar[int]
+    tests: _containers.RepeatedCompositeFieldContainer[AbTestInfo]
+    def __init__(self, tests: _Optional[_Iterable[_Union[AbTestInfo, _Mapping]]] = ...) -> None: ...
+
+class AssignVariantRequest(_message.Message):
+    __slots__ = ("test_name", "user_id")
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    user_id: str
+    def __init__(self, test_name: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class AssignVariantResponse(_message.Message):
+    __slots__ = ("variant", "arm")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    arm: AbArm
+    def __init__(self, variant: _Optional[str] = ..., arm: _Optional[_Union[AbArm, _Mapping]] = ...) -> None: ...
+
+class RecordAbResultRequest(_message.Message):
+    __slots__ = ("test_name", "variant", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    variant: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, test_name: _Optional[str] = ..., variant: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RecordAbResultResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AnalyzeAbTestRequest(_message.Message):
+    __slots__ = ("test_name",)
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    def __init__(self, test_name: _Optional[str] = ...) -> None: ...
+
+class AbMetricAnalysis(_message.Message):
+    __slots__ = ("variant_a_mean", "variant_b_mean", "difference", "percent_change", "winner", "count_a", "count_b", "ci_low", "ci_high", "p_value", "direction")
+    VARIANT_A_MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_B_MEAN_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_A_FIELD_NUMBER: _ClassVar[int]
+    COUNT_B_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    variant_a_mean: float
+    variant_b_mean: float
+    difference: float
+    percent_change: float
+    winner: str
+    count_a: int
+    count_b: int
+    ci_low: float
+    ci_high: float
+    p_value: float
+    direction: str
+    def __init__(self, variant_a_mean: _Optional[float] = ..., variant_b_mean: _Optional[float] = ..., difference: _Optional[float] = ..., percent_change: _Optional[float] = ..., winner: _Optional[str] = ..., count_a: _Optional[int] = ..., count_b: _Optional[int] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., direction: _Optional[str] = ...) -> None: ...
+
+class SampleRatio(_message.Message):
+    __slots__ = ("count_a", "count_b", "expected_share_a", "p_value", "mismatch")
+    COUNT_A_FIELD_NUMBER: _ClassVar[int]
+    COUNT_B_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SHARE_A_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    count_a: int
+    count_b: int
+    expected_share_a: float
+    p_value: float
+    mismatch: bool
+    def __init__(self, count_a: _Optional[int] = ..., count_b: _Optional[int] = ..., expected_share_a: _Optional[float] = ..., p_value: _Optional[float] = ..., mismatch: _Optional[bool] = ...) -> None: ...
+
+class AbAnalysis(_message.Message):
+    __slots__ = ("test", "metrics", "sample_ratio")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AbMetricAnalysis
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AbMetricAnalysis, _Mapping]] = ...) -> None: ...
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    test: AbTestInfo
+    metrics: _containers.MessageMap[str, AbMetricAnalysis]
+    sample_ratio: SampleRatio
+    def __init__(self, test: _Optional[_Union[AbTestInfo, _Mapping]] = ..., metrics: _Optional[_Mapping[str, AbMetricAnalysis]] = ..., sample_ratio: _Optional[_Union[SampleRatio, _Mapping]] = ...) -> None: ...
+
+class EndAbTestRequest(_message.Message):
+    __slots__ = ("test_name", "winner", "tag")
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    winner: str
+    tag: str
+    def __init__(self, test_name: _Optional[str] = ..., winner: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...

@@ -89,6 +89,36 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
                 _registered_method=True)
+        self.CreateAbTest = channel.unary_unary(
+                '/xeno.fl.v1.Admin/CreateAbTest',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CreateAbTestRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
+                _registered_method=True)
+        self.ListAbTests = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ListAbTests',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsResponse.FromString,
+                _registered_method=True)
+        self.AssignVariant = channel.unary_unary(
+                '/xeno.fl.v1.Admin/AssignVariant',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantResponse.FromString,
+                _registered_method=True)
+        self.RecordAbResult = channel.unary_unary(
+                '/xeno.fl.v1.Admin/RecordAbResult',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultResponse.FromString,
+                _registered_method=True)
+        self.AnalyzeAbTest = channel.unary_unary(
+                '/xeno.fl.v1.Admin/AnalyzeAbTest',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AnalyzeAbTestRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbAnalysis.FromString,
+                _registered_method=True)
+        self.EndAbTest = channel.unary_unary(
+                '/xeno.fl.v1.Admin/EndAbTest',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -169,6 +199,44 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAbTest(self, request, context):
+        """A/B tests between two pinned versions: create, assign, record, analyze, end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAbTests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AssignVariant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordAbResult(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnalyzeAbTest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndAbTest(self, request, context):
+        """Stop assignment and results; tag the winner's version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +294,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetTrend,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.SerializeToString,
+            ),
+            'CreateAbTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAbTest,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CreateAbTestRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.SerializeToString,
+            ),
+            'ListAbTests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAbTests,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsResponse.SerializeToString,
+            ),
+            'AssignVariant': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignVariant,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantResponse.SerializeToString,
+            ),
+            'RecordAbResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAbResult,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultResponse.SerializeToString,
+            ),
+            'AnalyzeAbTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnalyzeAbTest,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AnalyzeAbTestRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbAnalysis.SerializeToString,
+            ),
+            'EndAbTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndAbTest,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +623,168 @@ class Admin:
             '/xeno.fl.v1.Admin/GetTrend',
             xeno_dot_fl_dot_v1_dot_admin__pb2.GetTrendRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.TrendInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAbTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/CreateAbTest',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.CreateAbTestRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAbTests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ListAbTests',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAbTestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignVariant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/AssignVariant',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AssignVariantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAbResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/RecordAbResult',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RecordAbResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeAbTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/AnalyzeAbTest',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AnalyzeAbTestRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AbAnalysis.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndAbTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/EndAbTest',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
             options,
             channel_credentials,
             insecure,

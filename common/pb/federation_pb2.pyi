@@ -60,14 +60,30 @@ class CheckInRequest(_message.Message):
     def __init__(self, max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
-    __slots__ = ("task", "wait", "finished")
+    __slots__ = ("task", "wait", "finished", "ab_tests")
     TASK_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    AB_TESTS_FIELD_NUMBER: _ClassVar[int]
     task: Task
     wait: Wait
     finished: Finished
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    ab_tests: _containers.RepeatedCompositeFieldContainer[AbAssignment]
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., ab_tests: _Optional[_Iterable[_Union[AbAssignment, _Mapping]]] = ...) -> None: ...
+
+class AbAssignment(_message.Message):
+    __slots__ = ("test_name", "variant", "model_name", "model_version", "metrics")
+    TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    test_name: str
+    variant: str
+    model_name: str
+    model_version: int
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, test_name: _Optional[str] = ..., variant: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -273,6 +289,25 @@ class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReportPerformanceRequest(_message.Message):
+    __slots__ = ("metrics", "ab_test")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    AB_TEST_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.ScalarMap[str, float]
+    ab_test: str
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., ab_test: _Optional[str] = ...) -> None: ...
+
+class ReportPerformanceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DeclineTaskRequest(_message.Message):
     __slots__ = ("round_id", "reason")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +319,28 @@ class DeclineTaskRequest(_message.Message):
 class DeclineTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("participations_deleted", "ab_results_deleted")
+    PARTICIPATIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    AB_RESULTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    participations_deleted: int
+    ab_results_deleted: int
+    def __init__(self, participations_deleted: _Optional[int] = ..., ab_results_deleted: _Optional[int] = ...) -> None: ...
 
 class RoundKeys(_message.Message):
     __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
@@ -330,12 +387,24 @@ class EncryptedShare(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
-    __slots__ = ("round_id", "shares")
+    __slots__ = ("round_id", "shares", "commitments")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
-    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+    commitments: _containers.RepeatedCompositeFieldContainer[ShareCommitment]
+    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., commitments: _Optional[_Iterable[_Union[ShareCommitment, _Mapping]]] = ...) -> None: ...
+
+class ShareCommitment(_message.Message):
+    __slots__ = ("holder", "mask_key", "self_mask_seed")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SEED_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    mask_key: bytes
+    self_mask_seed: bytes
+    def __init__(self, holder: _Optional[str] = ..., mask_key: _Optional[bytes] = ..., self_mask_seed: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysResponse(_message.Message):
     __slots__ = ("shares",)
@@ -374,14 +443,48 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped", "total_survivors")
+    __slots__ = ("survivors", "dropped", "total_survivors", "round_survivors", "round_completed", "completed_version")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     total_survivors: int
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ...) -> None: ...
+    round_survivors: _containers.RepeatedScalarFieldContainer[str]
+    round_completed: bool
+    completed_version: int
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ..., round_survivors: _Optional[_Iterable[str]] = ..., round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...
+
+class ConfirmSurvivorsRequest(_message.Message):
+    __slots__ = ("round_id", "signature")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    signature: bytes
+    def __init__(self, round_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorSignature(_message.Message):
+    __slots__ = ("device_id", "signature", "identity_public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    signature: bytes
+    identity_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class ConfirmSurvivorsResponse(_message.Message):
+    __slots__ = ("signatures", "round_completed", "completed_version")
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
+    round_completed: bool
+    completed_version: int
+    def __init__(self, signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ..., round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "share")
@@ -404,5 +507,9 @@ class UnmaskSharesRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., unverifiable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnmaskSharesResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("round_completed", "completed_version")
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round_completed: bool
+    completed_version: int
+    def __init__(self, round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...

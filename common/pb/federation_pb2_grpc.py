@@ -64,6 +64,21 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/xeno.fl.v1.Federation/Leave',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+                _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/xeno.fl.v1.Federation/Forget',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
+                _registered_method=True)
+        self.ReportPerformance = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ReportPerformance',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/xeno.fl.v1.Federation/AdvertiseKeys',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -83,6 +98,11 @@ class FederationStub:
                 '/xeno.fl.v1.Federation/GetUnmaskRequest',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
+                _registered_method=True)
+        self.ConfirmSurvivors = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ConfirmSurvivors',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.FromString,
                 _registered_method=True)
         self.Unmask = channel.unary_unary(
                 '/xeno.fl.v1.Federation/Unmask',
@@ -136,6 +156,35 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """The device is going away (stopped, shutting down): it is no longer available
+        for selection, and a round that selected it and awaits its update stops
+        waiting for it (as after DeclineTask). Idempotent; CheckIn makes it available again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forget(self, request, context):
+        """Erase this device's records on the server (its user asked for deletion,
+        GDPR art. 17): its registration (the token stops working at once), its
+        participation rows and its per-device A/B results. Aggregated model
+        versions and the model's privacy ledger hold no per-device data and stay.
+        FAILED_PRECONDITION while the device is in the open round: retry after it closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPerformance(self, request, context):
+        """How the served model does on the device (inference latency, user satisfaction,
+        ...), outside any round; with an A/B test, also that test's result for the
+        device's own variant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AdvertiseKeys(self, request, context):
         """Secure aggregation (SecAgg+), used instead of UploadUpdate when
         Task.secagg.enabled. Each phase call blocks until the server closes the
@@ -167,8 +216,17 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmSurvivors(self, request, context):
+        """4b. Consistency check: my signature over the round's survivor set in; the
+        signatures of the devices whose secrets I hold shares of (and of their share
+        holders) out. Blocks until the phase closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Unmask(self, request, context):
-        """4b. For each survivor the share of its self-mask seed, for each dropped
+        """4c. For each survivor the share of its self-mask seed, for each dropped
         device the share of its mask key, never both for one device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -208,6 +266,21 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskResponse.SerializeToString,
             ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.SerializeToString,
+            ),
+            'ReportPerformance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPerformance,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.SerializeToString,
+            ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.FromString,
@@ -227,6 +300,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetUnmaskRequest,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.SerializeToString,
+            ),
+            'ConfirmSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSurvivors,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.SerializeToString,
             ),
             'Unmask': grpc.unary_unary_rpc_method_handler(
                     servicer.Unmask,
@@ -407,6 +485,87 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/Leave',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/Forget',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPerformance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ReportPerformance',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def AdvertiseKeys(request,
             target,
             options=(),
@@ -504,6 +663,33 @@ class Federation:
             '/xeno.fl.v1.Federation/GetUnmaskRequest',
             xeno_dot_fl_dot_v1_dot_federation__pb2.GetUnmaskRequestRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.UnmaskRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ConfirmSurvivors',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ConfirmSurvivorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

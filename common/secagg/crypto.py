@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -135,3 +136,51 @@ def prg_uint32(seed: bytes, length: int, out: np.ndarray | None = None) -> np.nd
         encryptor.update_into(_ZEROS[:n], view[start : start + n + _CTR_SLACK])
     view[body:] = encryptor.update(_ZEROS[: len(view) - body])
     return out
+
+
+SURVIVORS_CONTEXT = b"xeno-fl/secagg/v1/survivors"
+SHARE_COMMITMENT_CONTEXT = b"xeno-fl/secagg/v1/share-commitment"
+COMMITMENT_BYTES = 32
+
+
+def _framed(*parts: bytes) -> bytes:
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def survivors_message(
+    round_id: str, model_name: str, model_version: int, survivors: list[str]
+) -> bytes:
+    """What a device signs in the consistency check: the round's survivor set (U3).
+
+    Bound to the round and the task (model and version), the ids sorted, each
+    length-framed, so two different sets never give the same bytes.
+    """
+    return SURVIVORS_CONTEXT + _framed(
+        round_id.encode(),
+        model_name.encode(),
+        model_version.to_bytes(8, "big", signed=True),
+        len(survivors).to_bytes(4, "big"),
+        *(s.encode() for s in sorted(survivors)),
+    )
+
+
+def share_commitment(round_id: str, owner: str, holder: str, kind: int, share: bytes) -> bytes:
+    """SHA-256 commitment to the share of `owner`'s secret of `kind` dealt to `holder`.
+
+    The owner publishes one per share; the server accepts a revealed share only if
+    it matches, so a holder cannot reveal a share the owner did not deal. A share
+    is a uniformly random field element (any t - 1 of them are independent of the
+    secret), so the digest hides it.
+    """
+    digest = hashlib.sha256(SHARE_COMMITMENT_CONTEXT)
+    digest.update(_framed(round_id.encode(), owner.encode(), holder.encode(), bytes([kind]), share))
+    return digest.digest()
+
+
+def x25519_public(private: bytes) -> bytes:
+    """The raw public key of a raw X25519 private key (to check a rebuilt mask key)."""
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )

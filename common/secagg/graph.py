@@ -29,6 +29,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Defaults of the malicious model (docs/security.md). gamma: the fraction of a round's
+# devices that may be the server's own or otherwise hostile; the threshold tolerates that
+# many corrupt share holders except with probability 2^-SECURITY_BITS per device.
+DEFAULT_CORRUPT_FRACTION = 0.05
+SECURITY_BITS = 40
+
 
 @dataclass(frozen=True)
 class SecAggParams:
@@ -41,21 +47,66 @@ def _binomial_tail_below(k: int, t: int, survive: float) -> float:
     return sum(math.comb(k, i) * survive**i * (1 - survive) ** (k - i) for i in range(t))
 
 
-def derive_params(n: int, dropout: float = 0.1, failure_probability: float = 1e-6) -> SecAggParams:
+def corrupt_neighbours(n: int, degree: int, corrupt_fraction: float) -> int:
+    """a: the most corrupt devices among one honest device's `degree` neighbours.
+
+    floor(gamma n) of the n devices are corrupt. In the complete graph every one of
+    them is a neighbour. In the relabelled Harary graph a device's neighbours are
+    a uniformly random `degree`-subset of the other n - 1 (the ring order is a hash),
+    so the count is hypergeometric; a is its 1 - 2^-SECURITY_BITS / n quantile
+    (Bell et al., CCS 2020, section 4; the same rule as Google's fcp secagg
+    parameter finder). Choosing the graph seed to beat that quantile means
+    trying ~2^SECURITY_BITS round ids or participant lists.
+    """
+    corrupt = math.floor(corrupt_fraction * n + 1e-9)
+    if degree >= n - 1 or corrupt == 0:
+        return min(corrupt, degree)
+    others = n - 1
+    total = math.comb(others, degree)
+    target = 2.0**-SECURITY_BITS / n
+    tail = 0.0
+    for a in range(min(corrupt, degree), -1, -1):
+        p = math.comb(corrupt, a) * math.comb(others - corrupt, degree - a) / total
+        if tail + p > target:
+            return a
+        tail += p
+    return 0
+
+
+def threshold_bound(n: int, degree: int, corrupt_fraction: float) -> int:
+    """The smallest safe threshold: floor((k + 1 + a) / 2) + 1 of the k + 1 holders.
+
+    An honest holder reveals one of a device's two secrets, never both; a corrupt
+    one reveals both. The server gets both only if t <= |honest revealing one| + a
+    for each, i.e. 2t <= k + 1 + a: so t = floor((k + 1 + a) / 2) + 1 leaves it
+    one share short (Bonawitz et al. CCS 2017, section 6.2, for the complete graph:
+    t > (n + corrupt) / 2; Bell et al. CCS 2020 for the sparse one).
+    """
+    a = corrupt_neighbours(n, degree, corrupt_fraction)
+    return (degree + 1 + a) // 2 + 1
+
+
+def derive_params(
+    n: int,
+    dropout: float = 0.1,
+    failure_probability: float = 1e-6,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+) -> SecAggParams:
     if n < 2:
         raise ValueError("secure aggregation needs at least 2 devices")
     if not 0 <= dropout < 0.5:
         raise ValueError("expected dropout must be in [0, 0.5)")
+    if not 0 <= corrupt_fraction < 0.5:
+        raise ValueError("the corrupt fraction must be in [0, 0.5)")
     k = max(2, 2 * math.ceil(math.log2(n)))
     k += k % 2
     while k < n - 1:
-        t = (k + 1) // 2 + 1
-        if n * _binomial_tail_below(k, t, 1 - dropout) <= failure_probability:
-            break
+        t = threshold_bound(n, k, corrupt_fraction)
+        if t <= k and n * _binomial_tail_below(k, t, 1 - dropout) <= failure_probability:
+            return SecAggParams(degree=k, threshold=t)
         k += 2
-    if k >= n - 1:
-        k = n - 1
-    return SecAggParams(degree=k, threshold=(k + 1) // 2 + 1)
+    k = n - 1
+    return SecAggParams(degree=k, threshold=min(threshold_bound(n, k, corrupt_fraction), n))
 
 
 def graph_seed(round_id: str, participants: Sequence[str]) -> bytes:

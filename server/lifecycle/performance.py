@@ -106,6 +106,11 @@ class PerformanceLog:
         return int(model_id)
 
     # ---------------------------------------------------------------- record
+    @staticmethod
+    def validate(metric: str, value: Any) -> float:
+        """The value as a float; InvalidInputError for a bad name or a non-finite value."""
+        return _check_value(metric, value)
+
     def record(
         self,
         model_name: str,

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 __all__ = [
     "THEIL_SEN_MAX_POINTS",
@@ -36,6 +35,14 @@ __all__ = [
 ]
 
 THEIL_SEN_MAX_POINTS = 2000
+
+
+def _scipy_stats() -> Any:
+    # Imported on first use: scipy.stats costs about a second, and the server starts
+    # (and restarts after a crash) without needing it.
+    from scipy import stats
+
+    return stats
 
 
 class Direction(enum.Enum):
@@ -87,6 +94,7 @@ def trend(values: np.ndarray, direction: Direction, alpha: float = 0.05) -> Tren
     if n < 3 or np.all(y == y[0]):
         return TrendResult(Trend.STABLE, direction, n, 0.0, 1.0, 0.0, 0.0, 0.0, alpha)
     x = np.arange(n, dtype=np.float64)
+    sps = _scipy_stats()
     tau, p = sps.kendalltau(x, y)
     tau, p = float(tau), float(p)
     if not math.isfinite(p):
@@ -129,6 +137,7 @@ def welch(
         return WelchResult(
             diff, diff, diff, p, math.copysign(math.inf, diff) if diff else 0.0, math.nan
         )
+    sps = _scipy_stats()
     res = sps.ttest_ind_from_stats(
         mean_b, math.sqrt(var_b), n_b, mean_a, math.sqrt(var_a), n_a, equal_var=False
     )
@@ -143,4 +152,4 @@ def sample_ratio_mismatch(count_a: int, count_b: int, share_a: float) -> float:
     if total == 0:
         return 1.0
     expected = [total * share_a, total * (1 - share_a)]
-    return float(sps.chisquare([count_a, count_b], expected).pvalue)
+    return float(_scipy_stats().chisquare([count_a, count_b], expected).pvalue)

@@ -30,13 +30,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
 from common.quantize import FixedPoint
 from common.secagg import derive_params
+from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -48,6 +50,7 @@ from server.privacy import (
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import (
     ModelRecord,
+    OptimizerState,
     ParticipantRecord,
     PrivacyRecord,
     Store,
@@ -57,12 +60,18 @@ from server.store import (
 )
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
+T = TypeVar("T")
 log = logging.getLogger("xeno.server.rounds")
 _RETRY_BASE_S = 0.1
 _RETRY_CAP_S = 2.0
 audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
+
+# How long an unmask call waits for a closing round's aggregation and commit.
+CLOSE_WAIT_S = 30.0
+# Completed rounds whose uploaders are remembered (a late unmask call learns of success).
+RECENT_COMPLETED_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,9 @@ class RoundConfig:
     selection_window_s: float = 2.0
     rounds: int = 0
     max_wait_s: float = 10.0
-    availability_ttl_s: float = 15.0
+    # A device is available while it waits in CheckIn, and for this long after a CheckIn
+    # returned (the gap before its next one); a stopped device is never selected.
+    availability_ttl_s: float = 2.0
     max_examples_weight: int = 1_000_000
     staging_buffers: int = 4
     # Plain rounds: every update is scaled down to this L2 norm before it counts (0: off).
@@ -88,6 +99,7 @@ class RoundConfig:
     secagg_dropout: float = 0.1
     secagg_degree: int = 0
     secagg_threshold: int = 0
+    secagg_corrupt_fraction: float = 0.05
     # User-level DP of the global model (None: off) and sample-level DP-SGD on devices.
     user_dp: UserDpPolicy | None = None
     dp_sgd: bool = False
@@ -111,6 +123,8 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        if self.max_examples_weight < 1:
+            raise ValueError("max_examples_weight must be at least 1")
         if not math.isfinite(self.update_clip_norm) or self.update_clip_norm < 0:
             raise ValueError("the update clip norm must be a finite non-negative number")
         dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
@@ -338,9 +352,15 @@ class RoundCoordinator:
         self._staging = [np.empty(0, dtype=WIRE_DTYPE) for _ in range(config.staging_buffers)]
         self._change_listeners: list[Callable[[Change], None]] = []
         self._available: dict[str, float] = {}
+        self._polling: collections.Counter[str] = collections.Counter()  # CheckIns in flight
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # (version, devices whose update is in the sum) of the last few completed rounds: a
+        # device that uploaded and asks to unmask after the round closed learns it succeeded.
+        self._completed_uploads: collections.OrderedDict[str, tuple[int, frozenset[str]]] = (
+            collections.OrderedDict()
+        )
         self._completed_this_run = 0
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
@@ -367,6 +387,7 @@ class RoundCoordinator:
         self.model = model
         self._vector = store.load_version(model_name, model.current_version)
         strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         self._dp_sgd_task = (
             DpSgdTask(
                 config.dp_sgd_noise_multiplier,
@@ -394,6 +415,21 @@ class RoundCoordinator:
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
+
+    def _restore_optimizer_state(self, version: int) -> None:
+        """Resume the server optimizer (moments, momentum) from the state stored with version."""
+        state = self.store.load_optimizer_state(self.model_name, version)
+        if state is None:
+            return
+        if state.strategy != self.strategy.name:
+            log.warning(
+                "version %d was produced by %s; %s starts from fresh optimizer state",
+                version,
+                state.strategy,
+                self.strategy.name,
+            )
+            return
+        self.strategy.load_state_dict(state.arrays)
 
     # ------------------------------------------------------------------ public API
     def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
@@ -444,25 +480,98 @@ class RoundCoordinator:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def check_in(self, device_id: str, max_wait_s: float) -> CheckInOutcome:
-        """Long poll blocking this thread: a task for this device, or when to come back."""
+    def poll_started(self, device_id: str) -> None:
+        """A CheckIn of this device is waiting: it is available for as long as it waits."""
+        with self._cond:
+            self._polling[device_id] += 1
+
+    def poll_ended(self, device_id: str, cancelled: bool) -> None:
+        """The CheckIn returned, or was cancelled (the device hung up: it is gone)."""
+        with self._cond:
+            self._polling[device_id] -= 1
+            if self._polling[device_id] <= 0:
+                del self._polling[device_id]
+        if cancelled:
+            self.leave(device_id, "check-in cancelled", only_if_untouched=True)
+
+    def check_in(
+        self,
+        device_id: str,
+        max_wait_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> CheckInOutcome:
+        """Long poll: a task for this device, or when to come back.
+
+        `cancelled` tells whether the caller has gone (its RPC was cancelled): the
+        device then stops counting as available at once.
+        """
         wait = max(0.0, min(max_wait_s, self.config.max_wait_s))
         with self._cond:
             give_up = self.clock() + wait
-            while True:
-                if self._finished:
-                    return CheckInOutcome(
-                        finished=True, reason=self.budget_exhausted or "the federation has finished"
-                    )
-                task = self._task_for(device_id)
-                if task is not None:
-                    return task
-                now = self.clock()
-                self._mark_available(device_id, now)
-                remaining = give_up - now
-                if remaining <= 0 or self._stopping.is_set():
-                    return CheckInOutcome(retry_after_ms=200, reason="no task for this device yet")
-                self._cond.wait(min(remaining, 1.0))
+            self._polling[device_id] += 1
+            try:
+                while True:
+                    if self._finished:
+                        return CheckInOutcome(
+                            finished=True,
+                            reason=self.budget_exhausted or "the federation has finished",
+                        )
+                    if cancelled is not None and cancelled():
+                        self._available.pop(device_id, None)
+                        return CheckInOutcome(retry_after_ms=200, reason="check-in cancelled")
+                    task = self._task_for(device_id)
+                    if task is not None:
+                        return task
+                    now = self.clock()
+                    self._mark_available(device_id, now)
+                    remaining = give_up - now
+                    if remaining <= 0 or self._stopping.is_set():
+                        return CheckInOutcome(
+                            retry_after_ms=200, reason="no task for this device yet"
+                        )
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                self._polling[device_id] -= 1
+                if self._polling[device_id] <= 0:
+                    del self._polling[device_id]
+
+    def leave(self, device_id: str, reason: str, only_if_untouched: bool = False) -> None:
+        """The device is gone: never select it, and stop waiting for it in the open round.
+
+        With only_if_untouched (its check-in was cancelled), the open round lets the
+        device go only if it never downloaded the round's model: it may have got its task.
+        """
+        with self._cond:
+            self._available.pop(device_id, None)
+            rnd = self._round
+            participant = rnd.cohort.get(device_id) if rnd is not None else None
+            if rnd is not None and not rnd.closing and participant is not None:
+                untouched = participant.bytes_out == 0
+                if participant.status is Status.SELECTED and (untouched or not only_if_untouched):
+                    participant.status = Status.DECLINED
+                    participant.note = f"left: {reason}"[:500]
+                    if rnd.secagg is not None:
+                        rnd.secagg.withdraw(device_id)
+                        self._advance_secagg(rnd.secagg)
+                    log.info("device %s left round %d: %s", device_id, rnd.number, reason)
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
+
+    def forget(self, device_id: str, erase: Callable[[], T]) -> T:
+        """Take the device out of selection and run `erase` while no round can pick it.
+
+        Refused (FAILED_PRECONDITION) while the device is in the open round's
+        cohort: that round's records still name it, so it must close first.
+        """
+        with self._cond:
+            rnd = self._round
+            if rnd is not None and device_id in rnd.cohort:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the device is in round {rnd.number}; call Forget again after it closes",
+                )
+            self._available.pop(device_id, None)
+            return erase()
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -686,11 +795,15 @@ class RoundCoordinator:
                 list(secagg.participants),
                 secagg.neighbour_keys(device_id),
                 degree,
-                secagg.settings.threshold,
+                secagg.threshold,
             )
 
     def share_keys(
-        self, device_id: str, round_id: str, shares: dict[str, bytes]
+        self,
+        device_id: str,
+        round_id: str,
+        shares: dict[str, bytes],
+        commitments: dict[str, tuple[bytes, bytes]] | None = None,
     ) -> list[tuple[str, bytes]]:
         """Phase 2: accept encrypted shares; once the phase closes, the shares for me.
 
@@ -700,7 +813,7 @@ class RoundCoordinator:
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
-                secagg.share(device_id, shares)
+                secagg.share(device_id, shares, commitments)
             elif sent != shares:
                 raise FederationError(ErrorKind.ALREADY_EXISTS, "shares were already sent")
             if secagg.phase is Phase.SHARE:
@@ -721,12 +834,17 @@ class RoundCoordinator:
             participant = rnd.cohort[device_id]
             return self._staged_session(MaskedUploadSession, rnd, participant, total_bytes, 0)
 
-    def unmask_request(self, device_id: str, round_id: str) -> tuple[list[str], list[str], int]:
+    def unmask_request(
+        self, device_id: str, round_id: str
+    ) -> tuple[list[str], list[str], int, list[str]]:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
-        Raises Pending while the upload phase is open.
+        Also the number of uploads in the sum and the round's survivor set. Raises
+        Pending while the upload phase is open, and RoundCompleted when the round already
+        completed with this device's update in its sum (the others' shares sufficed).
         """
         with self._cond:
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
                 if device_id not in secagg.uploaded:
@@ -735,7 +853,35 @@ class RoundCoordinator:
                     )
                 self._await_phase_end(rnd, secagg, secagg.phase)
             request = secagg.unmask_request(device_id)
-            return list(request.survivors), list(request.dropped), len(secagg.uploaded)
+            return (
+                list(request.survivors),
+                list(request.dropped),
+                len(secagg.uploaded),
+                list(secagg.survivor_set),
+            )
+
+    def confirm_survivors(
+        self, device_id: str, round_id: str, signature: bytes
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Phase 4b: accept a signature over the survivor set.
+
+        Once the phase closes: the signatures of the devices within two hops of this one.
+        Idempotent; raises Pending while the phase is open, RoundCompleted once the round
+        completed with this device's update in its sum.
+        """
+        with self._cond:
+            self._check_completed(device_id, round_id)
+            rnd, secagg = self._secagg_round(device_id, round_id)
+            mine = secagg.confirmations.get(device_id)
+            if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
+                secagg.confirm(device_id, signature)
+            elif mine != signature:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS, "this device already confirmed the survivor set"
+                )
+            if secagg.phase is Phase.CONFIRM:
+                self._await_phase_end(rnd, secagg, Phase.CONFIRM)
+            return secagg.confirmations_for(device_id)
 
     def unmask(
         self,
@@ -744,11 +890,33 @@ class RoundCoordinator:
         revealed: list[tuple[str, ShareKind, bytes]],
         unverifiable: list[str],
     ) -> None:
-        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes."""
+        """Phase 4c: accept revealed shares; the driver unmasks once the phase closes.
+
+        Raises RoundCompleted when the round already completed with this device's
+        update in its sum: the shares are then not needed and dropped.
+        """
         with self._cond:
+            self._check_completed(device_id, round_id)
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
             self._advance_secagg(secagg)
+
+    def _check_completed(self, device_id: str, round_id: str) -> None:
+        """Raise RoundCompleted if the round completed with this device's masked update.
+
+        A round whose secure aggregation finished, or that is being closed (aggregation
+        and its commit run outside the lock), may still fail, so the call is Pending until
+        the round's end is known. Called with the lock held.
+        """
+        rnd = self._round
+        if rnd is not None and rnd.id == round_id:
+            finished = rnd.secagg is not None and rnd.secagg.finished
+            if rnd.closing or finished:  # the sum is unmasked (or failed): the end is near
+                raise Pending(Change.ROUND, CLOSE_WAIT_S, "the round is closing; call again")
+            return
+        done = self._completed_uploads.get(round_id)
+        if done is not None and device_id in done[1]:
+            raise RoundCompleted(done[0])
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -923,7 +1091,10 @@ class RoundCoordinator:
 
     def _maybe_start_round(self, now: float) -> None:
         ttl = self.config.availability_ttl_s
-        for dev in [d for d, seen in self._available.items() if now - seen > ttl]:
+        polling = self._polling
+        for dev in [
+            d for d, seen in self._available.items() if now - seen > ttl and d not in polling
+        ]:
             del self._available[dev]
         candidates = sorted(self._available)
         if self.config.secagg:
@@ -1011,6 +1182,7 @@ class RoundCoordinator:
             return
         self._vector = self.store.load_version(self.model_name, model.current_version)
         self.strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         log.info(
             "model %s: head moved from version %d to %d outside the rounds; training from it",
             self.model_name,
@@ -1075,13 +1247,13 @@ class RoundCoordinator:
     def _attach_secagg(self, rnd: _Round, now: float) -> None:
         cfg = self.config
         n = len(rnd.cohort)
-        params = derive_params(n, cfg.secagg_dropout)
+        params = derive_params(n, cfg.secagg_dropout, corrupt_fraction=cfg.secagg_corrupt_fraction)
         degree = min(cfg.secagg_degree or params.degree, n - 1)
         if degree < n - 1 and degree % 2:
             degree += 1  # the ring graph is symmetric for even degrees (or complete)
-        majority = (degree + 1) // 2 + 1
-        threshold = max(cfg.secagg_threshold, majority) if cfg.secagg_threshold else majority
-        threshold = min(threshold, degree + 1)
+        # Never below the malicious-model bound (devices refuse less).
+        bound = threshold_bound(n, degree, cfg.secagg_corrupt_fraction)
+        threshold = min(max(cfg.secagg_threshold, bound), degree + 1)
         fixed_point = self._round_fixed_point(n)
         min_uploads = self._min_contributors(n)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
@@ -1095,11 +1267,14 @@ class RoundCoordinator:
                 fixed_point,
                 cfg.secagg_phase_timeout_s,
                 min_uploads=min_uploads,
+                corrupt_fraction=cfg.secagg_corrupt_fraction,
             ),
             vector_length=self.model.manifest.total_elements + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
+            model_name=self.model_name,
+            model_version=rnd.base_version,
             phase_started=now,
         )
 
@@ -1139,6 +1314,7 @@ class RoundCoordinator:
                         seconds,
                         participants,
                         outcome.privacy,
+                        OptimizerState(self.strategy.name, outcome.strategy_state),
                     ),
                     self.config.store_retry_s,
                     f"storing round {rnd.number}",
@@ -1179,6 +1355,13 @@ class RoundCoordinator:
             self._closed_rounds[rnd.id] = summary.status
             while len(self._closed_rounds) > 1000:
                 self._closed_rounds.popitem(last=False)
+            if version is not None:
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
             self._round = None
             self._cond.notify_all()
             self._signal(Change.PHASE)
@@ -1216,7 +1399,7 @@ class RoundCoordinator:
         if rnd.secagg is not None:
             self.last_secagg_stats = {
                 "degree": rnd.secagg.settings.degree,
-                "threshold": rnd.secagg.settings.threshold,
+                "threshold": rnd.secagg.threshold,
                 "phase_seconds": dict(rnd.secagg.phase_seconds),
                 "unmask_cpu_seconds": rnd.secagg.unmask_cpu_seconds,
             }
@@ -1262,7 +1445,7 @@ class RoundCoordinator:
             metrics["updates_clipped"] = float(rnd.clipped)
         if rnd.secagg is not None and rnd.secagg.result is not None:
             metrics["secagg"] = 1.0
-            metrics["secagg_threshold"] = float(rnd.secagg.settings.threshold)
+            metrics["secagg_threshold"] = float(rnd.secagg.threshold)
             metrics["secagg_degree"] = float(rnd.secagg.settings.degree)
             metrics["secagg_dropped"] = float(len(rnd.secagg.result.dropped))
         privacy = self._privacy_record(rnd, accepted)
@@ -1352,6 +1535,7 @@ class RoundCoordinator:
                     self._apply(stored, entry.result)
                     self._cond.notify_all()
                     self._signal(Change.ROUND)
+                    self._signal(Change.ROUND)
                 log.warning(
                     "round %d: its result was stored after all, as version %d",
                     entry.number,
@@ -1373,6 +1557,8 @@ class RoundCoordinator:
         with self._cond:
             self.model = model
             self._vector = vector
+            self.strategy.initialize(vector)
+            self._restore_optimizer_state(model.current_version)
 
     def _backoff(self, what: str) -> float:
         delay = self._retry_delay[what]

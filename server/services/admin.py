@@ -7,13 +7,14 @@ gRPC status they map to (a refused call changes nothing).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
 from server.errors import FederationError
+from server.lifecycle.abtests import AbTests
 from server.lifecycle.performance import PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.privacy import privacy_report
@@ -33,6 +34,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self.privacy_budget = privacy_budget
         self.versions = VersionControl(store)
         self.performance = PerformanceLog(store)
+        self.ab_tests = AbTests(store)
 
     @staticmethod
     def _run(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
@@ -262,6 +264,109 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             slope_low=r.slope_low,
             slope_high=r.slope_high,
         )
+
+    def CreateAbTest(
+        self, request: pb.CreateAbTestRequest, context: grpc.ServicerContext
+    ) -> pb.AbTestInfo:
+        info = self._run(
+            context,
+            lambda: self.ab_tests.create(
+                request.name,
+                request.model_a,
+                request.model_b,
+                request.traffic_split,
+                list(request.metrics),
+            ),
+        )
+        return _ab_info(info)
+
+    def ListAbTests(
+        self, request: pb.ListAbTestsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAbTestsResponse:
+        return pb.ListAbTestsResponse(tests=[_ab_info(t) for t in self.ab_tests.all()])
+
+    def AssignVariant(
+        self, request: pb.AssignVariantRequest, context: grpc.ServicerContext
+    ) -> pb.AssignVariantResponse:
+        variant = self._run(
+            context, lambda: self.ab_tests.assign(request.test_name, request.user_id)
+        )
+        info = self._run(context, lambda: self.ab_tests.get(request.test_name))
+        return pb.AssignVariantResponse(variant=variant.value, arm=_ab_arm(info[variant.value]))
+
+    def RecordAbResult(
+        self, request: pb.RecordAbResultRequest, context: grpc.ServicerContext
+    ) -> pb.RecordAbResultResponse:
+        self._run(
+            context,
+            lambda: self.ab_tests.record(request.test_name, request.variant, dict(request.metrics)),
+        )
+        return pb.RecordAbResultResponse()
+
+    def AnalyzeAbTest(
+        self, request: pb.AnalyzeAbTestRequest, context: grpc.ServicerContext
+    ) -> pb.AbAnalysis:
+        out = self._run(context, lambda: self.ab_tests.analyze(request.test_name))
+        metrics = {}
+        for key, m in out["metrics"].items():
+            msg = pb.AbMetricAnalysis(
+                winner=m["winner"],
+                count_a=m["count_a"],
+                count_b=m["count_b"],
+                direction=m["direction"],
+            )
+            for field in (
+                "variant_a_mean",
+                "variant_b_mean",
+                "difference",
+                "percent_change",
+                "ci_low",
+                "ci_high",
+                "p_value",
+            ):
+                if m[field] is not None:
+                    setattr(msg, field, m[field])
+            metrics[key] = msg
+        ratio = out["sample_ratio"]
+        return pb.AbAnalysis(
+            test=_ab_info(out),
+            metrics=metrics,
+            sample_ratio=pb.SampleRatio(
+                count_a=ratio["count_a"],
+                count_b=ratio["count_b"],
+                expected_share_a=ratio["expected_share_a"],
+                p_value=ratio["p_value"],
+                mismatch=ratio["mismatch"],
+            ),
+        )
+
+    def EndAbTest(
+        self, request: pb.EndAbTestRequest, context: grpc.ServicerContext
+    ) -> pb.AbTestInfo:
+        info = self._run(
+            context,
+            lambda: self.ab_tests.end(
+                request.test_name, request.winner or None, request.tag or "production"
+            ),
+        )
+        return _ab_info(info)
+
+
+def _ab_arm(arm: Any) -> pb.AbArm:
+    return pb.AbArm(model_name=arm["model"], version=arm["version"], reference=arm["reference"])
+
+
+def _ab_info(info: dict[str, Any]) -> pb.AbTestInfo:
+    # An analysis replaces the declared metric list by per-metric results, keyed in order.
+    return pb.AbTestInfo(
+        name=info["test_name"],
+        status=info["status"],
+        traffic_split=info["traffic_split"],
+        metrics=list(info["metrics"]),
+        variant_a=_ab_arm(info["variant_a"]),
+        variant_b=_ab_arm(info["variant_b"]),
+        winner=info["winner"] or "",
+    )
 
 
 def _version_info(r: VersionRecord, round_id: str) -> pb.VersionInfo:

@@ -183,7 +183,7 @@ class SyncContext:
 def sync_view(context: Any) -> Any:
     """The context a plain-function method gets, keeping the identity auth attached."""
     if isinstance(context, AuthenticatedContext):
-        return AuthenticatedContext(SyncContext(context._context), context.device_id)
+        return AuthenticatedContext(SyncContext(context._context), context.device_id, context.admin)
     return SyncContext(context)
 
 

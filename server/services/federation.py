@@ -10,10 +10,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from common.certs import CertKind
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import Change, ErrorKind, FederationError
+from common.tls import peer_identity
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
+from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
@@ -202,19 +205,42 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         coordinator: RoundCoordinator,
         runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
+        lifecycle: DeviceLifecycle | None = None,
+        require_device_cert: bool = False,
     ) -> None:
+        self.require_device_cert = require_device_cert
         self.registry = registry
         self.coordinator = coordinator
         self.runner = runner
+        self.lifecycle = lifecycle
         self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
+        cert_name = None
+        if self.require_device_cert:
+            # mTLS: the handshake verified the certificate; it must be a device's.
+            peer = peer_identity(context)
+            if peer is None or peer.kind is not CertKind.DEVICE:
+                abort(
+                    context,
+                    FederationError(
+                        ErrorKind.PERMISSION_DENIED,
+                        "register with a device certificate (xeno-fl admin certs issue DIR "
+                        "--device NAME; the client's --tls-cert/--tls-key)",
+                    ),
+                    "Register",
+                    "",
+                )
+            cert_name = peer.name
         try:
             device_id, token, index = self.registry.register(
-                request.enrollment_key, dict(request.labels), request.identity_public_key
+                request.enrollment_key,
+                dict(request.labels),
+                request.identity_public_key,
+                cert_name=cert_name,
             )
         except FederationError as err:
             abort(context, err, "Register", "")
@@ -231,24 +257,47 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
         give_up = loop.time() + wait
-        while True:
-            mark = self.changes.marks()[Change.ROUND]
-            outcome = await self.runner.run(self.coordinator.check_in_now, device)
-            remaining = give_up - loop.time()
-            if outcome is not None or remaining <= 0 or self.coordinator.stopping:
-                break
-            await self.changes.wait(Change.ROUND, mark, min(remaining, RECHECK_S[Change.ROUND]))
+        # The device is available while this call waits; a cancelled call (the device
+        # stopped, or was killed and its connection closed) takes it off the list at once.
+        await self.runner.run(self.coordinator.poll_started, device)
+        cancelled = True
+        try:
+            while True:
+                mark = self.changes.marks()[Change.ROUND]
+                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                remaining = give_up - loop.time()
+                if outcome is not None or remaining <= 0 or self.coordinator.stopping:
+                    break
+                recheck = min(remaining, RECHECK_S[Change.ROUND])
+                await self.changes.wait(Change.ROUND, mark, recheck)
+            cancelled = False
+        finally:
+            # Not awaited: a cancelled coroutine must not wait for the pool.
+            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
         if outcome is None:
-            return pb.CheckInResponse(
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
             )
-        if outcome.finished:
-            return pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
-        if outcome.task is None:
-            return pb.CheckInResponse(
+        elif outcome.finished:
+            response = pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
+        elif outcome.task is None:
+            response = pb.CheckInResponse(
                 wait=pb.Wait(retry_after_ms=outcome.retry_after_ms, reason=outcome.reason)
             )
-        return pb.CheckInResponse(task=task_to_proto(outcome.task))
+        else:
+            response = pb.CheckInResponse(task=task_to_proto(outcome.task))
+        if self.lifecycle is not None:
+            for a in await self.runner.run(self.lifecycle.assignments, device):
+                response.ab_tests.append(
+                    pb.AbAssignment(
+                        test_name=a.test_name,
+                        variant=a.variant,
+                        model_name=a.model_name,
+                        model_version=a.model_version,
+                        metrics=a.metrics,
+                    )
+                )
+        return response
 
     async def DownloadModel(
         self,
@@ -323,6 +372,33 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
 
+    def ReportPerformance(
+        self, request: pb.ReportPerformanceRequest, context: grpc.ServicerContext
+    ) -> pb.ReportPerformanceResponse:
+        device = device_id_of(context)
+        if self.lifecycle is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server records no performance")
+        assert self.lifecycle is not None
+        try:
+            self.lifecycle.report(device, dict(request.metrics), request.ab_test)
+        except FederationError as err:
+            abort(context, err, "ReportPerformance", device)
+        return pb.ReportPerformanceResponse()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        device = device_id_of(context)
+        self.coordinator.leave(device, request.reason[:500] or "left")
+        return pb.LeaveResponse()
+
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        device = device_id_of(context)
+        try:
+            parts, results = self.coordinator.forget(device, lambda: self.registry.forget(device))
+        except FederationError as err:
+            abort(context, err, "Forget", device)
+        log.info("forgot device %s: %d participations, %d A/B results", device, parts, results)
+        return pb.ForgetResponse(participations_deleted=parts, ab_results_deleted=results)
+
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
@@ -362,7 +438,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                         ErrorKind.INVALID_ARGUMENT, f"two shares for {share.receiver}"
                     )
                 shares[share.receiver] = share.ciphertext
-            mine = self.coordinator.share_keys(device, request.round_id, shares)
+            commitments: dict[str, tuple[bytes, bytes]] = {}
+            for c in request.commitments:
+                if c.holder in commitments:
+                    raise FederationError(
+                        ErrorKind.INVALID_ARGUMENT, f"two share commitments for {c.holder}"
+                    )
+                commitments[c.holder] = (c.mask_key, c.self_mask_seed)
+            mine = self.coordinator.share_keys(device, request.round_id, shares, commitments)
         except FederationError as err:
             abort(context, err, "ShareKeys", device)
         return pb.ShareKeysResponse(
@@ -394,10 +477,35 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped, total = self.coordinator.unmask_request(device, request.round_id)
+            survivors, dropped, total, everyone = self.coordinator.unmask_request(
+                device, request.round_id
+            )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
-        return pb.UnmaskRequest(survivors=survivors, dropped=dropped, total_survivors=total)
+        return pb.UnmaskRequest(
+            survivors=survivors, dropped=dropped, total_survivors=total, round_survivors=everyone
+        )
+
+    def ConfirmSurvivors(
+        self, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmSurvivorsResponse:
+        device = device_id_of(context)
+        try:
+            signatures = self.coordinator.confirm_survivors(
+                device, request.round_id, request.signature
+            )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
+        except FederationError as err:
+            abort(context, err, "ConfirmSurvivors", device)
+        return pb.ConfirmSurvivorsResponse(
+            signatures=[
+                pb.SurvivorSignature(device_id=d, signature=sig, identity_public_key=key)
+                for d, sig, key in signatures
+            ]
+        )
 
     def Unmask(
         self, request: pb.UnmaskSharesRequest, context: grpc.ServicerContext
@@ -414,6 +522,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
             self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
         return pb.UnmaskSharesResponse()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, exc, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, exc, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
@@ -26,6 +26,7 @@ from common.models import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
 from server.store.models import (
+    AbResultRow,
     AbTestRow,
     BlobRow,
     DeviceRow,
@@ -39,7 +40,9 @@ from server.store.models import (
 
 __all__ = [
     "CorruptBlobError",
+    "DeviceRecord",
     "ModelRecord",
+    "OptimizerState",
     "ParticipantRecord",
     "PrivacyRecord",
     "Store",
@@ -113,6 +116,43 @@ class SupersededError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class OptimizerState:
+    """A server strategy's per-parameter state: named float32 arrays.
+
+    Stored like model weights (nothing pickled): the arrays as one raw little-endian
+    float32 blob, in manifest order, plus a JSON manifest of names and shapes.
+    """
+
+    strategy: str
+    arrays: dict[str, np.ndarray]
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "tensors": [{"name": k, "shape": list(v.shape)} for k, v in self.arrays.items()],
+        }
+
+    def to_wire(self) -> bytes:
+        return b"".join(
+            to_wire(np.asarray(v, dtype=np.float32).ravel()) for v in self.arrays.values()
+        )
+
+    @classmethod
+    def from_wire(cls, manifest: dict[str, Any], data: bytes) -> OptimizerState:
+        flat = np.frombuffer(data, dtype=WIRE_DTYPE)
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for tensor in manifest["tensors"]:
+            shape = tuple(int(x) for x in tensor["shape"])
+            size = int(np.prod(shape, dtype=np.int64))
+            arrays[str(tensor["name"])] = flat[offset : offset + size].reshape(shape).copy()
+            offset += size
+        if offset != flat.size:
+            raise CorruptBlobError("the optimizer state blob does not match its manifest")
+        return cls(str(manifest["strategy"]), arrays)
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     name: str
     spec: ModelSpec
@@ -141,6 +181,23 @@ class PrivacyRecord:
     round_id: str = ""
     round_number: int = 0
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    token_sha256: str
+    identity_public_key: bytes | None
+    cert_name: str | None
+    token_expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
 
 
 @dataclass(frozen=True)
@@ -234,17 +291,47 @@ class Store:
         token_sha256: str,
         labels: dict[str, str],
         identity_public_key: bytes | None = None,
+        cert_name: str | None = None,
+        token_expires_at: datetime | None = None,
+        revoke: tuple[str, ...] = (),
     ) -> None:
+        """Add a device and, in the same transaction, revoke the devices in `revoke`.
+
+        `revoke`: the same device's earlier registrations, whose tokens must stop working.
+        """
+        now = utcnow()
         with self._session.begin() as s:
+            if revoke:
+                s.execute(
+                    update(DeviceRow)
+                    .where(DeviceRow.id.in_(revoke), DeviceRow.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                )
             s.add(
                 DeviceRow(
                     id=device_id,
                     token_sha256=token_sha256,
                     labels=labels,
                     identity_public_key=identity_public_key,
-                    created_at=utcnow(),
+                    created_at=now,
+                    cert_name=cert_name,
+                    token_expires_at=token_expires_at,
                 )
             )
+
+    def forget_device(self, device_id: str) -> tuple[int, int]:
+        """Erase a device's registration, participation rows and A/B results in one transaction.
+
+        Returns (participation rows, A/B result rows) deleted. Aggregated model
+        versions and the model's privacy ledger hold no per-device data and stay.
+        """
+        with self._session.begin() as s:
+            parts = s.execute(
+                delete(RoundParticipantRow).where(RoundParticipantRow.device_id == device_id)
+            )
+            results = s.execute(delete(AbResultRow).where(AbResultRow.device_id == device_id))
+            s.execute(delete(DeviceRow).where(DeviceRow.id == device_id))
+        return int(parts.rowcount or 0), int(results.rowcount or 0)  # type: ignore[attr-defined]
 
     def device_credentials(self) -> dict[str, tuple[str, bytes | None]]:
         """device id -> (token digest, identity public key)."""
@@ -253,6 +340,29 @@ class Store:
                 select(DeviceRow.id, DeviceRow.token_sha256, DeviceRow.identity_public_key)
             )
             return {row[0]: (row[1], row[2]) for row in rows}
+
+    def device_records(self) -> list[DeviceRecord]:
+        """Every device's credentials, certificate binding, expiry and revocation."""
+        with self.session() as s:
+            return [
+                DeviceRecord(
+                    r.id,
+                    r.token_sha256,
+                    r.identity_public_key,
+                    r.cert_name,
+                    _aware(r.token_expires_at),
+                    _aware(r.revoked_at),
+                )
+                for r in s.scalars(select(DeviceRow).order_by(DeviceRow.created_at))
+            ]
+
+    def renew_token(self, device_id: str, expires_at: datetime) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == device_id)
+                .values(token_expires_at=expires_at)
+            )
 
     # blobs -----------------------------------------------------------------
     def put_blob(self, s: Session, data: bytes) -> str:
@@ -335,6 +445,21 @@ class Store:
         if digest is None:
             raise KeyError(f"model {name!r} has no version {version}")
         return np.frombuffer(self.read_blob(digest), dtype=WIRE_DTYPE).copy()
+
+    def load_optimizer_state(self, name: str, version: int) -> OptimizerState | None:
+        """The server optimizer's state stored with a version (None: none was stored)."""
+        with self.session() as s:
+            row = s.execute(
+                select(ModelVersionRow.optimizer_state_sha256, ModelVersionRow.optimizer_state)
+                .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == name, ModelVersionRow.version == version)
+            ).one_or_none()
+        if row is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        digest, manifest = row
+        if digest is None or manifest is None:
+            return None
+        return OptimizerState.from_wire(manifest, self.read_blob(digest))
 
     def list_versions(self, name: str) -> list[ModelVersionRow]:
         with self.session() as s:
@@ -482,9 +607,12 @@ class Store:
         seconds: float,
         participants: list[ParticipantRecord],
         privacy: PrivacyRecord | None = None,
+        optimizer_state: OptimizerState | None = None,
     ) -> int:
         """Store the round's new version, its record and its ledger entry in one commit.
 
+        The server optimizer's state after this round (moments, momentum) is stored with
+        the version it produced, so a restart resumes from exactly there.
         Idempotent: called again for a round it already completed (a retry after a
         lost acknowledgement), it returns that round's version and writes nothing.
         The new version's parent must be the round's base version, so a result is
@@ -516,6 +644,10 @@ class Store:
                     "during the round; its update was not applied"
                 )
             digest = self._put_blob(s, wire)
+            state_digest, state_manifest = None, None
+            if optimizer_state is not None and optimizer_state.arrays:
+                state_digest = self._put_blob(s, optimizer_state.to_wire())
+                state_manifest = optimizer_state.manifest()
             version = model.current_version + 1
             counts = _round_counts(participants)
             s.add(
@@ -524,6 +656,8 @@ class Store:
                     version=version,
                     parent_version=model.current_version,
                     blob_sha256=digest,
+                    optimizer_state_sha256=state_digest,
+                    optimizer_state=state_manifest,
                     round_id=round_id,
                     metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",

@@ -43,9 +43,15 @@ def _check(updates: np.ndarray) -> int:
 
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
-    """Per-coordinate median (the mean of the two middle values for even n)."""
-    _check(updates)
-    out: np.ndarray = np.median(updates, axis=0).astype(np.float32)
+    """Per-coordinate median (the mean of the two middle values for even n).
+
+    A sort along the device axis: about twice as fast as np.median's partition on a
+    C-ordered (n, d) stack (benchmarks/robust.py).
+    """
+    n = _check(updates)
+    ordered = np.sort(updates, axis=0)
+    lo, hi = (n - 1) // 2, n // 2
+    out: np.ndarray = ((ordered[lo].astype(np.float64) + ordered[hi]) / 2).astype(np.float32)
     return out
 
 

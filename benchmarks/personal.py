@@ -1,0 +1,182 @@
+"""Personal intents on a pretrained body versus from scratch, on intents the body never saw.
+
+    python benchmarks/personal.py --users 30
+
+30 of CLINC150's 150 intents (seeded draw) are held out; a body (the
+fastText-style intent model's embedding, the recipe of
+`scripts/build_intent_body.py`) is trained on the other 120 intents' training
+queries. Each simulated user then owns --intents-per-user of the 30 unseen
+intents and 50-200 of their training queries (uniform draw), and the
+personal trainer's recipe (`client.assistant.intents.train_head`: 20%
+stratified validation, calibrated L2 logistic head, refit on all) runs twice
+on the same examples: over the body, and over hashed word and character
+n-grams with nothing pretrained (from scratch). Both are scored on the
+CLINC150 test queries of the user's intents (30 per intent): `accuracy` is
+top-1 among the user's intents; `kept_accuracy` counts only answers above
+the unknown threshold as right. Prints one JSON line: per-arm means and
+standard deviations over users, and the paired difference (body minus
+scratch) with its 95% t interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from client.assistant.bodies import FastTextBody, clinc150_body
+from client.assistant.intents import HashedNgramBody, StackedBody, TextBody, train_head
+from common.data.clinc150 import load_clinc150
+from common.models import FastText
+from common.text import TextFeatures, featurize
+
+
+def score(
+    body: TextBody, texts: list[str], labels: list[str], test: list[tuple[str, str]]
+) -> dict[str, float]:
+    head, metrics = train_head(body, texts, labels)
+    p = head.proba(body.embed([t for t, _ in test]))
+    best = p.argmax(axis=1)
+    right = np.array([head.classes[j] == y for j, (_, y) in zip(best, test, strict=True)])
+    kept = p.max(axis=1) >= head.threshold
+    return {
+        "accuracy": float(right.mean()),
+        "kept_accuracy": float((right & kept).mean()),
+        "validation_accuracy": float(metrics["accuracy"]),
+    }
+
+
+def finetune(
+    init: np.ndarray | None,
+    features: TextFeatures,
+    texts: list[str],
+    labels: list[str],
+    test: list[tuple[str, str]],
+    epochs: int,
+    seed: int,
+) -> float:
+    """The whole fastText model trained on the user's examples; test accuracy.
+
+    `init`: the body's embedding to start from, or None for a random start
+    (fastText's own initialization): the same architecture and recipe either way.
+    """
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    torch.manual_seed(seed)
+    model = FastText(features.buckets, 64, len(classes), features.char_min, features.char_max)
+    if init is not None:
+        with torch.no_grad():
+            model.embedding.weight.copy_(torch.from_numpy(init))
+    x = torch.from_numpy(featurize(texts, features))
+    y = torch.tensor([index[c] for c in labels])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for s in range(0, len(y), 32):
+            idx = order[s : s + 32]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(featurize([t for t, _ in test], features))).argmax(1)
+    return float(np.mean([classes[int(p)] == c for p, (_, c) in zip(pred, test, strict=True)]))
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=30)
+    parser.add_argument("--heldout-intents", type=int, default=30)
+    parser.add_argument("--intents-per-user", type=int, default=5)
+    parser.add_argument("--min-examples", type=int, default=50)
+    parser.add_argument("--max-examples", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    data = load_clinc150()
+    rng = np.random.default_rng(args.seed)
+    held = sorted(rng.choice(len(data.intents), args.heldout_intents, replace=False).tolist())
+    held_names = [data.intents[i] for i in held]
+    embedding, features, trained_on = clinc150_body(
+        exclude=held_names, epochs=args.epochs, seed=args.seed
+    )
+    assert not set(trained_on) & set(held_names)
+    body = FastTextBody(embedding, features, "fasttext-120", trained_on)
+    scratch = HashedNgramBody()
+    body_s = time.perf_counter() - started
+    bodies: dict[str, TextBody] = {
+        "body": body,
+        "scratch": scratch,
+        "body+ngrams": StackedBody((body, scratch)),
+    }
+    arms: dict[str, dict[str, list[float]]] = {
+        name: {"accuracy": [], "kept_accuracy": [], "validation_accuracy": []} for name in bodies
+    }
+    arms["finetune-body"] = {"accuracy": []}
+    arms["finetune-scratch"] = {"accuracy": []}
+    torch.set_num_threads(1)
+    sizes = []
+    for _ in range(args.users):
+        mine = rng.choice(held, args.intents_per_user, replace=False)
+        pool = np.flatnonzero(np.isin(data.train.labels, mine))
+        n = int(rng.integers(args.min_examples, args.max_examples + 1))
+        picked = rng.choice(pool, min(n, len(pool)), replace=False)
+        texts = [data.train.texts[i] for i in picked]
+        labels = [data.intents[data.train.labels[i]] for i in picked]
+        test_rows = np.flatnonzero(np.isin(data.test.labels, mine))
+        test = [(data.test.texts[i], data.intents[data.test.labels[i]]) for i in test_rows]
+        sizes.append(len(texts))
+        for name, b in bodies.items():
+            for k, v in score(b, texts, labels, test).items():
+                arms[name][k].append(v)
+        for name, init in (("finetune-body", embedding), ("finetune-scratch", None)):
+            acc = finetune(init, features, texts, labels, test, args.finetune_epochs, args.seed)
+            arms[name]["accuracy"].append(acc)
+
+    def paired(a: str, b: str = "scratch") -> dict[str, object]:
+        diff = np.array(arms[a]["accuracy"]) - np.array(arms[b]["accuracy"])
+        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
+        mean = float(diff.mean())
+        return {
+            "mean": round(mean, 4),
+            "ci95": [round(mean - half, 4), round(mean + half, 4)],
+            "users_where_it_wins": int((diff > 0).sum()),
+            "ties": int((diff == 0).sum()),
+        }
+
+    print(
+        json.dumps(
+            {
+                "users": args.users,
+                "heldout_intents": args.heldout_intents,
+                "intents_per_user": args.intents_per_user,
+                "examples_per_user": summary([float(s) for s in sizes]),
+                "arms": {a: {k: summary(v) for k, v in m.items()} for a, m in arms.items()},
+                "minus_scratch_accuracy": {
+                    a: paired(a) for a in ("body", "body+ngrams", "finetune-body")
+                },
+                "finetune_body_minus_finetune_scratch": paired("finetune-body", "finetune-scratch"),
+                "body_train_seconds": round(body_s, 1),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Text bodies from the fastText-style intent model: the federated one, or the shipped one.
+
+A body is the model's embedding table with its featurization
+(`common.text`, the same wire contract the federated model uses): a text's
+vector is the mean of the rows of its hashed features, L2-normalized so the
+personal head sees inputs of one scale. The last layer of the shared model
+(150 CLINC150 intents) is dropped: the user's own intents get their own head.
+
+`fasttext_body()` gives, first that exists:
+
+1. `$XENO_HOME/models/intent-body.npz`: the federated intent model's body
+   as the device last received it (written by `save_body`);
+2. `client/assistant/data/clinc150-body.npz`: the cold-start body shipped
+   with the package, built reproducibly by `scripts/build_intent_body.py`.
+
+It is *not* the trainer's default. `benchmarks/personal.py` measured the
+personal head on this body against hashed n-grams with nothing pretrained,
+on CLINC150 intents the body never saw, and the body lost (README,
+"Figures"): the trainer defaults to `default_body()`, hashed n-grams, and
+takes this body only when asked (`CustomModelTrainer(user, body=...)`).
+
+Body files are `.npz` read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.assistant.intents import HashedNgramBody, TextBody
+from client.assistant.keys import atomic_write, xeno_home
+from common.text import PAD, TextFeatures, featurize
+
+__all__ = [
+    "SHIPPED_BODY",
+    "FastTextBody",
+    "default_body",
+    "device_body_path",
+    "fasttext_body",
+    "load_body",
+    "save_body",
+]
+
+SHIPPED_BODY = Path(__file__).resolve().parent / "data" / "clinc150-body.npz"
+
+
+def device_body_path(home: Path | None = None) -> Path:
+    return (xeno_home() if home is None else home) / "models" / "intent-body.npz"
+
+
+@dataclass(frozen=True)
+class FastTextBody:
+    embedding: np.ndarray = field(repr=False)  # (buckets, dim) float32
+    features: TextFeatures
+    name: str
+    intents: tuple[str, ...] = ()  # what the body was trained on (documentation)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        ids = featurize(texts, self.features)
+        mask = ids != PAD
+        counts = mask.sum(axis=1, keepdims=True)
+        rows = self.embedding[np.where(mask, ids, 0)] * mask[..., None]
+        mean = rows.sum(axis=1) / np.maximum(counts, 1)
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        return np.asarray(mean / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def body_bytes(embedding: np.ndarray, features: TextFeatures, intents: Sequence[str]) -> bytes:
+    """The body file: float16 embedding (half the size; the head is refitted on it)."""
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        embedding=np.asarray(embedding, dtype=np.float16),
+        features=np.array([features.buckets, features.char_min, features.char_max]),
+        intents=np.array(list(intents), dtype=str),
+    )
+    return buf.getvalue()
+
+
+def body_from_bytes(data: bytes, origin: str) -> FastTextBody:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        buckets, char_min, char_max = (int(v) for v in z["features"])
+        embedding = np.asarray(z["embedding"], dtype=np.float32)
+        intents = tuple(str(i) for i in z["intents"])
+    if embedding.ndim != 2 or embedding.shape[0] != buckets:
+        raise ValueError(f"{origin}: embedding shape {embedding.shape} does not fit {buckets}")
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    return FastTextBody(
+        embedding, TextFeatures(buckets, char_min, char_max), f"fasttext-{digest}", intents
+    )
+
+
+def load_body(path: Path) -> FastTextBody:
+    return body_from_bytes(path.read_bytes(), str(path))
+
+
+def save_body(
+    path: Path, embedding: np.ndarray, features: TextFeatures, intents: Sequence[str]
+) -> None:
+    atomic_write(path, body_bytes(embedding, features, intents))
+
+
+def fasttext_body(home: Path | None = None) -> FastTextBody | None:
+    """The device's federated body, else the shipped cold-start body, else None."""
+    for path in (device_body_path(home), SHIPPED_BODY):
+        if path.exists():
+            return load_body(path)
+    return None
+
+
+def default_body(home: Path | None = None) -> TextBody:
+    """The trainer's default: hashed n-grams (measured better than the fastText body)."""
+    return HashedNgramBody()
+
+
+def train_fasttext_body(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    num_classes: int,
+    epochs: int = 8,
+    lr: float = 0.01,
+    seed: int = 0,
+    features: TextFeatures | None = None,
+    dim: int = 64,
+) -> np.ndarray:
+    """Train the fastText-style intent model centrally; return its embedding (the body).
+
+    The same recipe as the federated workload's central baseline
+    (`benchmarks/intents.py`): Adam, batch 32, one thread, seeded, so the same
+    inputs give the same bytes.
+    """
+    import torch
+    from torch import nn
+
+    from common.models import FastText
+
+    features = features or TextFeatures()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = FastText(features.buckets, dim, num_classes, features.char_min, features.char_max)
+        x = torch.from_numpy(featurize(texts, features))
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), 32):
+                idx = order[start : start + 32]
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+        return np.asarray(model.embedding.weight.detach().numpy(), dtype=np.float32)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def clinc150_body(
+    exclude: Sequence[str] = (), epochs: int = 8, seed: int = 0
+) -> tuple[np.ndarray, TextFeatures, tuple[str, ...]]:
+    """A body trained on CLINC150's in-scope training queries, less the `exclude` intents."""
+    from common.data.clinc150 import load_clinc150
+
+    data = load_clinc150()
+    kept = [i for i, name in enumerate(data.intents) if name not in set(exclude)]
+    remap = np.full(len(data.intents), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    rows = np.flatnonzero(remap[data.train.labels] >= 0)
+    texts = [data.train.texts[i] for i in rows]
+    labels = remap[data.train.labels[rows]]
+    features = TextFeatures()
+    embedding = train_fasttext_body(texts, labels, len(kept), epochs, seed=seed, features=features)
+    return embedding, features, tuple(data.intents[i] for i in kept)

@@ -1,0 +1,255 @@
+"""CustomModelTrainer and response templates: training, calibration, unknown, versions, bandit."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from assistant_intents import RESPONSES, examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import special
+
+from client.assistant.intents import (
+    UNKNOWN,
+    HashedNgramBody,
+    IntentHead,
+    calibrate,
+    fit_head,
+    stratified_split,
+)
+from client.assistant.store import StoreLimitError, UserStore
+from client.assistant.templates import ResponseTemplates
+from client.assistant.trainer import CustomModelTrainer
+
+
+@pytest.fixture
+def trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CustomModelTrainer]:
+    monkeypatch.setenv("XENO_DEVICE_KEY", "ab" * 32)
+    t = CustomModelTrainer("tia", store=UserStore("tia", home=tmp_path))
+    yield t
+    t.close()
+
+
+def fill(trainer: CustomModelTrainer, count: int, seed: int = 0) -> None:
+    for text, intent in examples(count, seed):
+        trainer.add_training_example(text, RESPONSES[intent], {"intent": intent}, 5)
+
+
+def test_refuses_fewer_than_50_with_the_seeds_message(trainer: CustomModelTrainer) -> None:
+    fill(trainer, 49)
+    result = trainer.train_intent_classifier()
+    assert result == {
+        "success": False,
+        "error": "Need at least 50 training examples",
+        "examples_used": 49,
+    }
+    assert trainer.versions() == []
+    assert trainer.predict_intent("Set up a call with Sarah") == UNKNOWN
+
+
+def test_trains_predicts_and_reports_validation_accuracy(trainer: CustomModelTrainer) -> None:
+    fill(trainer, 150)
+    result = trainer.train_intent_classifier()
+    assert result["success"] is True
+    assert result["examples_used"] == 150
+    assert result["validation_examples"] == 30  # 20% of each of the 5 intents
+    assert result["accuracy"] >= 0.9
+    held_out = examples(100, seed=99)
+    correct = sum(trainer.predict(t).ranked[0][0] == i for t, i in held_out)
+    assert correct / len(held_out) >= 0.9
+    assert trainer.predict_intent("Set up a call with Sarah") == "schedule_meeting"
+    ranked = trainer.rank_intents("Will it rain tomorrow", top_k=3)
+    assert next(r[0] for r in ranked) == "weather"
+    assert len(ranked) == 3
+    assert sum(c for _, c in ranked) <= 1.0 + 1e-9
+
+
+def test_unrelated_text_is_unknown_more_often_than_in_scope(trainer: CustomModelTrainer) -> None:
+    fill(trainer, 200)
+    trainer.train_intent_classifier()
+    out_of_scope = [
+        "What is the capital of Mongolia",
+        "How many calories are in an avocado",
+        "Translate goodbye into Italian",
+        "Who won the chess olympiad",
+        "Explain quantum entanglement",
+        "Recommend a good novel",
+    ]
+    in_scope = [t for t, _ in examples(60, seed=7)]
+    unknown_oos = np.mean([trainer.predict_intent(t) == UNKNOWN for t in out_of_scope])
+    unknown_in = np.mean([trainer.predict_intent(t) == UNKNOWN for t in in_scope])
+    assert unknown_oos >= 0.5
+    assert unknown_in <= 0.15
+
+
+def test_versions_warm_start_and_rollback(trainer: CustomModelTrainer) -> None:
+    fill(trainer, 60)
+    first = trainer.train_intent_classifier()
+    assert first["version"] == 1 and first["warm_start"] is False
+    fill(trainer, 60, seed=1)
+    second = trainer.train_intent_classifier()
+    assert second["version"] == 2 and second["warm_start"] is True
+    assert [v["active"] for v in trainer.versions()] == [False, True]
+    trainer.rollback(1)
+    assert [v["active"] for v in trainer.versions()] == [True, False]
+    with pytest.raises(ValueError, match="no personal model version 9"):
+        trainer.rollback(9)
+    assert [v["active"] for v in trainer.versions()] == [True, False]
+
+
+def test_bad_examples_are_refused_and_nothing_stored(trainer: CustomModelTrainer) -> None:
+    with pytest.raises(ValueError, match="input_text is empty"):
+        trainer.add_training_example("", "x", {"intent": "a"}, 5)
+    with pytest.raises(StoreLimitError, match="input_text has"):
+        trainer.add_training_example("x" * 20_000, "x", {"intent": "a"}, 5)
+    with pytest.raises(ValueError, match="rating must be an integer from 1 to 5"):
+        trainer.add_training_example("hi", "x", {"intent": "a"}, 0)
+    with pytest.raises(ValueError, match="intent"):
+        trainer.add_training_example("hi", "x", {"intent": "bad intent!"}, 5)
+    with pytest.raises(ValueError, match="reserved"):
+        trainer.add_training_example("hi", "x", {"intent": "unknown"}, 5)
+    with pytest.raises(ValueError, match="text is empty"):
+        trainer.predict_intent(" ")
+    assert trainer.labelled_examples() == []
+
+
+def test_stratified_split_keeps_each_intents_share() -> None:
+    labels = ["a"] * 50 + ["b"] * 20 + ["c"] * 5 + ["d"]
+    train, val = stratified_split(labels, 0.2, seed=3)
+    assert sorted([*train, *val]) == list(range(len(labels)))
+    got = Counter(labels[i] for i in val)
+    assert got == {"a": 10, "b": 4, "c": 1}
+
+
+def test_head_fit_matches_sklearn_logistic_regression() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6))
+    y = [("a", "b", "c")[int(v)] for v in np.argmax(x[:, :3] + 0.3 * rng.normal(size=(120, 3)), 1)]
+    l2 = 0.05
+    head = fit_head(x, y, ["a", "b", "c"], l2=l2, max_iter=2000)
+    ref = LogisticRegression(C=1.0 / (l2 * len(y)), max_iter=5000, tol=1e-10).fit(x, y)
+    np.testing.assert_allclose(
+        special.softmax(head.logits(x), axis=1), ref.predict_proba(x), atol=2e-3
+    )
+
+
+def test_temperature_scaling_lowers_validation_nll() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 4))
+    y = [("a", "b")[int(v > 0)] for v in x[:, 0] + rng.normal(size=200)]
+    head = fit_head(x[:100], y[:100], ["a", "b"])
+    head.weights *= 8.0  # overconfident
+    head.bias *= 8.0
+
+    def nll(h: IntentHead) -> float:
+        p = h.proba(x[100:])
+        idx = [h.classes.index(c) for c in y[100:]]
+        return -float(np.mean(np.log(p[np.arange(100), idx])))
+
+    before = nll(head)
+    head.temperature, head.threshold = calibrate(head, x[100:], y[100:])
+    assert head.temperature > 1.0
+    assert nll(head) < before
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=5))
+def test_body_rows_are_unit_or_zero(texts: list[str]) -> None:
+    out = HashedNgramBody(buckets=256).embed(texts)
+    norms = np.linalg.norm(out, axis=1)
+    for text, norm in zip(texts, norms, strict=True):
+        has_words = any(ch.isalnum() or ch == "_" for ch in text)
+        assert norm == pytest.approx(1.0 if has_words else 0.0, abs=1e-5)
+
+
+def test_head_round_trips_without_pickle() -> None:
+    head = IntentHead(["a", "b"], np.ones((3, 2)), np.zeros(2), 1.5, 0.4, "body")
+    back = IntentHead.from_bytes(head.to_bytes())
+    assert back.classes == ["a", "b"] and back.temperature == 1.5 and back.body == "body"
+    np.testing.assert_array_equal(back.weights, head.weights)
+
+
+def test_templates_bandit_converges_to_the_best_rated(
+    trainer: CustomModelTrainer,
+) -> None:
+    fill(trainer, 60)
+    trainer.train_intent_classifier()
+    templates = ResponseTemplates("tia", store=trainer.store, trainer=trainer, seed=0)
+    truth = {"Done.": 2.0, "Done, see you then.": 3.0, "Booked it for you.": 4.6}
+    ids = {templates.add("schedule_meeting", text, 3): text for text in truth}
+    # fill() rated the seed's response 5 once: it is a template too, a mediocre one in truth.
+    (seeded,) = [t for t in templates.templates("schedule_meeting") if t[0] not in ids]
+    ids[seeded[0]] = seeded[1]
+    truth[seeded[1]] = 2.5
+    rng = np.random.default_rng(0)
+    shown: list[str] = []
+    for _ in range(300):
+        s = templates.suggest_response("Set up a call with Tom")
+        assert s is not None and s.intent == "schedule_meeting"
+        shown.append(s.text)
+        rating = int(np.clip(np.rint(truth[ids[s.template_id]] + rng.normal(0, 0.7)), 1, 5))
+        templates.rate_template(s.template_id, rating)
+    last = Counter(shown[-100:])
+    assert last["Booked it for you."] >= 80
+    # With no personal model every query is unknown: no template is forced on it.
+    other = ResponseTemplates("una", store=UserStore("una", home=trainer.store.paths.home))
+    assert other.suggest_response("Set up a call with Tom") is None
+    with pytest.raises(ValueError, match="rating must be"):
+        templates.rate_template(1, 7)
+
+
+def test_shipped_body_is_small_and_embeds_to_unit_vectors() -> None:
+    from client.assistant.bodies import SHIPPED_BODY, FastTextBody, fasttext_body, load_body
+
+    assert SHIPPED_BODY.stat().st_size <= 5 * 1024 * 1024
+    body = load_body(SHIPPED_BODY)
+    assert len(body.intents) == 150
+    out = body.embed(["book a table for two", "what's my balance", "!!!"])
+    assert out.shape == (3, body.embedding.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(out[:2], axis=1), 1.0, rtol=1e-5)
+    assert not out[2].any()  # no words: the zero vector, not NaN
+    # The plain reference: mean of the rows of each feature's bucket, then normalized.
+    from common.text import feature_strings, fnv1a_32
+
+    feats = feature_strings("book a table", body.features.char_min, body.features.char_max)
+    rows = [fnv1a_32(f.encode()) % body.features.buckets for f in feats]
+    ref = body.embedding[rows].mean(axis=0)
+    np.testing.assert_allclose(
+        body.embed(["book a table"])[0], ref / np.linalg.norm(ref), rtol=1e-4, atol=1e-6
+    )
+    assert isinstance(fasttext_body(Path("/nonexistent")), FastTextBody)
+
+
+def test_a_federated_body_on_the_device_wins_over_the_shipped_one(tmp_path: Path) -> None:
+    from client.assistant.bodies import device_body_path, fasttext_body, load_body, save_body
+    from common.text import TextFeatures
+
+    emb = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    save_body(device_body_path(tmp_path), emb, TextFeatures(buckets=64), ["a", "b"])
+    body = fasttext_body(tmp_path)
+    assert body is not None
+    assert body.name == load_body(device_body_path(tmp_path)).name
+    assert body.embed(["hello"]).shape == (1, 8)
+
+
+def test_trainer_runs_on_the_fasttext_body_when_given(tmp_path: Path) -> None:
+    from client.assistant.bodies import fasttext_body
+
+    body = fasttext_body(tmp_path)
+    assert body is not None
+    t = CustomModelTrainer("ftb", store=UserStore("ftb", home=tmp_path), body=body)
+    fill(t, 100)
+    result = t.train_intent_classifier()
+    assert result["success"] and result["body"] == body.name
+    assert t.predict_intent("Set up a call with Sarah") == "schedule_meeting"
+    # A head trained on one body refuses to run on another.
+    other = CustomModelTrainer("ftb", store=t.store)
+    with pytest.raises(RuntimeError, match="trained on body"):
+        other.predict_intent("Set up a call with Sarah")
+    t.close()
