@@ -32,8 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from common.atrest import Sealer
 from common.certs import Role
 from common.config import setting
-from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, num_parameters
+from common.modelspec import ModelSpec
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
@@ -374,6 +373,18 @@ class ServerConfig:
         "space than this, in MB (0: no check; PostgreSQL's disk is the database's to watch)",
         "XENO_MIN_FREE_DISK_MB",
     )
+    keep_versions: int = setting(
+        1000,
+        "retention: keep the newest N versions (0: keep every version), every --keep-every-th "
+        "one, and always the head and every version a tag, an A/B test or a rollback refers "
+        "to; older ones and their blobs are deleted after each round, a few per transaction",
+        "XENO_KEEP_VERSIONS",
+    )
+    keep_every: int = setting(
+        100,
+        "retention: also keep versions 1, K + 1, 2K + 1, ... (0: none of them)",
+        "XENO_KEEP_EVERY",
+    )
     store_retry: float = setting(
         3.0,
         "seconds a round's database write is retried, with backoff, on transient errors "
@@ -487,6 +498,8 @@ class ServerConfig:
             dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
             dp_sgd_delta=self.dp_sgd_delta,
             store_retry_s=self.store_retry,
+            keep_versions=self.keep_versions,
+            keep_every=self.keep_every,
             stall_grace_s=self.stall_grace,
         )
 
@@ -514,7 +527,7 @@ class ServerConfig:
                 self.dp_clip_norm,
                 math.ceil(self.clients_per_round * (1 + self.overselect)),
                 min_contributors,
-                num_parameters(build_model(self.model_spec())),
+                _num_parameters(self.model_spec()),
             )
         count_noise = self.dp_clip_count_noise
         if self.dp_adaptive_quantile > 0 and count_noise <= 0:
@@ -545,6 +558,8 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
     if store.get_model(config.model) is not None:
         return
     spec = config.model_spec()
+    from common.models import build_model  # torch: only to create a new model
+
     module = build_model(spec, seed=config.seed)
     state = module.state_dict()
     store.create_model(
@@ -555,6 +570,12 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
         flatten_state_dict(state),
     )
     log.info("created model %s (%s) at version 1", config.model, spec)
+
+
+def _num_parameters(spec: ModelSpec) -> int:
+    from common.models import build_model, num_parameters
+
+    return num_parameters(build_model(spec))
 
 
 def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
@@ -568,21 +589,69 @@ def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
     return tokens
 
 
-def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
+def make_evaluator(spec: ModelSpec, config: ServerConfig) -> DeferredEvaluator | None:
+    """The server-side evaluator, or None; its loading (torch, the data) comes later."""
     if config.eval_data == "none":
         return None
     task = TaskName.parse(config.task)
     if config.eval_data not in ("auto", task.value):
         raise ValueError(f"unknown eval data {config.eval_data!r}; use auto or none")
-    test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
-    module = build_model(spec)
 
-    def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
-        load_flat_into_module(module, vector)
-        loss, acc = evaluate(module, test)
-        return {"accuracy": acc, "loss": loss}
+    def build() -> Callable[[np.ndarray], dict[str, float]]:
+        from common.evaluation import evaluate  # torch: 2-9 s of imports, not needed to serve
+        from common.models import build_model
 
-    return evaluate_vector
+        test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
+        module = build_model(spec)
+
+        def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
+            load_flat_into_module(module, vector)
+            loss, acc = evaluate(module, test)
+            return {"accuracy": acc, "loss": loss}
+
+        return evaluate_vector
+
+    return DeferredEvaluator(build)
+
+
+class DeferredEvaluator:
+    """An evaluator built in the background once the server serves.
+
+    Importing torch and loading the evaluation data took most of a restart (2-9 s of a
+    loaded machine's 3-12 s); nothing of it is needed to take check-ins. A round that
+    closes before it is ready waits for it, so every version still gets its metrics.
+    """
+
+    def __init__(self, build: Callable[[], Callable[[np.ndarray], dict[str, float]]]) -> None:
+        self._build = build
+        self._ready = threading.Event()
+        self._evaluate: Callable[[np.ndarray], dict[str, float]] | None = None
+        self._error = ""
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._load, name="evaluator-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self._evaluate = self._build()
+        except Exception as error:  # reported by every evaluation: the round fails with it
+            log.exception("the server-side evaluator could not be built")
+            self._error = f"{type(error).__name__}: {error}"
+        finally:
+            self._ready.set()
+
+    def __call__(self, vector: np.ndarray) -> dict[str, float]:
+        self.start()  # a caller before start() (tests driving the coordinator) loads it here
+        self._ready.wait()
+        if self._evaluate is None:
+            raise RuntimeError(f"the server-side evaluator could not be built: {self._error}")
+        return self._evaluate(vector)
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -663,12 +732,13 @@ class XenoServer:
         model = self.store.get_model(config.model)
         assert model is not None
         self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
+        self.evaluator = make_evaluator(model.spec, config)
         self.coordinator = RoundCoordinator(
             self.store,
             config.model,
             strategy,
             round_config,
-            evaluator=make_evaluator(model.spec, config),  # type: ignore[arg-type]
+            evaluator=self.evaluator,
             identity_keys=self.registry.identity_key,
             recorder=recorder,
         )
@@ -800,6 +870,8 @@ class XenoServer:
         self.coordinator.start()
         self._set_serving(True)
         self.health_monitor.start()
+        if self.evaluator is not None:
+            self.evaluator.start()  # after the port is up: torch is not needed to serve
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_host, self.config.metrics_port

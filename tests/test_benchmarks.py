@@ -87,6 +87,15 @@ def test_assistant_latency_benchmark_reports_timings() -> None:
 
 
 @pytest.mark.slow
+def test_retention_benchmark_keeps_the_database_bounded() -> None:
+    line = _json_line(
+        "benchmarks/retention.py", "--params", "2000", "--rounds", "30", "--keep-versions", "5"
+    )
+    kept = line["with_retention"]
+    assert isinstance(kept, dict) and kept["versions_kept"] < 30 + 1
+
+
+@pytest.mark.slow
 def test_lifecycle_benchmark_reports_each_figure() -> None:
     line = _json_line(
         "benchmarks/lifecycle.py", "--results", "2000", "--points", "500", "--assigns", "1000"

@@ -146,6 +146,32 @@ def test_simulate_runs_on_this_database(db_url: str, tmp_path) -> None:
     store.close()
 
 
+def test_head_revision_read_from_the_files_is_alembics_head() -> None:
+    """create_schema skips Alembic (0.8 s of a restart) when the database is at this head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from server.store import _head_revision
+
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(__file__).resolve().parent.parent / "server/store/migrations")
+    )
+    assert _head_revision() == ScriptDirectory.from_config(config).get_current_head()
+
+
+def test_the_server_imports_without_torch() -> None:
+    """Torch (2-9 s of a restart) loads after the port is up, for evaluation only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import server.app; import xeno.cli; xeno.cli.build_parser('server'); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def _head() -> str:
     """The newest migration (exactly one head)."""
     from alembic.config import Config

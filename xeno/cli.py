@@ -41,10 +41,24 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from client.runtime import ClientConfig
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names (the first word that is not a global option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--log-level", "--log-format"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; for one command, only that command's flags are defined.
+
+    The flags of `client` and `simulate` come from modules that import torch (2-9 s on a
+    loaded machine): `xeno-fl server` must not pay for them before it serves.
+    """
     from server.app import ServerConfig
-    from xeno.simulation import SimulationConfig
 
     parser = argparse.ArgumentParser(
         prog="xeno-fl", description=__doc__, formatter_class=_Formatter
@@ -77,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "partition whenever it is selected for a round, until the federation finishes or "
         "it receives SIGTERM.",
     )
-    add_arguments(p, ClientConfig)
+    if command in (None, "client"):
+        from client.runtime import ClientConfig
+
+        add_arguments(p, ClientConfig)
 
     p = sub.add_parser(
         "simulate",
@@ -86,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds rounds on the digits data split by a Dirichlet label partition, show "
         "progress and print the accuracy per round.",
     )
-    add_arguments(p, SimulationConfig)
+    if command in (None, "simulate"):
+        from xeno.simulation import SimulationConfig
+
+        add_arguments(p, SimulationConfig)
 
     p = sub.add_parser(
         "privacy",
@@ -192,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
     _add_certs_commands(admin_sub)
+    audit = admin_sub.add_parser(
+        "audit",
+        help="the tamper-evident audit log (--db): list entries, or verify the hash chain",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="WHAT")
+    q = audit_sub.add_parser("list", help="entries, oldest first")
+    q.add_argument("--limit", type=int, default=0, help="only the newest N")
+    q = audit_sub.add_parser(
+        "verify", help="recompute the chain; exit 1 and name the first bad row if broken"
+    )
+    q.add_argument("--head", default="", help="a head hash saved earlier: it must be in the chain")
     admin_sub.add_parser(
         "health", help="exit 0 when the server reports SERVING (for container health checks)"
     )
@@ -374,7 +405,8 @@ def _add_lifecycle_commands(admin_sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
@@ -492,6 +524,8 @@ def _admin(args: argparse.Namespace) -> int:
         return _admin_health(args)
     if args.admin_command == "certs":
         return _admin_certs(args)
+    if args.admin_command == "audit":
+        return _admin_audit(args)
     if args.admin_command == "token":
         return _admin_token(args)
     if args.admin_command == "keygen":
@@ -916,6 +950,82 @@ def _admin_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_audit(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.store import Store, audit_entries, audit_head
+    from server.store.audit import verify
+
+    if not args.db:
+        print("error: `admin audit` reads the database: give --db URL", file=sys.stderr)
+        return 2
+    store = Store(args.db)
+    try:
+        if store.schema_revision() is None:
+            print(f"error: {args.db} has no schema; is it the server's database?", file=sys.stderr)
+            return 2
+        entries = audit_entries(store)
+        head = audit_head(store)
+    finally:
+        store.close()
+    if args.audit_command == "list":
+        shown = entries[-args.limit :] if args.limit > 0 else entries
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "seq": e.seq,
+                            "time": e.created_at.isoformat(),
+                            "actor": e.actor,
+                            "action": e.action,
+                            "target": e.target,
+                            "details": e.details,
+                            "hash": e.hash,
+                        }
+                        for e in shown
+                    ],
+                    indent=1,
+                )
+            )
+            return 0
+        table = Table(title="audit log, oldest first")
+        for col in ("seq", "time (UTC)", "actor", "action", "target", "details", "hash"):
+            table.add_column(col, overflow="fold")
+        for e in shown:
+            moment = e.created_at if e.created_at.tzinfo else e.created_at.replace(tzinfo=UTC)
+            table.add_row(
+                str(e.seq),
+                f"{moment:%Y-%m-%d %H:%M:%S}",
+                e.actor,
+                e.action,
+                e.target,
+                json.dumps(e.details, sort_keys=True),
+                e.hash[:16],
+            )
+        Console().print(table)
+        return 0
+    verdict = verify(entries, head, args.head)
+    if verdict.ok:
+        print(
+            f"audit log intact: {verdict.rows} rows, head {verdict.head}\n"
+            "save the head elsewhere; `xeno-fl admin --db URL audit verify --head HEAD` later "
+            "proves nothing before it was rewritten"
+        )
+        return 0
+    where = f" at row {verdict.first_bad}" if verdict.first_bad is not None else ""
+    print(
+        f"audit log BROKEN{where}: {verdict.problem}.\n"
+        "Nothing was changed. Next: inspect the rows around it with `xeno-fl admin --db URL "
+        "audit list`, and compare the database with a backup taken before that row's time.",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _admin_token(args: argparse.Namespace) -> int:
     from common.certs import parse_role
     from server.security import add_admin_token
@@ -950,7 +1060,9 @@ def _admin_caller(args: argparse.Namespace) -> Any:
 
     from server.services.admin import AdminServicer
     from server.store import Store
+    from server.store.audit import set_actor
 
+    set_actor(f"admin {os.environ.get('USER', 'unknown')} (direct database access)")
     servicer = AdminServicer(Store(args.db))
 
     class _Context:

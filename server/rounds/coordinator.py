@@ -111,6 +111,11 @@ class RoundConfig:
     store_retry_s: float = 3.0
     # How far past its deadlines the driver may lag before health reports NOT_SERVING.
     stall_grace_s: float = 30.0
+    # Retention after each completed round: keep the newest keep_versions versions (0: all),
+    # every keep_every-th one, and every protected one (Store.protected_versions).
+    keep_versions: int = 0
+    keep_every: int = 0
+    retention_batch: int = 20  # versions deleted per transaction
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -1388,7 +1393,37 @@ class RoundCoordinator:
                 listener(summary)
             except Exception:
                 log.exception("round listener failed")
+        if version is not None:
+            self.apply_retention()
         return summary
+
+    def apply_retention(self, max_batches: int = 5) -> list[int]:
+        """Delete versions the retention policy no longer keeps, a small transaction at a time.
+
+        Never fails a round: a database error is logged and the next round tries again.
+        At most max_batches transactions per call, so a backlog cannot stall the driver.
+        """
+        cfg = self.config
+        if cfg.keep_versions <= 0:
+            return []
+        deleted: list[int] = []
+        try:
+            for _ in range(max_batches):
+                batch = self.store.prune_versions(
+                    self.model_name,
+                    cfg.keep_versions,
+                    cfg.keep_every,
+                    cfg.retention_batch,
+                    keep_restored=True,
+                )
+                deleted += batch
+                if len(batch) < cfg.retention_batch:
+                    break
+        except Exception as error:
+            log.warning("retention: could not delete old versions (%s)", describe_error(error))
+        if deleted:
+            log.info("retention: deleted %d old version(s) of %s", len(deleted), self.model_name)
+        return deleted
 
     def _round_result(self, rnd: _Round, accepted: int) -> tuple[_Result | None, str]:
         """The round's new weights and metrics, or why it has none."""
