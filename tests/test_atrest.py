@@ -32,6 +32,31 @@ def test_model_blobs_are_sealed_and_need_the_right_key(db_url: str) -> None:
         Store(db_url).load_version("m", 1)
 
 
+def test_a_substituted_plaintext_blob_is_refused(db_url: str) -> None:
+    """The attacker with database access swaps in their own weights, unencrypted (they do
+    not have the key), under the blob's address: the server refuses to load them."""
+    import hashlib
+
+    from sqlalchemy import update
+
+    from server.store.models import ModelVersionRow
+
+    key = Sealer(bytes(range(32)))
+    store = Store(db_url, key)
+    store.create_schema()
+    store.create_model(
+        "m", ModelSpec(), Manifest((TensorInfo("w", (8,)),)), "fedavg", np.zeros(8, np.float32)
+    )
+    evil = to_wire(np.full(8, 1e6, dtype=np.float32))
+    digest = hashlib.sha256(evil).hexdigest()
+    with store.session() as s, s.begin():
+        s.add(BlobRow(sha256=digest, size=len(evil), data=evil))
+        s.execute(update(ModelVersionRow).values(blob_sha256=digest))
+    with pytest.raises(DataKeyError, match="stored unencrypted although a data key"):
+        store.load_version("m", 1)
+    store.close()
+
+
 def test_device_store_is_sealed(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "dev", Sealer(bytes(range(32))))
     store.save_credentials(Credentials("srv:1", "dev-1", "tok-secret", 3))

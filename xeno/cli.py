@@ -212,6 +212,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
     _add_certs_commands(admin_sub)
+    audit = admin_sub.add_parser(
+        "audit",
+        help="the tamper-evident audit log (--db): list entries, or verify the hash chain",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="WHAT")
+    q = audit_sub.add_parser("list", help="entries, oldest first")
+    q.add_argument("--limit", type=int, default=0, help="only the newest N")
+    q = audit_sub.add_parser(
+        "verify", help="recompute the chain; exit 1 and name the first bad row if broken"
+    )
+    q.add_argument("--head", default="", help="a head hash saved earlier: it must be in the chain")
     admin_sub.add_parser(
         "health", help="exit 0 when the server reports SERVING (for container health checks)"
     )
@@ -513,6 +524,8 @@ def _admin(args: argparse.Namespace) -> int:
         return _admin_health(args)
     if args.admin_command == "certs":
         return _admin_certs(args)
+    if args.admin_command == "audit":
+        return _admin_audit(args)
     if args.admin_command == "token":
         return _admin_token(args)
     if args.admin_command == "keygen":
@@ -937,6 +950,82 @@ def _admin_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_audit(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.store import Store, audit_entries, audit_head
+    from server.store.audit import verify
+
+    if not args.db:
+        print("error: `admin audit` reads the database: give --db URL", file=sys.stderr)
+        return 2
+    store = Store(args.db)
+    try:
+        if store.schema_revision() is None:
+            print(f"error: {args.db} has no schema; is it the server's database?", file=sys.stderr)
+            return 2
+        entries = audit_entries(store)
+        head = audit_head(store)
+    finally:
+        store.close()
+    if args.audit_command == "list":
+        shown = entries[-args.limit :] if args.limit > 0 else entries
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "seq": e.seq,
+                            "time": e.created_at.isoformat(),
+                            "actor": e.actor,
+                            "action": e.action,
+                            "target": e.target,
+                            "details": e.details,
+                            "hash": e.hash,
+                        }
+                        for e in shown
+                    ],
+                    indent=1,
+                )
+            )
+            return 0
+        table = Table(title="audit log, oldest first")
+        for col in ("seq", "time (UTC)", "actor", "action", "target", "details", "hash"):
+            table.add_column(col, overflow="fold")
+        for e in shown:
+            moment = e.created_at if e.created_at.tzinfo else e.created_at.replace(tzinfo=UTC)
+            table.add_row(
+                str(e.seq),
+                f"{moment:%Y-%m-%d %H:%M:%S}",
+                e.actor,
+                e.action,
+                e.target,
+                json.dumps(e.details, sort_keys=True),
+                e.hash[:16],
+            )
+        Console().print(table)
+        return 0
+    verdict = verify(entries, head, args.head)
+    if verdict.ok:
+        print(
+            f"audit log intact: {verdict.rows} rows, head {verdict.head}\n"
+            "save the head elsewhere; `xeno-fl admin --db URL audit verify --head HEAD` later "
+            "proves nothing before it was rewritten"
+        )
+        return 0
+    where = f" at row {verdict.first_bad}" if verdict.first_bad is not None else ""
+    print(
+        f"audit log BROKEN{where}: {verdict.problem}.\n"
+        "Nothing was changed. Next: inspect the rows around it with `xeno-fl admin --db URL "
+        "audit list`, and compare the database with a backup taken before that row's time.",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _admin_token(args: argparse.Namespace) -> int:
     from common.certs import parse_role
     from server.security import add_admin_token
@@ -971,7 +1060,9 @@ def _admin_caller(args: argparse.Namespace) -> Any:
 
     from server.services.admin import AdminServicer
     from server.store import Store
+    from server.store.audit import set_actor
 
+    set_actor(f"admin {os.environ.get('USER', 'unknown')} (direct database access)")
     servicer = AdminServicer(Store(args.db))
 
     class _Context:

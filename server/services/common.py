@@ -24,6 +24,7 @@ from common.certs import CertKind, Role
 from common.tls import peer_identity
 from server.errors import ErrorKind, FederationError
 from server.security import Principal, required_role
+from server.store.audit import set_actor
 
 audit = logging.getLogger("xeno.audit")
 
@@ -159,6 +160,11 @@ def with_identity(handler: Any, device_id: str, check: CallCheck | None = None) 
         verdict = check(context) if check is not None else None
         if isinstance(verdict, Refusal):
             return verdict.code, verdict.message
+        # What this call changes is recorded in the audit log as done by this actor.
+        if verdict is not None:
+            set_actor(f"admin {verdict.name} ({verdict.role.value})")
+        elif device_id:
+            set_actor(f"device {device_id}")
         return AuthenticatedContext(context, device_id, verdict)
 
     if inspect.isasyncgenfunction(behavior):

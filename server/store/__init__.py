@@ -26,9 +26,12 @@ from common.atrest import DataKeyError, Sealer, is_sealed
 from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
+from server.store import audit
 from server.store.models import (
     AbResultRow,
     AbTestRow,
+    AuditHeadRow,
+    AuditRow,
     BlobRow,
     DeviceRow,
     ModelRow,
@@ -259,6 +262,8 @@ class Store:
         self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # Every flush appends its auditable changes to the audit chain, in its transaction.
+        event.listen(self._session, "after_flush", audit.record_changes)
 
     @property
     def local_dir(self) -> str | None:
@@ -332,11 +337,12 @@ class Store:
         now = utcnow()
         with self._session.begin() as s:
             if revoke:
-                s.execute(
-                    update(DeviceRow)
-                    .where(DeviceRow.id.in_(revoke), DeviceRow.revoked_at.is_(None))
-                    .values(revoked_at=now)
-                )
+                for row in s.scalars(
+                    select(DeviceRow).where(
+                        DeviceRow.id.in_(revoke), DeviceRow.revoked_at.is_(None)
+                    )
+                ):
+                    row.revoked_at = now
             s.add(
                 DeviceRow(
                     id=device_id,
@@ -416,6 +422,13 @@ class Store:
             if self.sealer is None:
                 raise DataKeyError("model blobs are encrypted: configure the server's data key")
             data = self.sealer.open(data, digest.encode())
+        elif self.sealer is not None:
+            # With a data key every blob is written sealed: a plaintext one was put there
+            # behind the server's back (substituted weights), and is not loaded.
+            raise DataKeyError(
+                f"blob {digest} is stored unencrypted although a data key is configured: it "
+                "was not written by this server; restore it from a backup"
+            )
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptBlobError(f"blob {digest} fails its SHA-256 check; the store is corrupt")
         return data
@@ -641,12 +654,13 @@ class Store:
         """Mark rounds left running by a previous process as failed; returns how many."""
         with self._session.begin() as s:
             model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == name))
-            result = s.execute(
-                update(RoundRow)
-                .where(RoundRow.model_id == model_id, RoundRow.status == "running")
-                .values(status="failed", failure_reason=reason, ended_at=utcnow())
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            rows = s.scalars(
+                select(RoundRow).where(RoundRow.model_id == model_id, RoundRow.status == "running")
+            ).all()
+            now = utcnow()
+            for row in rows:  # ORM writes, so the audit log sees each round fail
+                row.status, row.failure_reason, row.ended_at = "failed", reason, now
+            return len(rows)
 
     def complete_round(
         self,
@@ -852,3 +866,30 @@ def _participant_rows(
         )
         for p in participants
     ]
+
+
+def audit_entries(store: Store, limit: int = 0) -> list[audit.Entry]:
+    """The audit log in stored order (by seq); the newest `limit` when limit > 0."""
+    with store.session() as s:
+        q = select(AuditRow).order_by(AuditRow.seq)
+        rows = s.scalars(q).all()
+    entries = [
+        audit.Entry(
+            r.seq,
+            r.created_at,
+            r.actor,
+            r.action,
+            r.target,
+            dict(r.details or {}),
+            r.prev_hash,
+            r.hash,
+        )
+        for r in rows
+    ]
+    return entries[-limit:] if limit > 0 else entries
+
+
+def audit_head(store: Store) -> tuple[int, str] | None:
+    with store.session() as s:
+        row = s.get(AuditHeadRow, 1)
+        return None if row is None else (row.seq, row.hash)
