@@ -122,7 +122,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "server optimizer state not restored on restart",
         "server/rounds/coordinator.py",
-        "self._restore_optimizer_state(model.current_version)",
+        "self.strategy.load_state_dict(state.arrays)",
         "pass",
         ("tests/test_recovery.py::test_server_optimizer_state_survives_sigkill_between_rounds",),
     ),
