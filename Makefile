@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint proto proto-check bench clean
+.PHONY: install demo test test-fast lint proto proto-check bench clean mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy common server client xeno
+
+# Deliberate one-line bugs (scripts/mutation.py): each must make its tests fail. Not in `make test`.
+mutation: $(STAMP)
+	$(PY) scripts/mutation.py
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -18,7 +18,7 @@ oos-threshold on the full set, in-scope accuracy / OOS recall: FastText
 88.6 / 28.3, SVM 88.2 / 18.0, CNN 90.9 / 30.9, MLP 93.4 / 49.1, BERT 96.2 / 52.3.
 
 dp_sgd_overhead: time of one local epoch over the whole training split,
-batch 32, with DP-SGD as devices run it (`client.training.train_local_dp`:
+batch --batch-size (32), with DP-SGD as devices run it (`client.training.train_local_dp`:
 Poisson sampling, Opacus's optimizer and accountant, the clipped sum from
 `PackedFastText`'s one pass) over the plain loop of `train_local`, medians of
 --repeats, alternating the two so that machine load hits both alike, setup
@@ -181,15 +181,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="of the overhead measurement")
     parser.add_argument("--overhead-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     if not args.overhead_only:
         out["central"] = central(args.epochs, args.lr, args.seed)
-    overhead = dp_sgd_overhead(args.repeats)
+    overhead = dp_sgd_overhead(args.repeats, args.batch_size)
     out["dp_sgd_overhead"] = overhead["ratio"]
     out["dp_sgd_epoch_seconds"] = overhead
+    out["batch_size"] = args.batch_size
     print(json.dumps(out))
 
 

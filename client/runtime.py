@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -38,7 +39,7 @@ from client.training import (
     train_local,
     train_local_dp,
 )
-from common.atrest import Sealer, load_key
+from common.atrest import Sealer, read_secret, resolve_key
 from common.config import setting
 from common.data import Dataset
 from common.models import FastText, ModelSpec, build_model
@@ -54,6 +55,7 @@ from common.tensors import (
     iter_chunks,
     to_wire,
 )
+from common.tls import client_channel
 
 log = logging.getLogger("xeno.client")
 
@@ -122,14 +124,38 @@ class ClientConfig:
     proximal_mu: float | None = setting(
         None, "override the server's FedProx mu", "XENO_CLIENT_PROXIMAL_MU"
     )
+    enrollment_key_file: str = setting(
+        "",
+        "file holding the server's enrollment key, if it has one (owner-only)",
+        "XENO_ENROLLMENT_KEY_FILE",
+    )
     enrollment_key: str = setting(
-        "", "the server's enrollment key, if it has one", "XENO_ENROLLMENT_KEY"
+        "",
+        "the enrollment key itself (prefer --enrollment-key-file: a flag's value shows in "
+        "process listings)",
+        "XENO_ENROLLMENT_KEY",
     )
     device_key_file: str = setting(
         "",
         "file with the 32-byte key (64 hex characters) that encrypts the local store; the "
-        "XENO_DEVICE_KEY variable may hold the key itself",
+        "XENO_DEVICE_KEY variable may hold the key itself. Neither given: device.key in "
+        "--state-dir, created on first start",
         "XENO_DEVICE_KEY_FILE",
+    )
+    tls_ca: str = setting(
+        "",
+        "PEM CA certificate that signed the server's certificate: connect over TLS "
+        "(empty: plaintext, loopback development only)",
+        "XENO_TLS_CA",
+    )
+    tls_cert: str = setting(
+        "", "PEM device certificate for mTLS (needs --tls-key)", "XENO_TLS_CERT"
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert (owner-only)", "XENO_TLS_KEY")
+    tls_server_name: str = setting(
+        "",
+        "host name to expect in the server's certificate when it differs from the one in --server",
+        "XENO_TLS_SERVER_NAME",
     )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
@@ -221,9 +247,17 @@ class DeviceClient:
         self.config = config
         self.data = data
         self.stop = stop or threading.Event()
-        self.store = LocalStore(
-            config.state_dir, Sealer(load_key(config.device_key_file, "XENO_DEVICE_KEY"))
+        key = resolve_key(
+            config.device_key_file,
+            Path(config.state_dir) / "device.key",
+            "XENO_DEVICE_KEY",
+            log,
+            "device key",
         )
+        self.enrollment_key = read_secret(
+            config.enrollment_key, config.enrollment_key_file, "enrollment key file"
+        )
+        self.store = LocalStore(config.state_dir, Sealer(key))
         leftovers = self.store.remove_leftovers()
         if leftovers:
             log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
@@ -233,7 +267,14 @@ class DeviceClient:
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
-        self._channel = grpc.insecure_channel(config.server, options=[("grpc.enable_retries", 0)])
+        self._channel = client_channel(
+            config.server,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            options=[("grpc.enable_retries", 0)],
+            server_name=config.tls_server_name,
+        )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
         # Running A/B tests of the server's model and this device's variant in each.
@@ -262,7 +303,7 @@ class DeviceClient:
             try:
                 resp = self._stub.Register(
                     pb.RegisterRequest(
-                        enrollment_key=self.config.enrollment_key,
+                        enrollment_key=self.enrollment_key,
                         labels={"runtime": "xeno-fl-python"},
                         identity_public_key=identity.public_key().public_bytes(
                             Encoding.Raw, PublicFormat.Raw

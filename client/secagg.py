@@ -103,6 +103,9 @@ class SecAggReport:
     mask_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Set when the server answered that the round already completed with this device's
+    # update in its sum (GetUnmaskRequest or Unmask): the version it produced.
+    completed_version: int = 0
     unverifiable: int = 0
     # The consistency check: its bytes and the device's time verifying signatures.
     confirm_bytes: int = 0
@@ -363,6 +366,10 @@ class SecAggDevice:
         request: pb.UnmaskRequest = self._call(  # type: ignore[assignment]
             "GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=self.round_id)
         )
+        if request.round_completed:
+            # The others' shares sufficed and the round closed with this update in its sum.
+            self.report.completed_version = request.completed_version
+            return self.report
         survivors, dropped = list(request.survivors), list(request.dropped)
         check_unmask_request(self.me, survivors, dropped, shared_with_me)
         everyone = self._check_survivor_set(request, participants, peers, shared_with_me)
@@ -373,7 +380,7 @@ class SecAggDevice:
             )
         owners = {self.me, *(v for v in survivors + dropped if v in received)}
         if not self._confirm(everyone, participants, peers, owners, t):
-            return self.report
+            return self.report  # the round completed with this update: nothing to reveal
         if self._revealed:
             raise SecAggProtocolError("shares of this round were already revealed once")
         self._revealed = True
@@ -400,17 +407,14 @@ class SecAggDevice:
                         owner=v, kind=pb.SHARE_KIND_MASK_KEY, share=encode_share(received[v][0])
                     )
                 )
-        try:
-            self._call(
-                "Unmask",
-                pb.UnmaskSharesRequest(
-                    round_id=self.round_id, shares=revealed, unverifiable=unverifiable
-                ),
-            )
-        except grpc.RpcError as err:
-            # The server already had enough shares and closed the round: nothing was lost.
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        answer: pb.UnmaskSharesResponse = self._call(  # type: ignore[assignment]
+            "Unmask",
+            pb.UnmaskSharesRequest(
+                round_id=self.round_id, shares=revealed, unverifiable=unverifiable
+            ),
+        )
+        if answer.round_completed:
+            self.report.completed_version = answer.completed_version
         return self.report
 
     def _check_parameters(self, participants: list[str], k: int, t: int) -> None:
@@ -482,7 +486,8 @@ class SecAggDevice:
     ) -> bool:
         """Consistency check: t holders of each secret I reveal for signed this very set.
 
-        False when the check closed without this device: then it reveals nothing.
+        False when the server answers that the round already completed with this device's
+        update in its sum: then it reveals nothing.
         """
         message = survivors_message(
             self.round_id, self.task.model_name, self.task.model_version, everyone
@@ -490,17 +495,15 @@ class SecAggDevice:
         request = pb.ConfirmSurvivorsRequest(
             round_id=self.round_id, signature=sign_keys(self.identity, message)
         )
-        try:
-            response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
-                "ConfirmSurvivors", request
-            )
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            # The check closed without this device (enough holders of every needed secret
-            # confirmed, or the round failed): its upload is in the sum, nothing to reveal.
-            return False
+        # Late confirmations are accepted while the round unmasks; once the sum is unmasked
+        # the server answers round_completed (or "closed" if the round failed: an error).
+        response: pb.ConfirmSurvivorsResponse = self._call(  # type: ignore[assignment]
+            "ConfirmSurvivors", request
+        )
         self.report.confirm_bytes = request.ByteSize() + response.ByteSize()
+        if response.round_completed:
+            self.report.completed_version = response.completed_version
+            return False
         started = time.thread_time()  # CPU: devices share cores in simulations
         known = {d: k.identity_public_key for d, k in peers.items()}
         known[self.me] = self._my_identity_key()

@@ -17,7 +17,6 @@ accuracy): those would leak outside the accounted mechanism.
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import time
 import warnings
@@ -154,27 +153,42 @@ def dp_sample_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / batches, batches
 
 
-def _add_noise_in_place(optimizer: Any) -> None:
-    """Opacus's `add_noise` for a flat packed parameter, drawing the noise into one new buffer.
+def _streamline_noise(optimizer: Any) -> None:
+    """Opacus's accumulate + add_noise for a packed module, without their copies.
 
-    Opacus allocates a zero tensor, then a normal tensor, then their sum with
-    the gradient: three passes over the parameter per step, which for an
-    embedding model cost more than the rest of the step. The same draw
-    (`normal_(0, sigma C)` from the optimizer's generator, one call per
-    parameter) and the same sum, in one allocation.
+    Per step, Opacus deep-copies the gradient into `summed_grad`, then
+    allocates zeros, then noise, then their sum: four passes and three
+    allocations over the whole parameter, which for an embedding model cost
+    as much as the rest of the step. A packed module's gradient is a fresh
+    tensor every step (its clipped sum), so it can be `summed_grad` itself,
+    and the noise is drawn into one buffer kept across steps and added in
+    place. The draw is Opacus's: `normal(0, sigma C)` from the optimizer's
+    generator, one call per parameter, same shape.
     """
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    std = optimizer.noise_multiplier * optimizer.max_grad_norm
-    for p in optimizer.params:
-        _check_processed_flag(p.summed_grad)
-        if std == 0:
-            noisy = p.summed_grad.clone()
-        else:
-            noisy = torch.empty_like(p.summed_grad).normal_(0.0, std, generator=optimizer.generator)
-            noisy.add_(p.summed_grad)
-        p.grad = noisy.view_as(p)
-        _mark_as_processed(p.summed_grad)
+    noise: dict[int, torch.Tensor] = {}
+
+    def accumulate() -> None:
+        for p in optimizer.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for i, p in enumerate(optimizer.params):
+            _check_processed_flag(p.summed_grad)
+            if std > 0:
+                buffer = noise.setdefault(i, torch.empty_like(p.summed_grad))
+                buffer.normal_(0.0, std, generator=optimizer.generator)
+                p.summed_grad.add_(buffer)
+            p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.accumulate = accumulate
+    optimizer.add_noise = add_noise
 
 
 def pack_for_dp(model: nn.Module) -> PackedMLP | PackedFastText | None:
@@ -247,7 +261,7 @@ def train_local_dp(
         )
         wrapped.remove_hooks()  # the norms come from the packed module's single pass instead
         if not dp_optimizer.secure_mode and not hasattr(dp_optimizer, "_adjusted_noise_multiplier"):
-            dp_optimizer.add_noise = functools.partial(_add_noise_in_place, dp_optimizer)
+            _streamline_noise(dp_optimizer)
         loop_started = time.perf_counter()
         for _ in range(config.local_epochs):
             for x, y in dp_loader:

@@ -9,8 +9,10 @@ malformed or wrong key is a clear DataKeyError, never silent garbage.
 from __future__ import annotations
 
 import binascii
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +25,58 @@ KEY_BYTES = 32
 
 class DataKeyError(RuntimeError):
     """The data key is missing, malformed, or does not open the stored data."""
+
+
+class SecretFileError(ValueError):
+    """A secret file (key, token, certificate key) is missing, empty, or others may read it."""
+
+
+def check_private_file(path: str | Path, what: str) -> None:
+    """Refuse a secret file that others than its owner may read, saying the chmod to run."""
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretFileError(
+            f"{what} {path} is readable by others (mode {stat.S_IMODE(mode):04o}); "
+            f"run `chmod 600 {path}`"
+        )
+
+
+def read_secret(value: str, path: str, what: str) -> str:
+    """The secret from its file (owner-only), else the value given; '' when neither."""
+    if not path:
+        return value.strip()
+    try:
+        check_private_file(path, what)
+        text = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise SecretFileError(f"{what} {path} does not exist") from None
+    if not text:
+        raise SecretFileError(f"{what} {path} is empty")
+    return text
+
+
+def resolve_key(
+    key_file: str, default_path: str | Path, env_var: str, log: logging.Logger, what: str
+) -> bytes:
+    """The key: the env var, the configured file, or the file at default_path.
+
+    The default file is created (owner-only) on first start, with a log line saying
+    where and that it must be backed up. A key file others may read is refused.
+    """
+    if os.environ.get(env_var):
+        return load_key("", env_var)
+    path = Path(key_file or default_path)
+    if not key_file and not path.exists():
+        write_new_key(path)
+        log.warning(
+            "created the %s %s (owner-only): back it up, what is sealed with it cannot be "
+            "read without it",
+            what,
+            path.resolve(),
+        )
+    if path.exists():
+        check_private_file(path, f"{what} file")
+    return load_key(str(path), env_var)
 
 
 def parse_key(text: str) -> bytes:

@@ -23,7 +23,7 @@ import numpy as np
 
 from common.data import Dataset, digits_split, federated_digits
 from common.data.clinc150 import load_clinc150, user_partitions
-from common.models import FastText, ModelSpec, build_model
+from common.modelspec import ModelSpec
 from common.text import TextFeatures, featurize
 
 __all__ = [
@@ -110,6 +110,8 @@ def evaluation_set(task: TaskName, spec: ModelSpec, seed: int, test_fraction: fl
     """The server's held-out data for the task, in the input form of spec's model."""
     if task is TaskName.DIGITS:
         return digits_split(seed, test_fraction)[1]
+    from common.models import FastText, build_model  # torch, only when evaluating
+
     model = build_model(spec)
     if not isinstance(model, FastText):
         raise ValueError(f"the intents task trains a fasttext model, not {spec.architecture!r}")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the server serves without it
+    import torch
 
 from common.pb import tensor_pb2
 
@@ -103,6 +106,8 @@ def flatten_state_dict(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Concatenate all tensors into one contiguous float32 vector (one copy)."""
     if not state:
         return np.zeros(0, dtype=WIRE_DTYPE)
+    import torch
+
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in state.values()])
     return flat.numpy().astype(WIRE_DTYPE, copy=False)
 
@@ -113,6 +118,8 @@ def unflatten_to_state_dict(vector: np.ndarray, manifest: Manifest) -> dict[str,
         raise ValueError(
             f"vector has {vector.size} elements, manifest expects {manifest.total_elements}"
         )
+    import torch
+
     base = torch.from_numpy(np.array(vector, dtype=np.float32, copy=True))
     out: dict[str, torch.Tensor] = {}
     offset = 0

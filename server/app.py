@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -28,19 +29,28 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.atrest import Sealer, load_key
+from common.atrest import Sealer
+from common.certs import Role
 from common.config import setting
-from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, num_parameters
+from common.modelspec import ModelSpec
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
 from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
+from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
+from server.security import (
+    Exposure,
+    Principal,
+    check_exposure,
+    parse_admin_tokens,
+    read_secret,
+    resolve_data_key,
+)
 from server.services.admin import AdminServicer
 from server.services.aio import Changes, Runner, capture_handlers, register_servicer
 from server.services.common import AuthInterceptor
@@ -140,6 +150,11 @@ class ServerConfig:
         60.0,
         "seconds after which a round closes with what it has (or fails)",
         "XENO_ROUND_DEADLINE",
+    )
+    max_examples_weight: int = setting(
+        1_000_000,
+        "a plain round weighs each update by its example count, capped at this",
+        "XENO_MAX_EXAMPLES_WEIGHT",
     )
     selection_window: float = setting(
         2.0,
@@ -283,16 +298,59 @@ class ServerConfig:
     data_key_file: str = setting(
         "",
         "file with the 32-byte data key (64 hex characters) that encrypts model blobs at rest; "
-        "the XENO_DATA_KEY variable may hold the key itself",
+        "the XENO_DATA_KEY variable may hold the key itself. Neither given: the key file "
+        "xeno.key next to the SQLite database (./data for PostgreSQL), created on first start",
         "XENO_DATA_KEY_FILE",
+    )
+    enrollment_key_file: str = setting(
+        "",
+        "file holding the secret devices must present to register (owner-only)",
+        "XENO_ENROLLMENT_KEY_FILE",
     )
     enrollment_key: str = setting(
         "",
-        "secret devices must present to register (empty: open enrollment)",
+        "the enrollment secret itself (prefer --enrollment-key-file: a flag's value shows in "
+        "process listings; empty: open enrollment, loopback or mTLS only)",
         "XENO_ENROLLMENT_KEY",
     )
+    admin_token_file: str = setting(
+        "",
+        "file of admin credentials (owner-only): one bearer token per line, either TOKEN "
+        "(role admin) or NAME ROLE TOKEN with ROLE viewer, operator or admin; make one with "
+        "`xeno-fl admin token add FILE NAME --role ROLE`",
+        "XENO_ADMIN_TOKEN_FILE",
+    )
     admin_token: str = setting(
-        "", "bearer token admin calls must carry (empty: admin API open)", "XENO_ADMIN_TOKEN"
+        "",
+        "an admin bearer token itself, role admin (prefer --admin-token-file: a flag's value "
+        "shows in process listings; none at all: the admin API is open, loopback only)",
+        "XENO_ADMIN_TOKEN",
+    )
+    token_ttl: float = setting(
+        30 * 86400.0,
+        "seconds a device token stays valid after its last use (0: forever); an expired "
+        "device registers again",
+        "XENO_TOKEN_TTL",
+    )
+    tls_cert: str = setting(
+        "", "PEM certificate the server presents (TLS); needs --tls-key", "XENO_TLS_CERT"
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert (owner-only)", "XENO_TLS_KEY")
+    tls_client_ca: str = setting(
+        "",
+        "PEM CA certificate client certificates must be signed by: devices and admins "
+        "connect with a certificate (mTLS), and a device is bound to its certificate",
+        "XENO_TLS_CLIENT_CA",
+    )
+    insecure: bool = setting(
+        False,
+        "allow plaintext gRPC on a non-loopback address (only behind a proxy that terminates TLS)",
+        "XENO_INSECURE",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "address of the Prometheus /metrics endpoint (0.0.0.0: all interfaces)",
+        "XENO_METRICS_HOST",
     )
     metrics_port: int = setting(
         9464,
@@ -314,6 +372,18 @@ class ServerConfig:
         "health reports NOT_SERVING while the SQLite database's file system has less free "
         "space than this, in MB (0: no check; PostgreSQL's disk is the database's to watch)",
         "XENO_MIN_FREE_DISK_MB",
+    )
+    keep_versions: int = setting(
+        1000,
+        "retention: keep the newest N versions (0: keep every version), every --keep-every-th "
+        "one, and always the head and every version a tag, an A/B test or a rollback refers "
+        "to; older ones and their blobs are deleted after each round, a few per transaction",
+        "XENO_KEEP_VERSIONS",
+    )
+    keep_every: int = setting(
+        100,
+        "retention: also keep versions 1, K + 1, 2K + 1, ... (0: none of them)",
+        "XENO_KEEP_EVERY",
     )
     store_retry: float = setting(
         3.0,
@@ -408,6 +478,7 @@ class ServerConfig:
             clients_per_round=self.clients_per_round,
             overselect=self.overselect,
             round_deadline_s=self.round_deadline,
+            max_examples_weight=self.max_examples_weight,
             selection_window_s=self.selection_window,
             rounds=self.rounds,
             staging_buffers=self.staging_buffers,
@@ -427,6 +498,8 @@ class ServerConfig:
             dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
             dp_sgd_delta=self.dp_sgd_delta,
             store_retry_s=self.store_retry,
+            keep_versions=self.keep_versions,
+            keep_every=self.keep_every,
             stall_grace_s=self.stall_grace,
         )
 
@@ -454,7 +527,7 @@ class ServerConfig:
                 self.dp_clip_norm,
                 math.ceil(self.clients_per_round * (1 + self.overselect)),
                 min_contributors,
-                num_parameters(build_model(self.model_spec())),
+                _num_parameters(self.model_spec()),
             )
         count_noise = self.dp_clip_count_noise
         if self.dp_adaptive_quantile > 0 and count_noise <= 0:
@@ -485,6 +558,8 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
     if store.get_model(config.model) is not None:
         return
     spec = config.model_spec()
+    from common.models import build_model  # torch: only to create a new model
+
     module = build_model(spec, seed=config.seed)
     state = module.state_dict()
     store.create_model(
@@ -497,21 +572,86 @@ def ensure_model(store: Store, config: ServerConfig) -> None:
     log.info("created model %s (%s) at version 1", config.model, spec)
 
 
-def make_evaluator(spec: ModelSpec, config: ServerConfig) -> object:
+def _num_parameters(spec: ModelSpec) -> int:
+    from common.models import build_model, num_parameters
+
+    return num_parameters(build_model(spec))
+
+
+def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
+    """The admin credentials: the token file's, plus --admin-token (role admin)."""
+    tokens: dict[str, Principal] = {}
+    if config.admin_token_file:
+        text = read_secret("", config.admin_token_file, "admin token file")
+        tokens.update(parse_admin_tokens(text, config.admin_token_file))
+    if config.admin_token:
+        tokens[config.admin_token] = Principal("admin", Role.ADMIN)
+    return tokens
+
+
+def make_evaluator(spec: ModelSpec, config: ServerConfig) -> DeferredEvaluator | None:
+    """The server-side evaluator, or None; its loading (torch, the data) comes later."""
     if config.eval_data == "none":
         return None
     task = TaskName.parse(config.task)
     if config.eval_data not in ("auto", task.value):
         raise ValueError(f"unknown eval data {config.eval_data!r}; use auto or none")
-    test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
-    module = build_model(spec)
 
-    def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
-        load_flat_into_module(module, vector)
-        loss, acc = evaluate(module, test)
-        return {"accuracy": acc, "loss": loss}
+    def build() -> Callable[[np.ndarray], dict[str, float]]:
+        from common.evaluation import evaluate  # torch: 2-9 s of imports, not needed to serve
+        from common.models import build_model
 
-    return evaluate_vector
+        test = evaluation_set(task, spec, config.data_seed, config.test_fraction)
+        module = build_model(spec)
+
+        def evaluate_vector(vector: np.ndarray) -> dict[str, float]:
+            load_flat_into_module(module, vector)
+            loss, acc = evaluate(module, test)
+            return {"accuracy": acc, "loss": loss}
+
+        return evaluate_vector
+
+    return DeferredEvaluator(build)
+
+
+class DeferredEvaluator:
+    """An evaluator built in the background once the server serves.
+
+    Importing torch and loading the evaluation data took most of a restart (2-9 s of a
+    loaded machine's 3-12 s); nothing of it is needed to take check-ins. A round that
+    closes before it is ready waits for it, so every version still gets its metrics.
+    """
+
+    def __init__(self, build: Callable[[], Callable[[np.ndarray], dict[str, float]]]) -> None:
+        self._build = build
+        self._ready = threading.Event()
+        self._evaluate: Callable[[np.ndarray], dict[str, float]] | None = None
+        self._error = ""
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._load, name="evaluator-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self._evaluate = self._build()
+        except Exception as error:  # reported by every evaluation: the round fails with it
+            log.exception("the server-side evaluator could not be built")
+            self._error = f"{type(error).__name__}: {error}"
+        finally:
+            self._ready.set()
+
+    def __call__(self, vector: np.ndarray) -> dict[str, float]:
+        self.start()  # a caller before start() (tests driving the coordinator) loads it here
+        self._ready.wait()
+        if self._evaluate is None:
+            raise RuntimeError(f"the server-side evaluator could not be built: {self._error}")
+        return self._evaluate(vector)
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -557,21 +697,48 @@ class XenoServer:
         )
         round_config = config.round_config()
         check_strategy(strategy, round_config)  # before anything is created on disk
-        self._owns_store = store is None
-        self.store = store or Store(
-            config.db, Sealer(load_key(config.data_key_file, "XENO_DATA_KEY"))
+        # Secrets and certificates are checked before anything is created on disk.
+        enrollment_key = read_secret(
+            config.enrollment_key, config.enrollment_key_file, "enrollment key file"
         )
+        self.admin_tokens = admin_tokens(config)
+        self._credentials = (
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert or config.tls_key or config.tls_client_ca
+            else None
+        )
+        mtls = bool(config.tls_client_ca)
+        check_exposure(
+            Exposure(
+                host=config.host,
+                tls=self._credentials is not None,
+                mtls=mtls,
+                insecure=config.insecure,
+                enrollment_key=bool(enrollment_key),
+                admin_credential=bool(self.admin_tokens),
+                metrics_host=config.metrics_host,
+                metrics_on=config.metrics_port >= 0,
+            )
+        )
+        if config.token_ttl < 0:
+            raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
+        self._owns_store = store is None
+        if store is None:
+            key = resolve_data_key(config.data_key_file, _data_dir(config.db))
+            store = Store(config.db, Sealer(key))
+        self.store = store
         self.store.create_schema()
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
         assert model is not None
-        self.registry = DeviceRegistry(self.store, config.enrollment_key)
+        self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
+        self.evaluator = make_evaluator(model.spec, config)
         self.coordinator = RoundCoordinator(
             self.store,
             config.model,
             strategy,
             round_config,
-            evaluator=make_evaluator(model.spec, config),  # type: ignore[arg-type]
+            evaluator=self.evaluator,
             identity_keys=self.registry.identity_key,
             recorder=recorder,
         )
@@ -622,7 +789,11 @@ class XenoServer:
             interval_s=config.health_interval,
         )
         try:
-            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            target = f"{config.host}:{config.port}"
+            if self._credentials is not None:
+                self.port = self._grpc.add_secure_port(target, self._credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(target)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -634,7 +805,11 @@ class XenoServer:
         server = grpc.aio.server(
             # Auth first: the guard (and its per-device limits) sees authenticated calls only.
             interceptors=[
-                AuthInterceptor(self.registry.authenticate, config.admin_token),
+                AuthInterceptor(
+                    self.registry.authenticate,
+                    self.admin_tokens,
+                    device_cert_name=self.registry.cert_name if config.tls_client_ca else None,
+                ),
                 self.guard,
             ],
             options=grpc_server_options(config),
@@ -645,6 +820,7 @@ class XenoServer:
                 self.coordinator,
                 self.runner,
                 lifecycle=DeviceLifecycle(self.store, config.model),
+                require_device_cert=bool(config.tls_client_ca),
             ),
             server,
         )
@@ -694,8 +870,12 @@ class XenoServer:
         self.coordinator.start()
         self._set_serving(True)
         self.health_monitor.start()
+        if self.evaluator is not None:
+            self.evaluator.start()  # after the port is up: torch is not needed to serve
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_host, self.config.metrics_port
+            )
         log.info(
             "serving on %s (model %s, db %s)",
             self.address,
@@ -736,11 +916,22 @@ class XenoServer:
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
+        self.registry.close()
         if self._owns_store:
             self.store.close()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)
+
+
+def _data_dir(url: str) -> str:
+    """Where the server keeps local files: the SQLite database's folder, else ./data."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return str(Path(str(parsed.database)).resolve().parent)
+    return "data"
 
 
 def _safe_url(url: str) -> str:

@@ -59,3 +59,16 @@ class Pending(Exception):  # noqa: N818 - a state, not a failure
         self.change = change
         self.timeout_s = timeout_s
         self.expired = FederationError(expired_kind, expired)
+
+
+class RoundCompleted(Exception):  # noqa: N818 - an outcome, not a failure
+    """The round already completed with this device's masked update in its sum.
+
+    A secure-aggregation call (GetUnmaskRequest, ConfirmSurvivors, Unmask) from a device
+    whose update is in a round that closed successfully without needing its answer: the
+    servicer tells the device so (round_completed, with the version), instead of "closed".
+    """
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the round already completed as version {version}")
+        self.version = version

@@ -4,36 +4,81 @@ A device registers once and receives an id plus a random bearer token;
 the store keeps only the token's SHA-256, and checks compare digests in
 constant time. Tokens are never logged. A device may enroll an Ed25519
 identity key, with which it signs its secure-aggregation round keys.
+
+Tokens expire `token_ttl_s` after their last use (0: never); a use renews
+them, and the renewal is written to the store only once half the lifetime
+has passed, so a device checking in every few seconds costs no writes. A
+device that registers again with the same identity key gets a new id and
+token, and its old token is revoked in the same transaction. With mTLS the
+common name of the device certificate it registered over is bound to the id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.errors import ErrorKind, FederationError
 from server.store import Store
 
+log = logging.getLogger("xeno.server.registry")
+
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@dataclass
+class _Device:
+    digest: str
+    identity: bytes | None
+    cert_name: str | None
+    expires: float | None  # unix seconds; None: never
+    revoked: bool
+
+
 class DeviceRegistry:
     """Registered devices, their token digests and identity keys (cached in memory)."""
 
-    def __init__(self, store: Store, enrollment_key: str = "") -> None:
+    def __init__(
+        self,
+        store: Store,
+        enrollment_key: str = "",
+        token_ttl_s: float = 0.0,
+    ) -> None:
         self._store = store
         self._enrollment_key = enrollment_key
+        self._ttl = token_ttl_s
         self._lock = threading.Lock()
-        self._devices = store.device_credentials()
+        self._devices: dict[str, _Device] = {
+            r.device_id: _Device(
+                r.token_sha256,
+                r.identity_public_key,
+                r.cert_name,
+                r.token_expires_at.timestamp() if r.token_expires_at else None,
+                r.revoked_at is not None,
+            )
+            for r in store.device_records()
+        }
+        self._count = len(self._devices)
+        # Renewals are written off the event loop that authenticates calls.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="token-renewal")
 
     def register(
-        self, enrollment_key: str, labels: dict[str, str], identity_public_key: bytes = b""
+        self,
+        enrollment_key: str,
+        labels: dict[str, str],
+        identity_public_key: bytes = b"",
+        cert_name: str | None = None,
     ) -> tuple[str, str, int]:
         if self._enrollment_key and not hmac.compare_digest(
             enrollment_key.encode(), self._enrollment_key.encode()
@@ -55,21 +100,77 @@ class DeviceRegistry:
         token = secrets.token_urlsafe(32)
         digest = token_digest(token)
         identity = identity_public_key or None
+        expires = time.time() + self._ttl if self._ttl > 0 else None
         with self._lock:
-            self._store.add_device(device_id, digest, dict(labels), identity)
-            self._devices[device_id] = (digest, identity)
-            index = len(self._devices) - 1
+            # The same device (its identity key) registering again: its old tokens die.
+            old = tuple(
+                d
+                for d, e in self._devices.items()
+                if identity is not None and e.identity == identity and not e.revoked
+            )
+            self._store.add_device(
+                device_id,
+                digest,
+                dict(labels),
+                identity,
+                cert_name=cert_name,
+                token_expires_at=datetime.fromtimestamp(expires, UTC) if expires else None,
+                revoke=old,
+            )
+            for d in old:
+                self._devices[d].revoked = True
+            self._devices[device_id] = _Device(digest, identity, cert_name, expires, False)
+            self._count += 1
+            index = self._count - 1
+        if old:
+            log.info("device re-registered as %s; revoked %s", device_id, ", ".join(old))
         return device_id, token, index
 
     def authenticate(self, device_id: str, token: str) -> bool:
         with self._lock:
             entry = self._devices.get(device_id)
-        return entry is not None and hmac.compare_digest(entry[0], token_digest(token))
+            if entry is None or entry.revoked:
+                return False
+            if not hmac.compare_digest(entry.digest, token_digest(token)):
+                return False
+            if entry.expires is None:
+                return True
+            now = time.time()
+            if now >= entry.expires:
+                return False
+            renew = entry.expires - now < self._ttl / 2
+            if renew:
+                entry.expires = now + self._ttl
+                expires = entry.expires
+        if renew:
+            self._writer.submit(self._persist_renewal, device_id, expires)
+        return True
+
+    def _persist_renewal(self, device_id: str, expires: float) -> None:
+        try:
+            self._store.renew_token(device_id, datetime.fromtimestamp(expires, UTC))
+        except Exception:  # the in-memory renewal holds; a restart may expire it early
+            log.warning("could not store the renewed token expiry of %s", device_id)
 
     def identity_key(self, device_id: str) -> bytes | None:
         with self._lock:
             entry = self._devices.get(device_id)
-        return None if entry is None else entry[1]
+        return None if entry is None else entry.identity
+
+    def cert_name(self, device_id: str) -> str | None:
+        with self._lock:
+            entry = self._devices.get(device_id)
+        return None if entry is None else entry.cert_name
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def forget(self, device_id: str) -> tuple[int, int]:
+        """Erase the device in the store and here: its token stops working at once."""
+        with self._lock:
+            counts = self._store.forget_device(device_id)
+            self._devices.pop(device_id, None)
+        return counts
 
     def __len__(self) -> int:
-        return len(self._devices)
+        return self._count

@@ -143,7 +143,11 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
     started: list[DeviceThread] = []
 
     def start(
-        server: XenoServer, n: int, num_partitions: int | None = None, **overrides: Any
+        server: XenoServer,
+        n: int,
+        num_partitions: int | None = None,
+        before_start: Callable[[DeviceClient], None] | None = None,
+        **overrides: Any,
     ) -> list[DeviceThread]:
         out = []
         # Devices run the plain rounds of a server started without secure aggregation.
@@ -164,6 +168,8 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
             )
             stop = threading.Event()
             client = DeviceClient(config, load_partition(config), stop)
+            if before_start is not None:
+                before_start(client)
             thread = threading.Thread(target=client.run, daemon=True, name=f"device-{i}")
             thread.start()
             dt = DeviceThread(client, thread, stop)

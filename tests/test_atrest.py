@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,31 @@ def test_model_blobs_are_sealed_and_need_the_right_key(db_url: str) -> None:
         Store(db_url, Sealer(bytes(32))).load_version("m", 1)
     with pytest.raises(DataKeyError, match="data key"):
         Store(db_url).load_version("m", 1)
+
+
+def test_a_substituted_plaintext_blob_is_refused(db_url: str) -> None:
+    """The attacker with database access swaps in their own weights, unencrypted (they do
+    not have the key), under the blob's address: the server refuses to load them."""
+    import hashlib
+
+    from sqlalchemy import update
+
+    from server.store.models import ModelVersionRow
+
+    key = Sealer(bytes(range(32)))
+    store = Store(db_url, key)
+    store.create_schema()
+    store.create_model(
+        "m", ModelSpec(), Manifest((TensorInfo("w", (8,)),)), "fedavg", np.zeros(8, np.float32)
+    )
+    evil = to_wire(np.full(8, 1e6, dtype=np.float32))
+    digest = hashlib.sha256(evil).hexdigest()
+    with store.session() as s, s.begin():
+        s.add(BlobRow(sha256=digest, size=len(evil), data=evil))
+        s.execute(update(ModelVersionRow).values(blob_sha256=digest))
+    with pytest.raises(DataKeyError, match="stored unencrypted although a data key"):
+        store.load_version("m", 1)
+    store.close()
 
 
 def test_device_store_is_sealed(tmp_path: Path) -> None:
@@ -63,25 +86,24 @@ def test_keys_from_env_or_file_with_clear_errors(tmp_path: Path, monkeypatch) ->
         load_key(str(path), "XENO_TEST_KEY")
 
 
-def test_server_refuses_to_start_without_a_key(tmp_path: Path) -> None:
-    import os
+def test_first_start_creates_the_data_key_and_a_readable_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dataclasses import replace
 
-    env = {k: v for k, v in os.environ.items() if k != "XENO_DATA_KEY"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xeno.cli",
-            "server",
-            "--port",
-            "0",
-            "--db",
-            f"sqlite:///{tmp_path}/x.db",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    assert "no data key" in out.stderr and "keygen" in out.stderr
+    from common.atrest import SecretFileError
+    from server.app import XenoServer
+    from tests.conftest import FAST_SERVER
+
+    monkeypatch.delenv("XENO_DATA_KEY")
+    config = replace(FAST_SERVER, db=f"sqlite:///{tmp_path}/db/x.db", eval_data="none")
+    with caplog.at_level("WARNING", logger="xeno.server.security"):
+        XenoServer(config).start().stop(grace=0.1)
+    key = tmp_path / "db" / "xeno.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert f"created the data key {key}" in caplog.text and "back it up" in caplog.text
+    assert key.read_text() not in caplog.text
+    XenoServer(config).start().stop(grace=0.1)  # the same key opens the same store
+    key.chmod(0o640)
+    with pytest.raises(SecretFileError, match=f"run `chmod 600 {key}`"):
+        XenoServer(config)

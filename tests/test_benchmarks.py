@@ -87,6 +87,15 @@ def test_assistant_latency_benchmark_reports_timings() -> None:
 
 
 @pytest.mark.slow
+def test_retention_benchmark_keeps_the_database_bounded() -> None:
+    line = _json_line(
+        "benchmarks/retention.py", "--params", "2000", "--rounds", "30", "--keep-versions", "5"
+    )
+    kept = line["with_retention"]
+    assert isinstance(kept, dict) and kept["versions_kept"] < 30 + 1
+
+
+@pytest.mark.slow
 def test_lifecycle_benchmark_reports_each_figure() -> None:
     line = _json_line(
         "benchmarks/lifecycle.py", "--results", "2000", "--points", "500", "--assigns", "1000"
@@ -110,3 +119,11 @@ def test_personal_benchmark_compares_body_and_scratch() -> None:
         "finetune-body",
         "finetune-scratch",
     }
+
+
+@pytest.mark.slow
+def test_chaos_benchmark_rederives_every_version_under_connection_resets() -> None:
+    line = _json_line("benchmarks/chaos.py", "--only", "resets", "--reset-rounds", "2")
+    resets = line["resets"]
+    assert isinstance(resets, dict) and resets["finished"] is True
+    assert resets["versions_mismatched"] == 0 and resets["no_gap"] and resets["no_duplicate"]

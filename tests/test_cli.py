@@ -183,9 +183,11 @@ def test_client_exits_cleanly_on_sigterm(server_factory, tmp_path: Path) -> None
         text=True,
     )
     deadline = time.monotonic() + 60
-    while len(server.registry) == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    # wait until the device is inside a step: registered and long-polling CheckIn
+    while not server.coordinator._available:
+        assert client.poll() is None, client.communicate()[0]
+        assert time.monotonic() < deadline, "the device never checked in"
+        time.sleep(0.05)
     client.send_signal(signal.SIGTERM)
     out, _ = client.communicate(timeout=20)
     assert client.returncode == 0, out
@@ -199,7 +201,10 @@ def test_devices_wait_for_a_late_server_and_reconnect(server_factory, device_thr
         address = f"127.0.0.1:{port}"
 
     devices = device_threads(Late, 2)
-    time.sleep(2.0)  # devices are backing off against a closed port
+    deadline = time.monotonic() + 30
+    while not all(d.client.backoff.attempt >= 2 for d in devices):  # failed twice already
+        assert time.monotonic() < deadline, "the devices never tried the closed port"
+        time.sleep(0.05)
     assert all(d.thread.is_alive() and d.client.rounds_done == 0 for d in devices)
     server = server_factory(port=port, rounds=1, clients_per_round=2)
     assert server.coordinator.wait_finished(timeout=60)

@@ -50,7 +50,19 @@ def test_services_images_commands_health_and_dependencies() -> None:
     server, client = services["server"], services["client"]
     assert server["build"] == "." and server["image"] == client["image"]
     assert server["command"] == ["server"] and client["command"] == ["client"]
-    assert server["ports"] == ["50051:50051", "9464:9464"]
+    assert server["ports"] == ["50051:50051"]  # only the device port; metrics stay local
+    assert "XENO_METRICS_HOST" not in server["environment"]  # default: 127.0.0.1
+    # mTLS from the provisioned secrets: the server requires client certificates
+    assert server["environment"]["XENO_TLS_CLIENT_CA"] == "/run/secrets/ca_cert"
+    assert client["environment"]["XENO_TLS_CERT"] == "/run/secrets/device_cert"
+    assert "--tls-cert" in server["healthcheck"]["test"]
+    declared = set(COMPOSE["secrets"])
+    for name in ("server", "client"):
+        used = {s["source"] for s in services[name]["secrets"]}
+        assert used <= declared
+        for value in services[name]["environment"].values():
+            if str(value).startswith("/run/secrets/"):
+                assert value.removeprefix("/run/secrets/") in used, value
     assert server["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert client["depends_on"] == {"server": {"condition": "service_healthy"}}
     assert server["healthcheck"]["test"][:2] == ["CMD", "xeno-fl"]
@@ -63,6 +75,33 @@ def test_services_images_commands_health_and_dependencies() -> None:
         assert not unknown, f"{name}: environment variables no setting reads: {unknown}"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["xeno-fl"]' in dockerfile and "torch==2.13.0" in dockerfile
+
+
+def provisioning_commands() -> list[list[str]]:
+    """The `xeno-fl ...` lines of the compose file's header, as argument lists."""
+    lines = (ROOT / "docker-compose.yml").read_text().splitlines()
+    return [line.lstrip("# ").split()[1:] for line in lines if line.startswith("#   xeno-fl admin")]
+
+
+def provision(folder: Path) -> dict[str, str]:
+    """Run the header's commands verbatim in folder; /run/secrets/NAME -> the file there."""
+    for command in provisioning_commands():
+        out = subprocess.run(
+            [sys.executable, "-m", "xeno.cli", *command],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    return {
+        f"/run/secrets/{name}": str(folder / spec["file"])
+        for name, spec in COMPOSE["secrets"].items()
+    }
+
+
+def _with_secrets(env: dict[str, str], secrets: dict[str, str]) -> dict[str, str]:
+    return {k: secrets.get(str(v), str(v)) for k, v in env.items()}
 
 
 def _free_port() -> int:
@@ -87,10 +126,11 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
     if db_url.startswith("sqlite"):
         pytest.skip("the compose stack runs PostgreSQL")
     services = COMPOSE["services"]
+    secrets = provision(tmp_path)
     port = _free_port()
     address = f"127.0.0.1:{port}"
     server_env = {
-        **services["server"]["environment"],
+        **_with_secrets(services["server"]["environment"], secrets),
         # loopback instead of the compose network, a test schema instead of the compose DB,
         # and a small federation: 3 devices, 2 rounds
         "XENO_HOST": "127.0.0.1",
@@ -106,7 +146,9 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
     clients: list[subprocess.Popen[str]] = []
     try:
         health = services["server"]["healthcheck"]["test"][2:]  # drop "CMD", "xeno-fl"
-        health = [address if part == "127.0.0.1:50051" else part for part in health]
+        health = [
+            address if part == "127.0.0.1:50051" else secrets.get(part, part) for part in health
+        ]
         deadline = time.monotonic() + 90
         while True:
             probe = subprocess.run(
@@ -119,7 +161,7 @@ def test_compose_service_commands_run_a_federation_on_postgres(db_url: str, tmp_
             time.sleep(0.5)
         for i in range(3):
             env = {
-                **services["client"]["environment"],
+                **_with_secrets(services["client"]["environment"], secrets),
                 "XENO_SERVER": address,
                 "XENO_STATE_DIR": str(tmp_path / f"device-{i}"),
             }

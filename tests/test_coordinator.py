@@ -436,3 +436,43 @@ def test_health_reports_a_dead_driver_and_a_round_past_its_deadline(store: Store
     coord.start()
     coord._driver.join(timeout=5)
     assert coord.health_problem() == "the round driver thread has died"
+
+
+# ---------------------------------------------------------------- retention
+def test_retention_keeps_newest_every_kth_tagged_and_restored_versions(store: Store) -> None:
+    from sqlalchemy import func, select
+
+    from server.lifecycle.versions import VersionControl
+    from server.store.models import BlobRow, ModelVersionRow
+
+    clock = Clock()
+    coord = make(store, clock, keep_versions=3, keep_every=4, retention_batch=2)
+    vcs = VersionControl(store)
+    _full_round(coord, clock, value=1.0)  # version 2
+    vcs.tag("m", 2, "launch")
+    _full_round(coord, clock, value=2.0)  # 3
+    _full_round(coord, clock, value=3.0)  # 4
+    assert vcs.rollback("m", 3, created_by="operator", reason="4 is bad") == 5
+    for value in range(4, 11):  # rounds go on from the rollback's head: versions 6..12
+        _full_round(coord, clock, value=float(value))
+    kept = [v.version for v in store.list_versions("m")]
+    # every 4th from 1 (1, 5, 9), tagged 2, restored 3, the newest 3 (10, 11, 12)
+    assert kept == [1, 2, 3, 5, 9, 10, 11, 12]
+    # the deleted versions' blobs are gone; every kept version still loads
+    with store.session() as s:
+        blobs = s.scalar(select(func.count()).select_from(BlobRow))
+        used = s.scalar(select(func.count(func.distinct(ModelVersionRow.blob_sha256))))
+    assert blobs == used
+    for version in kept:
+        store.load_version("m", version)
+    # the next round trains from the head as usual
+    _, summary = _full_round(coord, clock, value=1.0)
+    assert summary.status == "completed" and summary.version == 13
+
+
+def test_retention_is_off_with_keep_versions_zero(store: Store) -> None:
+    clock = Clock()
+    coord = make(store, clock, keep_versions=0, keep_every=0)
+    for value in range(4):
+        _full_round(coord, clock, value=float(value))
+    assert [v.version for v in store.list_versions("m")] == [1, 2, 3, 4, 5]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -20,10 +21,15 @@ from client.ledger import LedgerUnreadableError, PrivacyLedger
 from client.secagg import SecAggProtocolError, check_noise
 from client.storage import LocalStore
 from common.atrest import Sealer
+from common.models import ModelSpec
 from common.pb import federation_pb2 as pb
 from common.privacy import Mechanism, Spend, epsilon_of, gaussian_epsilon, skellam_epsilon
 from common.quantize import FixedPoint, centered, skellam_noise
+from common.tensors import Manifest, TensorInfo, to_wire
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+from server.rounds import RoundConfig, RoundCoordinator
+from server.store import Store
+from server.strategies import FedAvg
 
 XENO = [sys.executable, "-m", "xeno.cli"]
 
@@ -45,6 +51,62 @@ def _wait_rounds(server, n: int, timeout: float = 90.0) -> None:
         r for r in server.store.list_rounds(server.config.model) if r.status == "completed"
     ]
     assert len(completed) >= n
+
+
+def test_central_dp_clips_every_update_and_adds_noise_of_z_c_over_n_to_the_mean(tmp_path) -> None:
+    """Measured on the round's result: the mean of the clipped updates plus N(0, (z C / n)^2)."""
+    d, clip, z = 20_000, 2.0, 1.0
+    manifest = Manifest((TensorInfo("w", (d,)),))
+    store = Store(f"sqlite:///{tmp_path}/central.db")
+    store.create_schema()
+    store.create_model("m", ModelSpec("mlp", {}), manifest, "fedavg", np.zeros(d, np.float32))
+    devices = ["a", "b", "c", "e"]
+    for dev in devices:
+        store.add_device(dev, "0" * 64, {})
+    now = [1000.0]
+    policy = UserDpPolicy(UserDpMechanism.CENTRAL, z, clip, min_contributors=1)
+    coord = RoundCoordinator(
+        store,
+        "m",
+        FedAvg(),
+        RoundConfig(
+            min_clients=4,
+            clients_per_round=4,
+            round_deadline_s=60,
+            selection_window_s=1,
+            user_dp=policy,
+        ),
+        clock=lambda: now[0],
+        rng=random.Random(0),
+    )
+    for dev in devices:
+        coord.check_in(dev, 0)
+    coord.step()
+    rng = np.random.default_rng(5)
+    directions = [g / np.linalg.norm(g) for g in rng.normal(size=(4, d))]
+    norms = [10 * clip, 3 * clip, 0.5 * clip, 0.9 * clip]  # two above the clip, two inside
+    claims = [1, 50, 400, 7]  # example counts: central DP weighs every device the same
+    for dev, u, r, k in zip(devices, directions, norms, claims, strict=True):
+        task = coord.task_for(dev)
+        assert task is not None
+        session = coord.begin_upload(dev, task.round_id, 1, manifest, 4 * d, k)
+        session.add_chunk(to_wire((r * u).astype(np.float32)))
+        session.commit()
+    summary = coord.step()
+    assert summary is not None and summary.status == "completed"
+    delta = store.load_version("m", 2).astype(np.float64)
+    # reference: each update scaled down to the clip if longer, weight 1 each, mean over n
+    clipped = [min(r, clip) * u for u, r in zip(directions, norms, strict=True)]
+    residual = delta - np.mean(clipped, axis=0)
+    sigma = z * clip / len(devices)
+    # updates above the clip end at the clip: no component of the residual along any update
+    # direction beyond the noise (unclipped, the first would leave (10 - 1) C / n = 9 sigma)
+    for u in directions:
+        assert abs(float(residual @ u)) < 5 * sigma
+    # the noise: mean 0, standard deviation z C / n within 5 of its standard errors
+    assert abs(float(residual.mean())) < 5 * sigma / math.sqrt(d)
+    assert float(residual.std()) == pytest.approx(sigma, rel=5 / math.sqrt(2 * d))
+    assert store.privacy_ledger("m")[0].clip_norm == clip
 
 
 # ------------------------------------------------------------------ pure parts
@@ -132,6 +194,32 @@ def test_device_refuses_a_task_whose_noise_falls_short_of_its_promise() -> None:
     check_noise(_task_with_noise(1.0))
     with pytest.raises(SecAggProtocolError, match="below"):
         check_noise(_task_with_noise(0.5))
+
+
+def test_noise_check_uses_the_encoding_clip_with_a_relative_slack_of_1e_9() -> None:
+    """As docs/protocol.md 10.4 states it: Delta = C s + sqrt(d) with C = Task.secagg.clip_norm."""
+    z, n_min, d = 3.0, 5, 100
+    encoding_clip, promised_clip = 0.5, 1.0  # the server may encode with a smaller clip
+    fp = FixedPoint.for_round(encoding_clip, 10, 1, z, n_min, d)
+    needed = (z * (encoding_clip * fp.scale + math.sqrt(d))) ** 2 / n_min  # by hand
+
+    def task(variance: float, secagg_clip: float = encoding_clip) -> pb.Task:
+        t = _task_with_noise(1.0)
+        t.secagg.clip_norm = secagg_clip
+        t.secagg.scale = fp.scale
+        t.secagg.noise_variance = variance
+        t.privacy.user_dp.clip_norm = promised_clip
+        return t
+
+    check_noise(task(needed))
+    check_noise(task(needed * (1 - 1e-10)))  # float rounding between server and device
+    with pytest.raises(SecAggProtocolError, match="below"):
+        check_noise(task(needed * (1 - 1e-6)))
+    # noise sized for the encoding clip is short when the encoding uses the promised clip
+    with pytest.raises(SecAggProtocolError, match="below"):
+        check_noise(task(needed, secagg_clip=promised_clip))
+    with pytest.raises(SecAggProtocolError, match="above its promise"):
+        check_noise(task(needed * 4, secagg_clip=2 * promised_clip))
 
 
 # ------------------------------------------------------------------ over gRPC
@@ -347,8 +435,8 @@ def test_devices_refuse_to_unmask_a_sum_the_server_says_is_too_small(
     honest = coordinator.unmask_request
 
     def understated(device_id: str, round_id: str):
-        survivors, dropped, _total = honest(device_id, round_id)
-        return survivors, dropped, 2  # claims fewer uploads than the noise was sized for
+        survivors, dropped, _total, everyone = honest(device_id, round_id)
+        return survivors, dropped, 2, everyone  # fewer uploads than the noise was sized for
 
     monkeypatch.setattr(coordinator, "unmask_request", understated)
     device_threads(server, 3)

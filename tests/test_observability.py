@@ -29,9 +29,14 @@ def test_metrics_endpoint_counts_rounds_bytes_and_participants(
     server = server_factory(rounds=2, metrics_port=0)
     device_threads(server, 3)
     assert server.coordinator.wait_finished(timeout=90)
-    time.sleep(0.2)  # listeners run right after the round's commit
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    deadline = time.monotonic() + 10
+    while True:  # listeners run right after the round's commit: poll until the last one ran
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if _metric(text, "xeno_rounds_completed_total") >= 2:
+            break
+        assert time.monotonic() < deadline, "the second round never reached the metrics"
+        time.sleep(0.05)
     assert _metric(text, "xeno_rounds_started_total") == 2
     assert _metric(text, "xeno_rounds_completed_total") == 2
     assert _metric(text, "xeno_rounds_failed_total") == 0

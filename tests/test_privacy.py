@@ -10,7 +10,16 @@ import sys
 import numpy as np
 import pytest
 
-from common.privacy import gaussian_epsilon, noise_for_epsilon, skellam_epsilon, skellam_rdp
+from common.privacy import (
+    DEFAULT_ORDERS,
+    Mechanism,
+    Spend,
+    epsilon_of,
+    gaussian_epsilon,
+    noise_for_epsilon,
+    skellam_epsilon,
+    skellam_rdp,
+)
 from common.privacy.api import (
     DifferentialPrivacy,
     PrivacyAnalyzer,
@@ -141,3 +150,53 @@ def test_privacy_report_and_status() -> None:
     assert report["total_epsilon_used"] == pytest.approx(0.5)
     assert report["privacy_status"] == "strong"
     assert privacy_status(3.0) == "moderate" and privacy_status(9.0) == "weak"
+
+
+def _skellam_rdp_by_hand(alpha: float, mu: float, l1: float, l2: float) -> float:
+    """Agarwal, Kairouz and Liu (NeurIPS 2021), Theorem 3.5, as printed there.
+
+    Noise Sk(mu, mu) per coordinate (variance 2 mu), L1 and L2 sensitivities l1, l2:
+    eps(alpha) <= alpha l2^2 / (4 mu)
+                  + min(((2 alpha - 1) l2^2 + 6 l1) / (16 mu^2), 3 l1 / (4 mu)).
+    """
+    return alpha * l2**2 / (4 * mu) + min(
+        ((2 * alpha - 1) * l2**2 + 6 * l1) / (16 * mu**2), 3 * l1 / (4 * mu)
+    )
+
+
+@pytest.mark.parametrize(
+    ("alpha", "variance", "l1", "l2", "by_hand"),
+    [
+        # x = (1, 1, 1, 1): L1 = 4, L2 = 2. mu = 5: 2*4/20 + min(36/400, 12/20) = 0.4 + 0.09
+        (2.0, 10.0, 4.0, 2.0, 0.49),
+        # mu = 5, alpha = 8: 8*4/20 + min((15*4 + 24)/400, 0.6) = 1.6 + 0.21
+        (8.0, 10.0, 4.0, 2.0, 1.81),
+        # mu = 1/2 (the second branch of the min): 2*4/2 + min(36/4, 3*4/2) = 4 + 6
+        (2.0, 1.0, 4.0, 2.0, 10.0),
+        # x = (2, 1): L1 = 3, L2 = sqrt 5. mu = 2: 3*5/8 + min((5*5 + 18)/64, 9/8)
+        (3.0, 4.0, 3.0, math.sqrt(5), 15 / 8 + 43 / 64),
+    ],
+)
+def test_skellam_rdp_matches_theorem_3_5_computed_by_hand(
+    alpha: float, variance: float, l1: float, l2: float, by_hand: float
+) -> None:
+    assert _skellam_rdp_by_hand(alpha, variance / 2, l1, l2) == pytest.approx(by_hand)
+    [rdp] = skellam_rdp([alpha], variance, l2, l1)
+    assert rdp == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_skellam_epsilon_uses_the_l1_sensitivity_of_an_integer_vector() -> None:
+    """skellam_epsilon and the ledger's Spend give the hand-computed bound's epsilon.
+
+    d = 4, L2 = 2: an integer vector's L1 is at most min(sqrt(d) L2, L2^2) = 4. The
+    conversion to (epsilon, delta) is Balle et al. 2020, Thm 21, written out here.
+    """
+    l2, d, delta, steps = 2.0, 4, 1e-5, 3
+    z = math.sqrt(10.0) / l2  # variance (z L2)^2 = 10
+    orders = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
+    rdp = steps * np.array([_skellam_rdp_by_hand(a, 5.0, 4.0, l2) for a in orders])
+    eps = rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    by_hand = float(np.min(eps))
+    assert skellam_epsilon(z, steps, delta, l2, d) == pytest.approx(by_hand, rel=1e-9)
+    spend = Spend(Mechanism.SKELLAM, z, l2_sensitivity=l2, dimension=d, steps=steps)
+    assert epsilon_of([spend], delta) == pytest.approx(by_hand, rel=1e-9)

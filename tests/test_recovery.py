@@ -190,3 +190,159 @@ def test_device_killed_mid_federation_comes_back_as_itself(server_factory, tmp_p
     after = ledger()
     assert after[: len(before)] == before and len(after) > len(before)
     assert after[-1].epsilon > before[-1].epsilon
+
+
+def _plain_server(port: int, db: str, strategy: str) -> subprocess.Popen[str]:
+    """A real `xeno-fl server` for hand-driven devices: plain rounds of 2 uploads."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XENO_LOG_LEVEL": "warning"}
+    env.pop("XENO_CRASH_AT", None)
+    args = ["--port", str(port), "--db", db, "--strategy", strategy, "--no-secagg"]
+    args += ["--min-clients", "2", "--clients-per-round", "2", "--selection-window", "0.2"]
+    args += ["--eval-data", "none", "--metrics-port", "-1", "--rounds", "0"]
+    return subprocess.Popen(
+        [*XENO, "server", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _serving(port: int, db: str, strategy: str) -> subprocess.Popen[str]:
+    server = _plain_server(port, db, strategy)
+    deadline = time.monotonic() + 120  # a bound for failure only: start-up is not under test
+    while not _healthy(f"127.0.0.1:{port}"):
+        assert server.poll() is None, server.communicate()[0]
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.1)
+    return server
+
+
+def _drive_round(address: str, creds: list[tuple[str, str]], number: int, db: str) -> None:
+    """Both devices check in and upload fixed updates (in a fixed order); wait for the version."""
+    import threading
+
+    import grpc
+    import numpy as np
+
+    from common.pb import federation_pb2 as pb
+    from common.pb import federation_pb2_grpc
+    from common.tensors import iter_chunks, to_wire
+
+    with grpc.insecure_channel(address) as channel:
+        stub = federation_pb2_grpc.FederationStub(channel)
+        mds = [(("x-xeno-device-id", d), ("authorization", f"Bearer {t}")) for d, t in creds]
+        tasks: list[pb.Task | None] = [None, None]
+
+        def check_in(i: int) -> None:
+            resp = stub.CheckIn(pb.CheckInRequest(max_wait_ms=10_000), metadata=mds[i], timeout=30)
+            tasks[i] = resp.task if resp.HasField("task") else None
+
+        threads = [threading.Thread(target=check_in, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, task in enumerate(tasks):
+            assert task is not None, f"device {i} got no task in round {number}"
+            header = next(
+                iter(
+                    stub.DownloadModel(
+                        pb.DownloadModelRequest(round_id=task.round_id), metadata=mds[i]
+                    )
+                )
+            ).header
+            d = header.manifest.total_elements
+            update = np.random.default_rng(100 * number + i).normal(0, 0.05, d).astype(np.float32)
+            stub.UploadUpdate(
+                iter(
+                    [
+                        pb.UpdateChunk(
+                            header=pb.UpdateHeader(
+                                round_id=task.round_id,
+                                base_version=task.model_version,
+                                manifest=header.manifest,
+                                total_bytes=4 * d,
+                                num_examples=10 + i,
+                            )
+                        ),
+                        *(pb.UpdateChunk(data=c) for c in iter_chunks(to_wire(update), 1 << 16)),
+                    ]
+                ),
+                metadata=mds[i],
+                timeout=30,
+            )
+    deadline = time.monotonic() + 120
+    while True:
+        store = Store(db)
+        version = store.get_model("digits-mlp").current_version  # type: ignore[union-attr]
+        store.close()
+        if version == number + 1:
+            return
+        assert time.monotonic() < deadline, f"round {number} made no version"
+        time.sleep(0.05)
+
+
+def _register(address: str, n: int) -> list[tuple[str, str]]:
+    import grpc
+
+    from common.pb import federation_pb2 as pb
+    from common.pb import federation_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = federation_pb2_grpc.FederationStub(channel)
+        out = []
+        for _ in range(n):
+            resp = stub.Register(pb.RegisterRequest(), timeout=10)
+            out.append((resp.device_id, resp.token))
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_server_optimizer_state_survives_sigkill_between_rounds(
+    strategy: str, tmp_path: Path
+) -> None:
+    """Kill -9 after round 2, restart, run round 3: version 4 equals an uninterrupted run's."""
+    import numpy as np
+
+    from server.strategies import make_strategy
+
+    results: dict[str, list[np.ndarray]] = {}
+    for run in ("uninterrupted", "killed"):
+        db = f"sqlite:///{tmp_path}/{run}.db"
+        port = _free_port()
+        address = f"127.0.0.1:{port}"
+        server = _serving(port, db, strategy)
+        try:
+            creds = _register(address, 2)
+            for number in (1, 2):
+                _drive_round(address, creds, number, db)
+            if run == "killed":
+                server.send_signal(signal.SIGKILL)
+                server.wait(timeout=10)
+                assert server.returncode == -signal.SIGKILL
+                server = _serving(port, db, strategy)  # same database, same credentials
+            _drive_round(address, creds, 3, db)
+        finally:
+            server.kill()
+            server.communicate()
+        store = Store(db, Sealer(bytes.fromhex(os.environ["XENO_DATA_KEY"])))
+        results[run] = [store.load_version("digits-mlp", v) for v in (1, 2, 3, 4)]
+        stored = store.load_optimizer_state("digits-mlp", 4)
+        store.close()
+        assert stored is not None and stored.strategy == strategy
+    for before, after in zip(results["uninterrupted"], results["killed"], strict=True):
+        np.testing.assert_array_equal(before, after)
+    # and the state matters: from fresh optimizer state round 3 would have given another version
+    v3, v4 = results["killed"][2], results["killed"][3]
+    uninformed = make_strategy(strategy)
+    uninformed.initialize(v3)
+    mean3 = (
+        sum(
+            (10 + i) * np.random.default_rng(300 + i).normal(0, 0.05, v3.size).astype(np.float32)
+            for i in range(2)
+        )
+        / 21
+    )
+    assert not np.allclose(uninformed.aggregate_fit(v3, mean3.astype(np.float32)), v4, atol=1e-6)

@@ -181,3 +181,54 @@ def test_stochastic_rounding_is_unbiased() -> None:
 def test_centered_lift() -> None:
     values = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=np.uint32)
     np.testing.assert_array_equal(centered(values), [0, 1, 2**31 - 1, -(2**31), -1])
+
+
+class _RoundsAway:
+    """A randomness source under which stochastic rounding always moves away from zero.
+
+    u = 0 makes every fractional part round up (the largest positive code), u = 1 makes
+    none do (the most negative code): the worst case a device's rounding can produce.
+    """
+
+    def __init__(self, u: float) -> None:
+        self.u = u
+
+    def random(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.full(shape, self.u)
+
+
+def _largest_cohort(clip: float, max_weight: int) -> int:
+    """The largest n the encoding accepts (FixedPoint.for_round raises beyond), by bisection."""
+    low, high = 1, 1 << 40
+    while high - low > 1:
+        mid = (low + high) // 2
+        try:
+            FixedPoint.for_round(clip, mid, max_weight)
+            low = mid
+        except ValueError:
+            high = mid
+    return low
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("cohort", ["one", "largest"])
+def test_fixed_point_worst_case_sum_of_n_updates_at_the_clip_decodes_to_n_c(
+    sign: float, cohort: str
+) -> None:
+    """n devices each send +-C e_0 at the maximum weight, rounded away from zero: no wrap."""
+    clip, max_weight = 10.0, 1000  # the server's defaults (--secagg-clip-norm, -max-weight)
+    n = 1 if cohort == "one" else _largest_cohort(clip, max_weight)
+    assert cohort == "one" or n > 1_000_000
+    fp = FixedPoint.for_round(clip, n, max_weight)
+    update = np.zeros(6, dtype=np.float32)
+    update[0] = sign * clip  # exactly at the clip: the largest update a device can send
+    one = fp.encode(update, max_weight, _RoundsAway(0.0 if sign > 0 else 1.0))  # type: ignore[arg-type]
+    # the modular sum of n such uploads, as the server's uint32 accumulator computes it
+    total = ((one.astype(np.uint64) * np.uint64(n)) % np.uint64(1 << 32)).astype(np.uint32)
+    decoded, weights = fp.decode(total)
+    expected = sign * n * clip
+    # each device's rounding moves its code by less than one unit: less than n/s in all
+    assert abs(decoded[0] - expected) <= n / fp.scale
+    assert abs(decoded[0] - expected) <= 1e-2 * n * clip  # and the encoding is still useful
+    assert np.all(decoded[1:] == 0)
+    assert weights == pytest.approx(n)

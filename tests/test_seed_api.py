@@ -229,6 +229,30 @@ def test_seed_gdpr_export_and_delete(assistant_home: Path) -> None:
     assert delete_user_data("john_doe")["store_deleted"] is False
 
 
+def test_export_includes_the_devices_privacy_ledger_and_consent(assistant_home: Path) -> None:
+    from client.assistant import consent
+    from client.assistant.store import UserStore
+    from client.ledger import PrivacyLedger
+    from client.storage import LocalStore
+    from common.atrest import Sealer, parse_key
+    from common.privacy import Mechanism, Spend
+    from xeno.model_finetuning import export_user_data
+
+    state = assistant_home / "device"
+    ledger = PrivacyLedger(LocalStore(state, Sealer(parse_key("ab" * 32))))
+    ledger.record(
+        "r1", "intents", "sample", "dp-sgd", Spend(Mechanism.GAUSSIAN, 1.1, 0.1, 50), 1e-5
+    )
+    with UserStore("kai") as store:
+        consent.record(store, "federated_training", True)
+    archive = export_user_data("kai")
+    [entry] = archive["privacy_ledger"]
+    assert (entry["round_id"], entry["model"], entry["noise_multiplier"]) == ("r1", "intents", 1.1)
+    assert [(c["scope"], c["granted"]) for c in archive["consent"]] == [
+        ("federated_training", True)
+    ]
+
+
 # --------------------------------------------------------------------------- issue 15
 # (versioning / federated examples: added by the lifecycle work, in functions of their own)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_upgrade_from_the_first_migration_keeps_the_data(db_url: str) -> None:
             {"digest": "a" * 64, "now": now},
         )
     store.create_schema()  # what `xeno-fl server` does on start
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == _head()
     assert store.device_credentials() == {"dev-old": ("a" * 64, None)}
     assert store.privacy_ledger("any") == []  # the ledger table exists, empty
     # the new column works
@@ -140,6 +141,47 @@ def test_simulate_runs_on_this_database(db_url: str, tmp_path) -> None:
     rounds = json.loads(report.read_text())["rounds"]
     assert [r["version"] for r in rounds] == [2, 3]
     store = Store(db_url)
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == _head()
     assert [r.status for r in store.list_rounds("digits-mlp")] == ["completed", "completed"]
     store.close()
+
+
+def test_head_revision_read_from_the_files_is_alembics_head() -> None:
+    """create_schema skips Alembic (0.8 s of a restart) when the database is at this head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from server.store import _head_revision
+
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(__file__).resolve().parent.parent / "server/store/migrations")
+    )
+    assert _head_revision() == ScriptDirectory.from_config(config).get_current_head()
+
+
+def test_the_server_imports_without_torch() -> None:
+    """Torch (2-9 s of a restart) loads after the port is up, for evaluation only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import server.app; import xeno.cli; xeno.cli.build_parser('server'); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _head() -> str:
+    """The newest migration (exactly one head)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import server.store
+
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(server.store.__file__).parent / "migrations")
+    )
+    (head,) = ScriptDirectory.from_config(config).get_heads()
+    return str(head)

@@ -41,10 +41,24 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from client.runtime import ClientConfig
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names (the first word that is not a global option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--log-level", "--log-format"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; for one command, only that command's flags are defined.
+
+    The flags of `client` and `simulate` come from modules that import torch (2-9 s on a
+    loaded machine): `xeno-fl server` must not pay for them before it serves.
+    """
     from server.app import ServerConfig
-    from xeno.simulation import SimulationConfig
 
     parser = argparse.ArgumentParser(
         prog="xeno-fl", description=__doc__, formatter_class=_Formatter
@@ -77,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "partition whenever it is selected for a round, until the federation finishes or "
         "it receives SIGTERM.",
     )
-    add_arguments(p, ClientConfig)
+    if command in (None, "client"):
+        from client.runtime import ClientConfig
+
+        add_arguments(p, ClientConfig)
 
     p = sub.add_parser(
         "simulate",
@@ -86,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds rounds on the digits data split by a Dirichlet label partition, show "
         "progress and print the accuracy per round.",
     )
-    add_arguments(p, SimulationConfig)
+    if command in (None, "simulate"):
+        from xeno.simulation import SimulationConfig
+
+        add_arguments(p, SimulationConfig)
 
     p = sub.add_parser(
         "privacy",
@@ -156,13 +176,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", default=None, help="read this database URL directly instead")
     p.add_argument(
+        "--token-file",
+        default=os.environ.get("XENO_ADMIN_TOKEN_FILE", ""),
+        help="file holding the admin bearer token (one line: the token, or NAME ROLE TOKEN) "
+        "[env XENO_ADMIN_TOKEN_FILE]",
+    )
+    p.add_argument(
         "--token",
-        default=os.environ.get("XENO_ADMIN_TOKEN", ""),
-        help="admin bearer token [env XENO_ADMIN_TOKEN]",
+        default=None,
+        help="the admin bearer token itself (shows in process listings: prefer --token-file "
+        "or XENO_ADMIN_TOKEN) [env XENO_ADMIN_TOKEN]",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("XENO_TLS_CA", ""),
+        help="PEM CA certificate of the server: connect over TLS [env XENO_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("XENO_TLS_CERT", ""),
+        help="PEM admin certificate for mTLS [env XENO_TLS_CERT]",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get("XENO_TLS_KEY", ""),
+        help="PEM private key of --tls-cert [env XENO_TLS_KEY]",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("XENO_TLS_SERVER_NAME", ""),
+        help="host name expected in the server's certificate if not the one in --server "
+        "[env XENO_TLS_SERVER_NAME]",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     admin_sub.add_parser("models", help="list models")
+    _add_certs_commands(admin_sub)
+    audit = admin_sub.add_parser(
+        "audit",
+        help="the tamper-evident audit log (--db): list entries, or verify the hash chain",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="WHAT")
+    q = audit_sub.add_parser("list", help="entries, oldest first")
+    q.add_argument("--limit", type=int, default=0, help="only the newest N")
+    q = audit_sub.add_parser(
+        "verify", help="recompute the chain; exit 1 and name the first bad row if broken"
+    )
+    q.add_argument("--head", default="", help="a head hash saved earlier: it must be in the chain")
     admin_sub.add_parser(
         "health", help="exit 0 when the server reports SERVING (for container health checks)"
     )
@@ -199,6 +259,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_certs_commands(admin_sub: Any) -> None:
+    certs = admin_sub.add_parser(
+        "certs",
+        help="project CA and certificates for TLS/mTLS (no openssl needed)",
+        description="`certs init DIR` creates the project CA (DIR/ca.crt, DIR/ca.key); "
+        "`certs issue DIR --server HOST[,HOST...]`, `--device NAME` or `--admin NAME --role "
+        "ROLE` signs a certificate with it: DIR/<kind>-<name>.crt and .key (owner-only).",
+    )
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="WHAT")
+    q = certs_sub.add_parser("init", help="create the project CA in DIR")
+    q.add_argument("dir")
+    q.add_argument("--days", type=int, default=3650, help="validity (default: 3650)")
+    q = certs_sub.add_parser("issue", help="issue a server, device or admin certificate")
+    q.add_argument("dir", help="the folder of the project CA; the certificate goes there too")
+    who = q.add_mutually_exclusive_group(required=True)
+    who.add_argument("--server", metavar="HOSTNAME", help="host names/IPs, comma-separated")
+    who.add_argument("--device", metavar="NAME")
+    who.add_argument("--admin", metavar="NAME")
+    q.add_argument("--role", help="an admin's role: viewer, operator or admin")
+    q.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    token = admin_sub.add_parser(
+        "token", help="admin bearer tokens with roles, for the server's --admin-token-file"
+    )
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="WHAT")
+    q = token_sub.add_parser(
+        "add",
+        help="append NAME ROLE TOKEN with a new random token to FILE (owner-only) and "
+        "write the token alone to --out (for the admin's --token-file)",
+    )
+    q.add_argument("file")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, help="viewer, operator or admin")
+    q.add_argument("--out", default="", help="also write the token to this file (0600)")
+
+
 def _add_user_parser(sub: Any) -> None:
     from client.assistant.consent import Scope
 
@@ -223,6 +318,16 @@ def _add_user_parser(sub: Any) -> None:
     )
     q.add_argument("user_id")
     q.add_argument("--yes", action="store_true", help="confirm; nothing is deleted without it")
+    q.add_argument(
+        "--server",
+        default=None,
+        help="also ask this aggregation server (HOST:PORT) to erase the device's records",
+    )
+    q.add_argument(
+        "--state-dir",
+        default=os.environ.get("XENO_STATE_DIR"),
+        help="the device client's state folder (default: $XENO_HOME/device) [env XENO_STATE_DIR]",
+    )
     q = user_sub.add_parser(
         "consent", help="grant or revoke a consent scope; without flags, show the history"
     )
@@ -300,7 +405,8 @@ def _add_lifecycle_commands(admin_sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
@@ -313,6 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    for flag, instead in (
+        ("enrollment_key", "--enrollment-key-file or XENO_ENROLLMENT_KEY"),
+        ("admin_token", "--admin-token-file or XENO_ADMIN_TOKEN"),
+    ):
+        if getattr(args, flag, None):
+            _warn_flag_secret("--" + flag.replace("_", "-"), instead)
     if args.command == "server":
         from server.app import ServerConfig, serve
 
@@ -410,6 +522,12 @@ def _admin(args: argparse.Namespace) -> int:
         return _admin_db(args)
     if args.admin_command == "health":
         return _admin_health(args)
+    if args.admin_command == "certs":
+        return _admin_certs(args)
+    if args.admin_command == "audit":
+        return _admin_audit(args)
+    if args.admin_command == "token":
+        return _admin_token(args)
     if args.admin_command == "keygen":
         from common.atrest import write_new_key
 
@@ -707,7 +825,7 @@ def _admin_health(args: argparse.Namespace) -> int:
     if not args.server:
         print("error: give --server HOST:PORT", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.server) as channel:
+    with _admin_channel(args) as channel:
         try:
             status = (
                 health_pb2_grpc.HealthStub(channel)
@@ -741,15 +859,196 @@ def _admin_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_channel(args: argparse.Namespace) -> Any:
+    from common.tls import client_channel
+
+    return client_channel(
+        args.server, args.tls_ca, args.tls_cert, args.tls_key, server_name=args.tls_server_name
+    )
+
+
+def _admin_token_value(args: argparse.Namespace) -> str:
+    from common.atrest import read_secret
+
+    if args.token is not None:
+        _warn_flag_secret("--token", "--token-file or XENO_ADMIN_TOKEN")
+        return str(args.token)
+    if args.token_file:
+        line = read_secret("", args.token_file, "admin token file")
+        return line.split()[-1]
+    return os.environ.get("XENO_ADMIN_TOKEN", "")
+
+
+def _warn_flag_secret(flag: str, instead: str) -> None:
+    print(
+        f"warning: the value of {flag} shows in process listings (ps) of this machine; "
+        f"use {instead}",
+        file=sys.stderr,
+    )
+
+
+def _write_private(path: Any, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _admin_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from common import certs
+
+    folder = Path(args.dir)
+    ca_cert, ca_key = folder / "ca.crt", folder / "ca.key"
+    if args.certs_command == "init":
+        if ca_cert.exists() or ca_key.exists():
+            print(f"error: {folder} already holds a CA; refusing to replace it", file=sys.stderr)
+            return 2
+        ca = certs.make_ca(days=args.days)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_private(ca_key, ca.key_pem)
+        ca_cert.write_bytes(ca.cert_pem)
+        print(
+            f"created the project CA {ca_cert} (give it to servers, devices and admins) and "
+            f"its key {ca_key} (owner-only: keep it offline, back it up)"
+        )
+        return 0
+    if not ca_cert.exists() or not ca_key.exists():
+        print(
+            f"error: no project CA in {folder}; create it with `xeno-fl admin certs init {folder}`",
+            file=sys.stderr,
+        )
+        return 2
+    if args.server:
+        kind, name = certs.CertKind.SERVER, args.server
+    elif args.device:
+        kind, name = certs.CertKind.DEVICE, args.device
+    else:
+        kind, name = certs.CertKind.ADMIN, args.admin
+    role = None
+    if kind is certs.CertKind.ADMIN:
+        if not args.role:
+            print("error: an admin certificate needs --role viewer|operator|admin", file=sys.stderr)
+            return 2
+        role = certs.parse_role(args.role)
+    elif args.role:
+        print("error: --role is for admin certificates only", file=sys.stderr)
+        return 2
+    from common.atrest import check_private_file
+
+    check_private_file(ca_key, "CA key")
+    ca = certs.Issued(ca_cert.read_bytes(), ca_key.read_bytes())
+    issued = certs.issue(ca, kind, name, role=role, days=args.days)
+    stem = f"{kind.value}-{name.split(',')[0]}"
+    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    if cert_path.exists() or key_path.exists():
+        print(f"error: {cert_path} exists; remove it first to issue again", file=sys.stderr)
+        return 2
+    _write_private(key_path, issued.key_pem)
+    cert_path.write_bytes(issued.cert_pem)
+    print(f"issued {cert_path} and {key_path} (owner-only), valid {args.days} days")
+    return 0
+
+
+def _admin_audit(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.store import Store, audit_entries, audit_head
+    from server.store.audit import verify
+
+    if not args.db:
+        print("error: `admin audit` reads the database: give --db URL", file=sys.stderr)
+        return 2
+    store = Store(args.db)
+    try:
+        if store.schema_revision() is None:
+            print(f"error: {args.db} has no schema; is it the server's database?", file=sys.stderr)
+            return 2
+        entries = audit_entries(store)
+        head = audit_head(store)
+    finally:
+        store.close()
+    if args.audit_command == "list":
+        shown = entries[-args.limit :] if args.limit > 0 else entries
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "seq": e.seq,
+                            "time": e.created_at.isoformat(),
+                            "actor": e.actor,
+                            "action": e.action,
+                            "target": e.target,
+                            "details": e.details,
+                            "hash": e.hash,
+                        }
+                        for e in shown
+                    ],
+                    indent=1,
+                )
+            )
+            return 0
+        table = Table(title="audit log, oldest first")
+        for col in ("seq", "time (UTC)", "actor", "action", "target", "details", "hash"):
+            table.add_column(col, overflow="fold")
+        for e in shown:
+            moment = e.created_at if e.created_at.tzinfo else e.created_at.replace(tzinfo=UTC)
+            table.add_row(
+                str(e.seq),
+                f"{moment:%Y-%m-%d %H:%M:%S}",
+                e.actor,
+                e.action,
+                e.target,
+                json.dumps(e.details, sort_keys=True),
+                e.hash[:16],
+            )
+        Console().print(table)
+        return 0
+    verdict = verify(entries, head, args.head)
+    if verdict.ok:
+        print(
+            f"audit log intact: {verdict.rows} rows, head {verdict.head}\n"
+            "save the head elsewhere; `xeno-fl admin --db URL audit verify --head HEAD` later "
+            "proves nothing before it was rewritten"
+        )
+        return 0
+    where = f" at row {verdict.first_bad}" if verdict.first_bad is not None else ""
+    print(
+        f"audit log BROKEN{where}: {verdict.problem}.\n"
+        "Nothing was changed. Next: inspect the rows around it with `xeno-fl admin --db URL "
+        "audit list`, and compare the database with a backup taken before that row's time.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _admin_token(args: argparse.Namespace) -> int:
+    from common.certs import parse_role
+    from server.security import add_admin_token
+
+    token = add_admin_token(args.file, args.name, parse_role(args.role))
+    if args.out:
+        _write_private(args.out, (token + "\n").encode())
+        print(f"added {args.name} ({args.role}) to {args.file}; its token is in {args.out}")
+    else:
+        print(f"added {args.name} ({args.role}) to {args.file}; give the admin its token line")
+    return 0
+
+
 def _admin_caller(args: argparse.Namespace) -> Any:
     import grpc
 
     if args.server:
         from common.pb import admin_pb2_grpc
 
-        channel = grpc.insecure_channel(args.server)
+        channel = _admin_channel(args)
         stub = admin_pb2_grpc.AdminStub(channel)
-        metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+        token = _admin_token_value(args)
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
         def remote(method: str, request: Any) -> Any:
             try:
@@ -761,7 +1060,9 @@ def _admin_caller(args: argparse.Namespace) -> Any:
 
     from server.services.admin import AdminServicer
     from server.store import Store
+    from server.store.audit import set_actor
 
+    set_actor(f"admin {os.environ.get('USER', 'unknown')} (direct database access)")
     servicer = AdminServicer(Store(args.db))
 
     class _Context:
@@ -795,7 +1096,15 @@ def _user(args: argparse.Namespace) -> int:
             if not args.yes:
                 print("error: deleting is final; add --yes to confirm", file=sys.stderr)
                 return 2
-            print(json.dumps(delete_user_data(args.user_id, home=args.home)))
+            result = delete_user_data(
+                args.user_id, home=args.home, server=args.server, device_state_dir=args.state_dir
+            )
+            print(json.dumps(result))
+            if "error" in result.get("server", {}):
+                print(
+                    f"error: the server did not erase: {result['server']['error']}", file=sys.stderr
+                )
+                return 1
             return 0
         with UserStore(args.user_id, home=args.home) as store:
             if args.user_command == "consent":

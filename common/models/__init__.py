@@ -13,14 +13,13 @@ and JSON keyword arguments, never code.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from common.modelspec import ModelSpec
 from common.text import PAD, TextFeatures
 
 __all__ = [
@@ -98,24 +97,6 @@ class FastText(nn.Module):
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "fasttext": FastText}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture name plus keyword arguments; JSON-serializable."""
-
-    architecture: str = "mlp"
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def config_json(self) -> str:
-        return json.dumps(self.config, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, architecture: str, config_json: str) -> ModelSpec:
-        config = json.loads(config_json) if config_json else {}
-        if not isinstance(config, dict):
-            raise ValueError("model config must be a JSON object")
-        return cls(architecture, config)
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:

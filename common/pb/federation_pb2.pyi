@@ -330,6 +330,18 @@ class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForgetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("participations_deleted", "ab_results_deleted")
+    PARTICIPATIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    AB_RESULTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    participations_deleted: int
+    ab_results_deleted: int
+    def __init__(self, participations_deleted: _Optional[int] = ..., ab_results_deleted: _Optional[int] = ...) -> None: ...
+
 class RoundKeys(_message.Message):
     __slots__ = ("device_id", "encryption_public_key", "mask_public_key", "signature", "identity_public_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -431,16 +443,20 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped", "total_survivors", "round_survivors")
+    __slots__ = ("survivors", "dropped", "total_survivors", "round_survivors", "round_completed", "completed_version")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     ROUND_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     total_survivors: int
     round_survivors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ..., round_survivors: _Optional[_Iterable[str]] = ...) -> None: ...
+    round_completed: bool
+    completed_version: int
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., total_survivors: _Optional[int] = ..., round_survivors: _Optional[_Iterable[str]] = ..., round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...
 
 class ConfirmSurvivorsRequest(_message.Message):
     __slots__ = ("round_id", "signature")
@@ -461,10 +477,14 @@ class SurvivorSignature(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
 
 class ConfirmSurvivorsResponse(_message.Message):
-    __slots__ = ("signatures",)
+    __slots__ = ("signatures", "round_completed", "completed_version")
     SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
     signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
-    def __init__(self, signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ...) -> None: ...
+    round_completed: bool
+    completed_version: int
+    def __init__(self, signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ..., round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "share")
@@ -487,5 +507,9 @@ class UnmaskSharesRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., unverifiable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnmaskSharesResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("round_completed", "completed_version")
+    ROUND_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round_completed: bool
+    completed_version: int
+    def __init__(self, round_completed: _Optional[bool] = ..., completed_version: _Optional[int] = ...) -> None: ...

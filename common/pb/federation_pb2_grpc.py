@@ -69,6 +69,11 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/xeno.fl.v1.Federation/Forget',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
+                _registered_method=True)
         self.ReportPerformance = channel.unary_unary(
                 '/xeno.fl.v1.Federation/ReportPerformance',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportPerformanceRequest.SerializeToString,
@@ -155,6 +160,17 @@ class FederationServicer:
         """The device is going away (stopped, shutting down): it is no longer available
         for selection, and a round that selected it and awaits its update stops
         waiting for it (as after DeclineTask). Idempotent; CheckIn makes it available again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forget(self, request, context):
+        """Erase this device's records on the server (its user asked for deletion,
+        GDPR art. 17): its registration (the token stops working at once), its
+        participation rows and its per-device A/B results. Aggregated model
+        versions and the model's privacy ledger hold no per-device data and stay.
+        FAILED_PRECONDITION while the device is in the open round: retry after it closes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +270,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.SerializeToString,
             ),
             'ReportPerformance': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportPerformance,
@@ -480,6 +501,33 @@ class Federation:
             '/xeno.fl.v1.Federation/Leave',
             xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/Forget',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

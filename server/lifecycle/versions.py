@@ -26,7 +26,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.models import ModelSpec
+from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.lifecycle.errors import ConflictError, InvalidInputError, UnknownNameError
 from server.store import Store, utcnow

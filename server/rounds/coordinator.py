@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -49,6 +50,7 @@ from server.privacy import (
 from server.secagg import DeviceKeys, Phase, SecAggRound, SecAggSettings, ShareKind
 from server.store import (
     ModelRecord,
+    OptimizerState,
     ParticipantRecord,
     PrivacyRecord,
     Store,
@@ -58,12 +60,18 @@ from server.store import (
 )
 from server.strategies import FitInstructions, RobustStrategy, Strategy
 
+T = TypeVar("T")
 log = logging.getLogger("xeno.server.rounds")
 _RETRY_BASE_S = 0.1
 _RETRY_CAP_S = 2.0
 audit = logging.getLogger("xeno.audit")
 
 Evaluator = Callable[[np.ndarray], dict[str, float]]
+
+# How long an unmask call waits for a closing round's aggregation and commit.
+CLOSE_WAIT_S = 30.0
+# Completed rounds whose uploaders are remembered (a late unmask call learns of success).
+RECENT_COMPLETED_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,11 @@ class RoundConfig:
     store_retry_s: float = 3.0
     # How far past its deadlines the driver may lag before health reports NOT_SERVING.
     stall_grace_s: float = 30.0
+    # Retention after each completed round: keep the newest keep_versions versions (0: all),
+    # every keep_every-th one, and every protected one (Store.protected_versions).
+    keep_versions: int = 0
+    keep_every: int = 0
+    retention_batch: int = 20  # versions deleted per transaction
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -115,6 +128,8 @@ class RoundConfig:
             raise ValueError("round_deadline_s must be a finite positive number")
         if self.staging_buffers < 1:
             raise ValueError("staging_buffers must be at least 1")
+        if self.max_examples_weight < 1:
+            raise ValueError("max_examples_weight must be at least 1")
         if not math.isfinite(self.update_clip_norm) or self.update_clip_norm < 0:
             raise ValueError("the update clip norm must be a finite non-negative number")
         dp = self.user_dp.mechanism if self.user_dp else UserDpMechanism.NONE
@@ -346,6 +361,11 @@ class RoundCoordinator:
         self._available_since: float | None = None
         self._round: _Round | None = None
         self._closed_rounds: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # (version, devices whose update is in the sum) of the last few completed rounds: a
+        # device that uploaded and asks to unmask after the round closed learns it succeeded.
+        self._completed_uploads: collections.OrderedDict[str, tuple[int, frozenset[str]]] = (
+            collections.OrderedDict()
+        )
         self._completed_this_run = 0
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
@@ -372,6 +392,7 @@ class RoundCoordinator:
         self.model = model
         self._vector = store.load_version(model_name, model.current_version)
         strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         self._dp_sgd_task = (
             DpSgdTask(
                 config.dp_sgd_noise_multiplier,
@@ -399,6 +420,21 @@ class RoundCoordinator:
         interrupted = store.fail_running_rounds(model_name, "server restarted during the round")
         if interrupted:
             log.warning("marked %d interrupted round(s) as failed", interrupted)
+
+    def _restore_optimizer_state(self, version: int) -> None:
+        """Resume the server optimizer (moments, momentum) from the state stored with version."""
+        state = self.store.load_optimizer_state(self.model_name, version)
+        if state is None:
+            return
+        if state.strategy != self.strategy.name:
+            log.warning(
+                "version %d was produced by %s; %s starts from fresh optimizer state",
+                version,
+                state.strategy,
+                self.strategy.name,
+            )
+            return
+        self.strategy.load_state_dict(state.arrays)
 
     # ------------------------------------------------------------------ public API
     def add_listener(self, listener: Callable[[RoundSummary], None]) -> None:
@@ -430,9 +466,9 @@ class RoundCoordinator:
     def check_in_now(self, device_id: str) -> CheckInOutcome | None:
         """A task for this device or the end of the federation; None: nothing yet.
 
-        Never blocks. The device counts as available for selection; the transport
-        layer long-polls by calling again on each `Change.ROUND` (and at least
-        every second, which keeps the device available), up to the device's wait.
+        Never blocks. The device counts as available for selection (for
+        `availability_ttl_s`, longer than any long poll); the transport layer
+        long-polls by calling again on each `Change.ROUND`, up to the device's wait.
         """
         with self._cond:
             if self._finished:
@@ -525,6 +561,22 @@ class RoundCoordinator:
                     log.info("device %s left round %d: %s", device_id, rnd.number, reason)
             self._cond.notify_all()
             self._signal(Change.ROUND)
+
+    def forget(self, device_id: str, erase: Callable[[], T]) -> T:
+        """Take the device out of selection and run `erase` while no round can pick it.
+
+        Refused (FAILED_PRECONDITION) while the device is in the open round's
+        cohort: that round's records still name it, so it must close first.
+        """
+        with self._cond:
+            rnd = self._round
+            if rnd is not None and device_id in rnd.cohort:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the device is in round {rnd.number}; call Forget again after it closes",
+                )
+            self._available.pop(device_id, None)
+            return erase()
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -622,12 +674,7 @@ class RoundCoordinator:
         rnd.sessions.add(session)
         return session
 
-    def _take_staging(self, session: UploadSession) -> np.ndarray:
-        """A free staging buffer for the session's first data chunk; Pending when none is free.
-
-        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
-        the stream, bounded by the round's (or phase's) deadline.
-        """
+    def _check_staging(self, session: UploadSession, take: bool) -> np.ndarray | None:
         with self._cond:
             rnd = session.round
             if self._round is not rnd or rnd.closing:
@@ -642,7 +689,16 @@ class RoundCoordinator:
                     max(1.0, deadline - self.clock()),
                     "server busy staging uploads; retry",
                 )
-            buffer = self._staging.pop()
+            return self._staging.pop() if take else None
+
+    def _take_staging(self, session: UploadSession) -> np.ndarray:
+        """A free staging buffer for the session's first data chunk; Pending when none is free.
+
+        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
+        the stream, bounded by the round's (or phase's) deadline.
+        """
+        buffer = self._check_staging(session, take=True)
+        assert buffer is not None
         if buffer.size < self.model.manifest.total_elements + 1:
             buffer = np.empty(self.model.manifest.total_elements + 1, dtype=WIRE_DTYPE)
         return buffer
@@ -789,9 +845,11 @@ class RoundCoordinator:
         """Phase 4a: once uploads close, (survivors, dropped) among my neighbours.
 
         Also the number of uploads in the sum and the round's survivor set. Raises
-        Pending while the upload phase is open.
+        Pending while the upload phase is open, and RoundCompleted when the round already
+        completed with this device's update in its sum (the others' shares sufficed).
         """
         with self._cond:
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
                 if device_id not in secagg.uploaded:
@@ -813,9 +871,11 @@ class RoundCoordinator:
         """Phase 4b: accept a signature over the survivor set.
 
         Once the phase closes: the signatures of the devices within two hops of this one.
-        Idempotent; raises Pending while the phase is open.
+        Idempotent; raises Pending while the phase is open, RoundCompleted once the round
+        completed with this device's update in its sum.
         """
         with self._cond:
+            self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
             if secagg.phase in (Phase.CONFIRM, Phase.UNMASK) or mine is None:
@@ -835,11 +895,33 @@ class RoundCoordinator:
         revealed: list[tuple[str, ShareKind, bytes]],
         unverifiable: list[str],
     ) -> None:
-        """Phase 4b: accept revealed shares; the driver unmasks once the phase closes."""
+        """Phase 4c: accept revealed shares; the driver unmasks once the phase closes.
+
+        Raises RoundCompleted when the round already completed with this device's
+        update in its sum: the shares are then not needed and dropped.
+        """
         with self._cond:
+            self._check_completed(device_id, round_id)
             _rnd, secagg = self._secagg_round(device_id, round_id)
             secagg.unmask(device_id, revealed, unverifiable)
             self._advance_secagg(secagg)
+
+    def _check_completed(self, device_id: str, round_id: str) -> None:
+        """Raise RoundCompleted if the round completed with this device's masked update.
+
+        A round whose secure aggregation finished, or that is being closed (aggregation
+        and its commit run outside the lock), may still fail, so the call is Pending until
+        the round's end is known. Called with the lock held.
+        """
+        rnd = self._round
+        if rnd is not None and rnd.id == round_id:
+            finished = rnd.secagg is not None and rnd.secagg.finished
+            if rnd.closing or finished:  # the sum is unmasked (or failed): the end is near
+                raise Pending(Change.ROUND, CLOSE_WAIT_S, "the round is closing; call again")
+            return
+        done = self._completed_uploads.get(round_id)
+        if done is not None and device_id in done[1]:
+            raise RoundCompleted(done[0])
 
     # ------------------------------------------------------------------ time and lifecycle
     def step(self) -> RoundSummary | None:
@@ -1105,6 +1187,7 @@ class RoundCoordinator:
             return
         self._vector = self.store.load_version(self.model_name, model.current_version)
         self.strategy.initialize(self._vector)
+        self._restore_optimizer_state(model.current_version)
         log.info(
             "model %s: head moved from version %d to %d outside the rounds; training from it",
             self.model_name,
@@ -1236,6 +1319,7 @@ class RoundCoordinator:
                         seconds,
                         participants,
                         outcome.privacy,
+                        OptimizerState(self.strategy.name, outcome.strategy_state),
                     ),
                     self.config.store_retry_s,
                     f"storing round {rnd.number}",
@@ -1276,6 +1360,13 @@ class RoundCoordinator:
             self._closed_rounds[rnd.id] = summary.status
             while len(self._closed_rounds) > 1000:
                 self._closed_rounds.popitem(last=False)
+            if version is not None:
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
             self._round = None
             self._cond.notify_all()
             self._signal(Change.PHASE)
@@ -1302,7 +1393,37 @@ class RoundCoordinator:
                 listener(summary)
             except Exception:
                 log.exception("round listener failed")
+        if version is not None:
+            self.apply_retention()
         return summary
+
+    def apply_retention(self, max_batches: int = 5) -> list[int]:
+        """Delete versions the retention policy no longer keeps, a small transaction at a time.
+
+        Never fails a round: a database error is logged and the next round tries again.
+        At most max_batches transactions per call, so a backlog cannot stall the driver.
+        """
+        cfg = self.config
+        if cfg.keep_versions <= 0:
+            return []
+        deleted: list[int] = []
+        try:
+            for _ in range(max_batches):
+                batch = self.store.prune_versions(
+                    self.model_name,
+                    cfg.keep_versions,
+                    cfg.keep_every,
+                    cfg.retention_batch,
+                    keep_restored=True,
+                )
+                deleted += batch
+                if len(batch) < cfg.retention_batch:
+                    break
+        except Exception as error:
+            log.warning("retention: could not delete old versions (%s)", describe_error(error))
+        if deleted:
+            log.info("retention: deleted %d old version(s) of %s", len(deleted), self.model_name)
+        return deleted
 
     def _round_result(self, rnd: _Round, accepted: int) -> tuple[_Result | None, str]:
         """The round's new weights and metrics, or why it has none."""
@@ -1471,6 +1592,8 @@ class RoundCoordinator:
         with self._cond:
             self.model = model
             self._vector = vector
+            self.strategy.initialize(vector)
+            self._restore_optimizer_state(model.current_version)
 
     def _backoff(self, what: str) -> float:
         delay = self._retry_delay[what]
@@ -1595,6 +1718,18 @@ class UploadSession:
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload abandoned: {self.released_because or 'it already ended'}; check in again",
             )
+
+    def await_buffer(self) -> None:
+        """Return once a staging buffer is free (without taking it); Pending while none is.
+
+        The transport reads the first data chunk only then, so an upload queued for a
+        buffer leaves its data in gRPC's flow-controlled window (256 KiB) instead of
+        holding a whole chunk in server memory: memory stays O(d + n x window).
+        """
+        with self._lock:
+            self._check_open()
+            if self.assembler is None:
+                self._coordinator._check_staging(self, take=False)
 
     def add_chunk(self, data: bytes | memoryview) -> None:
         """Copy one chunk in; Pending (call again) while no staging buffer is free."""

@@ -14,13 +14,17 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
+from common.certs import CertKind, Role
+from common.tls import peer_identity
 from server.errors import ErrorKind, FederationError
+from server.security import Principal, required_role
+from server.store.audit import set_actor
 
 audit = logging.getLogger("xeno.audit")
 
@@ -51,13 +55,14 @@ def bearer_token(value: str) -> str:
 class AuthenticatedContext:
     """The servicer context of a call, plus the identity the interceptor verified.
 
-    Every attribute but `device_id` is the real context's, so handlers use it as
-    they would the context itself (sync or grpc.aio alike).
+    Every attribute but `device_id` and `admin` is the real context's, so handlers
+    use it as they would the context itself (sync or grpc.aio alike).
     """
 
-    def __init__(self, context: Any, device_id: str) -> None:
+    def __init__(self, context: Any, device_id: str, admin: Principal | None = None) -> None:
         self._context = context
         self.device_id = device_id
+        self.admin = admin
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -131,29 +136,63 @@ def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     return _replace_behavior(handler, deny)
 
 
-def with_identity(handler: Any, device_id: str) -> Any:
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    message: str
+
+
+# A check made when the call runs (the peer's certificate is only known then): the
+# call's admin principal (or None) to proceed, a Refusal to refuse it.
+CallCheck = Callable[[Any], "Refusal | Principal | None"]
+
+
+def with_identity(handler: Any, device_id: str, check: CallCheck | None = None) -> Any:
     """The handler, called with an `AuthenticatedContext` carrying device_id.
 
-    Works for plain functions, generators, coroutines and async generators, so the
-    same mechanism serves the thread-pool server and grpc.aio handlers.
+    `check(context)`, run first, may refuse the call (a status and message) or name
+    the admin principal. Works for plain functions, generators, coroutines and async
+    generators, so the same mechanism serves the thread-pool server and grpc.aio handlers.
     """
     behavior = getattr(handler, _handler_kind(handler))
+
+    def authenticated(context: Any) -> AuthenticatedContext | tuple[grpc.StatusCode, str]:
+        verdict = check(context) if check is not None else None
+        if isinstance(verdict, Refusal):
+            return verdict.code, verdict.message
+        # What this call changes is recorded in the audit log as done by this actor.
+        if verdict is not None:
+            set_actor(f"admin {verdict.name} ({verdict.role.value})")
+        elif device_id:
+            set_actor(f"device {device_id}")
+        return AuthenticatedContext(context, device_id, verdict)
+
     if inspect.isasyncgenfunction(behavior):
 
         async def agen(request: Any, context: Any) -> AsyncIterator[Any]:
-            async for item in behavior(request, AuthenticatedContext(context, device_id)):
+            ctx = authenticated(context)
+            if isinstance(ctx, tuple):
+                await context.abort(*ctx)
+                return
+            async for item in behavior(request, ctx):
                 yield item
 
         return _replace_behavior(handler, agen)
     if inspect.iscoroutinefunction(behavior):
 
         async def coro(request: Any, context: Any) -> Any:
-            return await behavior(request, AuthenticatedContext(context, device_id))
+            ctx = authenticated(context)
+            if isinstance(ctx, tuple):
+                await context.abort(*ctx)
+            return await behavior(request, ctx)
 
         return _replace_behavior(handler, coro)
 
     def call(request: Any, context: Any) -> Any | Iterator[Any]:
-        return behavior(request, AuthenticatedContext(context, device_id))
+        ctx = authenticated(context)
+        if isinstance(ctx, tuple):
+            context.abort(*ctx)
+        return behavior(request, ctx)
 
     return _replace_behavior(handler, call)
 
@@ -182,23 +221,38 @@ def read_credentials(metadata: Sequence[tuple[str, str | bytes]] | None) -> Cred
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
-    """Checks bearer credentials on every call of the protected services.
+    """Checks credentials on every call of the protected services.
 
     Device calls need `x-xeno-device-id` and `authorization: Bearer <token>`,
-    each exactly once (Register is open, guarded by the enrollment key); their
-    handlers receive the verified id through `with_identity`. Admin calls need
-    the admin token when one is configured. Health and reflection are open.
+    each exactly once (Register is open, guarded by the enrollment key or the
+    client certificate); their handlers receive the verified id through
+    `with_identity`. With mTLS (`device_cert_name` given) a device call must also
+    come over a connection whose client certificate is the device certificate the
+    device registered with: a stolen token alone does not do.
+
+    Admin calls need an admin credential when any is configured: a bearer token
+    of `admin_tokens` or, with mTLS, an admin certificate; either names a
+    `Principal` with a role. Without any (loopback development) the admin API is
+    open. Health and reflection are open.
     """
 
     def __init__(
         self,
         authenticate_device: Callable[[str, str], bool],
-        admin_token: str = "",
+        admin_tokens: Mapping[str, Principal] | str = "",
         open_methods: frozenset[str] = frozenset({"/xeno.fl.v1.Federation/Register"}),
+        device_cert_name: Callable[[str], str | None] | None = None,
     ) -> None:
         self._authenticate_device = authenticate_device
-        self._admin_token = admin_token
+        if isinstance(admin_tokens, str):
+            admin_tokens = {admin_tokens: Principal("admin", Role.ADMIN)} if admin_tokens else {}
+        self._admin_tokens = dict(admin_tokens)
         self._open = open_methods
+        self._device_cert_name = device_cert_name
+
+    @property
+    def mtls(self) -> bool:
+        return self._device_cert_name is not None
 
     async def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -215,15 +269,66 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
             if not device or not creds.token:
                 return self._deny(handler, method, device, "missing device id or bearer token")
             if not self._authenticate_device(device, creds.token):
-                return self._deny(handler, method, device, "unknown device or wrong token")
-            return with_identity(handler, device)
-        if (
-            method.startswith("/xeno.fl.v1.Admin/")
-            and self._admin_token
-            and not hmac.compare_digest(creds.token.encode(), self._admin_token.encode())
-        ):
-            return self._deny(handler, method, "", "admin token missing or wrong")
+                return self._deny(
+                    handler, method, device, "unknown device or wrong token (or it expired)"
+                )
+            return with_identity(handler, device, self._device_certificate_check(method, device))
+        if method.startswith("/xeno.fl.v1.Admin/"):
+            return self._admin(handler, method, creds.token)
         return handler
+
+    def _device_certificate_check(self, method: str, device: str) -> CallCheck | None:
+        bound_name = self._device_cert_name
+        if bound_name is None:
+            return None
+
+        def check(context: Any) -> Refusal | None:
+            peer = peer_identity(context)
+            expected = bound_name(device)
+            if peer is None or peer.kind is not CertKind.DEVICE or peer.name != expected:
+                why = (
+                    "the client certificate is not the device certificate this device "
+                    "registered with"
+                )
+                _audit_unauthenticated(method, device, why)
+                return Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{why}; connect with its own certificate, or register again "
+                    "(xeno-fl client --reset)",
+                )
+            return None
+
+        return check
+
+    def _admin(self, handler: Any, method: str, token: str) -> Any:
+        by_token = None
+        for known, principal in self._admin_tokens.items():
+            if token and hmac.compare_digest(token.encode(), known.encode()):
+                by_token = principal
+        if by_token is None and token:
+            return self._deny(handler, method, "", "admin token wrong", "check --admin-token-file")
+        if not self._admin_tokens and not self.mtls:
+            # Development on loopback: no admin credential configured, the API is open.
+            local = Principal("local", Role.ADMIN)
+            return with_identity(handler, "", lambda _ctx: authorize(local, method))
+
+        def check(context: Any) -> Refusal | Principal:
+            principal = by_token
+            if principal is None:
+                peer = peer_identity(context) if self.mtls else None
+                if peer is not None and peer.kind is CertKind.ADMIN and peer.role is not None:
+                    principal = Principal(peer.name, peer.role)
+            if principal is None:
+                why = "admin credential missing"
+                _audit_unauthenticated(method, "", why)
+                return Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{why}; pass --token-file (an admin token) or, with mTLS, an admin "
+                    "certificate (xeno-fl admin certs issue DIR --admin NAME --role ROLE)",
+                )
+            return authorize(principal, method)
+
+        return with_identity(handler, "", check)
 
     @staticmethod
     def _deny(
@@ -233,15 +338,41 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
         why: str,
         hint: str = "register again (xeno-fl client --reset) if the credentials were lost",
     ) -> Any:
-        audit.warning(
-            "refused %s from device %s: UNAUTHENTICATED %s",
-            method,
-            device or "-",
-            why,
-            extra={"device_id": device or None, "status": "UNAUTHENTICATED"},
-        )
+        _audit_unauthenticated(method, device, why)
         return _abort_handler(
             handler,
             grpc.StatusCode.UNAUTHENTICATED,
             f"{why}; {hint}",
         )
+
+
+def authorize(principal: Principal, method: str) -> Refusal | Principal:
+    """The principal when its role may call method, else PERMISSION_DENIED."""
+    needed = required_role(method)
+    if needed is not None and principal.role.allows(needed):
+        return principal
+    rpc = method.rsplit("/", 1)[-1]
+    why = (
+        f"{rpc} needs the role {needed.value}; {principal.name} has {principal.role.value}"
+        if needed is not None
+        else f"{rpc} has no role entry (server.security.ADMIN_RPC_ROLES): refused to all"
+    )
+    audit.warning(
+        "refused %s to admin %s (%s): PERMISSION_DENIED %s",
+        method,
+        principal.name,
+        principal.role.value,
+        why,
+        extra={"status": "PERMISSION_DENIED"},
+    )
+    return Refusal(grpc.StatusCode.PERMISSION_DENIED, why)
+
+
+def _audit_unauthenticated(method: str, device: str, why: str) -> None:
+    audit.warning(
+        "refused %s from device %s: UNAUTHENTICATED %s",
+        method,
+        device or "-",
+        why,
+        extra={"device_id": device or None, "status": "UNAUTHENTICATED"},
+    )

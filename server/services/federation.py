@@ -10,16 +10,18 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from common.certs import CertKind
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
-from server.errors import Change, ErrorKind, FederationError
+from common.tls import peer_identity
+from server.errors import Change, ErrorKind, FederationError, RoundCompleted
 from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.secagg import DeviceKeys, ShareKind
-from server.services.aio import Changes, Runner, capture_handlers, register_servicer, wait_event
+from server.services.aio import RECHECK_S, Changes, Runner, capture_handlers, register_servicer
 from server.services.common import abort, abort_async, device_id_of
 
 log = logging.getLogger("xeno.server.federation")
@@ -145,6 +147,7 @@ async def _receive_stream(
             except DecodeError:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "malformed header") from None
             session = await runner.run(begin, header)
+            await runner.call(session.await_buffer)  # before reading any data (see there)
             async for raw in messages:
                 msg = FramedChunk(raw)
                 if msg.WhichOneof("part") != "data":
@@ -203,7 +206,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         runner: Runner,
         chunk_bytes: int = CHUNK_BYTES,
         lifecycle: DeviceLifecycle | None = None,
+        require_device_cert: bool = False,
     ) -> None:
+        self.require_device_cert = require_device_cert
         self.registry = registry
         self.coordinator = coordinator
         self.runner = runner
@@ -214,9 +219,28 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
+        cert_name = None
+        if self.require_device_cert:
+            # mTLS: the handshake verified the certificate; it must be a device's.
+            peer = peer_identity(context)
+            if peer is None or peer.kind is not CertKind.DEVICE:
+                abort(
+                    context,
+                    FederationError(
+                        ErrorKind.PERMISSION_DENIED,
+                        "register with a device certificate (xeno-fl admin certs issue DIR "
+                        "--device NAME; the client's --tls-cert/--tls-key)",
+                    ),
+                    "Register",
+                    "",
+                )
+            cert_name = peer.name
         try:
             device_id, token, index = self.registry.register(
-                request.enrollment_key, dict(request.labels), request.identity_public_key
+                request.enrollment_key,
+                dict(request.labels),
+                request.identity_public_key,
+                cert_name=cert_name,
             )
         except FederationError as err:
             abort(context, err, "Register", "")
@@ -228,7 +252,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         request: pb.CheckInRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.CheckInResponse:
-        """Long poll as a coroutine: asks again on each round change, at least every second."""
+        """Long poll as a coroutine: asks the coordinator again on each round change."""
         device = device_id_of(context)
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
@@ -239,12 +263,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         cancelled = True
         try:
             while True:
-                changed = self.changes.snapshot()[Change.ROUND]
+                mark = self.changes.marks()[Change.ROUND]
                 outcome = await self.runner.run(self.coordinator.check_in_now, device)
                 remaining = give_up - loop.time()
                 if outcome is not None or remaining <= 0 or self.coordinator.stopping:
                     break
-                await wait_event(changed, min(remaining, 1.0))
+                recheck = min(remaining, RECHECK_S[Change.ROUND])
+                await self.changes.wait(Change.ROUND, mark, recheck)
             cancelled = False
         finally:
             # Not awaited: a cancelled coroutine must not wait for the pool.
@@ -365,6 +390,15 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         self.coordinator.leave(device, request.reason[:500] or "left")
         return pb.LeaveResponse()
 
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        device = device_id_of(context)
+        try:
+            parts, results = self.coordinator.forget(device, lambda: self.registry.forget(device))
+        except FederationError as err:
+            abort(context, err, "Forget", device)
+        log.info("forgot device %s: %d participations, %d A/B results", device, parts, results)
+        return pb.ForgetResponse(participations_deleted=parts, ab_results_deleted=results)
+
     # ------------------------------------------------------------------ secure aggregation
     def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
@@ -446,6 +480,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             survivors, dropped, total, everyone = self.coordinator.unmask_request(
                 device, request.round_id
             )
+        except RoundCompleted as done:
+            return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "GetUnmaskRequest", device)
         return pb.UnmaskRequest(
@@ -460,6 +496,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             signatures = self.coordinator.confirm_survivors(
                 device, request.round_id, request.signature
             )
+        except RoundCompleted as done:
+            return pb.ConfirmSurvivorsResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "ConfirmSurvivors", device)
         return pb.ConfirmSurvivorsResponse(
@@ -484,6 +522,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
             self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+        except RoundCompleted as done:
+            return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:
             abort(context, err, "Unmask", device)
         return pb.UnmaskSharesResponse()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +19,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, exc, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, exc, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
-from common.models import ModelSpec
+from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
+from server.store import audit
 from server.store.models import (
+    AbResultRow,
     AbTestRow,
+    AuditHeadRow,
+    AuditRow,
     BlobRow,
     DeviceRow,
     ModelRow,
@@ -39,7 +44,9 @@ from server.store.models import (
 
 __all__ = [
     "CorruptBlobError",
+    "DeviceRecord",
     "ModelRecord",
+    "OptimizerState",
     "ParticipantRecord",
     "PrivacyRecord",
     "Store",
@@ -113,6 +120,43 @@ class SupersededError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class OptimizerState:
+    """A server strategy's per-parameter state: named float32 arrays.
+
+    Stored like model weights (nothing pickled): the arrays as one raw little-endian
+    float32 blob, in manifest order, plus a JSON manifest of names and shapes.
+    """
+
+    strategy: str
+    arrays: dict[str, np.ndarray]
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "tensors": [{"name": k, "shape": list(v.shape)} for k, v in self.arrays.items()],
+        }
+
+    def to_wire(self) -> bytes:
+        return b"".join(
+            to_wire(np.asarray(v, dtype=np.float32).ravel()) for v in self.arrays.values()
+        )
+
+    @classmethod
+    def from_wire(cls, manifest: dict[str, Any], data: bytes) -> OptimizerState:
+        flat = np.frombuffer(data, dtype=WIRE_DTYPE)
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for tensor in manifest["tensors"]:
+            shape = tuple(int(x) for x in tensor["shape"])
+            size = int(np.prod(shape, dtype=np.int64))
+            arrays[str(tensor["name"])] = flat[offset : offset + size].reshape(shape).copy()
+            offset += size
+        if offset != flat.size:
+            raise CorruptBlobError("the optimizer state blob does not match its manifest")
+        return cls(str(manifest["strategy"]), arrays)
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     name: str
     spec: ModelSpec
@@ -144,6 +188,23 @@ class PrivacyRecord:
 
 
 @dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    token_sha256: str
+    identity_public_key: bytes | None
+    cert_name: str | None
+    token_expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+@dataclass(frozen=True)
 class ParticipantRecord:
     device_id: str
     status: str
@@ -152,6 +213,21 @@ class ParticipantRecord:
     bytes_out: int = 0
     metrics: dict[str, float] | None = None
     note: str = ""
+
+
+_REVISION = re.compile(r'^(down_revision|revision)\s*=\s*(?:"([^"]*)"|None)', re.M)
+
+
+def _head_revision() -> str | None:
+    """The newest migration's id, read from the migration files (Alembic is not imported)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (Path(__file__).parent / "migrations" / "versions").glob("*.py"):
+        for kind, value in _REVISION.findall(path.read_text()):
+            if value:
+                (revisions if kind == "revision" else parents).add(value)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def make_engine(url: str) -> Engine:
@@ -186,6 +262,8 @@ class Store:
         self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # Every flush appends its auditable changes to the audit chain, in its transaction.
+        event.listen(self._session, "after_flush", audit.record_changes)
 
     @property
     def local_dir(self) -> str | None:
@@ -196,8 +274,22 @@ class Store:
         return str(Path(database).resolve().parent)
 
     def create_schema(self) -> None:
-        """Bring the schema to the newest migration (creating it in an empty database)."""
+        """Bring the schema to the newest migration (creating it in an empty database).
+
+        A database already at the newest migration is left alone without importing
+        Alembic, which alone took ~0.8 s of a restart.
+        """
+        if self._stored_revision() == _head_revision():
+            return
         self.migrate("head")
+
+    def _stored_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        except exc.DBAPIError:
+            return None  # no alembic_version table yet
+        return str(rows[0][0]) if len(rows) == 1 else None
 
     def migrate(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to `revision` on this database."""
@@ -234,17 +326,48 @@ class Store:
         token_sha256: str,
         labels: dict[str, str],
         identity_public_key: bytes | None = None,
+        cert_name: str | None = None,
+        token_expires_at: datetime | None = None,
+        revoke: tuple[str, ...] = (),
     ) -> None:
+        """Add a device and, in the same transaction, revoke the devices in `revoke`.
+
+        `revoke`: the same device's earlier registrations, whose tokens must stop working.
+        """
+        now = utcnow()
         with self._session.begin() as s:
+            if revoke:
+                for row in s.scalars(
+                    select(DeviceRow).where(
+                        DeviceRow.id.in_(revoke), DeviceRow.revoked_at.is_(None)
+                    )
+                ):
+                    row.revoked_at = now
             s.add(
                 DeviceRow(
                     id=device_id,
                     token_sha256=token_sha256,
                     labels=labels,
                     identity_public_key=identity_public_key,
-                    created_at=utcnow(),
+                    created_at=now,
+                    cert_name=cert_name,
+                    token_expires_at=token_expires_at,
                 )
             )
+
+    def forget_device(self, device_id: str) -> tuple[int, int]:
+        """Erase a device's registration, participation rows and A/B results in one transaction.
+
+        Returns (participation rows, A/B result rows) deleted. Aggregated model
+        versions and the model's privacy ledger hold no per-device data and stay.
+        """
+        with self._session.begin() as s:
+            parts = s.execute(
+                delete(RoundParticipantRow).where(RoundParticipantRow.device_id == device_id)
+            )
+            results = s.execute(delete(AbResultRow).where(AbResultRow.device_id == device_id))
+            s.execute(delete(DeviceRow).where(DeviceRow.id == device_id))
+        return int(parts.rowcount or 0), int(results.rowcount or 0)  # type: ignore[attr-defined]
 
     def device_credentials(self) -> dict[str, tuple[str, bytes | None]]:
         """device id -> (token digest, identity public key)."""
@@ -253,6 +376,29 @@ class Store:
                 select(DeviceRow.id, DeviceRow.token_sha256, DeviceRow.identity_public_key)
             )
             return {row[0]: (row[1], row[2]) for row in rows}
+
+    def device_records(self) -> list[DeviceRecord]:
+        """Every device's credentials, certificate binding, expiry and revocation."""
+        with self.session() as s:
+            return [
+                DeviceRecord(
+                    r.id,
+                    r.token_sha256,
+                    r.identity_public_key,
+                    r.cert_name,
+                    _aware(r.token_expires_at),
+                    _aware(r.revoked_at),
+                )
+                for r in s.scalars(select(DeviceRow).order_by(DeviceRow.created_at))
+            ]
+
+    def renew_token(self, device_id: str, expires_at: datetime) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == device_id)
+                .values(token_expires_at=expires_at)
+            )
 
     # blobs -----------------------------------------------------------------
     def put_blob(self, s: Session, data: bytes) -> str:
@@ -276,6 +422,13 @@ class Store:
             if self.sealer is None:
                 raise DataKeyError("model blobs are encrypted: configure the server's data key")
             data = self.sealer.open(data, digest.encode())
+        elif self.sealer is not None:
+            # With a data key every blob is written sealed: a plaintext one was put there
+            # behind the server's back (substituted weights), and is not loaded.
+            raise DataKeyError(
+                f"blob {digest} is stored unencrypted although a data key is configured: it "
+                "was not written by this server; restore it from a backup"
+            )
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptBlobError(f"blob {digest} fails its SHA-256 check; the store is corrupt")
         return data
@@ -336,6 +489,21 @@ class Store:
             raise KeyError(f"model {name!r} has no version {version}")
         return np.frombuffer(self.read_blob(digest), dtype=WIRE_DTYPE).copy()
 
+    def load_optimizer_state(self, name: str, version: int) -> OptimizerState | None:
+        """The server optimizer's state stored with a version (None: none was stored)."""
+        with self.session() as s:
+            row = s.execute(
+                select(ModelVersionRow.optimizer_state_sha256, ModelVersionRow.optimizer_state)
+                .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == name, ModelVersionRow.version == version)
+            ).one_or_none()
+        if row is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        digest, manifest = row
+        if digest is None or manifest is None:
+            return None
+        return OptimizerState.from_wire(manifest, self.read_blob(digest))
+
     def list_versions(self, name: str) -> list[ModelVersionRow]:
         with self.session() as s:
             return list(
@@ -366,9 +534,20 @@ class Store:
         keep.update(s.scalars(select(AbTestRow.version_b).where(AbTestRow.model_b_id == model.id)))
         return keep
 
-    def prune_versions(self, name: str, keep: int) -> list[int]:
+    def prune_versions(
+        self,
+        name: str,
+        keep: int,
+        keep_every: int = 0,
+        limit: int = 0,
+        keep_restored: bool = False,
+    ) -> list[int]:
         """Delete all but the newest `keep` versions except protected ones; blobs no version uses.
 
+        With keep_every K, every version whose number is 1 modulo K (1, K + 1, 2K + 1, ...)
+        is kept too; with limit L, at most the L oldest doomed versions go, so a large
+        backlog is deleted in small transactions (call again until it returns []); with
+        keep_restored, every version a rollback restored (`rollback_of`) is kept too.
         Returns the deleted version numbers. One transaction, with the model row locked,
         so a tag or an A/B test created meanwhile is seen.
         """
@@ -384,7 +563,16 @@ class Store:
                 .order_by(ModelVersionRow.version.desc())
             ).all()
             protected = self._protected(s, model)
-            doomed = [r for r in rows[keep:] if r.version not in protected]
+            if keep_restored:
+                protected.update(r.rollback_of for r in rows if r.rollback_of is not None)
+            doomed = [
+                r
+                for r in rows[keep:]
+                if r.version not in protected
+                and not (keep_every and (r.version - 1) % keep_every == 0)
+            ]
+            if limit:
+                doomed = sorted(doomed, key=lambda r: r.version)[:limit]
             digests = {r.blob_sha256 for r in doomed}
             for r in doomed:
                 s.delete(r)
@@ -466,12 +654,13 @@ class Store:
         """Mark rounds left running by a previous process as failed; returns how many."""
         with self._session.begin() as s:
             model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == name))
-            result = s.execute(
-                update(RoundRow)
-                .where(RoundRow.model_id == model_id, RoundRow.status == "running")
-                .values(status="failed", failure_reason=reason, ended_at=utcnow())
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            rows = s.scalars(
+                select(RoundRow).where(RoundRow.model_id == model_id, RoundRow.status == "running")
+            ).all()
+            now = utcnow()
+            for row in rows:  # ORM writes, so the audit log sees each round fail
+                row.status, row.failure_reason, row.ended_at = "failed", reason, now
+            return len(rows)
 
     def complete_round(
         self,
@@ -482,9 +671,12 @@ class Store:
         seconds: float,
         participants: list[ParticipantRecord],
         privacy: PrivacyRecord | None = None,
+        optimizer_state: OptimizerState | None = None,
     ) -> int:
         """Store the round's new version, its record and its ledger entry in one commit.
 
+        The server optimizer's state after this round (moments, momentum) is stored with
+        the version it produced, so a restart resumes from exactly there.
         Idempotent: called again for a round it already completed (a retry after a
         lost acknowledgement), it returns that round's version and writes nothing.
         The new version's parent must be the round's base version, so a result is
@@ -516,6 +708,10 @@ class Store:
                     "during the round; its update was not applied"
                 )
             digest = self._put_blob(s, wire)
+            state_digest, state_manifest = None, None
+            if optimizer_state is not None and optimizer_state.arrays:
+                state_digest = self._put_blob(s, optimizer_state.to_wire())
+                state_manifest = optimizer_state.manifest()
             version = model.current_version + 1
             counts = _round_counts(participants)
             s.add(
@@ -524,6 +720,8 @@ class Store:
                     version=version,
                     parent_version=model.current_version,
                     blob_sha256=digest,
+                    optimizer_state_sha256=state_digest,
+                    optimizer_state=state_manifest,
                     round_id=round_id,
                     metrics={**metrics, **counts, "round_seconds": seconds},
                     description=f"round {rnd.number}",
@@ -668,3 +866,30 @@ def _participant_rows(
         )
         for p in participants
     ]
+
+
+def audit_entries(store: Store, limit: int = 0) -> list[audit.Entry]:
+    """The audit log in stored order (by seq); the newest `limit` when limit > 0."""
+    with store.session() as s:
+        q = select(AuditRow).order_by(AuditRow.seq)
+        rows = s.scalars(q).all()
+    entries = [
+        audit.Entry(
+            r.seq,
+            r.created_at,
+            r.actor,
+            r.action,
+            r.target,
+            dict(r.details or {}),
+            r.prev_hash,
+            r.hash,
+        )
+        for r in rows
+    ]
+    return entries[-limit:] if limit > 0 else entries
+
+
+def audit_head(store: Store) -> tuple[int, str] | None:
+    with store.session() as s:
+        row = s.get(AuditHeadRow, 1)
+        return None if row is None else (row.seq, row.hash)

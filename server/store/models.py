@@ -1,7 +1,7 @@
 """SQLAlchemy 2.0 ORM tables of the aggregation server.
 
-Model weights live in `blobs`, addressed by their SHA-256; versions and
-rounds reference them. Nothing here is pickled: blobs are raw little-endian
+Model weights and server optimizer state live in `blobs`, addressed by their
+SHA-256; versions and rounds reference them. Nothing here is pickled: blobs are raw little-endian
 float32 bytes and structured values are JSON.
 """
 
@@ -40,6 +40,13 @@ class DeviceRow(Base):
     # Raw Ed25519 public key the device signs its secure-aggregation round keys with.
     identity_public_key: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # With mTLS: the common name of the device certificate it registered with; every later
+    # call must come with that certificate.
+    cert_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The token stops working at this time unless renewed by use (--token-ttl); None: never.
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Set when the device registered again (or was revoked): its token no longer works.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class BlobRow(Base):
@@ -73,6 +80,12 @@ class ModelVersionRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     parent_version: Mapped[int | None] = mapped_column(Integer)
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    # The server optimizer's state after this version (raw LE float32 arrays, one blob) and
+    # its manifest {"strategy": name, "tensors": [{"name", "shape"}...]}; None: stateless.
+    optimizer_state_sha256: Mapped[str | None] = mapped_column(
+        ForeignKey("blobs.sha256", name="fk_model_versions_optimizer_state_blob"), default=None
+    )
+    optimizer_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     round_id: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     description: Mapped[str] = mapped_column(Text, default="")
@@ -227,3 +240,29 @@ class AbResultRow(Base):
     value: Mapped[float] = mapped_column(Float)
     device_id: Mapped[str] = mapped_column(String(64), default="")
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditRow(Base):
+    """One entry of the hash-chained audit log (server/store/audit.py); never updated."""
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # "system", "device dev-...", or "admin NAME (ROLE)"
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHeadRow(Base):
+    """The newest audit entry (one row, id 1): locked while an entry is appended."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,82 @@
+"""Federation.Forget: a user's deletion request erases the device's records on the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from common.pb import federation_pb2 as pb
+from server.store.models import DeviceRow
+from xeno.model_finetuning import ContextualMemory, delete_user_data
+
+
+def test_delete_user_data_erases_the_devices_records_on_the_server(
+    server_factory, device_threads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XENO_HOME", str(tmp_path / "home"))
+    server = server_factory(rounds=1)
+    devices = device_threads(server, 3)
+    assert server.coordinator.wait_finished(timeout=90)
+    for d in devices:
+        d.thread.join(timeout=30)
+    gone = devices[0].client._creds
+    assert gone is not None
+    [rnd] = server.store.list_rounds(server.config.model)
+    assert len(server.store.round_participants(rnd.id)) == 3
+    versions_before = [v.version for v in server.store.list_versions(server.config.model)]
+    memory = ContextualMemory(user_id="zoe")
+    memory.store_fact("work", "role", "pilot")
+    memory.close()
+
+    result = delete_user_data("zoe", server=server.address, device_state_dir=tmp_path / "device-0")
+
+    assert result["store_deleted"] is True
+    assert result["server"]["device_id"] == gone.device_id
+    assert result["server"]["participations_deleted"] == 1
+    left = {p.device_id for p in server.store.round_participants(rnd.id)}
+    assert gone.device_id not in left and len(left) == 2
+    with server.store.session() as s:
+        assert s.execute(select(DeviceRow.id).where(DeviceRow.id == gone.device_id)).first() is None
+    # The aggregated models stay: they hold no per-device data.
+    assert [v.version for v in server.store.list_versions(server.config.model)] == versions_before
+    # The old token no longer works, and the device forgot its credentials.
+    stub = devices[0].client._stub
+    md = (("x-xeno-device-id", gone.device_id), ("authorization", f"Bearer {gone.token}"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CheckIn(pb.CheckInRequest(max_wait_ms=100), metadata=md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not (tmp_path / "device-0" / "credentials.json").exists()
+    # A second request finds nothing to erase on the server.
+    again = delete_user_data("zoe", server=server.address, device_state_dir=tmp_path / "device-0")
+    assert again["server"] == {"server": server.address, "registered": False}
+
+
+def test_forget_is_refused_while_the_device_is_in_the_open_round(
+    server_factory, raw_device
+) -> None:
+    server = server_factory(
+        clients_per_round=1, min_clients=1, selection_window=0.1, round_deadline=30.0
+    )
+    device = raw_device(server)
+    response = device.check_in()
+    assert response.HasField("task")
+    with pytest.raises(grpc.RpcError) as err:
+        device.stub.Forget(pb.ForgetRequest(), metadata=device.md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "after it closes" in (err.value.details() or "")
+    with server.store.session() as s:
+        assert s.execute(select(DeviceRow.id).where(DeviceRow.id == device.device_id)).first()
+
+
+def test_forget_needs_the_devices_own_credentials(server_factory, raw_device) -> None:
+    server = server_factory()
+    device = raw_device(server)
+    wrong = (("x-xeno-device-id", device.device_id), ("authorization", "Bearer nope"))
+    with pytest.raises(grpc.RpcError) as err:
+        device.stub.Forget(pb.ForgetRequest(), metadata=wrong, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with server.store.session() as s:
+        assert s.execute(select(DeviceRow.id).where(DeviceRow.id == device.device_id)).first()
