@@ -97,24 +97,23 @@ def test_federated_training_never_reads_examples_without_consent(home: Path) -> 
     trainer.close()
 
 
-def test_federated_dataset_is_consented_featurized_and_textless(home: Path) -> None:
-    from client.assistant.federated import federated_dataset
-    from common.text import TextFeatures, featurize
+def test_federated_shard_is_consented_and_holds_only_the_shared_intents(home: Path) -> None:
+    from client.assistant.federated import federated_shard
+    from common.text import TextFeatures
 
     trainer = CustomModelTrainer(user_id="fay")
     trainer.add_training_example("book a table for two", "ok", {"intent": "restaurant"}, 4)
     trainer.add_training_example("what is my balance", "ok", {"intent": "balance"}, 4)
     trainer.add_training_example("hum a tune", "ok", {"intent": "my_own_intent"}, 4)
-    features = TextFeatures(buckets=1024)
     with pytest.raises(ConsentRequiredError):
-        federated_dataset(trainer.store, ["balance", "restaurant"], features)
+        federated_shard(trainer.store, ["balance", "restaurant"])
     consent.record(trainer.store, Scope.FEDERATED_TRAINING, True)
-    data = federated_dataset(trainer.store, ["balance", "restaurant"], features)
-    # Only the shared model's intents, as label indices; text only as bucket ids.
-    assert data.y.tolist() == [1, 0]
-    expected = featurize(["book a table for two", "what is my balance"], features)
-    assert np.array_equal(data.x, expected)
-    assert data.x.dtype == np.int64
+    shard = federated_shard(trainer.store, ["balance", "restaurant"])
+    # Only the shared model's intents, as label indices.
+    assert shard.texts == ("book a table for two", "what is my balance")
+    assert shard.labels.tolist() == [1, 0]
+    data = shard.featurized(TextFeatures(buckets=1024))
+    assert data.x.dtype == np.int64 and data.x.shape[0] == 2
     trainer.close()
 
 

@@ -119,3 +119,11 @@ def test_personal_benchmark_compares_body_and_scratch() -> None:
         "finetune-body",
         "finetune-scratch",
     }
+
+
+@pytest.mark.slow
+def test_chaos_benchmark_rederives_every_version_under_connection_resets() -> None:
+    line = _json_line("benchmarks/chaos.py", "--only", "resets", "--reset-rounds", "2")
+    resets = line["resets"]
+    assert isinstance(resets, dict) and resets["finished"] is True
+    assert resets["versions_mismatched"] == 0 and resets["no_gap"] and resets["no_duplicate"]

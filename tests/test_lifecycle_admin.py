@@ -219,22 +219,20 @@ def test_rollback_on_a_running_federation(server_factory, device_threads) -> Non
         head = admin.Rollback(
             pb.RollbackRequest(model_name=name, target_version=target, reason="test"), timeout=10
         ).version
-    _wait(lambda: any(r.base_version == head for r in store.list_rounds(name)))
-    later = [r for r in store.list_rounds(name) if r.base_version == head]
+    # The next round to complete trained the rolled-back weights: its parent is the new head.
     _wait(
         lambda: any(
-            r.status == "completed" for r in store.list_rounds(name) if r.base_version == head
+            r.base_version == head and r.status == "completed" for r in store.list_rounds(name)
         )
     )
     done = next(
         r for r in store.list_rounds(name) if r.base_version == head and r.status == "completed"
     )
-    assert later and done.result_version == head + 1
-    # Every round that did not start from the new head and ended after it failed as superseded
-    # or completed before the rollback: no version's parent skips the rollback.
+    assert done.result_version == head + 1
+    # No version lands on a pre-rollback head after the rollback.
     for v in store.list_versions(name):
         if v.version > head:
-            assert v.parent_version >= head
+            assert v.parent_version is not None and v.parent_version >= head
     versions = {v.version: v for v in store.list_versions(name)}
     assert versions[head].blob_sha256 == versions[target].blob_sha256
 

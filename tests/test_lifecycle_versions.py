@@ -257,3 +257,42 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert info.value.kind is kind and needle in str(info.value), str(info.value)
     assert (vcs.list_versions("clf"), vcs.get_tags("clf")) == before
     assert [m.name for m in vcs._store.list_models()] == ["clf"]
+
+
+def test_migration_0004_backfills_who_made_each_version(db_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    store = Store(db_url)
+    store.migrate("0003")
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO blobs (sha256, size, data) VALUES (:d, 4, :b)"),
+            {"d": "a" * 64, "b": b"\x00\x00\x00\x00"},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO models (id, name, architecture, config, manifest, num_parameters, "
+                "strategy, current_version, created_at) VALUES (1, 'old', 'mlp', '{}', '[]', 1, "
+                "'fedavg', 2, :now)"
+            ),
+            {"now": now},
+        )
+        for version, round_id in ((1, None), (2, "r1")):
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (model_id, version, parent_version, blob_sha256, "
+                    "round_id, metrics, description, created_at) VALUES (1, :v, NULL, :d, :r, "
+                    "'{}', '', :now)"
+                ),
+                {"v": version, "d": "a" * 64, "r": round_id, "now": now},
+            )
+    store.create_schema()
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT version, created_by FROM model_versions ORDER BY version")
+        ).all()
+    assert [tuple(r) for r in rows] == [(1, "server"), (2, "federation")]
+    store.close()

@@ -141,8 +141,15 @@ def store(tmp_path: Path) -> Store:
 
 def _coordinator(store: Store, strategy, **cfg) -> tuple[RoundCoordinator, Clock]:
     clock = Clock()
+    # availability_ttl_s as in test_coordinator.make: start_round advances the clock 5 s
+    # after the check-ins, and a device stays available only that long after its last poll.
     config = RoundConfig(
-        min_clients=2, clients_per_round=5, round_deadline_s=10, selection_window_s=1, **cfg
+        min_clients=2,
+        clients_per_round=5,
+        round_deadline_s=10,
+        selection_window_s=1,
+        availability_ttl_s=15,
+        **cfg,
     )
     return RoundCoordinator(store, "m", strategy, config, clock=clock, rng=random.Random(0)), clock
 

@@ -466,9 +466,9 @@ class RoundCoordinator:
     def check_in_now(self, device_id: str) -> CheckInOutcome | None:
         """A task for this device or the end of the federation; None: nothing yet.
 
-        Never blocks. The device counts as available for selection; the transport
-        layer long-polls by calling again on each `Change.ROUND` (and at least
-        every second, which keeps the device available), up to the device's wait.
+        Never blocks. The device counts as available for selection (for
+        `availability_ttl_s`, longer than any long poll); the transport layer
+        long-polls by calling again on each `Change.ROUND`, up to the device's wait.
         """
         with self._cond:
             if self._finished:
@@ -674,12 +674,7 @@ class RoundCoordinator:
         rnd.sessions.add(session)
         return session
 
-    def _take_staging(self, session: UploadSession) -> np.ndarray:
-        """A free staging buffer for the session's first data chunk; Pending when none is free.
-
-        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
-        the stream, bounded by the round's (or phase's) deadline.
-        """
+    def _check_staging(self, session: UploadSession, take: bool) -> np.ndarray | None:
         with self._cond:
             rnd = session.round
             if self._round is not rnd or rnd.closing:
@@ -694,7 +689,16 @@ class RoundCoordinator:
                     max(1.0, deadline - self.clock()),
                     "server busy staging uploads; retry",
                 )
-            buffer = self._staging.pop()
+            return self._staging.pop() if take else None
+
+    def _take_staging(self, session: UploadSession) -> np.ndarray:
+        """A free staging buffer for the session's first data chunk; Pending when none is free.
+
+        Waiting for a buffer must not hold a thread or the lock: it is backpressure on
+        the stream, bounded by the round's (or phase's) deadline.
+        """
+        buffer = self._check_staging(session, take=True)
+        assert buffer is not None
         if buffer.size < self.model.manifest.total_elements + 1:
             buffer = np.empty(self.model.manifest.total_elements + 1, dtype=WIRE_DTYPE)
         return buffer
@@ -1714,6 +1718,18 @@ class UploadSession:
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload abandoned: {self.released_because or 'it already ended'}; check in again",
             )
+
+    def await_buffer(self) -> None:
+        """Return once a staging buffer is free (without taking it); Pending while none is.
+
+        The transport reads the first data chunk only then, so an upload queued for a
+        buffer leaves its data in gRPC's flow-controlled window (256 KiB) instead of
+        holding a whole chunk in server memory: memory stays O(d + n x window).
+        """
+        with self._lock:
+            self._check_open()
+            if self.assembler is None:
+                self._coordinator._check_staging(self, take=False)
 
     def add_chunk(self, data: bytes | memoryview) -> None:
         """Copy one chunk in; Pending (call again) while no staging buffer is free."""

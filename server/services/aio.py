@@ -15,6 +15,7 @@ domain call and register the servicer with `register_servicer`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -33,36 +34,85 @@ log = logging.getLogger("xeno.server.aio")
 
 T = TypeVar("T")
 
-
-class Changes:
-    """The coordinator's `Change` announcements (from any thread) as asyncio events."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._events = {change: asyncio.Event() for change in Change}
-
-    def announce(self, change: Change) -> None:
-        """Thread-safe; wakes every coroutine waiting for `change`."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._fire, change)
-
-    def _fire(self, change: Change) -> None:
-        event, self._events[change] = self._events[change], asyncio.Event()
-        event.set()
-
-    def snapshot(self) -> dict[Change, asyncio.Event]:
-        """The events that the next announcement of each change will set.
-
-        Taken *before* asking the domain layer, so an announcement between the
-        answer and the wait is not missed.
-        """
-        return dict(self._events)
+# A safety net only: every change a waiting call needs is announced (the round driver
+# announces phases that close at their deadline), and asking 100 waiting devices again
+# every second cost a quarter of a second of server CPU per secure round.
+RECHECK_S = {Change.ROUND: 5.0, Change.PHASE: 5.0, Change.STAGING: 5.0}
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
     """Until `event` is set or `timeout` seconds have passed."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+
+class Changes:
+    """The coordinator's `Change` announcements (from any thread), awaited by coroutines.
+
+    ROUND and PHASE wake every waiter: each happens a few times per round. STAGING
+    (a buffer came back) wakes one waiter, the oldest: waking all n uploads queued
+    for a buffer on each of n releases would cost O(n^2) retries.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events = {change: asyncio.Event() for change in Change}
+        self._released = 0  # staging buffers returned so far
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def announce(self, change: Change) -> None:
+        """Thread-safe; wakes the coroutines waiting for `change`."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._fire, change)
+
+    def _fire(self, change: Change) -> None:
+        if change is Change.STAGING:
+            self._released += 1
+            self._wake_one()
+            return
+        event, self._events[change] = self._events[change], asyncio.Event()
+        event.set()
+        if change is Change.ROUND:  # a closed round: its uploads waiting for a buffer end
+            while self._queue:
+                waiter = self._queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _wake_one(self) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def marks(self) -> dict[Change, object]:
+        """Where each change stands now.
+
+        Taken *before* asking the domain layer, so that an announcement between its
+        answer and the wait is not missed.
+        """
+        marks: dict[Change, object] = dict(self._events)
+        marks[Change.STAGING] = self._released
+        return marks
+
+    async def wait(self, change: Change, mark: object, timeout: float) -> None:
+        """Until `change` is announced after `mark` was taken, or `timeout` seconds pass."""
+        if change is not Change.STAGING:
+            assert isinstance(mark, asyncio.Event)
+            await wait_event(mark, timeout)
+            return
+        if self._released != mark:
+            return  # a buffer came back meanwhile: try again at once
+        waiter = self._loop.create_future()
+        self._queue.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, timeout))
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, then cancelled: pass the wake-up on
+            raise
 
 
 class Runner:
@@ -86,7 +136,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         give_up: float | None = None
         while True:
-            events = self.changes.snapshot()
+            marks = self.changes.marks()
             try:
                 return await self.run(fn, *args)
             except Pending as pending:
@@ -95,8 +145,11 @@ class Runner:
                     give_up = now + pending.timeout_s
                 if now >= give_up:
                     raise pending.expired from None
-                # Wake at least once a second: a deadline may pass with no announcement.
-                await wait_event(events[pending.change], min(give_up - now, 1.0))
+                # Buffer waits are woken one by one as buffers come back (and all at once
+                # when a round closes); the others on every announcement of their change.
+                change = pending.change
+                recheck = min(give_up - now, RECHECK_S[change])
+                await self.changes.wait(change, marks[change], recheck)
 
 
 class AbortRpc(Exception):  # noqa: N818 - control flow, like grpc's own abort

@@ -21,7 +21,7 @@ from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.secagg import DeviceKeys, ShareKind
-from server.services.aio import Changes, Runner, capture_handlers, register_servicer, wait_event
+from server.services.aio import RECHECK_S, Changes, Runner, capture_handlers, register_servicer
 from server.services.common import abort, abort_async, device_id_of
 
 log = logging.getLogger("xeno.server.federation")
@@ -147,6 +147,7 @@ async def _receive_stream(
             except DecodeError:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "malformed header") from None
             session = await runner.run(begin, header)
+            await runner.call(session.await_buffer)  # before reading any data (see there)
             async for raw in messages:
                 msg = FramedChunk(raw)
                 if msg.WhichOneof("part") != "data":
@@ -251,7 +252,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         request: pb.CheckInRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.CheckInResponse:
-        """Long poll as a coroutine: asks again on each round change, at least every second."""
+        """Long poll as a coroutine: asks the coordinator again on each round change."""
         device = device_id_of(context)
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
@@ -262,12 +263,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         cancelled = True
         try:
             while True:
-                changed = self.changes.snapshot()[Change.ROUND]
+                mark = self.changes.marks()[Change.ROUND]
                 outcome = await self.runner.run(self.coordinator.check_in_now, device)
                 remaining = give_up - loop.time()
                 if outcome is not None or remaining <= 0 or self.coordinator.stopping:
                     break
-                await wait_event(changed, min(remaining, 1.0))
+                recheck = min(remaining, RECHECK_S[Change.ROUND])
+                await self.changes.wait(Change.ROUND, mark, recheck)
             cancelled = False
         finally:
             # Not awaited: a cancelled coroutine must not wait for the pool.

@@ -73,7 +73,10 @@ class TimedRequests:
 
     async def __anext__(self) -> Any:
         try:
-            message = await asyncio.wait_for(self._it.__anext__(), self._timeout)
+            # asyncio.timeout reschedules one timer; wait_for would wrap every message
+            # of an upload in a fresh Task.
+            async with asyncio.timeout(self._timeout):
+                message = await self._it.__anext__()
         except TimeoutError:
             what = "first message" if self._first else "next message"
             raise StreamIdle(
