@@ -111,3 +111,11 @@ def test_sample_ratio_mismatch() -> None:
     assert sample_ratio_mismatch(5200, 4800, 0.5) < 0.001
     assert sample_ratio_mismatch(900, 100, 0.9) == pytest.approx(1.0)
     assert sample_ratio_mismatch(0, 0, 0.5) == 1.0
+
+
+
+def test_welch_degrees_of_freedom_survive_tiny_variances() -> None:
+    # Squared, variances this small underflow to zero (the unscaled formula divided by it).
+    r = welch(3, 0.0, 1e-170, 4, 1.0, 2e-170)
+    u, w = 1 / 3, 2 / 4  # the same terms scaled by 1e170: Welch-Satterthwaite is scale-free
+    assert r.df == pytest.approx((u + w) ** 2 / (u**2 / 2 + w**2 / 3), rel=1e-12)

@@ -141,7 +141,12 @@ def welch(
     res = sps.ttest_ind_from_stats(
         mean_b, math.sqrt(var_b), n_b, mean_a, math.sqrt(var_a), n_a, equal_var=False
     )
-    df = se2**2 / ((var_a / n_a) ** 2 / (n_a - 1) + (var_b / n_b) ** 2 / (n_b - 1))
+    # Welch-Satterthwaite on the terms scaled by the larger one: the formula is scale-free,
+    # and squaring variances near 1e-170 unscaled underflows the denominator to zero.
+    u, w = var_a / n_a, var_b / n_b
+    top = max(u, w)
+    u, w = u / top, w / top
+    df = (u + w) ** 2 / (u**2 / (n_a - 1) + w**2 / (n_b - 1))
     half = float(sps.t.ppf(0.975, df)) * math.sqrt(se2)
     return WelchResult(diff, diff - half, diff + half, float(res.pvalue), float(res.statistic), df)
 
