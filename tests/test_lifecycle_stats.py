@@ -113,7 +113,6 @@ def test_sample_ratio_mismatch() -> None:
     assert sample_ratio_mismatch(0, 0, 0.5) == 1.0
 
 
-
 def test_welch_degrees_of_freedom_survive_tiny_variances() -> None:
     # Squared, variances this small underflow to zero (the unscaled formula divided by it).
     r = welch(3, 0.0, 1e-170, 4, 1.0, 2e-170)
