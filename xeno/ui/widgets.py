@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -119,6 +120,12 @@ def fill_table(table: QTableWidget, headers: Sequence[str], rows: Sequence[Seque
     mode = QHeaderView.ResizeMode.ResizeToContents if many else QHeaderView.ResizeMode.Stretch
     header.setSectionResizeMode(mode)
     header.setStretchLastSection(True)
+
+
+def tab_chain(widgets: Sequence[QWidget]) -> None:
+    """Tab moves through widgets in this order (reading order, not creation order)."""
+    for a, b in itertools.pairwise(widgets):
+        QWidget.setTabOrder(a, b)
 
 
 def make_table() -> QTableWidget:
