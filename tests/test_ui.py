@@ -136,3 +136,80 @@ def test_cancelling_training_stores_nothing(qtbot, window: MainWindow) -> None: 
     assert "cancelled" in tab.log.toPlainText()
     assert window.session.trainer.versions() == []
     assert tab.train_button.isEnabled()
+
+
+def _model_with_versions(session: Session) -> list[int]:
+    """Model 'm' (a tiny MLP) with three versions carrying an accuracy."""
+    from common.models import ModelSpec, build_model
+    from xeno.model_versioning import ModelVersionControl
+
+    mvc = ModelVersionControl(store=session.db_store)
+    made = []
+    for i, acc in enumerate((0.5, 0.7, 0.6)):
+        net = build_model(
+            ModelSpec("mlp", {"input_dim": 4, "hidden": [3], "num_classes": 2}), seed=i
+        )
+        made.append(mvc.create_version("m", net, "test", f"v{i + 1}", {"accuracy": acc}))
+    return made
+
+
+def test_rollback_asks_what_will_happen_and_moves_the_head(window: MainWindow) -> None:
+    from xeno.model_versioning import ModelVersionControl
+
+    assert _model_with_versions(window.session) == [1, 2, 3]
+    window.tabs.setCurrentIndex(3)
+    tab = window.versions
+    tab.refresh()
+    assert tab.head.text() == "head: v3"
+    assert [tab.table.item(r, 0).text() for r in range(3)] == ["3", "2", "1"]
+    asked: list[str] = []
+    tab.confirm = lambda title, text: asked.append(text) or False  # the user says Cancel
+    tab.table.selectRow(1)  # version 2
+    tab.rollback_button.click()
+    assert "version 4 will become the head, with the weights of version 2" in asked[0]
+    assert tab.head.text() == "head: v3"  # cancelled: nothing happened
+    tab.confirm = lambda title, text: True
+    tab.table.selectRow(1)
+    tab.rollback_button.click()
+    assert tab.head.text() == "head: v4"
+    mvc = ModelVersionControl(store=window.session.db_store)
+    head = mvc.get_version("m")
+    assert head["version"] == 4
+    weights_4 = mvc.load_state_dict("m", 4)
+    weights_2 = mvc.load_state_dict("m", 2)
+    assert all((weights_4[k] == weights_2[k]).all() for k in weights_2)
+
+
+def test_compare_shows_metric_changes_and_weight_distance(window: MainWindow) -> None:
+    import numpy as np
+
+    from xeno.model_versioning import ModelVersionControl
+
+    _model_with_versions(window.session)
+    tab = window.versions
+    tab.refresh()
+    tab.version_a.setCurrentIndex(tab.version_a.findData(1))
+    tab.version_b.setCurrentIndex(tab.version_b.findData(2))
+    tab.compare_button.click()
+    row = [tab.comparison.item(0, c).text() for c in range(5)]
+    assert row[0] == "accuracy" and row[4] == "+40.00%"
+    mvc = ModelVersionControl(store=window.session.db_store)
+    a = np.concatenate([t.numpy().ravel() for t in mvc.load_state_dict("m", 1).values()])
+    b = np.concatenate([t.numpy().ravel() for t in mvc.load_state_dict("m", 2).values()])
+    assert f"L2 distance {np.linalg.norm(b - a):.4g}" in tab.distance.text()
+
+
+def test_a_server_that_is_not_there_is_an_error_in_the_window(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    session = Session.open("bob", home=tmp_path / "home", server=f"127.0.0.1:{port}")
+    w = MainWindow(session)
+    qtbot.addWidget(w)
+    w.tabs.setCurrentIndex(3)
+    text = w.versions.bar.label.text()
+    assert f"127.0.0.1:{port} cannot be reached" in text
+    assert "What to do: Check that it runs (xeno-fl server)" in text
+    session.close()

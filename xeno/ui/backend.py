@@ -87,6 +87,8 @@ class Session:
     server: str | None = None
     db_url: str | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
+    db_store: Any = None  # the server's store, when read directly (--db)
+    deleted: bool = False
     _store: Any = None
     _engine: Any = None
     _trainer: Any = None
@@ -124,8 +126,9 @@ class Session:
             from xeno._store import default_db_url
 
             url = db or default_db_url()
-            call, close = _local_admin(url)
+            call, close, store = _local_admin(url)
             session = cls(user_id, home_path, call, f"database {url}", db_url=url)
+            session.db_store = store
         session._closers.append(close)
         return session
 
@@ -133,6 +136,11 @@ class Session:
     @property
     def store(self) -> Any:
         """The user's encrypted assistant store (opened on first use, shared by the tabs)."""
+        if self.deleted:
+            raise UiError(
+                f"The data of {self.user_id} was deleted from this device.",
+                "Close the app; starting it again for this user begins with an empty store.",
+            )
         if self._store is None:
             from client.assistant.store import StoreError, UserStore
 
@@ -161,9 +169,46 @@ class Session:
             self._trainer = CustomModelTrainer(self.user_id, store=self.store)
         return self._trainer
 
+    def forget_device_store(self) -> None:
+        """Close the user's store before it is deleted; nothing may reopen it afterwards."""
+        if self._store is not None:
+            self._store.close()
+            self._closers.remove(self._store.close)
+        self._store = self._engine = self._trainer = None
+        self.deleted = True
+
     # ------------------------------------------------------------------ federation
     def models(self) -> list[Any]:
         return list(self.admin("ListModels", pb.ListModelsRequest()).models)
+
+    def versions(self, model: str) -> list[Any]:
+        return list(self.admin("ListVersions", pb.ListVersionsRequest(model_name=model)).versions)
+
+    def metric_series(self, model: str) -> dict[str, list[float]]:
+        """Each metric's recorded values, oldest first.
+
+        From the performance log when the database is read directly (every metric the
+        server and applications recorded); from the round history over a server, whose
+        admin API gives per-round metrics but no raw metric log.
+        """
+        series: dict[str, list[float]] = {}
+        if self.db_store is not None:
+            from xeno.model_versioning import PerformanceTracker
+
+            for row in PerformanceTracker(store=self.db_store).get_history(model):
+                series.setdefault(str(row["metric"]), []).append(float(row["value"]))
+            return series
+        rounds = self.admin(
+            "GetRoundHistory", pb.GetRoundHistoryRequest(model_name=model, limit=0)
+        ).rounds
+        for r in sorted(rounds, key=lambda r: r.number):
+            if r.status != "completed":
+                continue
+            for key, value in r.metrics.items():
+                series.setdefault(key, []).append(float(value))
+            series.setdefault("participants", []).append(float(r.participants))
+            series.setdefault("round_seconds", []).append(float(r.seconds))
+        return series
 
 
 def _remote_admin(
@@ -201,7 +246,7 @@ def _remote_admin(
     return call, channel.close
 
 
-def _local_admin(url: str) -> tuple[AdminCall, Callable[[], None]]:
+def _local_admin(url: str) -> tuple[AdminCall, Callable[[], None], Any]:
     from server.services.admin import AdminServicer
     from server.store.audit import set_actor
     from xeno._store import open_store
@@ -221,4 +266,4 @@ def _local_admin(url: str) -> tuple[AdminCall, Callable[[], None]]:
     def call(method: str, request: Any) -> Any:
         return getattr(servicer, method)(request, context)
 
-    return call, store.close
+    return call, store.close, store
