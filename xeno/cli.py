@@ -256,6 +256,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     _add_lifecycle_commands(admin_sub)
     _add_user_parser(sub)
+    from xeno.ui import add_parser as add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 
@@ -539,6 +542,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _privacy(args)
     if args.command == "user":
         return _user(args)
+    if args.command == "ui":
+        from xeno.ui import main as ui_main
+
+        return ui_main(args)
     return _admin(args)
 
 

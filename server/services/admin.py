@@ -369,7 +369,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def AnalyzeAbTest(
         self, request: pb.AnalyzeAbTestRequest, context: grpc.ServicerContext
     ) -> pb.AbAnalysis:
-        out = self._run(context, lambda: self.ab_tests.analyze(request.test_name))
+        out = self._run(
+            context,
+            lambda: self.ab_tests.analyze(request.test_name, request.method or "welch"),
+        )
         metrics = {}
         for key, m in out["metrics"].items():
             msg = pb.AbMetricAnalysis(
@@ -386,6 +389,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 "ci_low",
                 "ci_high",
                 "p_value",
+                "sequential_p_value",
+                "sequential_ci_low",
+                "sequential_ci_high",
             ):
                 if m[field] is not None:
                     setattr(msg, field, m[field])
@@ -393,6 +399,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         ratio = out["sample_ratio"]
         return pb.AbAnalysis(
             test=_ab_info(out),
+            method=out["method"],
             metrics=metrics,
             sample_ratio=pb.SampleRatio(
                 count_a=ratio["count_a"],

@@ -319,6 +319,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[pb.ModelChunk]:
         device = device_id_of(context)
+        if request.ab_test:
+            async for message in self._download_variant(request, context, device):
+                yield message
+            return
         try:
             task, data, digest = await self.runner.run(
                 self._of(request.round_id).model_for_download,
@@ -334,6 +338,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 manifest=task.model.manifest.to_proto(),
                 total_bytes=len(data),
                 sha256=digest,
+                model_spec=tensor_pb2.ModelSpec(
+                    architecture=task.model.spec.architecture,
+                    config_json=task.model.spec.config_json(),
+                ),
             )
         )
         sent = 0
@@ -342,6 +350,44 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             sent += len(chunk)
         owner = self.models.for_round(request.round_id)
         await self.runner.run(owner.record_download, device, request.round_id, sent)
+
+    async def _download_variant(
+        self,
+        request: pb.DownloadModelRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        device: str,
+    ) -> AsyncIterator[pb.ModelChunk]:
+        """The version this device serves in an A/B test, outside any round."""
+        if request.round_id:
+            await abort_async(
+                context,
+                FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "name either round_id or ab_test, not both"
+                ),
+                "DownloadModel",
+                device,
+            )
+        if self.lifecycle is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs no A/B tests")
+        assert self.lifecycle is not None
+        try:
+            model = await self.runner.run(self.lifecycle.variant_model, device, request.ab_test)
+        except FederationError as err:
+            await abort_async(context, err, "DownloadModel", device)
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                model_name=model.model_name,
+                version=model.version,
+                manifest=model.manifest.to_proto(),
+                total_bytes=len(model.data),
+                sha256=model.sha256,
+                model_spec=tensor_pb2.ModelSpec(
+                    architecture=model.spec.architecture, config_json=model.spec.config_json()
+                ),
+            )
+        )
+        for chunk in iter_chunks(model.data, self.chunk_bytes):
+            yield pb.ModelChunk(data=chunk)
 
     async def UploadUpdate(
         self,
