@@ -671,6 +671,23 @@ class DeviceClient:
             raise TaskDeclined("the task's model takes text; this device holds feature vectors")
         return data
 
+    def _heldout_scores(self, model: torch.nn.Module, weights: np.ndarray) -> dict[str, float]:
+        """Held-out counts of the downloaded version: federated evaluation (none without data)."""
+        if self.heldout is None or len(self.heldout) == 0:
+            return {}
+        heldout = self._data_for(model, self.heldout)
+        load_flat_into_module(model, weights)
+        model.eval()
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(heldout.x)).argmax(1).numpy()
+        model.train()
+        correct = int((predicted == heldout.y).sum())
+        return {
+            "heldout_examples": float(len(heldout)),
+            "heldout_global_correct": float(correct),
+            "heldout_global_accuracy": correct / len(heldout),
+        }
+
     def _train_personalized(
         self,
         task: pb.Task,
@@ -723,6 +740,10 @@ class DeviceClient:
             return self._train_personalized(task, model, weights, training, seed, personal_epochs)
         data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
+        private = dp_sgd.enabled or task.privacy.user_dp.mechanism != pb.USER_DP_NONE
+        # The downloaded version scored on this device's held-out data (not under DP: the
+        # counts would be a release outside the accounted mechanisms).
+        scores = {} if private else self._heldout_scores(model, weights)
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
             if budget > 0:
@@ -731,6 +752,7 @@ class DeviceClient:
                     f"spends its data under DP (epsilon budget {budget:g})"
                 )
             result = train_local(model, weights, data, training, seed)
+            result.metrics.update(scores)
             if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
                 # Metrics computed on private data would escape the accounted mechanism.
                 result.metrics.pop("train_loss", None)
