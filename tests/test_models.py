@@ -514,3 +514,42 @@ clients_per_round = 2
         )
         == 0.0
     )
+
+
+def test_the_store_keeps_definitions_and_pause_state(db_url: str) -> None:
+    import numpy as np
+
+    from common.modelspec import ModelSpec
+    from common.tensors import Manifest
+    from server.store import ModelDefinition, ModelExistsError, Store
+
+    store = Store(db_url)
+    store.create_schema()
+    try:
+        manifest = Manifest.from_json([{"name": "w", "shape": [2]}])
+        spec = ModelSpec("mlp", {"input_dim": 2, "hidden": [], "num_classes": 2})
+        first = ModelDefinition("a", "digits", {"rounds": 3}, paused=True, source="file")
+        store.create_model("a", spec, manifest, "fedavg", np.zeros(2, np.float32), first)
+        store.create_model("b", spec, manifest, "fedavg", np.zeros(2, np.float32))
+        with pytest.raises(ModelExistsError):
+            store.create_model("a", spec, manifest, "fedavg", np.zeros(2, np.float32), first)
+        assert store.model_definitions() == [first]
+        # New settings keep the stored pause state; unchanged ones write nothing.
+        audit = len(audit_entries(store))
+        stored = store.define_model(
+            dataclasses.replace(first, settings={"rounds": 4}, paused=False)
+        )
+        assert stored.paused and stored.settings == {"rounds": 4}
+        assert store.define_model(stored) == stored
+        assert store.set_model_paused("a", True) is False
+        assert store.set_model_paused("a", False) is True
+        b = store.define_model(ModelDefinition("b", "digits", {}, source="admin"))
+        assert [d.name for d in store.model_definitions()] == ["a", "b"] and not b.paused
+        actions = [e.action for e in audit_entries(store)[audit:]]
+        assert actions == ["model.redefined", "model.resumed", "model.defined"]
+        with pytest.raises(KeyError):
+            store.set_model_paused("nope", True)
+        with pytest.raises(KeyError):
+            store.define_model(ModelDefinition("nope", "digits", {}))
+    finally:
+        store.close()
