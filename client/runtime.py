@@ -485,8 +485,12 @@ class DeviceClient:
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:
-            delay = self.backoff.next_delay()
-            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            # UNAVAILABLE from a server whose database is away names a wait too.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info(
+                "server unavailable (%s: %s); retrying in %.1fs", code.name, err.details(), delay
+            )
             self.stop.wait(delay)
         else:
             delay = self.backoff.next_delay()
