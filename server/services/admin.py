@@ -15,7 +15,7 @@ from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
 from server.errors import FederationError
 from server.lifecycle.abtests import AbTests
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.privacy import privacy_report
 from server.services.common import status_code
@@ -29,11 +29,16 @@ def _ms(dt: object) -> int:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, store: Store, privacy_budget: float = 0.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        privacy_budget: float = 0.0,
+        alert_settings: AlertSettings | None = None,
+    ) -> None:
         self.store = store
         self.privacy_budget = privacy_budget
         self.versions = VersionControl(store)
-        self.performance = PerformanceLog(store)
+        self.performance = PerformanceLog(store, settings=alert_settings)
         self.ab_tests = AbTests(store)
 
     @staticmethod
