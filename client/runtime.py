@@ -99,6 +99,12 @@ class ClientConfig:
         "which simulated data this device holds: digits, or intents (one CLINC150 user)",
         "XENO_TASK",
     )
+    models: str = setting(
+        "",
+        "comma-separated names of the models this device trains (empty: every model of the "
+        "server that trains on its --task data)",
+        "XENO_CLIENT_MODELS",
+    )
     partition: int = setting(
         0,
         "which shard of the task's data this device holds (0-based; -1: its enrollment "
@@ -490,7 +496,12 @@ class DeviceClient:
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
-            pb.CheckInRequest(max_wait_ms=self.config.max_wait_ms),
+            pb.CheckInRequest(
+                max_wait_ms=self.config.max_wait_ms,
+                # The server offers only tasks of models that train on this device's data.
+                tasks=[self.config.task],
+                models=[m.strip() for m in self.config.models.split(",") if m.strip()],
+            ),
             metadata=self._metadata(),
             timeout=self.config.max_wait_ms / 1000.0 + 30,
         )

@@ -213,3 +213,122 @@ def test_a_server_that_is_not_there_is_an_error_in_the_window(qtbot, tmp_path: P
     assert f"127.0.0.1:{port} cannot be reached" in text
     assert "What to do: Check that it runs (xeno-fl server)" in text
     session.close()
+
+
+def test_performance_shows_the_metrics_with_the_trend_verdict(window: MainWindow) -> None:
+    from xeno.model_versioning import PerformanceTracker
+
+    _model_with_versions(window.session)
+    tracker = PerformanceTracker(store=window.session.db_store)
+    for i in range(10):
+        tracker.record_metric("m", "accuracy", 0.5 + 0.03 * i)
+        tracker.record_metric("m", "loss", 1.0 + 0.1 * (i % 2))
+    window.tabs.setCurrentIndex(2)
+    tab = window.performance
+    rows = {
+        tab.metrics.item(r, 0).text(): [tab.metrics.item(r, c).text() for c in range(8)]
+        for r in range(tab.metrics.rowCount())
+    }
+    stats = tracker.get_trend_statistics("m", "accuracy")
+    assert rows["accuracy"][1] == "0.77" and rows["accuracy"][5] == "10"
+    assert rows["accuracy"][6] == "improving" == stats["trend"]
+    assert float(rows["accuracy"][7]) == pytest.approx(stats["p_value"], abs=1e-4)
+    assert rows["loss"][6] == tracker.get_trend("m", "loss")
+    chart = tab.charts["accuracy"]
+    assert chart.values == pytest.approx([0.5 + 0.03 * i for i in range(10)])
+    assert chart.verdict == "improving"
+
+
+def test_ab_test_create_watch_and_end_with_a_winner(window: MainWindow) -> None:
+    from xeno.model_versioning import ABTestingManager, ModelVersionControl
+
+    _model_with_versions(window.session)
+    window.tabs.setCurrentIndex(2)
+    tab = window.performance
+    tab.test_name.setText("t1")
+    assert (tab.arm_a.currentText(), tab.arm_b.currentText()) == ("m:2", "m:3")
+    tab.create_button.click()
+    assert tab.tests.item(0, 0).text() == "t1" and tab.tests.item(0, 1).text() == "running"
+    ab = ABTestingManager(store=window.session.db_store)
+    for i in range(6):
+        ab.record_result("t1", "variant_a", {"accuracy": 0.50 + 0.01 * i})
+        ab.record_result("t1", "variant_b", {"accuracy": 0.70 + 0.01 * i})
+    tab.tests.clearSelection()
+    tab.select_test("t1")
+    row = [tab.analysis.item(0, c).text() for c in range(9)]
+    assert row[:3] == ["accuracy", "6", "6"] and row[8] == "variant_b"
+    asked: list[str] = []
+    tab.confirm = lambda title, text: asked.append(text) or True
+    tab.winner.setCurrentIndex(tab.winner.findData("variant_b"))
+    tab.end_button.click()
+    assert "variant B's version is tagged 'production'" in asked[0]
+    assert ab.get_test("t1")["status"] == "ended"
+    assert tab.tests.item(0, 1).text() == "ended" and tab.tests.item(0, 6).text() == "variant_b"
+    assert ModelVersionControl(store=window.session.db_store).get_tags("m") == {"production": 3}
+
+
+def test_privacy_consent_is_recorded_and_the_budget_consequence_is_the_accountants(
+    window: MainWindow,
+) -> None:
+    from client.assistant import consent
+    from common.privacy import gaussian_epsilon
+
+    window.tabs.setCurrentIndex(4)
+    tab = window.privacy
+    store = window.session.store
+    assert not tab.federated.isChecked()
+    tab.federated.click()
+    assert consent.given(store, consent.Scope.FEDERATED_TRAINING)
+    tab.federated.click()
+    assert not consent.given(store, consent.Scope.FEDERATED_TRAINING)
+    assert [tab.consents.item(r, 1).text() for r in range(2)] == ["yes", "withdrawn"]
+
+    tab.min_noise.setValue(5.0)
+    tab.budget.setValue(40)  # epsilon 4.0
+    tab.update_consequence()
+    text = tab.consequence.text()
+    n = int(text.split("at most ")[1].split(" rounds")[0])
+    # The largest round count within the budget, by the accountant itself.
+    assert n > 1
+    assert gaussian_epsilon(5.0, 1.0, n, 1e-5) <= 4.0 < gaussian_epsilon(5.0, 1.0, n + 1, 1e-5)
+    assert "--max-user-epsilon 4" in tab.device_flags.text()
+    tab.min_noise.setValue(0.5)
+    tab.update_consequence()
+    assert "the device would decline every task" in tab.consequence.text()
+
+
+def test_export_then_delete_needs_the_typed_user_id(
+    qtbot, window: MainWindow, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from client.assistant.keys import UserPaths
+
+    window.session.engine.update_preference("tone", "formal")
+    window.tabs.setCurrentIndex(4)
+    tab = window.privacy
+    out = tmp_path / "alice.json"
+    tab.export_to(out)
+    archive = json.loads(out.read_text())
+    assert archive["user_id"] == "alice"
+    assert {"key": "tone", "value": "formal"}.items() <= archive["store"]["preferences"][0].items()
+    assert out.stat().st_mode & 0o777 == 0o600
+
+    paths = UserPaths(window.session.home, "alice")
+    assert paths.database.exists()
+    qtbot.keyClicks(tab.confirm_text, "alic")
+    assert not tab.delete_button.isEnabled()
+    qtbot.keyClicks(tab.confirm_text, "e")
+    assert tab.delete_button.isEnabled()
+    tab.confirm = lambda title, text: False
+    tab.delete_button.click()
+    assert paths.database.exists()  # declined in the dialog: nothing deleted
+    assert tab.confirm_text.text() == "alice"  # still typed: the user may go on
+    tab.confirm = lambda title, text: True
+    tab.delete_button.click()
+    assert not paths.database.exists() and not paths.wrapped_key.exists()
+    assert "deleted from this device" in tab.bar.label.text()
+    # Nothing reopens (and so recreates) the store afterwards.
+    window.personalization.refresh()
+    assert "was deleted" in window.personalization.bar.label.text()
+    assert not paths.database.exists()
