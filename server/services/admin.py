@@ -249,11 +249,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             ]
         )
 
+    def _budget(self, name: str) -> float:
+        """The model's own privacy budget (its definition), else the server's."""
+        definition = self.store.model_definition(name)
+        if definition is not None and "privacy_budget" in definition.settings:
+            return float(definition.settings["privacy_budget"])
+        return self.privacy_budget
+
     def GetPrivacyReport(
         self, request: pb.GetPrivacyReportRequest, context: grpc.ServicerContext
     ) -> pb.PrivacyReport:
         self._model_or_abort(request.model_name, context)
-        report = privacy_report(self.store, request.model_name, self.privacy_budget)
+        report = privacy_report(self.store, request.model_name, self._budget(request.model_name))
         return pb.PrivacyReport(
             model_name=report.model,
             entries=[
