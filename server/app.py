@@ -39,6 +39,7 @@ from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import AlertSettings, PerformanceLog
+from server.memory import tune_allocator
 from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpPolicy
@@ -440,6 +441,13 @@ class ServerConfig:
         "an idle upload gives its staging buffer back",
         "XENO_STREAM_IDLE_TIMEOUT",
     )
+    call_timeout: float = setting(
+        120.0,
+        "seconds a unary call may take before the server gives up on it with "
+        "DEADLINE_EXCEEDED (a handler stuck on a silent database gives its slot back); "
+        "must exceed --secagg-phase-timeout, which phase calls may wait",
+        "XENO_CALL_TIMEOUT",
+    )
     checkin_rate: float = setting(
         5.0, "check-ins per second allowed per device (sustained)", "XENO_CHECKIN_RATE"
     )
@@ -475,10 +483,18 @@ class ServerConfig:
     )
 
     def guard_config(self) -> GuardConfig:
+        # A phase call may wait out its phase (plus 5 s); a long poll waits up to 10 s.
+        if self.call_timeout <= max(self.secagg_phase_timeout + 5.0, 10.0):
+            raise ValueError(
+                f"--call-timeout {self.call_timeout:g} must exceed the longest wait of a "
+                f"unary call: --secagg-phase-timeout + 5 s = {self.secagg_phase_timeout + 5:g} s"
+                " and the 10 s long poll"
+            )
         return GuardConfig(
             max_concurrent_rpcs=self.max_concurrent_rpcs,
             first_message_s=self.stream_first_message_timeout,
             idle_s=self.stream_idle_timeout,
+            call_s=self.call_timeout,
             device_checkin_rate=self.checkin_rate,
             device_checkin_burst=self.checkin_burst,
             peer_checkin_rate=self.peer_checkin_rate,
@@ -931,6 +947,7 @@ class XenoServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> XenoServer:
+        tune_allocator()  # before the first upload (server/memory.py says why)
         self._on_loop(self._grpc.start())
         self.models.start()
         self._set_serving(True)

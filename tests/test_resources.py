@@ -22,6 +22,7 @@ from test_bad_input import check_in_all, header
 from client.retry import RETRY_AFTER_KEY, retry_after_s
 from client.runtime import DeviceClient
 from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
 from common.tensors import iter_chunks, to_wire
 from server.limits import CallLimit, TokenBuckets
 from server.rounds.coordinator import Status
@@ -578,3 +579,100 @@ def test_a_returned_staging_buffer_wakes_one_waiting_upload_and_is_never_lost() 
         assert time.monotonic() - started < 0.5
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_a_download_loses_its_call_not_the_servers_slots(
+    server_factory, raw_device
+) -> None:
+    """Downloads that are never read held their call slots forever; now for idle_s at most."""
+    server = server_factory(
+        params=1_000_000,  # a 4 MB model: far more than the reader's flow-control window
+        eval_data="none",
+        max_concurrent_rpcs=3,
+        clients_per_round=3,
+        min_clients=3,
+        selection_window=0.2,
+        stream_idle_timeout=1.0,
+    )
+    devices = [raw_device(server) for _ in range(3)]
+    tasks = check_in_all(devices)
+    readers = []
+    for device in devices[:2]:
+        # A small fixed window that only the application's reads would open further.
+        channel = grpc.insecure_channel(
+            server.address,
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 16)],
+        )
+        stub = pb_grpc.FederationStub(channel)
+        request = pb.DownloadModelRequest(round_id=tasks[device.device_id].task.round_id)
+        readers.append((channel, stub.DownloadModel(request, metadata=device.md, timeout=60)))
+    eventually(lambda: server.guard.calls.active == 2)
+    started = time.monotonic()
+    eventually(lambda: server.guard.calls.active == 0, timeout=10)
+    assert time.monotonic() - started < 5
+    # The stalled reader, when it reads at last, learns why its stream ended.
+    channel, stream = readers[0]
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "took no response message within 1 s" in err.value.details()
+    # The honest device downloads the whole model meanwhile.
+    honest = devices[2]
+    chunks = list(
+        honest.stub.DownloadModel(
+            pb.DownloadModelRequest(round_id=tasks[honest.device_id].task.round_id),
+            metadata=honest.md,
+            timeout=30,
+        )
+    )
+    manifest = chunks[0].header.manifest
+    assert sum(len(c.data) for c in chunks[1:]) == 4 * manifest.total_elements
+    for channel, _ in readers:
+        channel.close()
+
+
+def test_a_unary_handler_that_never_answers_gives_its_call_slot_back() -> None:
+    """A handler stuck on a silent dependency: DEADLINE_EXCEEDED after call_s, slot freed."""
+    from server.services.guard import GuardConfig, GuardInterceptor
+
+    async def scenario() -> None:
+        guard = GuardInterceptor(GuardConfig(max_concurrent_rpcs=1, call_s=0.5))
+        stuck = asyncio.Event()
+
+        async def hangs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if request == b"hang":
+                await stuck.wait()  # what a call on a database that went silent does
+            return b"ok:" + request
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Stuck", {"Call": grpc.unary_unary_rpc_method_handler(hangs)}
+        )
+        server = grpc.aio.server(interceptors=[guard])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Stuck/Call")
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"hang", timeout=30)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert err.value.details() == (
+                "no answer within 0.5 s: the server gave up on the call (--call-timeout); retry"
+            )
+            assert 0.5 <= time.monotonic() - started < 5
+            assert guard.calls.active == 0
+            # The only slot is free again: the next call is answered, not refused.
+            assert await call(b"next", timeout=5) == b"ok:next"
+        await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_the_call_timeout_must_exceed_the_longest_legitimate_wait() -> None:
+    from server.app import ServerConfig
+
+    with pytest.raises(ValueError, match="--call-timeout 30 must exceed"):
+        ServerConfig(secagg_phase_timeout=60.0, call_timeout=30.0).guard_config()
+    assert ServerConfig(secagg_phase_timeout=60.0, call_timeout=66.0).guard_config().call_s == 66
