@@ -301,13 +301,21 @@ class DeviceClient:
             ("authorization", f"Bearer {self._creds.token}"),
         )
 
+    def credentials_scope(self) -> str:
+        """Which server the saved credentials belong to: its address, unless said otherwise.
+
+        An embedding app that starts its server on a new port for each round
+        (xeno.federated_learning) names the federation instead, so its users register once.
+        """
+        return self.config.server
+
     def _ensure_registered(self) -> None:
         if self._creds is not None:
             return
         if self.config.reset:
             self.store.clear_credentials()
             self.identities.clear()
-        creds = self.store.load_credentials(self.config.server)
+        creds = self.store.load_credentials(self.credentials_scope())
         if creds is None or not self.identities.exists():
             identity = self.identities.load_or_create()
             try:
@@ -329,7 +337,7 @@ class DeviceClient:
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
                 raise
             creds = Credentials(
-                self.config.server, resp.device_id, resp.token, resp.enrollment_index
+                self.credentials_scope(), resp.device_id, resp.token, resp.enrollment_index
             )
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
@@ -485,8 +493,12 @@ class DeviceClient:
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:
-            delay = self.backoff.next_delay()
-            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            # UNAVAILABLE from a server whose database is away names a wait too.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info(
+                "server unavailable (%s: %s); retrying in %.1fs", code.name, err.details(), delay
+            )
             self.stop.wait(delay)
         else:
             delay = self.backoff.next_delay()
