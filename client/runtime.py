@@ -37,7 +37,14 @@ from client.datasource import (
 )
 from client.ledger import PrivacyLedger
 from client.personal import FEDREP, PersonalStore, personal_names, personalization_of, train_fedrep
-from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
+from client.protection import (
+    DEFAULT_MIN_NOISE_MULTIPLIER,
+    DISTRIBUTED,
+    USER_LEVEL,
+    Protection,
+    TaskDeclined,
+    check_task,
+)
 from client.retry import retry_after_s
 from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
@@ -215,11 +222,16 @@ class ClientConfig:
         "XENO_ALLOW_PLAINTEXT",
     )
     min_noise_multiplier: float = setting(
-        0.0,
-        "decline tasks whose user-level noise multiplier, as this device verifies it from "
-        "the task's noise and contributor count, is below this (0: no minimum; any minimum "
-        "also declines tasks without verifiable distributed DP)",
+        DEFAULT_MIN_NOISE_MULTIPLIER,
+        "decline tasks that promise user-level DP with a noise multiplier, as this device "
+        "verifies it from the task's noise and contributor count, below this (0: no minimum)",
         "XENO_MIN_NOISE_MULTIPLIER",
+    )
+    require_user_dp: bool = setting(
+        False,
+        "decline tasks without user-level DP noise this device can verify (distributed DP "
+        "under secure aggregation); a --max-user-epsilon budget implies it",
+        "XENO_REQUIRE_USER_DP",
     )
     max_user_epsilon: float = setting(
         0.0,
@@ -253,7 +265,11 @@ class ClientConfig:
 
     def protection(self) -> Protection:
         return Protection(
-            self.allow_plaintext, self.min_noise_multiplier, self.max_user_epsilon, self.delta
+            self.allow_plaintext,
+            self.min_noise_multiplier,
+            self.max_user_epsilon,
+            self.delta,
+            self.require_user_dp,
         )
 
 
@@ -349,13 +365,21 @@ class DeviceClient:
             ("authorization", f"Bearer {self._creds.token}"),
         )
 
+    def credentials_scope(self) -> str:
+        """Which server the saved credentials belong to: its address, unless said otherwise.
+
+        An embedding app that starts its server on a new port for each round
+        (xeno.federated_learning) names the federation instead, so its users register once.
+        """
+        return self.config.server
+
     def _ensure_registered(self) -> None:
         if self._creds is not None:
             return
         if self.config.reset:
             self.store.clear_credentials()
             self.identities.clear()
-        creds = self.store.load_credentials(self.config.server)
+        creds = self.store.load_credentials(self.credentials_scope())
         if creds is None or not self.identities.exists():
             identity = self.identities.load_or_create()
             try:
@@ -377,7 +401,7 @@ class DeviceClient:
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
                 raise
             creds = Credentials(
-                self.config.server, resp.device_id, resp.token, resp.enrollment_index
+                self.credentials_scope(), resp.device_id, resp.token, resp.enrollment_index
             )
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
@@ -539,8 +563,12 @@ class DeviceClient:
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:
-            delay = self.backoff.next_delay()
-            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            # UNAVAILABLE from a server whose database is away names a wait too.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info(
+                "server unavailable (%s: %s); retrying in %.1fs", code.name, err.details(), delay
+            )
             self.stop.wait(delay)
         else:
             delay = self.backoff.next_delay()

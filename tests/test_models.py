@@ -276,7 +276,7 @@ def test_pause_stops_one_models_rounds_and_resume_restarts_them(
 
 
 def test_a_restart_restores_every_model_and_its_pause_state(
-    tmp_path: Path, device_threads: Any
+    tmp_path: Path, device_threads: Any, raw_device: Any
 ) -> None:
     models = tmp_path / "models.toml"
     models.write_text("[models.digits-b]\nhidden = '16'\nrounds = 5\n")
@@ -293,7 +293,12 @@ def test_a_restart_restores_every_model_and_its_pause_state(
             metadata=md,
         )
         assert created.training and created.source == "admin" and not created.paused
+        # A model created while serving trains at once.
+        fleet = device_threads(server, 2, models="digits-c")
+        wait_until(lambda: _completed(server, "digits-c") >= 1, 120, "a round of the new model")
         stub.PauseModel(admin_pb2.PauseModelRequest(name="digits-c"), metadata=md)
+        for d in fleet:
+            d.halt()
         before = _models(stub, md)
     finally:
         server.stop(grace=0.5)
@@ -309,10 +314,17 @@ def test_a_restart_restores_every_model_and_its_pause_state(
         assert after["digits-c"].paused and not after["digits-b"].paused
         assert server.models.get("digits-c").coordinator.config.clients_per_round == 2
         assert server.models.get("digits-b").coordinator.config.rounds == 5
-        # A device pinned to the paused model gets no task, and is told why.
+        device = raw_device(server)
+        answer = device.stub.CheckIn(
+            pb.CheckInRequest(models=["digits-c"], max_wait_ms=0), metadata=device.md, timeout=10
+        )
+        assert answer.wait.reason == "model digits-c is paused"
         device_threads(server, 2, models="digits-c")
+        time.sleep(1.0)
+        assert server.models.get("digits-c").coordinator._round is None  # paused: no round
+        done = _completed(server, "digits-c")
         stub.ResumeModel(admin_pb2.ResumeModelRequest(name="digits-c"), metadata=md)
-        wait_until(lambda: _completed(server, "digits-c") >= 1, 120, "a digits-c round")
+        wait_until(lambda: _completed(server, "digits-c") > done, 120, "a digits-c round")
     finally:
         server.stop(grace=0.5)
 
@@ -454,3 +466,115 @@ def test_admin_models_commands(server_factory: Any) -> None:
     assert admin("models", "resume", "intents-b").returncode == 0
     assert not server.models.get("intents-b").paused
     assert "intents-b" in admin("models").stdout  # `models` alone lists them
+
+
+def test_each_model_has_its_own_dp_policy_and_privacy_ledger(
+    server_factory: Any, device_threads: Any, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        """
+[models.digits-dp]
+hidden = "16"
+dp = "central"
+dp_noise_multiplier = 1.5
+dp_clip_norm = 2.0
+privacy_budget = 40.0
+min_clients = 2
+clients_per_round = 2
+"""
+    )
+    server = server_factory(
+        rounds=2, min_clients=2, clients_per_round=2, selection_window=0.1, models=str(models)
+    )
+    _pinned_fleet(server, device_threads, ("digits-mlp", "digits-dp"))
+    dp = server.models.get("digits-dp").coordinator
+    assert dp.wait_finished(timeout=120) and server.coordinator.wait_finished(timeout=120)
+    stub, md = _admin(server)
+
+    def report(name: str) -> admin_pb2.PrivacyReport:
+        return stub.GetPrivacyReport(
+            admin_pb2.GetPrivacyReportRequest(model_name=name), metadata=md
+        )
+
+    private, plain = report("digits-dp"), report("digits-mlp")
+    assert [e.round_number for e in private.entries] == [1, 2]
+    assert all(e.noise_multiplier == 1.5 and e.clip_norm == 2.0 for e in private.entries)
+    assert private.budget == 40.0 and private.epsilon > 0
+    assert list(plain.entries) == [] and plain.budget == 0.0 and plain.status == "none"
+    # Each ledger is the model's own: the DP model's tasks carried its policy, the other's none.
+    assert server.models.get("digits-mlp").coordinator.config.user_dp is None
+    epsilon = server.metrics.registry.get_sample_value(
+        "xeno_privacy_epsilon_spent", {"model": "digits-dp"}
+    )
+    assert epsilon == pytest.approx(private.epsilon)
+    assert (
+        server.metrics.registry.get_sample_value(
+            "xeno_privacy_epsilon_spent", {"model": "digits-mlp"}
+        )
+        == 0.0
+    )
+
+
+def test_the_store_keeps_definitions_and_pause_state(db_url: str) -> None:
+    import numpy as np
+
+    from common.modelspec import ModelSpec
+    from common.tensors import Manifest
+    from server.store import ModelDefinition, ModelExistsError, Store
+
+    store = Store(db_url)
+    store.create_schema()
+    try:
+        manifest = Manifest.from_json([{"name": "w", "shape": [2]}])
+        spec = ModelSpec("mlp", {"input_dim": 2, "hidden": [], "num_classes": 2})
+        first = ModelDefinition("a", "digits", {"rounds": 3}, paused=True, source="file")
+        store.create_model("a", spec, manifest, "fedavg", np.zeros(2, np.float32), first)
+        store.create_model("b", spec, manifest, "fedavg", np.zeros(2, np.float32))
+        with pytest.raises(ModelExistsError):
+            store.create_model("a", spec, manifest, "fedavg", np.zeros(2, np.float32), first)
+        assert store.model_definitions() == [first]
+        # New settings keep the stored pause state; unchanged ones write nothing.
+        audit = len(audit_entries(store))
+        stored = store.define_model(
+            dataclasses.replace(first, settings={"rounds": 4}, paused=False)
+        )
+        assert stored.paused and stored.settings == {"rounds": 4}
+        assert store.define_model(stored) == stored
+        assert store.set_model_paused("a", True) is False
+        assert store.set_model_paused("a", False) is True
+        b = store.define_model(ModelDefinition("b", "digits", {}, source="admin"))
+        assert [d.name for d in store.model_definitions()] == ["a", "b"] and not b.paused
+        actions = [e.action for e in audit_entries(store)[audit:]]
+        assert actions == ["model.redefined", "model.resumed", "model.defined"]
+        with pytest.raises(KeyError):
+            store.set_model_paused("nope", True)
+        with pytest.raises(KeyError):
+            store.define_model(ModelDefinition("nope", "digits", {}))
+    finally:
+        store.close()
+
+
+def test_concurrent_creates_of_one_name_make_one_model(server_factory: Any) -> None:
+    server = server_factory(eval_data="none")
+    stub, md = _admin(server)
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        try:
+            stub.CreateModel(admin_pb2.CreateModelRequest(name="twin"), metadata=md, timeout=60)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert sorted(c.name for c in codes) == ["ALREADY_EXISTS"] * 3 + ["OK"]
+    assert [v.version for v in server.store.list_versions("twin")] == [1]
+    assert [m.name for m in server.models.models()] == ["digits-mlp", "twin"]

@@ -603,14 +603,17 @@ class RoundCoordinator:
             return erase()
 
     def owns_round(self, round_id: str) -> bool:
-        """Whether round_id is this model's open round or one of its recently closed ones."""
-        with self._cond:
-            rnd = self._round
-            return (
-                (rnd is not None and rnd.id == round_id)
-                or round_id in self._closed_rounds
-                or round_id in self._completed_uploads
-            )
+        """Whether round_id is this model's open round or one of its recently closed ones.
+
+        Lock-free on purpose (one read of the round, dict lookups, atomic under the GIL):
+        routing a call to its model must not wait while another model holds its lock.
+        """
+        rnd = self._round
+        return (
+            (rnd is not None and rnd.id == round_id)
+            or round_id in self._closed_rounds
+            or round_id in self._completed_uploads
+        )
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:

@@ -16,7 +16,7 @@ from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
 from server.errors import ErrorKind, FederationError
 from server.lifecycle.abtests import AbTests
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.modelconf import parse_settings
 from server.privacy import privacy_report
@@ -33,14 +33,18 @@ def _ms(dt: object) -> int:
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(
-        self, store: Store, privacy_budget: float = 0.0, models: ModelRunner | None = None
+        self,
+        store: Store,
+        privacy_budget: float = 0.0,
+        models: ModelRunner | None = None,
+        alert_settings: AlertSettings | None = None,
     ) -> None:
         """Over a store; with `models` (a running server's), models can be created and paused."""
         self.store = store
         self.models = models
         self.privacy_budget = privacy_budget
         self.versions = VersionControl(store)
-        self.performance = PerformanceLog(store)
+        self.performance = PerformanceLog(store, settings=alert_settings)
         self.ab_tests = AbTests(store)
 
     @staticmethod
@@ -245,11 +249,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             ]
         )
 
+    def _budget(self, name: str) -> float:
+        """The model's own privacy budget (its definition), else the server's."""
+        definition = self.store.model_definition(name)
+        if definition is not None and "privacy_budget" in definition.settings:
+            return float(definition.settings["privacy_budget"])
+        return self.privacy_budget
+
     def GetPrivacyReport(
         self, request: pb.GetPrivacyReportRequest, context: grpc.ServicerContext
     ) -> pb.PrivacyReport:
         self._model_or_abort(request.model_name, context)
-        report = privacy_report(self.store, request.model_name, self.privacy_budget)
+        report = privacy_report(self.store, request.model_name, self._budget(request.model_name))
         return pb.PrivacyReport(
             model_name=report.model,
             entries=[
