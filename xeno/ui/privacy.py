@@ -75,13 +75,16 @@ class PrivacyTab(QWidget):
 
         fl = QGroupBox("Federated learning")
         fv = QVBoxLayout(fl)
-        self.federated = QCheckBox(
-            "&Take part in federated learning: train the shared intent model on my examples "
-            "on this device (only noised, securely aggregated model updates leave it)"
-        )
+        self.federated = QCheckBox("&Take part in federated learning")
         self.federated.setObjectName("federated")
         self.federated.toggled.connect(self._set_consent)
         fv.addWidget(self.federated)
+        why = QLabel(
+            "Your device trains the shared intent model on your examples; only noised, "
+            "securely aggregated model updates leave it, never your text."
+        )
+        why.setWordWrap(True)
+        fv.addWidget(why)
         self.consents = make_table()
         self.consents.setObjectName("consents")
         fv.addWidget(QLabel("Consent record (every grant and withdrawal, oldest first)"))
@@ -108,6 +111,8 @@ class PrivacyTab(QWidget):
         self.consequence = QLabel()
         self.consequence.setObjectName("consequence")
         self.consequence.setWordWrap(True)
+        # A wrapped label in a form gets one line's height unless told: it holds ~4 lines.
+        self.consequence.setMinimumHeight(self.consequence.fontMetrics().lineSpacing() * 5)
         form.addRow(self.consequence)
         self.device_flags = QLineEdit()
         self.device_flags.setReadOnly(True)
@@ -121,7 +126,9 @@ class PrivacyTab(QWidget):
 
         report = QGroupBox("Privacy report")
         rg = QGridLayout(report)
-        rg.addWidget(QLabel("This device's ledger (what its data has spent)"), 0, 0, 1, 2)
+        self.device_note = QLabel("This device's ledger (what its data has spent)")
+        self.device_note.setWordWrap(True)
+        rg.addWidget(self.device_note, 0, 0, 1, 2)
         self.device_ledger = make_table()
         self.device_ledger.setObjectName("device_ledger")
         rg.addWidget(self.device_ledger, 1, 0, 1, 2)
@@ -165,14 +172,15 @@ class PrivacyTab(QWidget):
         left = QWidget()
         lv = QVBoxLayout(left)
         lv.setContentsMargins(0, 0, 0, 0)
-        lv.addWidget(fl, 2)
+        lv.addWidget(fl, 1)
         lv.addWidget(dp)
         lv.addWidget(gdpr)
+        self.consents.setMinimumHeight(80)
+        self.consents.setMaximumHeight(160)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(left)
         split.addWidget(report)
-        split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 1)
+        split.setSizes([540, 480])
         outer = QVBoxLayout(self)
         outer.addWidget(self.bar)
         outer.addWidget(split, 1)
@@ -247,6 +255,10 @@ class PrivacyTab(QWidget):
                 )
                 for e in entries or []
             ],
+        )
+        self.device_note.setText(
+            "This device's ledger (what its data has spent)"
+            + ("" if entries else ": empty, this device has not trained under DP yet")
         )
 
     def _load_report(self) -> None:
