@@ -27,7 +27,14 @@ import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger import PrivacyLedger
-from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
+from client.protection import (
+    DEFAULT_MIN_NOISE_MULTIPLIER,
+    DISTRIBUTED,
+    USER_LEVEL,
+    Protection,
+    TaskDeclined,
+    check_task,
+)
 from client.retry import retry_after_s
 from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
@@ -98,6 +105,12 @@ class ClientConfig:
         "digits",
         "which simulated data this device holds: digits, or intents (one CLINC150 user)",
         "XENO_TASK",
+    )
+    models: str = setting(
+        "",
+        "comma-separated names of the models this device trains (empty: every model of the "
+        "server that trains on its --task data)",
+        "XENO_CLIENT_MODELS",
     )
     partition: int = setting(
         0,
@@ -181,11 +194,16 @@ class ClientConfig:
         "XENO_ALLOW_PLAINTEXT",
     )
     min_noise_multiplier: float = setting(
-        0.0,
-        "decline tasks whose user-level noise multiplier, as this device verifies it from "
-        "the task's noise and contributor count, is below this (0: no minimum; any minimum "
-        "also declines tasks without verifiable distributed DP)",
+        DEFAULT_MIN_NOISE_MULTIPLIER,
+        "decline tasks that promise user-level DP with a noise multiplier, as this device "
+        "verifies it from the task's noise and contributor count, below this (0: no minimum)",
         "XENO_MIN_NOISE_MULTIPLIER",
+    )
+    require_user_dp: bool = setting(
+        False,
+        "decline tasks without user-level DP noise this device can verify (distributed DP "
+        "under secure aggregation); a --max-user-epsilon budget implies it",
+        "XENO_REQUIRE_USER_DP",
     )
     max_user_epsilon: float = setting(
         0.0,
@@ -215,7 +233,11 @@ class ClientConfig:
 
     def protection(self) -> Protection:
         return Protection(
-            self.allow_plaintext, self.min_noise_multiplier, self.max_user_epsilon, self.delta
+            self.allow_plaintext,
+            self.min_noise_multiplier,
+            self.max_user_epsilon,
+            self.delta,
+            self.require_user_dp,
         )
 
 
@@ -295,13 +317,21 @@ class DeviceClient:
             ("authorization", f"Bearer {self._creds.token}"),
         )
 
+    def credentials_scope(self) -> str:
+        """Which server the saved credentials belong to: its address, unless said otherwise.
+
+        An embedding app that starts its server on a new port for each round
+        (xeno.federated_learning) names the federation instead, so its users register once.
+        """
+        return self.config.server
+
     def _ensure_registered(self) -> None:
         if self._creds is not None:
             return
         if self.config.reset:
             self.store.clear_credentials()
             self.identities.clear()
-        creds = self.store.load_credentials(self.config.server)
+        creds = self.store.load_credentials(self.credentials_scope())
         if creds is None or not self.identities.exists():
             identity = self.identities.load_or_create()
             try:
@@ -323,7 +353,7 @@ class DeviceClient:
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
                 raise
             creds = Credentials(
-                self.config.server, resp.device_id, resp.token, resp.enrollment_index
+                self.credentials_scope(), resp.device_id, resp.token, resp.enrollment_index
             )
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
@@ -479,8 +509,12 @@ class DeviceClient:
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:
-            delay = self.backoff.next_delay()
-            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            # UNAVAILABLE from a server whose database is away names a wait too.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info(
+                "server unavailable (%s: %s); retrying in %.1fs", code.name, err.details(), delay
+            )
             self.stop.wait(delay)
         else:
             delay = self.backoff.next_delay()
@@ -490,7 +524,12 @@ class DeviceClient:
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
-            pb.CheckInRequest(max_wait_ms=self.config.max_wait_ms),
+            pb.CheckInRequest(
+                max_wait_ms=self.config.max_wait_ms,
+                # The server offers only tasks of models that train on this device's data.
+                tasks=[self.config.task],
+                models=[m.strip() for m in self.config.models.split(",") if m.strip()],
+            ),
             metadata=self._metadata(),
             timeout=self.config.max_wait_ms / 1000.0 + 30,
         )

@@ -34,15 +34,18 @@ from common.certs import Role
 from common.config import setting
 from common.modelspec import ModelSpec
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
-from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
+from common.tasks import TaskName, default_model_name, evaluation_set
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
+from server.memory import tune_allocator
+from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
-from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+from server.privacy import UserDpPolicy
 from server.registry import DeviceRegistry
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
+from server.runner import FederatedModel, ModelRunner
 from server.security import (
     Exposure,
     Principal,
@@ -56,8 +59,8 @@ from server.services.aio import Changes, Runner, capture_handlers, register_serv
 from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
 from server.services.guard import GuardConfig, GuardInterceptor
-from server.store import Store, describe_error
-from server.strategies import FitInstructions, StrategyName, make_strategy
+from server.store import ModelDefinition, Store, describe_error
+from server.strategies import FitInstructions, StrategyName
 
 log = logging.getLogger("xeno.server")
 
@@ -82,8 +85,15 @@ class ServerConfig:
     )
     model: str = setting(
         "",
-        "name of the federated model (empty: digits-mlp or intents-fasttext, by --task)",
+        "name of the default federated model (empty: digits-mlp or intents-fasttext, by "
+        "--task); devices that name no model or data kind train it",
         "XENO_MODEL",
+    )
+    models: str = setting(
+        "",
+        "TOML file of more models to train at once, one table [models.NAME] each with "
+        "settings named like these flags (which are their defaults); see the README",
+        "XENO_MODELS",
     )
     hidden: str = setting(
         "64",
@@ -373,6 +383,23 @@ class ServerConfig:
         "space than this, in MB (0: no check; PostgreSQL's disk is the database's to watch)",
         "XENO_MIN_FREE_DISK_MB",
     )
+    alert_k_sigma: float = setting(
+        3.0,
+        "degradation alert: a metric's newest value worse than the mean of its baseline by "
+        "more than this many standard deviations of the baseline",
+        "XENO_ALERT_K_SIGMA",
+    )
+    alert_baseline_window: int = setting(
+        20,
+        "degradation alert: how many values before the newest form its baseline (at least 2)",
+        "XENO_ALERT_BASELINE_WINDOW",
+    )
+    alert_window: int = setting(
+        30,
+        "degradation alert: how many newest values the trend test (Mann-Kendall) looks at "
+        "(at least 3)",
+        "XENO_ALERT_WINDOW",
+    )
     keep_versions: int = setting(
         1000,
         "retention: keep the newest N versions (0: keep every version), every --keep-every-th "
@@ -414,6 +441,13 @@ class ServerConfig:
         "an idle upload gives its staging buffer back",
         "XENO_STREAM_IDLE_TIMEOUT",
     )
+    call_timeout: float = setting(
+        120.0,
+        "seconds a unary call may take before the server gives up on it with "
+        "DEADLINE_EXCEEDED (a handler stuck on a silent database gives its slot back); "
+        "must exceed --secagg-phase-timeout, which phase calls may wait",
+        "XENO_CALL_TIMEOUT",
+    )
     checkin_rate: float = setting(
         5.0, "check-ins per second allowed per device (sustained)", "XENO_CHECKIN_RATE"
     )
@@ -449,10 +483,18 @@ class ServerConfig:
     )
 
     def guard_config(self) -> GuardConfig:
+        # A phase call may wait out its phase (plus 5 s); a long poll waits up to 10 s.
+        if self.call_timeout <= max(self.secagg_phase_timeout + 5.0, 10.0):
+            raise ValueError(
+                f"--call-timeout {self.call_timeout:g} must exceed the longest wait of a "
+                f"unary call: --secagg-phase-timeout + 5 s = {self.secagg_phase_timeout + 5:g} s"
+                " and the 10 s long poll"
+            )
         return GuardConfig(
             max_concurrent_rpcs=self.max_concurrent_rpcs,
             first_message_s=self.stream_first_message_timeout,
             idle_s=self.stream_idle_timeout,
+            call_s=self.call_timeout,
             device_checkin_rate=self.checkin_rate,
             device_checkin_burst=self.checkin_burst,
             peer_checkin_rate=self.peer_checkin_rate,
@@ -468,114 +510,107 @@ class ServerConfig:
         if not self.model:
             object.__setattr__(self, "model", default_model_name(task))
 
+    def alert_settings(self) -> AlertSettings:
+        """The degradation-alert thresholds; ValueError naming the flag when one is invalid."""
+        if not (math.isfinite(self.alert_k_sigma) and self.alert_k_sigma > 0):
+            raise ValueError(f"--alert-k-sigma must be > 0, got {self.alert_k_sigma}")
+        if self.alert_baseline_window < 2:
+            raise ValueError(
+                f"--alert-baseline-window must be at least 2, got {self.alert_baseline_window}"
+            )
+        if self.alert_window < 3:
+            raise ValueError(f"--alert-window must be at least 3, got {self.alert_window}")
+        return AlertSettings(
+            alert_window=self.alert_window,
+            baseline_window=self.alert_baseline_window,
+            k_sigma=self.alert_k_sigma,
+            min_baseline=min(AlertSettings.min_baseline, self.alert_baseline_window),
+        )
+
+    def model_settings(self) -> ModelSettings:
+        """The default model's settings (and the defaults of every model in --models)."""
+        return ModelSettings(**{key: getattr(self, key) for key in MODEL_KEYS})
+
     def model_spec(self) -> ModelSpec:
-        hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
-        return model_spec_for(TaskName.parse(self.task), hidden, self.params)
+        return self.model_settings().model_spec()
 
     def round_config(self) -> RoundConfig:
-        return RoundConfig(
-            min_clients=self.min_clients,
-            clients_per_round=self.clients_per_round,
-            overselect=self.overselect,
-            round_deadline_s=self.round_deadline,
-            max_examples_weight=self.max_examples_weight,
-            selection_window_s=self.selection_window,
-            rounds=self.rounds,
-            staging_buffers=self.staging_buffers,
-            update_clip_norm=self.update_clip_norm,
-            secagg=self.secagg,
-            secagg_clip_norm=self.secagg_clip_norm,
-            secagg_max_weight=self.secagg_max_weight,
-            secagg_phase_timeout_s=self.secagg_phase_timeout,
-            secagg_dropout=self.secagg_dropout,
-            secagg_degree=self.secagg_degree,
-            secagg_threshold=self.secagg_threshold,
-            secagg_corrupt_fraction=self.secagg_corrupt_fraction,
-            user_dp=self.user_dp_policy(),
-            dp_sgd=self.dp_sgd,
-            dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
-            dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm,
-            dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
-            dp_sgd_delta=self.dp_sgd_delta,
-            store_retry_s=self.store_retry,
-            keep_versions=self.keep_versions,
-            keep_every=self.keep_every,
-            stall_grace_s=self.stall_grace,
-        )
+        return self.model_settings().round_config()
 
     def user_dp_policy(self) -> UserDpPolicy | None:
-        try:
-            mechanism = UserDpMechanism(self.dp)
-        except ValueError:
-            raise ValueError(
-                f"unknown --dp {self.dp!r}; use distributed, central or none"
-            ) from None
-        if mechanism is UserDpMechanism.NONE:
-            if self.privacy_budget > 0:
-                raise ValueError("--privacy-budget needs user-level DP (--dp distributed|central)")
-            return None
-        min_contributors = self.dp_min_contributors or self.min_clients
-        z = self.dp_noise_multiplier
-        if z <= 0:
-            if self.dp_target_epsilon <= 0:
-                raise ValueError("--dp needs --dp-noise-multiplier or --dp-target-epsilon")
-            z = noise_for_target(
-                mechanism,
-                self.dp_target_epsilon,
-                self.rounds,
-                self.dp_delta,
-                self.dp_clip_norm,
-                math.ceil(self.clients_per_round * (1 + self.overselect)),
-                min_contributors,
-                _num_parameters(self.model_spec()),
-            )
-        count_noise = self.dp_clip_count_noise
-        if self.dp_adaptive_quantile > 0 and count_noise <= 0:
-            count_noise = max(self.clients_per_round / 20, z)
-        return UserDpPolicy(
-            mechanism,
-            z,
-            self.dp_clip_norm,
-            min_contributors,
-            self.dp_delta,
-            self.privacy_budget,
-            target_quantile=self.dp_adaptive_quantile,
-            clip_lr=self.dp_clip_lr,
-            count_noise=count_noise,
-        )
+        return self.model_settings().user_dp_policy()
 
     def fit_instructions(self) -> FitInstructions:
-        return FitInstructions(
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-        )
+        return self.model_settings().fit_instructions()
+
+
+def create_model(
+    store: Store, name: str, settings: ModelSettings, definition: ModelDefinition | None = None
+) -> None:
+    """Create the model (version 1: seeded initial weights) with its definition, if given."""
+    spec = settings.model_spec()
+    from common.models import build_model  # torch: only to create a new model
+
+    module = build_model(spec, seed=settings.seed)
+    state = module.state_dict()
+    store.create_model(
+        name,
+        spec,
+        Manifest.from_state_dict(state),
+        settings.strategy,
+        flatten_state_dict(state),
+        definition=definition,
+    )
+    log.info("created model %s (%s) at version 1", name, spec)
 
 
 def ensure_model(store: Store, config: ServerConfig) -> None:
     """Create the configured model (version 1) unless the store already has it."""
-    if store.get_model(config.model) is not None:
-        return
-    spec = config.model_spec()
-    from common.models import build_model  # torch: only to create a new model
-
-    module = build_model(spec, seed=config.seed)
-    state = module.state_dict()
-    store.create_model(
-        config.model,
-        spec,
-        Manifest.from_state_dict(state),
-        config.strategy,
-        flatten_state_dict(state),
-    )
-    log.info("created model %s (%s) at version 1", config.model, spec)
+    if store.get_model(config.model) is None:
+        create_model(store, config.model, config.model_settings())
 
 
-def _num_parameters(spec: ModelSpec) -> int:
-    from common.models import build_model, num_parameters
+def define_models(
+    store: Store, default: str, configured: list[ModelTable]
+) -> list[tuple[ModelDefinition, ModelSettings]]:
+    """Create or update the configured models' definitions; every model to train, in order.
 
-    return num_parameters(build_model(spec))
+    `configured` is the default model (first) and the models file's. A model that exists
+    keeps its weights and its pause state; its settings become the configured ones. Models
+    created over the Admin API (or by an earlier models file) are restored from their
+    stored definitions; the definition of an earlier default model (`--model`) is not.
+    """
+    out: list[tuple[ModelDefinition, ModelSettings]] = []
+    for table in configured:
+        source = "flags" if table.name == default else "file"
+        definition = ModelDefinition(
+            table.name, table.settings.task, table.settings.to_json(), table.paused, source
+        )
+        existing = store.get_model(table.name)
+        if existing is None:
+            create_model(store, table.name, table.settings, definition)
+            stored = store.model_definition(table.name) or definition
+        else:
+            expected = table.settings.model_spec().architecture
+            if table.name != default and existing.spec.architecture != expected:
+                raise ValueError(
+                    f"model {table.name!r} exists as a {existing.spec.architecture} model; "
+                    f"task {table.settings.task!r} trains a {expected} model: give the "
+                    "new model another name"
+                )
+            stored = store.define_model(definition)
+        out.append((stored, table.settings))
+    names = {table.name for table in configured}
+    for stored in store.model_definitions():
+        if stored.name in names or stored.source == "flags":
+            continue
+        try:
+            settings = ModelSettings.from_json(stored.settings)
+            settings.validate()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"the stored definition of model {stored.name!r}: {exc}") from None
+        out.append((stored, settings))
+    return out
 
 
 def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
@@ -589,7 +624,9 @@ def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
     return tokens
 
 
-def make_evaluator(spec: ModelSpec, config: ServerConfig) -> DeferredEvaluator | None:
+def make_evaluator(
+    spec: ModelSpec, config: ServerConfig | ModelSettings
+) -> DeferredEvaluator | None:
     """The server-side evaluator, or None; its loading (torch, the data) comes later."""
     if config.eval_data == "none":
         return None
@@ -685,18 +722,17 @@ class XenoServer:
     ) -> None:
         """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
-        StrategyName(config.strategy)  # fail early with a clear message on a typo
-        strategy = make_strategy(
-            config.strategy,
-            config.fit_instructions(),
-            config.server_lr,
-            config.proximal_mu,
-            trim_fraction=config.trim_fraction,
-            byzantine=config.byzantine,
-            multi_krum_m=config.multi_krum_m,
+        self._recorder = recorder
+        # Every model's settings are checked before anything is created on disk.
+        default_settings = config.model_settings()
+        tables = parse_models_file(config.models, default_settings) if config.models else []
+        from_file = {t.name: t for t in tables}
+        default_table = from_file.pop(config.model, None) or ModelTable(
+            config.model, default_settings
         )
-        round_config = config.round_config()
-        check_strategy(strategy, round_config)  # before anything is created on disk
+        default_settings = default_table.settings
+        StrategyName(default_settings.strategy)  # fail early with a clear message on a typo
+        check_strategy(default_settings.make_strategy(), default_settings.round_config())
         # Secrets and certificates are checked before anything is created on disk.
         enrollment_key = read_secret(
             config.enrollment_key, config.enrollment_key_file, "enrollment key file"
@@ -722,26 +758,36 @@ class XenoServer:
         )
         if config.token_ttl < 0:
             raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
+        self.alert_settings = config.alert_settings()
         self._owns_store = store is None
         if store is None:
             key = resolve_data_key(config.data_key_file, _data_dir(config.db))
             store = Store(config.db, Sealer(key))
         self.store = store
         self.store.create_schema()
-        ensure_model(self.store, config)
-        model = self.store.get_model(config.model)
-        assert model is not None
+        definitions = define_models(self.store, config.model, [default_table, *from_file.values()])
         self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
-        self.evaluator = make_evaluator(model.spec, config)
-        self.coordinator = RoundCoordinator(
+        self._started = False
+        self.models = ModelRunner(
             self.store,
             config.model,
-            strategy,
-            round_config,
-            evaluator=self.evaluator,
-            identity_keys=self.registry.identity_key,
-            recorder=recorder,
+            build=self._build_coordinator,
+            initialize=lambda name, settings, definition: create_model(
+                self.store, name, settings, definition
+            ),
+            base=config.model_settings(),
         )
+        for definition, settings in definitions:
+            coordinator = self._build_coordinator(definition.name, settings)
+            if definition.paused:
+                coordinator.pause()
+            self.models.add(
+                FederatedModel(
+                    definition.name, coordinator, settings.task, settings, definition.source
+                )
+            )
+        self.coordinator = self.models.default_coordinator
+        self.evaluator = self.coordinator.evaluator
         # The gRPC server lives on its own event loop; domain work runs in the pool.
         if config.max_workers < 1:
             raise ValueError("--max-workers must be at least 1")
@@ -754,7 +800,8 @@ class XenoServer:
         )
         self._loop_thread.start()
         self.changes = Changes(self._loop)
-        self.coordinator.add_change_listener(self.changes.announce)
+        for coordinator in self.models.coordinators():
+            coordinator.add_change_listener(self.changes.announce)
         self.runner = Runner(self._pool, self.changes)
         self.guard = GuardInterceptor(config.guard_config())
         self.health = health_aio.HealthServicer()
@@ -764,24 +811,15 @@ class XenoServer:
             self._shutdown_loop()
             raise
         self.metrics = ServerMetrics(config.model)
-        self.coordinator.add_start_listener(self.metrics.round_started)
-        self.coordinator.add_listener(
-            lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
-        )
         # Rounds feed the performance history off the round driver's thread, in order.
-        self.performance = PerformanceLog(self.store)
+        self.performance = PerformanceLog(self.store, settings=self.alert_settings)
         self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
-        self.metrics.set_alerts(self.performance.alert_counts(config.model))
-        self.coordinator.add_listener(self._queue_tracking)
-        if config.dp != "none":  # a restarted server reports what the ledger already holds
-            self.metrics.epsilon.labels(config.model).set(
-                self.coordinator.privacy_account().epsilon
-            )
+        self.models.add_listener(self._observe)
         self.metrics_port: int | None = None
         self.health_monitor = HealthMonitor(
             {
                 "database": self._database_problem,
-                "round_driver": self.coordinator.health_problem,
+                "round_driver": self.models.health_problem,
                 "disk": disk_space_check(self.store.local_dir, config.min_free_disk_mb),
             },
             self._set_serving,
@@ -799,6 +837,41 @@ class XenoServer:
         if self.port == 0:
             self._shutdown_loop()
             raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
+
+    def _build_coordinator(self, name: str, settings: ModelSettings) -> RoundCoordinator:
+        """The round coordinator of a model that exists in the store."""
+        model = self.store.get_model(name)
+        assert model is not None
+        evaluator = make_evaluator(model.spec, settings)
+        coordinator = RoundCoordinator(
+            self.store,
+            name,
+            settings.make_strategy(),
+            settings.round_config(),
+            evaluator=evaluator,
+            identity_keys=self.registry.identity_key,
+            recorder=self._recorder,
+        )
+        if getattr(self, "changes", None) is not None:  # a model created while serving
+            coordinator.add_change_listener(self.changes.announce)
+        if self._started and evaluator is not None:
+            evaluator.start()
+        return coordinator
+
+    def _observe(self, model: FederatedModel) -> None:
+        """Metrics (labelled by model) and the performance history of a model's rounds."""
+        name, coordinator = model.name, model.coordinator
+        self.metrics.track(name)
+        coordinator.add_start_listener(lambda round_id: self.metrics.round_started(round_id, name))
+        coordinator.add_listener(
+            lambda summary: self.metrics.round_finished(
+                summary, coordinator.last_secagg_stats, name
+            )
+        )
+        self.metrics.set_alerts(self.performance.alert_counts(name), name)
+        coordinator.add_listener(lambda summary: self._queue_tracking(name, summary))
+        if coordinator.config.user_dp is not None:  # a restart reports what the ledger holds
+            self.metrics.epsilon.labels(name).set(coordinator.privacy_account().epsilon)
 
     async def _make_grpc(self) -> grpc.aio.Server:
         config = self.config
@@ -819,8 +892,11 @@ class XenoServer:
                 self.registry,
                 self.coordinator,
                 self.runner,
-                lifecycle=DeviceLifecycle(self.store, config.model),
+                lifecycle=DeviceLifecycle(
+                    self.store, config.model, alert_settings=self.alert_settings
+                ),
                 require_device_cert=bool(config.tls_client_ca),
+                models=self.models,
             ),
             server,
         )
@@ -829,7 +905,12 @@ class XenoServer:
             ADMIN_SERVICE,
             capture_handlers(
                 admin_pb2_grpc.add_AdminServicer_to_server,
-                AdminServicer(self.store, config.privacy_budget),
+                AdminServicer(
+                    self.store,
+                    config.privacy_budget,
+                    models=self.models,
+                    alert_settings=self.alert_settings,
+                ),
             ),
             self.runner,
         )
@@ -851,13 +932,13 @@ class XenoServer:
             self._loop_thread.join(timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _queue_tracking(self, summary: RoundSummary) -> None:
-        self._tracking.submit(self._track_round, summary)
+    def _queue_tracking(self, model: str, summary: RoundSummary) -> None:
+        self._tracking.submit(self._track_round, model, summary)
 
-    def _track_round(self, summary: RoundSummary) -> None:
+    def _track_round(self, model: str, summary: RoundSummary) -> None:
         try:
-            self.performance.record_round(self.config.model, summary)
-            self.metrics.set_alerts(self.performance.alert_counts(self.config.model))
+            self.performance.record_round(model, summary)
+            self.metrics.set_alerts(self.performance.alert_counts(model), model)
         except Exception:
             log.exception("recording the performance of round %d failed", summary.number)
 
@@ -866,20 +947,23 @@ class XenoServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> XenoServer:
+        tune_allocator()  # before the first upload (server/memory.py says why)
         self._on_loop(self._grpc.start())
-        self.coordinator.start()
+        self.models.start()
         self._set_serving(True)
         self.health_monitor.start()
-        if self.evaluator is not None:
-            self.evaluator.start()  # after the port is up: torch is not needed to serve
+        self._started = True
+        for coordinator in self.models.coordinators():
+            if isinstance(coordinator.evaluator, DeferredEvaluator):
+                coordinator.evaluator.start()  # after the port is up: torch is not needed to serve
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_host, self.config.metrics_port
             )
         log.info(
-            "serving on %s (model %s, db %s)",
+            "serving on %s (models %s, db %s)",
             self.address,
-            self.config.model,
+            ", ".join(m.name for m in self.models.models()),
             _safe_url(self.config.db),
         )
         return self
@@ -912,7 +996,7 @@ class XenoServer:
         self.health_monitor.stop()
         self.metrics.close()
         self._on_loop(self.health.enter_graceful_shutdown())
-        self.coordinator.stop()
+        self.models.stop()
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
@@ -954,7 +1038,8 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not done.is_set():
-        if config.rounds and server.coordinator.finished:
+        finite = any(c.config.rounds for c in server.models.coordinators())
+        if finite and server.models.finished:
             # Give devices a moment to hear "finished" before the port closes.
             done.wait(3.0)
             break

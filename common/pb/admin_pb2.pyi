@@ -8,20 +8,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "current_version", "spec", "num_parameters", "strategy", "created_unix_ms")
+    __slots__ = ("name", "current_version", "spec", "num_parameters", "strategy", "created_unix_ms", "task", "training", "paused", "settings_json", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     current_version: int
     spec: _tensor_pb2.ModelSpec
     num_parameters: int
     strategy: str
     created_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., num_parameters: _Optional[int] = ..., strategy: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    task: str
+    training: bool
+    paused: bool
+    settings_json: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., num_parameters: _Optional[int] = ..., strategy: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., task: _Optional[str] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., settings_json: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("name", "settings_toml", "paused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_TOML_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    settings_toml: str
+    paused: bool
+    def __init__(self, name: _Optional[str] = ..., settings_toml: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class PauseModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ResumeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -54,10 +54,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., enrollment_index: _Optional[int] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
-    __slots__ = ("max_wait_ms",)
+    __slots__ = ("max_wait_ms", "tasks", "models")
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     max_wait_ms: int
-    def __init__(self, max_wait_ms: _Optional[int] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_wait_ms: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("task", "wait", "finished", "ab_tests")
