@@ -61,6 +61,18 @@ def rounds_within(epsilon: float, noise: float, delta: float = DELTA) -> int:
     return lo
 
 
+def device_default(name: str) -> float:
+    """A protection setting's default in `xeno-fl client` (what a device enforces unset)."""
+    import dataclasses
+
+    from client.runtime import ClientConfig
+
+    for f in dataclasses.fields(ClientConfig):
+        if f.name == name and isinstance(f.default, int | float):
+            return float(f.default)
+    return 0.0
+
+
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -96,7 +108,7 @@ class PrivacyTab(QWidget):
         self.min_noise.setObjectName("min_noise")
         self.min_noise.setRange(0.0, 20.0)
         self.min_noise.setSingleStep(0.1)
-        self.min_noise.setValue(float(os.environ.get("XENO_MIN_NOISE_MULTIPLIER") or 1.0))
+        self.min_noise.setValue(float(os.environ.get("XENO_MIN_NOISE_MULTIPLIER") or 0.0))
         form.addRow("Minimum noise multiplier:", self.min_noise)
         row = QHBoxLayout()
         self.budget = QSlider(Qt.Orientation.Horizontal)
@@ -206,6 +218,8 @@ class PrivacyTab(QWidget):
         guarded(self.bar, self._load)
 
     def _load(self) -> None:
+        if not os.environ.get("XENO_MIN_NOISE_MULTIPLIER") and self.min_noise.value() == 0.0:
+            self.min_noise.setValue(device_default("min_noise_multiplier"))
         store = self.session.store
         self._loading = True
         try:
