@@ -27,7 +27,14 @@ import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger import PrivacyLedger
-from client.protection import DISTRIBUTED, USER_LEVEL, Protection, TaskDeclined, check_task
+from client.protection import (
+    DEFAULT_MIN_NOISE_MULTIPLIER,
+    DISTRIBUTED,
+    USER_LEVEL,
+    Protection,
+    TaskDeclined,
+    check_task,
+)
 from client.retry import retry_after_s
 from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
@@ -195,11 +202,16 @@ class ClientConfig:
         "XENO_ALLOW_PLAINTEXT",
     )
     min_noise_multiplier: float = setting(
-        0.0,
-        "decline tasks whose user-level noise multiplier, as this device verifies it from "
-        "the task's noise and contributor count, is below this (0: no minimum; any minimum "
-        "also declines tasks without verifiable distributed DP)",
+        DEFAULT_MIN_NOISE_MULTIPLIER,
+        "decline tasks that promise user-level DP with a noise multiplier, as this device "
+        "verifies it from the task's noise and contributor count, below this (0: no minimum)",
         "XENO_MIN_NOISE_MULTIPLIER",
+    )
+    require_user_dp: bool = setting(
+        False,
+        "decline tasks without user-level DP noise this device can verify (distributed DP "
+        "under secure aggregation); a --max-user-epsilon budget implies it",
+        "XENO_REQUIRE_USER_DP",
     )
     max_user_epsilon: float = setting(
         0.0,
@@ -229,7 +241,11 @@ class ClientConfig:
 
     def protection(self) -> Protection:
         return Protection(
-            self.allow_plaintext, self.min_noise_multiplier, self.max_user_epsilon, self.delta
+            self.allow_plaintext,
+            self.min_noise_multiplier,
+            self.max_user_epsilon,
+            self.delta,
+            self.require_user_dp,
         )
 
 
@@ -501,8 +517,12 @@ class DeviceClient:
         elif code in ROUND_MOVED_ON:
             log.info("round moved on (%s: %s); checking in again", code.name, err.details())
         elif code in RETRYABLE:
-            delay = self.backoff.next_delay()
-            log.info("server unreachable (%s); retrying in %.1fs", code.name, delay)
+            # UNAVAILABLE from a server whose database is away names a wait too.
+            hint = retry_after_s(err)
+            delay = max(hint * random.uniform(1.0, 1.5), self.backoff.next_delay())
+            log.info(
+                "server unavailable (%s: %s); retrying in %.1fs", code.name, err.details(), delay
+            )
             self.stop.wait(delay)
         else:
             delay = self.backoff.next_delay()

@@ -16,7 +16,10 @@ so per-device limits count authenticated devices only):
   and gives its slot back, instead of holding it until the server restarts;
 * token buckets per device and per peer address on Register and CheckIn; a
   refusal is RESOURCE_EXHAUSTED with the wait in its message and in the
-  trailing metadata `x-xeno-retry-after-ms`.
+  trailing metadata `x-xeno-retry-after-ms`;
+* a call that fails because the database is unreachable or full (any store call of
+  any servicer) ends with UNAVAILABLE and a retry hint in the same trailing metadata,
+  not as UNKNOWN with the driver's exception: devices back off and come back.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from typing import Any
 import grpc
 
 from server.limits import CallLimit, Refusal, TokenBuckets
+from server.store import describe_error, store_unavailable
 
 audit = logging.getLogger("xeno.audit")
+log = logging.getLogger("xeno.server.guard")
 
 RETRY_AFTER_KEY = "x-xeno-retry-after-ms"
 REGISTER = "/xeno.fl.v1.Federation/Register"
 CHECK_IN = "/xeno.fl.v1.Federation/CheckIn"
 UNLIMITED = frozenset({"/grpc.health.v1.Health/Check"})
 ABORT_WAIT_S = 1.0
+STORE_RETRY_AFTER_MS = 2000  # a restarting database is usually back within seconds
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
                 async with asyncio.timeout(ABORT_WAIT_S):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
 
+        async def unavailable(context: Any, exc: Exception) -> None:
+            log.warning("%s failed: database unavailable (%s)", method, describe_error(exc))
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(STORE_RETRY_AFTER_MS)),))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server's database is unavailable; retry in {STORE_RETRY_AFTER_MS} ms",
+            )
+
         if handler.request_streaming:
             behavior = handler.stream_stream or handler.stream_unary
         else:
@@ -231,6 +245,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
                         await behavior(arg, writer)
                 except StreamIdle as exc:
                     await idle(context, exc)
+                except Exception as exc:
+                    if not store_unavailable(exc):
+                        raise
+                    await unavailable(context, exc)
                 finally:
                     if entered:
                         guard.calls.exit()
@@ -257,6 +275,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
                     )
                     audit.warning("gave up on %s from %s: %s", method, context.peer(), message)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+                except Exception as exc:
+                    if not store_unavailable(exc):
+                        raise
+                    await unavailable(context, exc)
                 finally:
                     if entered:
                         guard.calls.exit()
