@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -170,6 +170,14 @@ class ClientConfig:
         "",
         "host name to expect in the server's certificate when it differs from the one in --server",
         "XENO_TLS_SERVER_NAME",
+    )
+    user: str = setting(
+        "",
+        "train on this assistant user's stored examples instead of simulated data: only with "
+        "their consent to federated_training (xeno-fl user consent USER --grant "
+        "federated_training), checked before any example is read; implies --task intents; "
+        "the store is under XENO_HOME",
+        "XENO_USER",
     )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
@@ -814,6 +822,19 @@ def load_partition(config: ClientConfig, partition: int | None = None) -> Datase
     )
 
 
+def assistant_shard(user_id: str) -> TextShard:
+    """The user's consented examples of the shared intent model's intents.
+
+    Raises ConsentRequiredError without consent, before any example is read.
+    """
+    from client.assistant.federated import federated_shard
+    from client.assistant.store import UserStore
+    from common.data.clinc150 import load_clinc150
+
+    with UserStore(user_id) as store:
+        return federated_shard(store, load_clinc150().intents)
+
+
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
     """Entry point of `xeno-fl client` and of simulated device processes."""
     torch.set_num_threads(max(1, config.torch_threads))
@@ -828,7 +849,19 @@ def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> in
         signal.signal(signal.SIGINT, on_signal)
     if config.partition < -1:
         raise ValueError("--partition must be -1 (auto) or a shard index")
-    data = load_partition(config) if config.partition >= 0 else None
+    data: Dataset | TextShard | None
+    if config.user:
+        from client.assistant.consent import ConsentRequiredError
+
+        config = replace(config, task=TaskName.INTENTS.value)
+        try:
+            data = assistant_shard(config.user)
+        except ConsentRequiredError as exc:
+            log.error("not taking part: %s", exc)
+            return 2
+        log.info("training on %d of user %s's stored examples", len(data), config.user)
+    else:
+        data = load_partition(config) if config.partition >= 0 else None
     client = DeviceClient(config, data, stop)
     try:
         return client.run()
