@@ -13,7 +13,7 @@ data set itself. Three sources exist:
 - `AssistantExamples`: the examples the user stored through the on-device
   trainer (`client/assistant`), read only with the user's consent to
   federated training (`client.assistant.federated.federated_shard`), with a
-  held-out fifth as well (`xeno-fl client --assistant-user USER`).
+  held-out fifth as well (`xeno-fl client --user USER`).
 
 Held-out data is the device's own evaluation set: it is never trained on,
 and scores the global and the personalized model on this device.

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -142,15 +142,9 @@ class ClientConfig:
         "intent names) instead of a simulated shard",
         "XENO_DATA",
     )
-    assistant_user: str = setting(
-        "",
-        "train on the examples this assistant user stored on this device (in XENO_HOME), with "
-        "their consent to federated training, instead of a simulated shard",
-        "XENO_ASSISTANT_USER",
-    )
     heldout_fraction: float = setting(
         0.2,
-        "fraction of the examples of --data or --assistant-user kept held out (never trained "
+        "fraction of the examples of --data or --user kept held out (never trained "
         "on) to score models on this device",
         "XENO_HELDOUT_FRACTION",
     )
@@ -198,6 +192,14 @@ class ClientConfig:
         "",
         "host name to expect in the server's certificate when it differs from the one in --server",
         "XENO_TLS_SERVER_NAME",
+    )
+    user: str = setting(
+        "",
+        "train on this assistant user's stored examples instead of simulated data: only with "
+        "their consent to federated_training (xeno-fl user consent USER --grant "
+        "federated_training), checked before any example is read; implies --task intents; "
+        "the store is under XENO_HOME",
+        "XENO_USER",
     )
     reset: bool = setting(False, "forget saved credentials and register again", "XENO_RESET")
     seed: int = setting(0, "seed of local shuffling", "XENO_CLIENT_SEED")
@@ -254,8 +256,8 @@ class ClientConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.data and self.assistant_user:
-            raise ValueError("--data and --assistant-user are two data sources: give one")
+        if self.data and self.user:
+            raise ValueError("--data and --user are two data sources: give one")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError("--heldout-fraction must be in [0, 1)")
         if self.min_secagg_cohort < 2:
@@ -917,15 +919,15 @@ def _noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: flo
 
 
 def data_source(config: ClientConfig) -> DataSource:
-    """The local data source `config` names: --data, --assistant-user, else a simulated shard."""
+    """The local data source `config` names: --data, --user, else a simulated shard."""
     task = TaskName.parse(config.task)
     if config.data:
         return JsonlFile(
             Path(config.data), intent_labels(task), config.heldout_fraction, config.data_seed
         )
-    if config.assistant_user:
+    if config.user:
         return AssistantExamples(
-            config.assistant_user,
+            config.user,
             intent_labels(task),
             heldout_fraction=config.heldout_fraction,
             seed=config.data_seed,
@@ -961,9 +963,18 @@ def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> in
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+    if config.user:  # the assistant's examples are texts of the shared intent model
+        config = replace(config, task=TaskName.INTENTS.value)
     source = data_source(config)
     # A bad file or missing consent stops the device before it registers.
     data = None if source.needs_enrollment else source.load()
+    if data is not None:
+        log.info(
+            "training on %s: %d examples, %d held out",
+            source.describe(),
+            len(data.train),
+            0 if data.heldout is None else len(data.heldout),
+        )
     client = DeviceClient(config, source if data is None else data, stop)
     try:
         return client.run()

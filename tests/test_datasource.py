@@ -113,8 +113,8 @@ def test_the_client_command_refuses_a_bad_file_before_registering(tmp_path: Path
     )
     assert run.returncode == 2
     assert "line 1: intent 'my_song' is not one of the model's 150 intents" in run.stderr
-    with pytest.raises(ValueError, match="--data and --assistant-user are two data sources"):
-        ClientConfig(data="a.jsonl", assistant_user="lee")
+    with pytest.raises(ValueError, match="--data and --user are two data sources"):
+        ClientConfig(data="a.jsonl", user="lee")
     with pytest.raises(DataSourceError, match="does not train on text"):
         data_source(ClientConfig(data=str(path)))  # the digits task has no intents
 

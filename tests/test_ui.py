@@ -332,3 +332,60 @@ def test_export_then_delete_needs_the_typed_user_id(
     window.personalization.refresh()
     assert "was deleted" in window.personalization.bar.label.text()
     assert not paths.database.exists()
+
+
+@pytest.mark.slow
+def test_demo_screenshots_and_the_benchmark_run_from_the_command_line(tmp_path: Path) -> None:
+    """`xeno-fl ui --demo --screenshot DIR`: a real demo federation, one 1024x700 PNG per tab."""
+    import json
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    env.pop("XENO_DEVICE_KEY", None)  # the demo keeps its own device key file
+    home, shots = tmp_path / "demo", tmp_path / "shots"
+    cli = [sys.executable, "-m", "xeno.cli", "ui", "--demo", "--home", str(home), "--user", "demo"]
+    done = subprocess.run(
+        [*cli, "--screenshot", str(shots)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in shots.iterdir())
+    assert names == [f"{i + 1}-{n.lower()}.png" for i, n in enumerate(TAB_NAMES)]
+    for name in names:
+        head = (shots / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", head[16:24]) == (1024, 700)
+    # The demo's federation is real: two DP rounds in the model's privacy ledger.
+    s = Session.open("demo", home=home, db=f"sqlite:///{home}/xeno.db")
+    try:
+        from common.pb import admin_pb2 as pb
+
+        report = s.admin(
+            "GetPrivacyReport", pb.GetPrivacyReportRequest(model_name="intents-fasttext")
+        )
+        assert [e.round_number for e in report.entries] == [1, 2]
+    finally:
+        s.close()
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/ui.py",
+            "--home",
+            str(home),
+            "--repeats",
+            "1",
+            "--switches",
+            "5",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    line = json.loads(bench.stdout.strip())
+    assert line["switches"] == 5 and line["open_s_median"] > 0
