@@ -41,7 +41,9 @@ from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+from server.refusals import RefusalLog
 from server.registry import DeviceRegistry
+from server.revocation import Revocation, Revocations
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
 from server.security import (
     Exposure,
@@ -57,6 +59,7 @@ from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
 from server.services.guard import GuardConfig, GuardInterceptor
 from server.store import Store, describe_error
+from server.store.lock import DatabaseInUseError, DatabaseLock
 from server.strategies import FitInstructions, StrategyName, make_strategy
 
 log = logging.getLogger("xeno.server")
@@ -331,6 +334,18 @@ class ServerConfig:
         "seconds a device token stays valid after its last use (0: forever); an expired "
         "device registers again",
         "XENO_TOKEN_TTL",
+    )
+    refusal_window: float = setting(
+        60.0,
+        "seconds over which refused requests are counted into one audit row per class and "
+        "actor (a flood of refusals cannot grow the audit log without bound)",
+        "XENO_REFUSAL_WINDOW",
+    )
+    revocation_refresh: float = setting(
+        5.0,
+        "seconds between reloads of the certificate revocation list from the database (a "
+        "revocation made through this server's Admin API applies at once)",
+        "XENO_REVOCATION_REFRESH",
     )
     tls_cert: str = setting(
         "", "PEM certificate the server presents (TLS); needs --tls-key", "XENO_TLS_CERT"
@@ -722,16 +737,42 @@ class XenoServer:
         )
         if config.token_ttl < 0:
             raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
+        if not config.refusal_window > 0:
+            raise ValueError("--refusal-window must be a positive number of seconds")
+        if not config.revocation_refresh > 0:
+            raise ValueError("--revocation-refresh must be a positive number of seconds")
         self._owns_store = store is None
+        self._db_lock: DatabaseLock | None = None
         if store is None:
             key = resolve_data_key(config.data_key_file, _data_dir(config.db))
             store = Store(config.db, Sealer(key))
+            # Shared with other servers; an offline key rotation needs it alone.
+            self._db_lock = DatabaseLock(store.engine)
+            if not self._db_lock.acquire(exclusive=False):
+                store.close()
+                raise DatabaseInUseError(
+                    "a data key rotation (xeno-fl admin rotate-key) is running on this "
+                    "database; start the server when it has finished, with the new key"
+                )
         self.store = store
-        self.store.create_schema()
+        try:
+            self.store.create_schema()
+        except BaseException:
+            if self._db_lock is not None:
+                self._db_lock.release()
+                store.close()
+            raise
         ensure_model(self.store, config)
         model = self.store.get_model(config.model)
         assert model is not None
         self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
+        self.revocations = Revocations(
+            lambda: [
+                Revocation(r.serial, r.kind, r.name, r.reason, r.revoked_at)
+                for r in self.store.revoked_certificates()
+            ],
+            config.revocation_refresh,
+        )
         self.evaluator = make_evaluator(model.spec, config)
         self.coordinator = RoundCoordinator(
             self.store,
@@ -756,7 +797,8 @@ class XenoServer:
         self.changes = Changes(self._loop)
         self.coordinator.add_change_listener(self.changes.announce)
         self.runner = Runner(self._pool, self.changes)
-        self.guard = GuardInterceptor(config.guard_config())
+        self.refusals = RefusalLog(self.store.append_audit, config.refusal_window)
+        self.guard = GuardInterceptor(config.guard_config(), self.refusals)
         self.health = health_aio.HealthServicer()
         try:
             self._grpc = self._on_loop(self._make_grpc())
@@ -809,6 +851,8 @@ class XenoServer:
                     self.registry.authenticate,
                     self.admin_tokens,
                     device_cert_name=self.registry.cert_name if config.tls_client_ca else None,
+                    revocations=self.revocations,
+                    refusals=self.refusals,
                 ),
                 self.guard,
             ],
@@ -829,7 +873,12 @@ class XenoServer:
             ADMIN_SERVICE,
             capture_handlers(
                 admin_pb2_grpc.add_AdminServicer_to_server,
-                AdminServicer(self.store, config.privacy_budget),
+                AdminServicer(
+                    self.store,
+                    config.privacy_budget,
+                    self.revocations,
+                    lambda: self.refusals.flush(everything=True),
+                ),
             ),
             self.runner,
         )
@@ -870,6 +919,8 @@ class XenoServer:
         self.coordinator.start()
         self._set_serving(True)
         self.health_monitor.start()
+        self.revocations.start()
+        self.refusals.start()
         if self.evaluator is not None:
             self.evaluator.start()  # after the port is up: torch is not needed to serve
         if self.config.metrics_port >= 0:
@@ -917,8 +968,12 @@ class XenoServer:
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
         self.registry.close()
+        self.revocations.stop()
+        self.refusals.stop()
         if self._owns_store:
             self.store.close()
+        if self._db_lock is not None:
+            self._db_lock.release()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)
