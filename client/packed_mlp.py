@@ -110,11 +110,26 @@ class PackedMLP(nn.Module):
             h = step(h) if isinstance(step, nn.Module) else nn.functional.linear(h, *next(views))
         return h
 
-    @torch.no_grad()
     def clipped_gradient_sum(
         self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
     ) -> torch.Tensor:
-        """sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm), flat.
+        """sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm), flat."""
+        return self.add_clipped_gradient_sum(x, y, max_grad_norm, torch.zeros_like(self.flat))
+
+    @torch.no_grad()
+    def add_clipped_gradient_sum(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        max_grad_norm: float,
+        out: torch.Tensor,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """out += scale * sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm).
+
+        DP-SGD adds the sum to the step's noise, already drawn into out, and
+        divides by the expected batch: the scale goes on the batch's small
+        per-example factors instead of a pass over every weight.
 
         What Opacus's DPOptimizer accumulates into `summed_grad` before noise:
         each example's whole gradient scaled by min(1, C / (||g_i|| + 1e-6)).
@@ -129,7 +144,7 @@ class PackedMLP(nn.Module):
             )
         n = x.shape[0]
         if n == 0:  # Poisson sampling draws empty batches; they still get noise
-            return torch.zeros_like(self.flat)
+            return out
         inputs: list[torch.Tensor] = []  # each Linear's input
         outputs: list[torch.Tensor] = []  # each activation's output
         h = x
@@ -162,16 +177,16 @@ class PackedMLP(nn.Module):
                 input_sq += 1.0
             squared.addcmul_(torch.linalg.vecdot(g, g), input_sq)
         factor = (max_grad_norm / (squared.sqrt_() + _NORM_EPSILON)).clamp_(max=1.0)
-        total = torch.empty_like(self.flat)
+        factor.mul_(scale)
         for g, a, (offset, out_features, in_features, bias) in zip(
             grads, inputs, self._linear_specs, strict=True
         ):
             clipped = g * factor.unsqueeze(1)
             end = offset + out_features * in_features
-            torch.mm(clipped.t(), a, out=total[offset:end].view(out_features, in_features))
+            out[offset:end].view(out_features, in_features).addmm_(clipped.t(), a)
             if bias:
-                torch.sum(clipped, 0, out=total[end : end + out_features])
-        return total
+                out[end : end + out_features].add_(clipped.sum(0))
+        return out
 
     def _rows(self, n: int) -> torch.Tensor:
         if self._arange.numel() < n:

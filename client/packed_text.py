@@ -104,11 +104,22 @@ class PackedFastText(nn.Module):
         inverse = 1.0 / lengths.clamp(min=1).to(torch.float32)
         return ids, offsets, owners, squares.sqrt_().mul_(inverse), inverse
 
-    @torch.no_grad()
     def clipped_gradient_sum(
         self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
     ) -> torch.Tensor:
-        """sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm), flat.
+        """sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm), flat."""
+        return self.add_clipped_gradient_sum(x, y, max_grad_norm, torch.zeros_like(self.flat))
+
+    @torch.no_grad()
+    def add_clipped_gradient_sum(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        max_grad_norm: float,
+        out: torch.Tensor,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """out += scale * sum_i clip(grad of cross_entropy(model(x_i), y_i), max_grad_norm).
 
         What Opacus's DPOptimizer accumulates into `summed_grad` before noise:
         each example's whole gradient scaled by min(1, C / (||g_i|| + 1e-6)).
@@ -118,9 +129,8 @@ class PackedFastText(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"fasttext takes a padded batch of bucket ids, got {tuple(x.shape)}")
         n = x.shape[0]
-        total = torch.zeros_like(self.flat)
         if n == 0:  # Poisson sampling draws empty batches; they still get noise
-            return total
+            return out
         ids, offsets, owners, bag_norm, inverse = self._bags(x)
         h = nn.functional.embedding_bag(ids, self._embedding, offsets, mode="mean")
         g = torch.softmax(nn.functional.linear(h, self._weight, self._bias), dim=1)
@@ -129,10 +139,11 @@ class PackedFastText(nn.Module):
         squared = torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(h, h) + 1.0)
         squared.addcmul_(torch.linalg.vecdot(u, u), bag_norm.square())
         factor = (max_grad_norm / (squared.sqrt_() + _NORM_EPSILON)).clamp_(max=1.0)
+        factor.mul_(scale)
         clipped = g * factor.unsqueeze(1)
-        torch.mm(clipped.t(), h, out=total[self._e_end : self._w_end].view(self.classes, self.dim))
-        torch.sum(clipped, 0, out=total[self._w_end :])
+        out[self._e_end : self._w_end].view(self.classes, self.dim).addmm_(clipped.t(), h)
+        out[self._w_end :].add_(clipped.sum(0))
         # Each feature of example i adds (factor_i / n_i) u_i to its bucket's row (repeats add up).
         scaled = u * (factor * inverse).unsqueeze(1)
-        total[: self._e_end].view(self.buckets, self.dim).index_add_(0, ids, scaled[owners])
-        return total
+        out[: self._e_end].view(self.buckets, self.dim).index_add_(0, ids, scaled[owners])
+        return out

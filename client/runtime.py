@@ -53,6 +53,7 @@ from common.tensors import (
     ChunkAssembler,
     Manifest,
     iter_chunks,
+    load_flat_into_module,
     to_wire,
 )
 from common.tls import client_channel
@@ -97,6 +98,12 @@ class ClientConfig:
         "digits",
         "which simulated data this device holds: digits, or intents (one CLINC150 user)",
         "XENO_TASK",
+    )
+    models: str = setting(
+        "",
+        "comma-separated names of the models this device trains (empty: every model of the "
+        "server that trains on its --task data)",
+        "XENO_CLIENT_MODELS",
     )
     partition: int = setting(
         0,
@@ -281,6 +288,9 @@ class DeviceClient:
         self._models: dict[str, torch.nn.Module] = {}
         # Running A/B tests of the server's model and this device's variant in each.
         self.ab_assignments: dict[str, pb.AbAssignment] = {}
+        # The model served for each of those tests (its assigned version, fetched).
+        self._serving: dict[str, ServedModel] = {}
+        self._serving_lock = threading.Lock()
         # The round in progress, once trained: a retry after a lost answer resumes it with
         # the same update and the same secure-aggregation keys instead of training again.
         self._pending: _PendingTask | None = None
@@ -341,6 +351,7 @@ class DeviceClient:
                 if response is None:
                     break
                 self.ab_assignments = {a.test_name: a for a in response.ab_tests}
+                self._sync_variants()
                 self.backoff.reset()
                 outcome = response.WhichOneof("outcome")
                 if outcome == "finished":
@@ -377,6 +388,75 @@ class DeviceClient:
         """The model version this device serves in an A/B test (from its last check-in)."""
         assignment = self.ab_assignments.get(ab_test)
         return int(assignment.model_version) if assignment is not None else None
+
+    # -------------------------------------------------------------- A/B serving
+    def fetch_variant(self, ab_test: str, timeout: float = 60.0) -> ServedModel:
+        """Download and serve this device's variant of a test (the version its check-in named).
+
+        The weights are checked like a round's download (length, SHA-256) and must be
+        exactly the assigned model and version, in the architecture the server names;
+        anything else is refused and the model served before stays.
+        """
+        self._ensure_registered()
+        assignment = self.ab_assignments.get(ab_test)
+        if assignment is None:
+            raise LookupError(f"this device has no assignment in A/B test {ab_test!r}")
+        header, weights = self._receive_model(pb.DownloadModelRequest(ab_test=ab_test), timeout)
+        if (header.model_name, header.version) != (
+            assignment.model_name,
+            assignment.model_version,
+        ):
+            raise RuntimeError(
+                f"A/B test {ab_test!r}: the server sent {header.model_name} v{header.version}, "
+                f"this device is assigned {assignment.model_name} v{assignment.model_version}"
+            )
+        spec = ModelSpec.from_json(header.model_spec.architecture, header.model_spec.config_json)
+        model = build_model(spec)
+        if Manifest.from_state_dict(model.state_dict()) != Manifest.from_proto(header.manifest):
+            raise RuntimeError("the variant's manifest does not match the model spec sent")
+        load_flat_into_module(model, weights)
+        model.eval()
+        served = ServedModel(
+            ab_test, assignment.variant, header.model_name, int(header.version), model
+        )
+        with self._serving_lock:
+            self._serving[ab_test] = served
+        log.info(
+            "serving %s v%d for A/B test %s (%s)",
+            served.model_name,
+            served.version,
+            ab_test,
+            served.variant,
+        )
+        return served
+
+    def serving(self, ab_test: str) -> ServedModel | None:
+        """The model served for an A/B test, once fetched."""
+        with self._serving_lock:
+            return self._serving.get(ab_test)
+
+    def predict(self, ab_test: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Inference with this device's variant of the test (raises LookupError before fetch)."""
+        served = self.serving(ab_test)
+        if served is None:
+            raise LookupError(f"no model served for A/B test {ab_test!r} yet (fetch_variant)")
+        with torch.no_grad():
+            return served.model(inputs)  # type: ignore[no-any-return]
+
+    def _sync_variants(self) -> None:
+        """After a check-in: serve each test's assigned version; drop tests that ended."""
+        with self._serving_lock:
+            for name in [n for n in self._serving if n not in self.ab_assignments]:
+                del self._serving[name]
+        for name, assignment in self.ab_assignments.items():
+            served = self.serving(name)
+            if served is not None and served.version == assignment.model_version:
+                continue
+            try:
+                self.fetch_variant(name)
+            except (grpc.RpcError, RuntimeError, ValueError) as err:
+                # The next check-in tries again; a round must not wait for this.
+                log.warning("could not fetch the variant of A/B test %s: %s", name, err)
 
     def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
         """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
@@ -418,7 +498,12 @@ class DeviceClient:
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
-            pb.CheckInRequest(max_wait_ms=self.config.max_wait_ms),
+            pb.CheckInRequest(
+                max_wait_ms=self.config.max_wait_ms,
+                # The server offers only tasks of models that train on this device's data.
+                tasks=[self.config.task],
+                models=[m.strip() for m in self.config.models.split(",") if m.strip()],
+            ),
             metadata=self._metadata(),
             timeout=self.config.max_wait_ms / 1000.0 + 30,
         )
@@ -607,16 +692,20 @@ class DeviceClient:
         return model
 
     def _download(self, task: pb.Task, timeout: float) -> tuple[Manifest, np.ndarray]:
-        stream = self._stub.DownloadModel(
-            pb.DownloadModelRequest(round_id=task.round_id),
-            metadata=self._metadata(),
-            timeout=timeout,
+        header, weights = self._receive_model(
+            pb.DownloadModelRequest(round_id=task.round_id), timeout
         )
+        return Manifest.from_proto(header.manifest), weights
+
+    def _receive_model(
+        self, request: pb.DownloadModelRequest, timeout: float
+    ) -> tuple[pb.ModelHeader, np.ndarray]:
+        """One model stream: exact length and SHA-256 checked before the weights are used."""
+        stream = self._stub.DownloadModel(request, metadata=self._metadata(), timeout=timeout)
         first = next(stream, None)
         if first is None or first.WhichOneof("part") != "header":
             raise RuntimeError("model stream did not start with a header")
         header = first.header
-        manifest = Manifest.from_proto(header.manifest)
         assembler = ChunkAssembler(header.total_bytes)
         digest = hashlib.sha256()
         for msg in stream:
@@ -625,7 +714,7 @@ class DeviceClient:
         weights = assembler.finish()
         if digest.digest() != header.sha256:
             raise RuntimeError("downloaded model fails its SHA-256 check")
-        return manifest, weights
+        return header, weights
 
     def _upload(
         self,
@@ -659,6 +748,17 @@ class DeviceClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model version this device serves for inference in an A/B test."""
+
+    ab_test: str
+    variant: str
+    model_name: str
+    version: int
+    model: torch.nn.Module
 
 
 @dataclass

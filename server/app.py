@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -34,17 +33,19 @@ from common.certs import Role
 from common.config import setting
 from common.modelspec import ModelSpec
 from common.pb import admin_pb2, admin_pb2_grpc, federation_pb2
-from common.tasks import TaskName, default_model_name, evaluation_set, model_spec_for
+from common.tasks import TaskName, default_model_name, evaluation_set
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import PerformanceLog
+from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
-from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+from server.privacy import UserDpPolicy
 from server.refusals import RefusalLog
 from server.registry import DeviceRegistry
 from server.revocation import Revocation, Revocations
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
+from server.runner import FederatedModel, ModelRunner
 from server.security import (
     Exposure,
     Principal,
@@ -58,9 +59,9 @@ from server.services.aio import Changes, Runner, capture_handlers, register_serv
 from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
 from server.services.guard import GuardConfig, GuardInterceptor
-from server.store import Store, describe_error
+from server.store import ModelDefinition, Store, describe_error
 from server.store.lock import DatabaseInUseError, DatabaseLock
-from server.strategies import FitInstructions, StrategyName, make_strategy
+from server.strategies import FitInstructions, StrategyName
 
 log = logging.getLogger("xeno.server")
 
@@ -85,8 +86,15 @@ class ServerConfig:
     )
     model: str = setting(
         "",
-        "name of the federated model (empty: digits-mlp or intents-fasttext, by --task)",
+        "name of the default federated model (empty: digits-mlp or intents-fasttext, by "
+        "--task); devices that name no model or data kind train it",
         "XENO_MODEL",
+    )
+    models: str = setting(
+        "",
+        "TOML file of more models to train at once, one table [models.NAME] each with "
+        "settings named like these flags (which are their defaults); see the README",
+        "XENO_MODELS",
     )
     hidden: str = setting(
         "64",
@@ -483,114 +491,90 @@ class ServerConfig:
         if not self.model:
             object.__setattr__(self, "model", default_model_name(task))
 
+    def model_settings(self) -> ModelSettings:
+        """The default model's settings (and the defaults of every model in --models)."""
+        return ModelSettings(**{key: getattr(self, key) for key in MODEL_KEYS})
+
     def model_spec(self) -> ModelSpec:
-        hidden = [int(h) for h in self.hidden.split(",") if h.strip()]
-        return model_spec_for(TaskName.parse(self.task), hidden, self.params)
+        return self.model_settings().model_spec()
 
     def round_config(self) -> RoundConfig:
-        return RoundConfig(
-            min_clients=self.min_clients,
-            clients_per_round=self.clients_per_round,
-            overselect=self.overselect,
-            round_deadline_s=self.round_deadline,
-            max_examples_weight=self.max_examples_weight,
-            selection_window_s=self.selection_window,
-            rounds=self.rounds,
-            staging_buffers=self.staging_buffers,
-            update_clip_norm=self.update_clip_norm,
-            secagg=self.secagg,
-            secagg_clip_norm=self.secagg_clip_norm,
-            secagg_max_weight=self.secagg_max_weight,
-            secagg_phase_timeout_s=self.secagg_phase_timeout,
-            secagg_dropout=self.secagg_dropout,
-            secagg_degree=self.secagg_degree,
-            secagg_threshold=self.secagg_threshold,
-            secagg_corrupt_fraction=self.secagg_corrupt_fraction,
-            user_dp=self.user_dp_policy(),
-            dp_sgd=self.dp_sgd,
-            dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
-            dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm,
-            dp_sgd_target_epsilon=self.dp_sgd_target_epsilon,
-            dp_sgd_delta=self.dp_sgd_delta,
-            store_retry_s=self.store_retry,
-            keep_versions=self.keep_versions,
-            keep_every=self.keep_every,
-            stall_grace_s=self.stall_grace,
-        )
+        return self.model_settings().round_config()
 
     def user_dp_policy(self) -> UserDpPolicy | None:
-        try:
-            mechanism = UserDpMechanism(self.dp)
-        except ValueError:
-            raise ValueError(
-                f"unknown --dp {self.dp!r}; use distributed, central or none"
-            ) from None
-        if mechanism is UserDpMechanism.NONE:
-            if self.privacy_budget > 0:
-                raise ValueError("--privacy-budget needs user-level DP (--dp distributed|central)")
-            return None
-        min_contributors = self.dp_min_contributors or self.min_clients
-        z = self.dp_noise_multiplier
-        if z <= 0:
-            if self.dp_target_epsilon <= 0:
-                raise ValueError("--dp needs --dp-noise-multiplier or --dp-target-epsilon")
-            z = noise_for_target(
-                mechanism,
-                self.dp_target_epsilon,
-                self.rounds,
-                self.dp_delta,
-                self.dp_clip_norm,
-                math.ceil(self.clients_per_round * (1 + self.overselect)),
-                min_contributors,
-                _num_parameters(self.model_spec()),
-            )
-        count_noise = self.dp_clip_count_noise
-        if self.dp_adaptive_quantile > 0 and count_noise <= 0:
-            count_noise = max(self.clients_per_round / 20, z)
-        return UserDpPolicy(
-            mechanism,
-            z,
-            self.dp_clip_norm,
-            min_contributors,
-            self.dp_delta,
-            self.privacy_budget,
-            target_quantile=self.dp_adaptive_quantile,
-            clip_lr=self.dp_clip_lr,
-            count_noise=count_noise,
-        )
+        return self.model_settings().user_dp_policy()
 
     def fit_instructions(self) -> FitInstructions:
-        return FitInstructions(
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-        )
+        return self.model_settings().fit_instructions()
+
+
+def create_model(
+    store: Store, name: str, settings: ModelSettings, definition: ModelDefinition | None = None
+) -> None:
+    """Create the model (version 1: seeded initial weights) with its definition, if given."""
+    spec = settings.model_spec()
+    from common.models import build_model  # torch: only to create a new model
+
+    module = build_model(spec, seed=settings.seed)
+    state = module.state_dict()
+    store.create_model(
+        name,
+        spec,
+        Manifest.from_state_dict(state),
+        settings.strategy,
+        flatten_state_dict(state),
+        definition=definition,
+    )
+    log.info("created model %s (%s) at version 1", name, spec)
 
 
 def ensure_model(store: Store, config: ServerConfig) -> None:
     """Create the configured model (version 1) unless the store already has it."""
-    if store.get_model(config.model) is not None:
-        return
-    spec = config.model_spec()
-    from common.models import build_model  # torch: only to create a new model
-
-    module = build_model(spec, seed=config.seed)
-    state = module.state_dict()
-    store.create_model(
-        config.model,
-        spec,
-        Manifest.from_state_dict(state),
-        config.strategy,
-        flatten_state_dict(state),
-    )
-    log.info("created model %s (%s) at version 1", config.model, spec)
+    if store.get_model(config.model) is None:
+        create_model(store, config.model, config.model_settings())
 
 
-def _num_parameters(spec: ModelSpec) -> int:
-    from common.models import build_model, num_parameters
+def define_models(
+    store: Store, default: str, configured: list[ModelTable]
+) -> list[tuple[ModelDefinition, ModelSettings]]:
+    """Create or update the configured models' definitions; every model to train, in order.
 
-    return num_parameters(build_model(spec))
+    `configured` is the default model (first) and the models file's. A model that exists
+    keeps its weights and its pause state; its settings become the configured ones. Models
+    created over the Admin API (or by an earlier models file) are restored from their
+    stored definitions; the definition of an earlier default model (`--model`) is not.
+    """
+    out: list[tuple[ModelDefinition, ModelSettings]] = []
+    for table in configured:
+        source = "flags" if table.name == default else "file"
+        definition = ModelDefinition(
+            table.name, table.settings.task, table.settings.to_json(), table.paused, source
+        )
+        existing = store.get_model(table.name)
+        if existing is None:
+            create_model(store, table.name, table.settings, definition)
+            stored = store.model_definition(table.name) or definition
+        else:
+            expected = table.settings.model_spec().architecture
+            if table.name != default and existing.spec.architecture != expected:
+                raise ValueError(
+                    f"model {table.name!r} exists as a {existing.spec.architecture} model; "
+                    f"task {table.settings.task!r} trains a {expected} model: give the "
+                    "new model another name"
+                )
+            stored = store.define_model(definition)
+        out.append((stored, table.settings))
+    names = {table.name for table in configured}
+    for stored in store.model_definitions():
+        if stored.name in names or stored.source == "flags":
+            continue
+        try:
+            settings = ModelSettings.from_json(stored.settings)
+            settings.validate()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"the stored definition of model {stored.name!r}: {exc}") from None
+        out.append((stored, settings))
+    return out
 
 
 def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
@@ -604,7 +588,9 @@ def admin_tokens(config: ServerConfig) -> dict[str, Principal]:
     return tokens
 
 
-def make_evaluator(spec: ModelSpec, config: ServerConfig) -> DeferredEvaluator | None:
+def make_evaluator(
+    spec: ModelSpec, config: ServerConfig | ModelSettings
+) -> DeferredEvaluator | None:
     """The server-side evaluator, or None; its loading (torch, the data) comes later."""
     if config.eval_data == "none":
         return None
@@ -700,18 +686,17 @@ class XenoServer:
     ) -> None:
         """A server over config.db, or over `store` (an embedding app's, left open on stop)."""
         self.config = config
-        StrategyName(config.strategy)  # fail early with a clear message on a typo
-        strategy = make_strategy(
-            config.strategy,
-            config.fit_instructions(),
-            config.server_lr,
-            config.proximal_mu,
-            trim_fraction=config.trim_fraction,
-            byzantine=config.byzantine,
-            multi_krum_m=config.multi_krum_m,
+        self._recorder = recorder
+        # Every model's settings are checked before anything is created on disk.
+        default_settings = config.model_settings()
+        tables = parse_models_file(config.models, default_settings) if config.models else []
+        from_file = {t.name: t for t in tables}
+        default_table = from_file.pop(config.model, None) or ModelTable(
+            config.model, default_settings
         )
-        round_config = config.round_config()
-        check_strategy(strategy, round_config)  # before anything is created on disk
+        default_settings = default_table.settings
+        StrategyName(default_settings.strategy)  # fail early with a clear message on a typo
+        check_strategy(default_settings.make_strategy(), default_settings.round_config())
         # Secrets and certificates are checked before anything is created on disk.
         enrollment_key = read_secret(
             config.enrollment_key, config.enrollment_key_file, "enrollment key file"
@@ -762,9 +747,7 @@ class XenoServer:
                 self._db_lock.release()
                 store.close()
             raise
-        ensure_model(self.store, config)
-        model = self.store.get_model(config.model)
-        assert model is not None
+        definitions = define_models(self.store, config.model, [default_table, *from_file.values()])
         self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
         self.revocations = Revocations(
             lambda: [
@@ -773,16 +756,27 @@ class XenoServer:
             ],
             config.revocation_refresh,
         )
-        self.evaluator = make_evaluator(model.spec, config)
-        self.coordinator = RoundCoordinator(
+        self._started = False
+        self.models = ModelRunner(
             self.store,
             config.model,
-            strategy,
-            round_config,
-            evaluator=self.evaluator,
-            identity_keys=self.registry.identity_key,
-            recorder=recorder,
+            build=self._build_coordinator,
+            initialize=lambda name, settings, definition: create_model(
+                self.store, name, settings, definition
+            ),
+            base=config.model_settings(),
         )
+        for definition, settings in definitions:
+            coordinator = self._build_coordinator(definition.name, settings)
+            if definition.paused:
+                coordinator.pause()
+            self.models.add(
+                FederatedModel(
+                    definition.name, coordinator, settings.task, settings, definition.source
+                )
+            )
+        self.coordinator = self.models.default_coordinator
+        self.evaluator = self.coordinator.evaluator
         # The gRPC server lives on its own event loop; domain work runs in the pool.
         if config.max_workers < 1:
             raise ValueError("--max-workers must be at least 1")
@@ -795,7 +789,8 @@ class XenoServer:
         )
         self._loop_thread.start()
         self.changes = Changes(self._loop)
-        self.coordinator.add_change_listener(self.changes.announce)
+        for coordinator in self.models.coordinators():
+            coordinator.add_change_listener(self.changes.announce)
         self.runner = Runner(self._pool, self.changes)
         self.refusals = RefusalLog(self.store.append_audit, config.refusal_window)
         self.guard = GuardInterceptor(config.guard_config(), self.refusals)
@@ -806,24 +801,15 @@ class XenoServer:
             self._shutdown_loop()
             raise
         self.metrics = ServerMetrics(config.model)
-        self.coordinator.add_start_listener(self.metrics.round_started)
-        self.coordinator.add_listener(
-            lambda summary: self.metrics.round_finished(summary, self.coordinator.last_secagg_stats)
-        )
         # Rounds feed the performance history off the round driver's thread, in order.
         self.performance = PerformanceLog(self.store)
         self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
-        self.metrics.set_alerts(self.performance.alert_counts(config.model))
-        self.coordinator.add_listener(self._queue_tracking)
-        if config.dp != "none":  # a restarted server reports what the ledger already holds
-            self.metrics.epsilon.labels(config.model).set(
-                self.coordinator.privacy_account().epsilon
-            )
+        self.models.add_listener(self._observe)
         self.metrics_port: int | None = None
         self.health_monitor = HealthMonitor(
             {
                 "database": self._database_problem,
-                "round_driver": self.coordinator.health_problem,
+                "round_driver": self.models.health_problem,
                 "disk": disk_space_check(self.store.local_dir, config.min_free_disk_mb),
             },
             self._set_serving,
@@ -841,6 +827,41 @@ class XenoServer:
         if self.port == 0:
             self._shutdown_loop()
             raise OSError(f"could not listen on {config.host}:{config.port}; is the port in use?")
+
+    def _build_coordinator(self, name: str, settings: ModelSettings) -> RoundCoordinator:
+        """The round coordinator of a model that exists in the store."""
+        model = self.store.get_model(name)
+        assert model is not None
+        evaluator = make_evaluator(model.spec, settings)
+        coordinator = RoundCoordinator(
+            self.store,
+            name,
+            settings.make_strategy(),
+            settings.round_config(),
+            evaluator=evaluator,
+            identity_keys=self.registry.identity_key,
+            recorder=self._recorder,
+        )
+        if getattr(self, "changes", None) is not None:  # a model created while serving
+            coordinator.add_change_listener(self.changes.announce)
+        if self._started and evaluator is not None:
+            evaluator.start()
+        return coordinator
+
+    def _observe(self, model: FederatedModel) -> None:
+        """Metrics (labelled by model) and the performance history of a model's rounds."""
+        name, coordinator = model.name, model.coordinator
+        self.metrics.track(name)
+        coordinator.add_start_listener(lambda round_id: self.metrics.round_started(round_id, name))
+        coordinator.add_listener(
+            lambda summary: self.metrics.round_finished(
+                summary, coordinator.last_secagg_stats, name
+            )
+        )
+        self.metrics.set_alerts(self.performance.alert_counts(name), name)
+        coordinator.add_listener(lambda summary: self._queue_tracking(name, summary))
+        if coordinator.config.user_dp is not None:  # a restart reports what the ledger holds
+            self.metrics.epsilon.labels(name).set(coordinator.privacy_account().epsilon)
 
     async def _make_grpc(self) -> grpc.aio.Server:
         config = self.config
@@ -865,6 +886,7 @@ class XenoServer:
                 self.runner,
                 lifecycle=DeviceLifecycle(self.store, config.model),
                 require_device_cert=bool(config.tls_client_ca),
+                models=self.models,
             ),
             server,
         )
@@ -876,8 +898,9 @@ class XenoServer:
                 AdminServicer(
                     self.store,
                     config.privacy_budget,
-                    self.revocations,
-                    lambda: self.refusals.flush(everything=True),
+                    models=self.models,
+                    revocations=self.revocations,
+                    before_audit_read=lambda: self.refusals.flush(everything=True),
                 ),
             ),
             self.runner,
@@ -900,13 +923,13 @@ class XenoServer:
             self._loop_thread.join(timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _queue_tracking(self, summary: RoundSummary) -> None:
-        self._tracking.submit(self._track_round, summary)
+    def _queue_tracking(self, model: str, summary: RoundSummary) -> None:
+        self._tracking.submit(self._track_round, model, summary)
 
-    def _track_round(self, summary: RoundSummary) -> None:
+    def _track_round(self, model: str, summary: RoundSummary) -> None:
         try:
-            self.performance.record_round(self.config.model, summary)
-            self.metrics.set_alerts(self.performance.alert_counts(self.config.model))
+            self.performance.record_round(model, summary)
+            self.metrics.set_alerts(self.performance.alert_counts(model), model)
         except Exception:
             log.exception("recording the performance of round %d failed", summary.number)
 
@@ -916,21 +939,23 @@ class XenoServer:
 
     def start(self) -> XenoServer:
         self._on_loop(self._grpc.start())
-        self.coordinator.start()
+        self.models.start()
         self._set_serving(True)
         self.health_monitor.start()
         self.revocations.start()
         self.refusals.start()
-        if self.evaluator is not None:
-            self.evaluator.start()  # after the port is up: torch is not needed to serve
+        self._started = True
+        for coordinator in self.models.coordinators():
+            if isinstance(coordinator.evaluator, DeferredEvaluator):
+                coordinator.evaluator.start()  # after the port is up: torch is not needed to serve
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_host, self.config.metrics_port
             )
         log.info(
-            "serving on %s (model %s, db %s)",
+            "serving on %s (models %s, db %s)",
             self.address,
-            self.config.model,
+            ", ".join(m.name for m in self.models.models()),
             _safe_url(self.config.db),
         )
         return self
@@ -963,7 +988,7 @@ class XenoServer:
         self.health_monitor.stop()
         self.metrics.close()
         self._on_loop(self.health.enter_graceful_shutdown())
-        self.coordinator.stop()
+        self.models.stop()
         self._on_loop(self._grpc.stop(grace), timeout=grace + 30)
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
@@ -1009,7 +1034,8 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not done.is_set():
-        if config.rounds and server.coordinator.finished:
+        finite = any(c.config.rounds for c in server.models.coordinators())
+        if finite and server.models.finished:
             # Give devices a moment to hear "finished" before the port closes.
             done.wait(3.0)
             break

@@ -109,7 +109,12 @@ class ServerMetrics:
         self.serving = Gauge(
             "xeno_serving", "1 while gRPC health reports SERVING", ["model"], registry=r
         )
-        # Export every per-model series from the start, zeros included.
+        self._http: Any = None
+        self.track(model)
+
+    def track(self, model: str) -> None:
+        """Export every series of this model from the start, zeros included."""
+        self.epsilon.labels(model)
         for metric in (
             self.rounds_started,
             self.rounds_completed,
@@ -123,13 +128,14 @@ class ServerMetrics:
             self.accuracy,
         ):
             metric.labels(model)
-        self._http: Any = None
 
-    def round_started(self, _round_id: str) -> None:
-        self.rounds_started.labels(self.model).inc()
+    def round_started(self, _round_id: str, model: str = "") -> None:
+        self.rounds_started.labels(model or self.model).inc()
 
-    def round_finished(self, summary: RoundSummary, secagg: dict[str, Any]) -> None:
-        m = self.model
+    def round_finished(
+        self, summary: RoundSummary, secagg: dict[str, Any], model: str = ""
+    ) -> None:
+        m = model or self.model
         (self.rounds_completed if summary.status == "completed" else self.rounds_failed).labels(
             m
         ).inc()
@@ -147,10 +153,10 @@ class ServerMetrics:
         if "unmask_cpu_seconds" in secagg:
             self.aggregation_seconds.labels(m).observe(float(secagg["unmask_cpu_seconds"]))
 
-    def set_alerts(self, counts: dict[str, int]) -> None:
+    def set_alerts(self, counts: dict[str, int], model: str = "") -> None:
         """Alerts stored per metric (by the server's rounds and by any app using the store)."""
         for metric, count in counts.items():
-            self.alerts.labels(self.model, metric).set(count)
+            self.alerts.labels(model or self.model, metric).set(count)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""

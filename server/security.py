@@ -38,7 +38,7 @@ __all__ = [
 # (tests/test_roles.py fails otherwise); an RPC missing at run time is refused to all.
 ADMIN_RPC_ROLES: dict[str, Role] = {
     # viewer: read models, versions, rounds, the privacy report, metrics, alerts, A/B results
-    "ListModels": Role.VIEWER,
+    "ListModels": Role.VIEWER,  # with each model's task, settings and pause state
     "ListVersions": Role.VIEWER,
     "GetVersion": Role.VIEWER,
     "CompareVersions": Role.VIEWER,
@@ -48,13 +48,16 @@ ADMIN_RPC_ROLES: dict[str, Role] = {
     "GetTrend": Role.VIEWER,
     "ListAbTests": Role.VIEWER,
     "AnalyzeAbTest": Role.VIEWER,
-    # operator: change what is served and trained: rollback, tags, A/B tests
+    # operator: change what is served and trained: rollback, tags, A/B tests, models
     "Rollback": Role.OPERATOR,
     "SetTag": Role.OPERATOR,
     "CreateAbTest": Role.OPERATOR,
     "AssignVariant": Role.OPERATOR,
     "RecordAbResult": Role.OPERATOR,
     "EndAbTest": Role.OPERATOR,
+    "CreateModel": Role.OPERATOR,
+    "PauseModel": Role.OPERATOR,
+    "ResumeModel": Role.OPERATOR,
     # admin: delete data, revoke certificates, read the audit log (it names every actor)
     "PruneVersions": Role.ADMIN,
     "RevokeCertificate": Role.ADMIN,

@@ -27,6 +27,8 @@ os.environ.setdefault("XENO_DEVICE_KEY", "22" * 32)
 # Test federations have 2-4 devices: below the devices' default minimum secure cohort
 # of 5 (tests/test_secagg_attacks.py runs devices with the default).
 os.environ.setdefault("XENO_MIN_SECAGG_COHORT", "2")
+# The desktop app's tests (pytest-qt) draw into memory: no display is needed.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 def _postgres_urls() -> list[str]:

@@ -89,6 +89,24 @@ def test_analysis_matches_scipy_and_declares_winners_only_when_significant(
     assert out["sample_ratio"]["mismatch"] is False
 
 
+def test_sequential_method_decides_with_the_msprt(ab: ABTestingManager) -> None:
+    ab.create_test("t", "clf:1", "clf:2", 0.5, ["s"])
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1.0, 1.0, 3000), rng.normal(1.2, 1.0, 3000)
+    ab._tests.record_many("t", "variant_a", "s", a)
+    ab._tests.record_many("t", "variant_b", "s", b)
+    out = ab.analyze_test("t", method="sequential")
+    s = out["metrics"]["s"]
+    assert out["method"] == "sequential" and s["winner"] == "variant_b"
+    from server.lifecycle.stats import msprt
+
+    ref = msprt(3000, a.mean(), a.var(ddof=1), 3000, b.mean(), b.var(ddof=1))
+    assert s["sequential_p_value"] == pytest.approx(ref.p_value, rel=1e-6, abs=1e-300)
+    assert s["sequential_ci_low"] == pytest.approx(ref.ci_low, rel=1e-6)
+    # Welch's figures are reported alongside, whichever method decides.
+    assert s["p_value"] < 0.05 and ab.analyze_test("t")["method"] == "welch"
+
+
 def test_sample_ratio_mismatch_is_flagged(ab: ABTestingManager) -> None:
     ab.create_test("t", "clf:1", "clf:2", 0.5, ["m"])
     ab._tests.record_many("t", "variant_a", "m", np.ones(6000))
@@ -216,6 +234,11 @@ BAD = [
     (lambda a: a.end_test("done", "variant_b"), ErrorKind.FAILED_PRECONDITION, "already ended"),
     (lambda a: a.end_test("live", "variant_c"), ErrorKind.INVALID_ARGUMENT, "winner must be"),
     (lambda a: a.assign_variant("done", "u"), ErrorKind.FAILED_PRECONDITION, "has ended"),
+    (
+        lambda a: a.analyze_test("live", method="bayes"),
+        ErrorKind.INVALID_ARGUMENT,
+        "unknown analysis method 'bayes'; choose one of: welch, sequential",
+    ),
 ]
 
 
@@ -262,8 +285,19 @@ def test_over_the_admin_api(server_factory) -> None:
         s = out.metrics["s"]
         assert s.winner == "variant_b" and s.count_a == 3 and s.difference == pytest.approx(1.0)
         assert s.p_value < 0.05 and s.ci_low < 1.0 < s.ci_high
+        # Three results per arm convince Welch at its one planned look, not the sequential
+        # test, which must stay valid at every look.
+        seq = admin.AnalyzeAbTest(pb.AnalyzeAbTestRequest(test_name="t", method="sequential"))
+        assert seq.method == "sequential" and seq.metrics["s"].winner == "inconclusive"
+        assert seq.metrics["s"].sequential_p_value > 0.05
+        assert seq.metrics["s"].sequential_ci_low < 0 < seq.metrics["s"].sequential_ci_high
         bad = [
             ("AnalyzeAbTest", pb.AnalyzeAbTestRequest(test_name="nope"), "NOT_FOUND"),
+            (
+                "AnalyzeAbTest",
+                pb.AnalyzeAbTestRequest(test_name="t", method="peek"),
+                "INVALID_ARGUMENT",
+            ),
             (
                 "CreateAbTest",
                 pb.CreateAbTestRequest(name="u", model_a=name, model_b=name, metrics=["s"]),

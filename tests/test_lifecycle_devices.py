@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+import time
 
 import grpc
 import pytest
+import torch
 
 from client.runtime import ClientConfig, DeviceClient
 from common.models import build_model
@@ -95,3 +99,123 @@ def test_bad_reports_are_refused_and_record_nothing(
     assert err.value.code().name == code and needle in err.value.details(), err.value.details()
     assert PerformanceTracker(store=server.store).get_history(name) == []
     assert ab.analyze_test("t")["metrics"]["user_satisfaction"]["count_a"] == 0
+
+
+def _client_in(server, tmp_path, arm: str, test: str) -> DeviceClient:
+    """A real device client whose sticky variant in `test` is `arm` (register until one is)."""
+    for i in range(64):
+        client = DeviceClient(
+            ClientConfig(
+                server=server.address,
+                state_dir=str(tmp_path / f"{arm}-{i}"),
+                allow_plaintext=True,
+                max_wait_ms=200,
+            ),
+            None,
+        )
+        client._ensure_registered()
+        assert client._creds is not None
+        if assign(test, client._creds.device_id, 0.5).value == arm:
+            return client
+        client.close()
+    raise AssertionError(f"no device landed in {arm} in 64 registrations")
+
+
+def test_devices_in_different_arms_download_and_serve_their_own_version(
+    server_factory, tmp_path
+) -> None:
+    """Over real gRPC: each device's own loop fetches its arm's exact version and serves it."""
+    server = server_factory(min_clients=5, clients_per_round=5)  # no round starts
+    name = server.config.model
+    vcs = ModelVersionControl(store=server.store)
+    v2 = vcs.create_version(name, build_model(server.coordinator.model.spec, seed=11), "app")
+    ab = ABTestingManager(store=server.store)
+    ab.create_test("serve", f"{name}:1", f"{name}:{v2}", 0.5, ["user_satisfaction"])
+    clients = {
+        arm: _client_in(server, tmp_path, arm, "serve") for arm in ("variant_a", "variant_b")
+    }
+    stops = {arm: threading.Event() for arm in clients}
+    threads = []
+    try:
+        for arm, client in clients.items():
+            client.stop = stops[arm]
+            t = threading.Thread(target=client.run, daemon=True)
+            t.start()
+            threads.append(t)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            c.serving("serve") is None for c in clients.values()
+        ):
+            time.sleep(0.05)
+        x = torch.randn(8, 64)
+        outputs = {}
+        for arm, client in clients.items():
+            served = client.serving("serve")
+            assert served is not None, f"{arm} never served its variant"
+            version = 1 if arm == "variant_a" else v2
+            assert (served.variant, served.model_name, served.version) == (arm, name, version)
+            # Exactly the stored version's weights: an independent load from the registry.
+            reference = build_model(server.coordinator.model.spec)
+            reference.load_state_dict(vcs.load_state_dict(name, version))
+            for key, value in reference.state_dict().items():
+                assert torch.equal(served.model.state_dict()[key], value), key
+            outputs[arm] = client.predict("serve", x)
+            with torch.no_grad():
+                assert torch.equal(outputs[arm], reference.eval()(x))
+        assert not torch.equal(outputs["variant_a"], outputs["variant_b"])
+        # Ending the test: the next check-in drops the served variant.
+        ab.end_test("serve", "variant_b")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(c.serving("serve") for c in clients.values()):
+            time.sleep(0.05)
+        assert all(c.serving("serve") is None for c in clients.values())
+    finally:
+        for ev in stops.values():
+            ev.set()
+        for t in threads:
+            t.join(timeout=30)
+        for c in clients.values():
+            c.close()
+
+
+def test_variant_download_refusals(server_factory, raw_device, tmp_path) -> None:
+    server = server_factory(min_clients=5, clients_per_round=5)
+    name = server.config.model
+    ab = ABTestingManager(store=server.store)
+    ab.create_test("t", name, name, 0.5, ["user_satisfaction"])
+    ab.create_test("done", name, name, 0.5, ["user_satisfaction"])
+    ab.end_test("done", "none")
+    d = raw_device(server)
+    cases = [
+        (pb.DownloadModelRequest(ab_test="nope"), "NOT_FOUND", "no A/B test 'nope'"),
+        (pb.DownloadModelRequest(ab_test="done"), "FAILED_PRECONDITION", "has ended"),
+        (pb.DownloadModelRequest(ab_test="t", round_id="r"), "INVALID_ARGUMENT", "not both"),
+    ]
+    for request, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            list(d.stub.DownloadModel(request, metadata=d.md, timeout=10))
+        assert err.value.code().name == code and needle in err.value.details(), err.value.details()
+    # Its own variant: the header names the version and the architecture; the digest holds.
+    chunks = list(d.stub.DownloadModel(pb.DownloadModelRequest(ab_test="t"), metadata=d.md))
+    header = chunks[0].header
+    data = b"".join(c.data for c in chunks[1:])
+    assert header.version == 1 and header.model_spec.architecture
+    assert hashlib.sha256(data).digest() == header.sha256 and len(data) == header.total_bytes
+    # A device refuses weights that are not its assigned version; what it served stays.
+    client = DeviceClient(
+        ClientConfig(server=server.address, state_dir=str(tmp_path / "c"), allow_plaintext=True),
+        None,
+    )
+    try:
+        client._ensure_registered()
+        client.ab_assignments = {a.test_name: a for a in client._check_in().ab_tests}
+        served = client.fetch_variant("t")
+        assert served.version == 1
+        client.ab_assignments["t"].model_version = 7
+        with pytest.raises(RuntimeError, match="assigned"):
+            client.fetch_variant("t")
+        assert client.serving("t") is served
+        with pytest.raises(LookupError, match="no assignment"):
+            client.fetch_variant("other")
+    finally:
+        client.close()

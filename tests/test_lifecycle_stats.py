@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import integrate
 
 from server.lifecycle.stats import (
     Direction,
     Trend,
     direction_of,
+    msprt,
     sample_ratio_mismatch,
     trend,
     welch,
@@ -118,3 +120,78 @@ def test_welch_degrees_of_freedom_survive_tiny_variances() -> None:
     r = welch(3, 0.0, 1e-170, 4, 1.0, 2e-170)
     u, w = 1 / 3, 2 / 4  # the same terms scaled by 1e170: Welch-Satterthwaite is scale-free
     assert r.df == pytest.approx((u + w) ** 2 / (u**2 / 2 + w**2 / 3), rel=1e-12)
+
+
+def mixture_log_lr(d: float, v: float, tau2: float) -> float:
+    """log of the integral over theta of N(d; theta, V) / N(d; 0, V) x N(theta; 0, tau^2)."""
+    centre = d * tau2 / (v + tau2)
+    sd = math.sqrt(v * tau2 / (v + tau2))
+
+    def log_f(theta: float) -> float:
+        return (
+            (d * d - (d - theta) ** 2) / (2 * v)
+            - theta * theta / (2 * tau2)
+            - 0.5 * math.log(2 * math.pi * tau2)
+        )
+
+    top = log_f(centre)
+    area, _ = integrate.quad(
+        lambda t: math.exp(log_f(t) - top), centre - 40 * sd, centre + 40 * sd, points=[centre]
+    )
+    return top + math.log(area)
+
+
+arm = st.lists(st.floats(-100, 100), min_size=2, max_size=200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arm, arm)
+def test_msprt_matches_the_mixture_integral(a: list[float], b: list[float]) -> None:
+    xa, xb = np.array(a), np.array(b)
+    va, vb = float(xa.var(ddof=1)), float(xb.var(ddof=1))
+    r = msprt(len(a), float(xa.mean()), va, len(b), float(xb.mean()), vb)
+    v = va / len(a) + vb / len(b)
+    if v <= 1e-12:
+        return
+    pooled = ((len(a) - 1) * va + (len(b) - 1) * vb) / (len(a) + len(b) - 2)
+    tau2 = 0.01 * pooled
+    d = float(xb.mean() - xa.mean())
+    expected = mixture_log_lr(d, v, tau2)
+    assert r.log_likelihood_ratio == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert r.p_value == pytest.approx(min(1.0, math.exp(-expected)), rel=1e-6, abs=1e-12)
+    # The confidence sequence is the set of differences the test does not reject.
+    assert r.ci_low <= d <= r.ci_high
+    if abs(r.p_value - 0.05) > 1e-6:
+        assert (r.p_value < 0.05) == (not r.ci_low <= 0 <= r.ci_high)
+
+
+def _peeking(test: str, sims: int, seed: int = 7) -> float:
+    """Share of A/A tests declared significant at any of 50 looks (every 20 results per arm)."""
+    rng = np.random.default_rng(seed)
+    n_max, step, hits = 1000, 20, 0
+    for _ in range(sims):
+        a, b = rng.normal(3, 1, n_max), rng.normal(3, 1, n_max)
+        sa, sb, qa, qb = np.cumsum(a), np.cumsum(b), np.cumsum(a * a), np.cumsum(b * b)
+        for n in range(step, n_max + 1, step):
+            ma, mb = sa[n - 1] / n, sb[n - 1] / n
+            va, vb = (qa[n - 1] - n * ma * ma) / (n - 1), (qb[n - 1] - n * mb * mb) / (n - 1)
+            f = welch if test == "welch" else msprt
+            if f(n, ma, va, n, mb, vb).p_value < 0.05:
+                hits += 1
+                break
+    return hits / sims
+
+
+def test_sequential_test_survives_peeking_where_welch_does_not() -> None:
+    """Fixed seed: Welch checked 50 times declares ~30% false winners, the mSPRT under 5%."""
+    assert _peeking("welch", 200) > 0.2
+    assert _peeking("msprt", 200) <= 0.05
+
+
+def test_msprt_edges() -> None:
+    assert math.isnan(msprt(1, 0.0, 1.0, 5, 1.0, 1.0).p_value)
+    assert msprt(5, 2.0, 0.0, 5, 2.0, 0.0).p_value == 1.0
+    assert msprt(5, 2.0, 0.0, 5, 3.0, 0.0).p_value == 0.0
+    # A large true difference is found; a tiny sample of it is not yet.
+    assert msprt(2000, 0.0, 1.0, 2000, 0.3, 1.0).p_value < 1e-6
+    assert msprt(3, 0.0, 1.0, 3, 0.3, 1.0).p_value == 1.0

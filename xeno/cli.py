@@ -211,7 +211,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
-    admin_sub.add_parser("models", help="list models")
+    _add_models_commands(admin_sub)
     _add_certs_commands(admin_sub)
     audit = admin_sub.add_parser(
         "audit",
@@ -273,7 +273,107 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     _add_lifecycle_commands(admin_sub)
     _add_user_parser(sub)
+    from xeno.ui import add_parser as add_ui_parser
+
+    add_ui_parser(sub)
     return parser
+
+
+def _add_models_commands(admin_sub: Any) -> None:
+    models = admin_sub.add_parser(
+        "models",
+        help="the models: list (the default), or create, pause, resume one on a running server",
+    )
+    models_sub = models.add_subparsers(dest="models_command", metavar="WHAT")
+    models_sub.add_parser("list", help="each model: version, task, strategy, state")
+    q = models_sub.add_parser(
+        "create",
+        help="create a model and start training it (role operator)",
+        description="Settings are named like the server's flags; unset ones take the "
+        "server's values. Example: models create intents-b --task intents --set rounds=50 "
+        "--set strategy=fedadam",
+    )
+    q.add_argument("name", help="the new model's name (letters, digits, '.', '_', '-')")
+    q.add_argument("--task", default=None, help="digits or intents (default: the server's)")
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting, e.g. rounds=50 or dp=distributed (repeatable; VALUE in TOML syntax, "
+        "a bare word is a string)",
+    )
+    q.add_argument("--paused", action="store_true", help="create it paused")
+    for action, text in (
+        ("pause", "start no more rounds of the model; an open round finishes (role operator)"),
+        ("resume", "start the model's rounds again (role operator)"),
+    ):
+        q = models_sub.add_parser(action, help=text)
+        q.add_argument("name", help="the model")
+
+
+def _settings_toml(task: str | None, assignments: list[str]) -> str:
+    """TOML lines from --task and KEY=VALUE pairs; a VALUE that is no TOML value is a string."""
+    import tomllib
+
+    lines = [f"task = {json.dumps(task)}"] if task else []
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
+        try:
+            tomllib.loads(f"v = {value.strip()}")
+            literal = value.strip()
+        except tomllib.TOMLDecodeError:
+            literal = json.dumps(value.strip())
+        lines.append(f"{key.strip()} = {literal}")
+    return "\n".join(lines) + "\n"
+
+
+def _admin_models(args: argparse.Namespace, call: Any) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.pb import admin_pb2 as pb
+
+    command = args.models_command or "list"
+    if command == "create":
+        request = pb.CreateModelRequest(
+            name=args.name, settings_toml=_settings_toml(args.task, args.set), paused=args.paused
+        )
+        info = call("CreateModel", request)
+    elif command == "pause":
+        info = call("PauseModel", pb.PauseModelRequest(name=args.name))
+    elif command == "resume":
+        info = call("ResumeModel", pb.ResumeModelRequest(name=args.name))
+    else:
+        resp = call("ListModels", pb.ListModelsRequest())
+        if args.json:
+            print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+            return 0
+        table = Table()
+        for c in ("model", "version", "task", "strategy", "state", "parameters", "config"):
+            table.add_column(c)
+        for m in resp.models:
+            state = "paused" if m.paused else ("training" if m.training else "-")
+            table.add_row(
+                m.name,
+                str(m.current_version),
+                m.task or "-",
+                m.strategy,
+                state,
+                str(m.num_parameters),
+                m.spec.config_json,
+            )
+        Console().print(table)
+        return 0
+    if args.json:
+        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+    else:
+        state = "paused" if info.paused else "training"
+        print(f"model {info.name}: version {info.current_version}, task {info.task}, {state}")
+    return 0
 
 
 def _add_certs_commands(admin_sub: Any) -> None:
@@ -472,6 +572,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _privacy(args)
     if args.command == "user":
         return _user(args)
+    if args.command == "ui":
+        from xeno.ui import main as ui_main
+
+        return ui_main(args)
     return _admin(args)
 
 
@@ -583,14 +687,9 @@ def _admin(args: argparse.Namespace) -> int:
     rows: list[tuple[Any, ...]]
     cols: tuple[str, ...]
     if args.admin_command == "models":
-        resp: Any = call("ListModels", pb.ListModelsRequest())
-        rows = [
-            (m.name, m.current_version, m.num_parameters, m.strategy, m.spec.config_json)
-            for m in resp.models
-        ]
-        cols = ("model", "version", "parameters", "strategy", "config")
-    elif args.admin_command == "versions":
-        resp = call("ListVersions", pb.ListVersionsRequest(model_name=args.model))
+        return _admin_models(args, call)
+    if args.admin_command == "versions":
+        resp: Any = call("ListVersions", pb.ListVersionsRequest(model_name=args.model))
         rows = [
             (
                 v.version,

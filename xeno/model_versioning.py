@@ -233,9 +233,13 @@ class ABTestingManager:
         """One observation of some of the test's declared metrics in one arm."""
         self._tests.record(test_name, variant, metrics)
 
-    def analyze_test(self, test_name: str) -> dict[str, Any]:
-        """Per metric: means, difference (b - a), percent_change, winner, counts, 95% CI, p."""
-        return self._tests.analyze(test_name)
+    def analyze_test(self, test_name: str, method: str = "welch") -> dict[str, Any]:
+        """Per metric: means, difference (b - a), percent_change, winner, counts, 95% CI, p.
+
+        method "welch" (look once, at a sample size fixed in advance) or "sequential"
+        (mSPRT: stays valid when analyzed after every result); both p-values are reported.
+        """
+        return self._tests.analyze(test_name, method)
 
     def end_test(
         self, test_name: str, winner: str | None = None, tag: str = "production"

@@ -8,20 +8,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "current_version", "spec", "num_parameters", "strategy", "created_unix_ms")
+    __slots__ = ("name", "current_version", "spec", "num_parameters", "strategy", "created_unix_ms", "task", "training", "paused", "settings_json", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     current_version: int
     spec: _tensor_pb2.ModelSpec
     num_parameters: int
     strategy: str
     created_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., num_parameters: _Optional[int] = ..., strategy: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    task: str
+    training: bool
+    paused: bool
+    settings_json: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., num_parameters: _Optional[int] = ..., strategy: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., task: _Optional[str] = ..., training: _Optional[bool] = ..., paused: _Optional[bool] = ..., settings_json: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("name", "settings_toml", "paused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_TOML_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    settings_toml: str
+    paused: bool
+    def __init__(self, name: _Optional[str] = ..., settings_toml: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class PauseModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ResumeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -458,13 +490,15 @@ class RecordAbResultResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AnalyzeAbTestRequest(_message.Message):
-    __slots__ = ("test_name",)
+    __slots__ = ("test_name", "method")
     TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     test_name: str
-    def __init__(self, test_name: _Optional[str] = ...) -> None: ...
+    method: str
+    def __init__(self, test_name: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class AbMetricAnalysis(_message.Message):
-    __slots__ = ("variant_a_mean", "variant_b_mean", "difference", "percent_change", "winner", "count_a", "count_b", "ci_low", "ci_high", "p_value", "direction")
+    __slots__ = ("variant_a_mean", "variant_b_mean", "difference", "percent_change", "winner", "count_a", "count_b", "ci_low", "ci_high", "p_value", "direction", "sequential_p_value", "sequential_ci_low", "sequential_ci_high")
     VARIANT_A_MEAN_FIELD_NUMBER: _ClassVar[int]
     VARIANT_B_MEAN_FIELD_NUMBER: _ClassVar[int]
     DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -476,6 +510,9 @@ class AbMetricAnalysis(_message.Message):
     CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     variant_a_mean: float
     variant_b_mean: float
     difference: float
@@ -487,7 +524,10 @@ class AbMetricAnalysis(_message.Message):
     ci_high: float
     p_value: float
     direction: str
-    def __init__(self, variant_a_mean: _Optional[float] = ..., variant_b_mean: _Optional[float] = ..., difference: _Optional[float] = ..., percent_change: _Optional[float] = ..., winner: _Optional[str] = ..., count_a: _Optional[int] = ..., count_b: _Optional[int] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., direction: _Optional[str] = ...) -> None: ...
+    sequential_p_value: float
+    sequential_ci_low: float
+    sequential_ci_high: float
+    def __init__(self, variant_a_mean: _Optional[float] = ..., variant_b_mean: _Optional[float] = ..., difference: _Optional[float] = ..., percent_change: _Optional[float] = ..., winner: _Optional[str] = ..., count_a: _Optional[int] = ..., count_b: _Optional[int] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., direction: _Optional[str] = ..., sequential_p_value: _Optional[float] = ..., sequential_ci_low: _Optional[float] = ..., sequential_ci_high: _Optional[float] = ...) -> None: ...
 
 class SampleRatio(_message.Message):
     __slots__ = ("count_a", "count_b", "expected_share_a", "p_value", "mismatch")
@@ -504,7 +544,7 @@ class SampleRatio(_message.Message):
     def __init__(self, count_a: _Optional[int] = ..., count_b: _Optional[int] = ..., expected_share_a: _Optional[float] = ..., p_value: _Optional[float] = ..., mismatch: _Optional[bool] = ...) -> None: ...
 
 class AbAnalysis(_message.Message):
-    __slots__ = ("test", "metrics", "sample_ratio")
+    __slots__ = ("test", "metrics", "sample_ratio", "method")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -515,10 +555,12 @@ class AbAnalysis(_message.Message):
     TEST_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     test: AbTestInfo
     metrics: _containers.MessageMap[str, AbMetricAnalysis]
     sample_ratio: SampleRatio
-    def __init__(self, test: _Optional[_Union[AbTestInfo, _Mapping]] = ..., metrics: _Optional[_Mapping[str, AbMetricAnalysis]] = ..., sample_ratio: _Optional[_Union[SampleRatio, _Mapping]] = ...) -> None: ...
+    method: str
+    def __init__(self, test: _Optional[_Union[AbTestInfo, _Mapping]] = ..., metrics: _Optional[_Mapping[str, AbMetricAnalysis]] = ..., sample_ratio: _Optional[_Union[SampleRatio, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class EndAbTestRequest(_message.Message):
     __slots__ = ("test_name", "winner", "tag")

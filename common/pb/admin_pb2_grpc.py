@@ -39,6 +39,21 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/xeno.fl.v1.Admin/CreateModel',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.PauseModel = channel.unary_unary(
+                '/xeno.fl.v1.Admin/PauseModel',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PauseModelRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ResumeModel = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ResumeModel',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/xeno.fl.v1.Admin/ListVersions',
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListVersionsRequest.SerializeToString,
@@ -145,6 +160,27 @@ class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """Several models on one server: create one (version 1, then rounds as devices
+        of its data kind check in), pause it (no new rounds; an open one finishes)
+        or resume it. ListModels shows each model's task, settings and pause state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +330,21 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
             ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.CreateModelRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
+            ),
+            'PauseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseModel,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.PauseModelRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
+            ),
+            'ResumeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeModel,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
+            ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVersions,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListVersionsRequest.FromString,
@@ -422,6 +473,87 @@ class Admin:
             '/xeno.fl.v1.Admin/ListModels',
             xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/CreateModel',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.CreateModelRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/PauseModel',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.PauseModelRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ResumeModel',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

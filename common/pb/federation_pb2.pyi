@@ -54,10 +54,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., enrollment_index: _Optional[int] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
-    __slots__ = ("max_wait_ms",)
+    __slots__ = ("max_wait_ms", "tasks", "models")
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     max_wait_ms: int
-    def __init__(self, max_wait_ms: _Optional[int] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_wait_ms: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("task", "wait", "finished", "ab_tests")
@@ -215,24 +219,28 @@ class SecAggConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[int] = ..., degree: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., max_weight: _Optional[int] = ..., num_selected: _Optional[int] = ..., noise_variance: _Optional[float] = ..., min_contributors: _Optional[int] = ..., dimension: _Optional[int] = ..., indicator_scale: _Optional[float] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
-    __slots__ = ("round_id",)
+    __slots__ = ("round_id", "ab_test")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    AB_TEST_FIELD_NUMBER: _ClassVar[int]
     round_id: str
-    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+    ab_test: str
+    def __init__(self, round_id: _Optional[str] = ..., ab_test: _Optional[str] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("model_name", "version", "manifest", "total_bytes", "sha256")
+    __slots__ = ("model_name", "version", "manifest", "total_bytes", "sha256", "model_spec")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     manifest: _tensor_pb2.Manifest
     total_bytes: int
     sha256: bytes
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    model_spec: _tensor_pb2.ModelSpec
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "data")

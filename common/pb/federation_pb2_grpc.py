@@ -129,7 +129,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
-        """The round's global model: one ModelHeader, then data chunks.
+        """The round's global model, or the version this device serves in an A/B test:
+        one ModelHeader, then data chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

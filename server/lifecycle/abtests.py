@@ -10,9 +10,16 @@ uniform (within 1 point of the split over 100,000 users).
 `analyze` compares the arms per declared metric with Welch's t-test (95%
 confidence interval of the difference, two-sided p) and checks the arm counts
 against the split (sample-ratio mismatch, chi-square). A winner is declared only
-when p < 0.05, judged by the metric's direction; otherwise "inconclusive". The
-p-value is a fixed-horizon test: analyzing repeatedly and stopping at the first
-p < 0.05 inflates false winners (decide the sample size first).
+when p < 0.05, judged by the metric's direction; otherwise "inconclusive".
+Two ways to judge, and each analysis reports both (`method` picks the one that
+decides the winner):
+- "welch" (default): a fixed-horizon test. Decide the sample size first and look
+  once; analyzing repeatedly and stopping at the first p < 0.05 ("peeking")
+  inflates false winners (to ~20-30% over tens of looks).
+- "sequential": the mixture SPRT (`stats.msprt`, Johari et al. 2017), valid when
+  analyzed after every result: whenever one stops, the chance of a false winner
+  stays at most 0.05. The price is power: it needs more results than Welch to
+  declare the same true difference.
 `end` stops the test (no more assignments or results) and tags the winner's
 version (default `production`).
 """
@@ -39,7 +46,13 @@ from server.lifecycle.errors import (
     InvalidInputError,
     UnknownNameError,
 )
-from server.lifecycle.stats import Direction, direction_of, sample_ratio_mismatch, welch
+from server.lifecycle.stats import (
+    Direction,
+    direction_of,
+    msprt,
+    sample_ratio_mismatch,
+    welch,
+)
 from server.lifecycle.versions import VersionControl, parse_reference
 from server.store import Store, utcnow
 from server.store.models import AbResultRow, AbTestRow, ModelRow
@@ -50,6 +63,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _METRIC = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 ALPHA = 0.05
 SRM_ALPHA = 0.001
+METHODS = ("welch", "sequential")
 
 
 class Variant(enum.Enum):
@@ -303,7 +317,12 @@ class AbTests:
         return int(data.size)
 
     # ---------------------------------------------------------------- analyze
-    def analyze(self, name: str) -> dict[str, Any]:
+    def analyze(self, name: str, method: str = "welch") -> dict[str, Any]:
+        """Per metric the arms, both tests' p-values and intervals; `method` picks the winner."""
+        if method not in METHODS:
+            raise InvalidInputError(
+                f"unknown analysis method {method!r}; choose one of: {', '.join(METHODS)}"
+            )
         with self.store.session() as s:
             row = self._test(s, name)
             info = self._info(s, row)
@@ -311,12 +330,13 @@ class AbTests:
             counts = {Variant.A: 0, Variant.B: 0}
             for metric in row.metrics:
                 arms = self._arm_stats(s, row.id, metric)
-                per_metric[metric] = self._compare(metric, arms)
+                per_metric[metric] = self._compare(metric, arms, method)
                 for arm in Variant:
                     counts[arm] = max(counts[arm], arms[arm][0])
         srm_p = sample_ratio_mismatch(counts[Variant.A], counts[Variant.B], row.traffic_split)
         return {
             **info,
+            "method": method,
             "metrics": per_metric,
             "sample_ratio": {
                 "count_a": counts[Variant.A],
@@ -366,15 +386,18 @@ class AbTests:
         return out
 
     def _compare(
-        self, metric: str, arms: dict[Variant, tuple[int, float, float]]
+        self, metric: str, arms: dict[Variant, tuple[int, float, float]], method: str = "welch"
     ) -> dict[str, Any]:
         (n_a, mean_a, var_a), (n_b, mean_b, var_b) = arms[Variant.A], arms[Variant.B]
         have = n_a > 0 and n_b > 0
         diff = mean_b - mean_a if have else math.nan
         result = welch(n_a, mean_a, var_a, n_b, mean_b, var_b) if n_a > 1 and n_b > 1 else None
+        seq = msprt(n_a, mean_a, var_a, n_b, mean_b, var_b, ALPHA) if result else None
         p = result.p_value if result else math.nan
+        seq_p = seq.p_value if seq else math.nan
+        decisive = p if method == "welch" else seq_p
         winner = "inconclusive"
-        if result is not None and math.isfinite(p) and p < ALPHA and diff != 0:
+        if result is not None and math.isfinite(decisive) and decisive < ALPHA and diff != 0:
             b_better = diff > 0 if self._direction(metric) is Direction.HIGHER else diff < 0
             winner = Variant.B.value if b_better else Variant.A.value
         return {
@@ -390,6 +413,9 @@ class AbTests:
             "ci_low": _num(result.ci_low) if result else None,
             "ci_high": _num(result.ci_high) if result else None,
             "p_value": _num(p),
+            "sequential_p_value": _num(seq_p),
+            "sequential_ci_low": _num(seq.ci_low) if seq else None,
+            "sequential_ci_high": _num(seq.ci_high) if seq else None,
             "significant": winner != "inconclusive",
             "direction": self._direction(metric).value,
         }

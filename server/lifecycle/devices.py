@@ -4,23 +4,32 @@ A device's variant in a test is `abtests.assign(test, device id, split)`: sticky
 computed, never stored. Only running tests whose two arms are versions of the
 server's model reach its devices. The running tests are read at most once per
 `ttl_s` (check-ins are frequent; a test created or ended shows within that time).
+A device downloads its own variant's version (never the other arm's) to serve it;
+the few versions under test are kept in memory, as their blobs never change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from common.modelspec import ModelSpec
+from common.tensors import Manifest, to_wire
 from server.lifecycle.abtests import AbTests, assign
 from server.lifecycle.errors import ConflictError, InvalidInputError, UnknownNameError
 from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.versions import VersionControl
 from server.store import Store
 
-__all__ = ["Assignment", "DeviceLifecycle"]
+__all__ = ["Assignment", "DeviceLifecycle", "VariantModel"]
 
 MAX_METRICS = 16
+# Versions under test whose wire bytes stay in memory (two arms of a few tests).
+CACHED_VERSIONS = 4
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,25 @@ class Assignment:
     metrics: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class VariantModel:
+    """The weights a device serves in an A/B test, as they go on the wire."""
+
+    model_name: str
+    version: int
+    spec: ModelSpec
+    manifest: Manifest
+    data: bytes
+    sha256: bytes
+
+
 class DeviceLifecycle:
     def __init__(self, store: Store, model_name: str, ttl_s: float = 1.0) -> None:
         self.model_name = model_name
         self.ab_tests = AbTests(store)
         self.performance = PerformanceLog(store)
+        self.versions = VersionControl(store)
+        self._blobs: OrderedDict[int, VariantModel] = OrderedDict()
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._tests: list[dict[str, Any]] = []
@@ -62,6 +85,45 @@ class DeviceLifecycle:
             )
         return out
 
+    def _running_test(self, ab_test: str) -> dict[str, Any]:
+        """The running test of this server's model; NOT_FOUND / FAILED_PRECONDITION otherwise."""
+        test = next((t for t in self._running() if t["test_name"] == ab_test), None)
+        if test is None:
+            info = self.ab_tests.get(ab_test)  # NOT_FOUND for an unknown test
+            if info["status"] != "running":
+                raise ConflictError(f"A/B test {ab_test!r} has ended")
+            raise UnknownNameError(f"A/B test {ab_test!r} does not test model {self.model_name!r}")
+        return test
+
+    def variant_model(self, device_id: str, ab_test: str) -> VariantModel:
+        """The version this device serves in a running test (its own variant's, only)."""
+        if not ab_test:
+            raise InvalidInputError("name the A/B test whose variant to download")
+        test = self._running_test(ab_test)
+        variant = assign(ab_test, device_id, test["traffic_split"]).value
+        version = int(test[variant]["version"])
+        with self._lock:
+            cached = self._blobs.get(version)
+            if cached is not None:
+                self._blobs.move_to_end(version)
+                return cached
+        # The store checks the blob's SHA-256 on read; the wire digest is of these bytes.
+        weights, manifest = self.versions.weights(self.model_name, version)
+        data = to_wire(weights)
+        model = VariantModel(
+            self.model_name,
+            version,
+            self.versions.spec(self.model_name),
+            manifest,
+            data,
+            hashlib.sha256(data).digest(),
+        )
+        with self._lock:
+            self._blobs[version] = model
+            while len(self._blobs) > CACHED_VERSIONS:
+                self._blobs.popitem(last=False)
+        return model
+
     def report(self, device_id: str, metrics: dict[str, float], ab_test: str = "") -> None:
         """Record a device's observations; with ab_test, also as that test's result."""
         if not metrics:
@@ -71,14 +133,7 @@ class DeviceLifecycle:
         variant = ""
         version: int | None = None
         if ab_test:
-            test = next((t for t in self._running() if t["test_name"] == ab_test), None)
-            if test is None:
-                info = self.ab_tests.get(ab_test)  # NOT_FOUND for an unknown test
-                if info["status"] != "running":
-                    raise ConflictError(f"A/B test {ab_test!r} has ended")
-                raise UnknownNameError(
-                    f"A/B test {ab_test!r} does not test model {self.model_name!r}"
-                )
+            test = self._running_test(ab_test)
             variant = assign(ab_test, device_id, test["traffic_split"]).value
             version = int(test[variant]["version"])
             undeclared = sorted(set(metrics) - set(test["metrics"]))

@@ -369,6 +369,8 @@ class RoundCoordinator:
         self._completed_this_run = 0
         self.last_secagg_stats: dict[str, object] = {}
         self._finished = False
+        # Paused: no round starts (an open one finishes) and no device counts as available.
+        self._paused = False
         self._listeners: list[Callable[[RoundSummary], None]] = []
         self._start_listeners: list[Callable[[str], None]] = []
         self._driver: threading.Thread | None = None
@@ -463,6 +465,26 @@ class RoundCoordinator:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no more rounds; an open round still finishes. Waiting devices are let go."""
+        with self._cond:
+            self._paused = True
+            self._available.clear()
+            self._available_since = None
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
+
+    def resume(self) -> None:
+        """Start rounds again as soon as enough devices check in."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
+
     def check_in_now(self, device_id: str) -> CheckInOutcome | None:
         """A task for this device or the end of the federation; None: nothing yet.
 
@@ -478,7 +500,8 @@ class RoundCoordinator:
             task = self._task_for(device_id)
             if task is not None:
                 return task
-            self._mark_available(device_id, self.clock())
+            if not self._paused:
+                self._mark_available(device_id, self.clock())
             return None
 
     @property
@@ -528,7 +551,8 @@ class RoundCoordinator:
                     if task is not None:
                         return task
                     now = self.clock()
-                    self._mark_available(device_id, now)
+                    if not self._paused:
+                        self._mark_available(device_id, now)
                     remaining = give_up - now
                     if remaining <= 0 or self._stopping.is_set():
                         return CheckInOutcome(
@@ -577,6 +601,19 @@ class RoundCoordinator:
                 )
             self._available.pop(device_id, None)
             return erase()
+
+    def owns_round(self, round_id: str) -> bool:
+        """Whether round_id is this model's open round or one of its recently closed ones.
+
+        Lock-free on purpose (one read of the round, dict lookups, atomic under the GIL):
+        routing a call to its model must not wait while another model holds its lock.
+        """
+        rnd = self._round
+        return (
+            (rnd is not None and rnd.id == round_id)
+            or round_id in self._closed_rounds
+            or round_id in self._completed_uploads
+        )
 
     def task_for(self, device_id: str) -> TaskInfo | None:
         with self._cond:
@@ -935,7 +972,8 @@ class RoundCoordinator:
             now = self.clock()
             rnd = self._round
             if rnd is None:
-                self._maybe_start_round(now)
+                if not self._paused:
+                    self._maybe_start_round(now)
                 return None
             if rnd.closing:
                 return None
@@ -1015,7 +1053,7 @@ class RoundCoordinator:
                 return f"round {rnd.number} is {late:.0f}s past its deadline"
             return ""
         since = self._available_since
-        if since is not None:
+        if since is not None and not self._paused:
             idle = now - since - cfg.selection_window_s
             if idle > grace:
                 why = f": {self.store_error}" if self.store_error else ""

@@ -14,14 +14,16 @@ import grpc
 
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
-from server.errors import FederationError
+from server.errors import ErrorKind, FederationError
 from server.lifecycle.abtests import AbTests
 from server.lifecycle.performance import PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
+from server.modelconf import parse_settings
 from server.privacy import privacy_report
 from server.revocation import Revocation, Revocations
+from server.runner import ModelRunner
 from server.services.common import status_code
-from server.store import Store, audit_entries, audit_head
+from server.store import ModelDefinition, ModelRecord, Store, audit_entries, audit_head
 from server.store.audit import iso as audit_iso
 from server.store.audit import verify as verify_audit
 
@@ -37,10 +39,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self,
         store: Store,
         privacy_budget: float = 0.0,
+        models: ModelRunner | None = None,
         revocations: Revocations | None = None,
         before_audit_read: Callable[[], object] | None = None,
     ) -> None:
+        """Over a store; with `models` (a running server's), models can be created and paused."""
         self.store = store
+        self.models = models
         self.privacy_budget = privacy_budget
         # The server's live revocation list (None: reading the database directly).
         self.revocations = revocations
@@ -66,21 +71,77 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
+        definitions = {d.name: d for d in self.store.model_definitions()}
         return pb.ListModelsResponse(
-            models=[
-                pb.ModelInfo(
-                    name=m.name,
-                    current_version=m.current_version,
-                    spec=tensor_pb2.ModelSpec(
-                        architecture=m.spec.architecture, config_json=m.spec.config_json()
-                    ),
-                    num_parameters=m.num_parameters,
-                    strategy=m.strategy,
-                    created_unix_ms=_ms(m.created_at),
-                )
-                for m in self.store.list_models()
-            ]
+            models=[self._model_info(m, definitions.get(m.name)) for m in self.store.list_models()]
         )
+
+    def _model_info(self, m: ModelRecord, definition: ModelDefinition | None) -> pb.ModelInfo:
+        info = pb.ModelInfo(
+            name=m.name,
+            current_version=m.current_version,
+            spec=tensor_pb2.ModelSpec(
+                architecture=m.spec.architecture, config_json=m.spec.config_json()
+            ),
+            num_parameters=m.num_parameters,
+            strategy=m.strategy,
+            created_unix_ms=_ms(m.created_at),
+        )
+        if definition is not None:
+            info.task = definition.task
+            info.paused = definition.paused
+            info.settings_json = json.dumps(definition.settings, sort_keys=True)
+            info.source = definition.source
+        if self.models is not None:
+            try:
+                trained = self.models.get(m.name)
+            except FederationError:
+                return info
+            info.training = True
+            info.paused = trained.paused
+            info.strategy = trained.coordinator.strategy.name
+        return info
+
+    def _runner(self) -> ModelRunner:
+        if self.models is None:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                "models are created, paused and resumed on a running server: use --server",
+            )
+        return self.models
+
+    def _describe(self, name: str) -> pb.ModelInfo:
+        record = self.store.get_model(name)
+        assert record is not None
+        return self._model_info(record, self.store.model_definition(name))
+
+    def CreateModel(
+        self, request: pb.CreateModelRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        def create() -> pb.ModelInfo:
+            runner = self._runner()
+            try:
+                table = parse_settings(request.name, request.settings_toml, runner.base)
+            except ValueError as exc:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            runner.create(table.name, table.settings, paused=request.paused or table.paused)
+            return self._describe(table.name)
+
+        return self._run(context, create)
+
+    def PauseModel(
+        self, request: pb.PauseModelRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        return self._run(context, lambda: self._set_paused(request.name, True))
+
+    def ResumeModel(
+        self, request: pb.ResumeModelRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        return self._run(context, lambda: self._set_paused(request.name, False))
+
+    def _set_paused(self, name: str, paused: bool) -> pb.ModelInfo:
+        self._runner().set_paused(name, paused)
+        return self._describe(name)
 
     def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
@@ -196,11 +257,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             ]
         )
 
+    def _budget(self, name: str) -> float:
+        """The model's own privacy budget (its definition), else the server's."""
+        definition = self.store.model_definition(name)
+        if definition is not None and "privacy_budget" in definition.settings:
+            return float(definition.settings["privacy_budget"])
+        return self.privacy_budget
+
     def GetPrivacyReport(
         self, request: pb.GetPrivacyReportRequest, context: grpc.ServicerContext
     ) -> pb.PrivacyReport:
         self._model_or_abort(request.model_name, context)
-        report = privacy_report(self.store, request.model_name, self.privacy_budget)
+        report = privacy_report(self.store, request.model_name, self._budget(request.model_name))
         return pb.PrivacyReport(
             model_name=report.model,
             entries=[
@@ -320,7 +388,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def AnalyzeAbTest(
         self, request: pb.AnalyzeAbTestRequest, context: grpc.ServicerContext
     ) -> pb.AbAnalysis:
-        out = self._run(context, lambda: self.ab_tests.analyze(request.test_name))
+        out = self._run(
+            context,
+            lambda: self.ab_tests.analyze(request.test_name, request.method or "welch"),
+        )
         metrics = {}
         for key, m in out["metrics"].items():
             msg = pb.AbMetricAnalysis(
@@ -337,6 +408,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 "ci_low",
                 "ci_high",
                 "p_value",
+                "sequential_p_value",
+                "sequential_ci_low",
+                "sequential_ci_high",
             ):
                 if m[field] is not None:
                     setattr(msg, field, m[field])
@@ -344,6 +418,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         ratio = out["sample_ratio"]
         return pb.AbAnalysis(
             test=_ab_info(out),
+            method=out["method"],
             metrics=metrics,
             sample_ratio=pb.SampleRatio(
                 count_a=ratio["count_a"],

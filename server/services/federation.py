@@ -20,6 +20,7 @@ from server.lifecycle.devices import DeviceLifecycle
 from server.privacy import UserDpMechanism
 from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
+from server.runner import ModelRunner
 from server.secagg import DeviceKeys, ShareKind
 from server.services.aio import RECHECK_S, Changes, Runner, capture_handlers, register_servicer
 from server.services.common import abort, abort_async, device_id_of
@@ -207,14 +208,21 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         chunk_bytes: int = CHUNK_BYTES,
         lifecycle: DeviceLifecycle | None = None,
         require_device_cert: bool = False,
+        models: ModelRunner | None = None,
     ) -> None:
         self.require_device_cert = require_device_cert
         self.registry = registry
-        self.coordinator = coordinator
+        self.coordinator = coordinator  # the default model's
+        # Every model of the server; a round's calls go to the model whose round it is.
+        self.models = models or ModelRunner.single(coordinator.store, coordinator)
         self.runner = runner
         self.lifecycle = lifecycle
         self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
+
+    def _of(self, round_id: str) -> RoundCoordinator:
+        """The coordinator of the model whose round this is."""
+        return self.models.for_round(round_id)
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
@@ -254,17 +262,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.CheckInResponse:
         """Long poll as a coroutine: asks the coordinator again on each round change."""
         device = device_id_of(context)
+        try:
+            coordinators = self.models.eligible(list(request.tasks), list(request.models))
+        except FederationError as err:
+            await abort_async(context, err, "CheckIn", device)
         loop = asyncio.get_running_loop()
         wait = max(0.0, min(request.max_wait_ms / 1000.0, self.coordinator.config.max_wait_s))
         give_up = loop.time() + wait
         # The device is available while this call waits; a cancelled call (the device
         # stopped, or was killed and its connection closed) takes it off the list at once.
-        await self.runner.run(self.coordinator.poll_started, device)
+        for coordinator in coordinators:
+            await self.runner.run(coordinator.poll_started, device)
         cancelled = True
+        outcome = None
         try:
             while True:
                 mark = self.changes.marks()[Change.ROUND]
-                outcome = await self.runner.run(self.coordinator.check_in_now, device)
+                outcome = await self.runner.run(self.models.check_in_now, device, coordinators)
                 remaining = give_up - loop.time()
                 if outcome is not None or remaining <= 0 or self.coordinator.stopping:
                     break
@@ -273,11 +287,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             cancelled = False
         finally:
             # Not awaited: a cancelled coroutine must not wait for the pool.
-            self.runner.pool.submit(self.coordinator.poll_ended, device, cancelled)
+            for coordinator in coordinators:
+                self.runner.pool.submit(coordinator.poll_ended, device, cancelled)
         if outcome is None:
-            response = pb.CheckInResponse(
-                wait=pb.Wait(retry_after_ms=200, reason="no task for this device yet")
-            )
+            reason = self.models.waiting_reason(coordinators)
+            response = pb.CheckInResponse(wait=pb.Wait(retry_after_ms=200, reason=reason))
         elif outcome.finished:
             response = pb.CheckInResponse(finished=pb.Finished(reason=outcome.reason))
         elif outcome.task is None:
@@ -305,9 +319,15 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[pb.ModelChunk]:
         device = device_id_of(context)
+        if request.ab_test:
+            async for message in self._download_variant(request, context, device):
+                yield message
+            return
         try:
             task, data, digest = await self.runner.run(
-                self.coordinator.model_for_download, device, request.round_id
+                self._of(request.round_id).model_for_download,
+                device,
+                request.round_id,
             )
         except FederationError as err:
             await abort_async(context, err, "DownloadModel", device)
@@ -318,13 +338,56 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 manifest=task.model.manifest.to_proto(),
                 total_bytes=len(data),
                 sha256=digest,
+                model_spec=tensor_pb2.ModelSpec(
+                    architecture=task.model.spec.architecture,
+                    config_json=task.model.spec.config_json(),
+                ),
             )
         )
         sent = 0
         for chunk in iter_chunks(data, self.chunk_bytes):
             yield pb.ModelChunk(data=chunk)
             sent += len(chunk)
-        await self.runner.run(self.coordinator.record_download, device, request.round_id, sent)
+        owner = self.models.for_round(request.round_id)
+        await self.runner.run(owner.record_download, device, request.round_id, sent)
+
+    async def _download_variant(
+        self,
+        request: pb.DownloadModelRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        device: str,
+    ) -> AsyncIterator[pb.ModelChunk]:
+        """The version this device serves in an A/B test, outside any round."""
+        if request.round_id:
+            await abort_async(
+                context,
+                FederationError(
+                    ErrorKind.INVALID_ARGUMENT, "name either round_id or ab_test, not both"
+                ),
+                "DownloadModel",
+                device,
+            )
+        if self.lifecycle is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs no A/B tests")
+        assert self.lifecycle is not None
+        try:
+            model = await self.runner.run(self.lifecycle.variant_model, device, request.ab_test)
+        except FederationError as err:
+            await abort_async(context, err, "DownloadModel", device)
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                model_name=model.model_name,
+                version=model.version,
+                manifest=model.manifest.to_proto(),
+                total_bytes=len(model.data),
+                sha256=model.sha256,
+                model_spec=tensor_pb2.ModelSpec(
+                    architecture=model.spec.architecture, config_json=model.spec.config_json()
+                ),
+            )
+        )
+        for chunk in iter_chunks(model.data, self.chunk_bytes):
+            yield pb.ModelChunk(data=chunk)
 
     async def UploadUpdate(
         self,
@@ -338,7 +401,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 manifest = Manifest.from_proto(header.manifest)
             except ValueError as exc:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, f"bad manifest: {exc}") from None
-            return self.coordinator.begin_upload(
+            return self._of(header.round_id).begin_upload(
                 device,
                 header.round_id,
                 header.base_version,
@@ -357,7 +420,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.ReportMetricsResponse:
         device = device_id_of(context)
         try:
-            self.coordinator.report_metrics(device, request.round_id, dict(request.metrics))
+            self._of(request.round_id).report_metrics(
+                device, request.round_id, dict(request.metrics)
+            )
         except FederationError as err:
             abort(context, err, "ReportMetrics", device)
         return pb.ReportMetricsResponse()
@@ -367,7 +432,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.DeclineTaskResponse:
         device = device_id_of(context)
         try:
-            self.coordinator.decline(device, request.round_id, request.reason)
+            self._of(request.round_id).decline(device, request.round_id, request.reason)
         except FederationError as err:
             abort(context, err, "DeclineTask", device)
         return pb.DeclineTaskResponse()
@@ -387,13 +452,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
         device = device_id_of(context)
-        self.coordinator.leave(device, request.reason[:500] or "left")
+        self.models.leave(device, request.reason[:500] or "left")
         return pb.LeaveResponse()
 
     def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
         device = device_id_of(context)
         try:
-            parts, results = self.coordinator.forget(device, lambda: self.registry.forget(device))
+            parts, results = self.models.forget(device, lambda: self.registry.forget(device))
         except FederationError as err:
             abort(context, err, "Forget", device)
         log.info("forgot device %s: %d participations, %d A/B results", device, parts, results)
@@ -406,7 +471,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         device = device_id_of(context)
         k = request.keys
         try:
-            participants, keys, degree, threshold = self.coordinator.advertise_keys(
+            participants, keys, degree, threshold = self.models.for_round(
+                request.round_id
+            ).advertise_keys(
                 device,
                 request.round_id,
                 DeviceKeys(
@@ -445,7 +512,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                         ErrorKind.INVALID_ARGUMENT, f"two share commitments for {c.holder}"
                     )
                 commitments[c.holder] = (c.mask_key, c.self_mask_seed)
-            mine = self.coordinator.share_keys(device, request.round_id, shares, commitments)
+            mine = self._of(request.round_id).share_keys(
+                device, request.round_id, shares, commitments
+            )
         except FederationError as err:
             abort(context, err, "ShareKeys", device)
         return pb.ShareKeysResponse(
@@ -463,7 +532,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         device = device_id_of(context)
 
         def begin(header: pb.MaskedHeader) -> UploadSession:
-            return self.coordinator.begin_masked_upload(
+            return self._of(header.round_id).begin_masked_upload(
                 device, header.round_id, header.total_elements, header.total_bytes
             )
 
@@ -477,9 +546,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.UnmaskRequest:
         device = device_id_of(context)
         try:
-            survivors, dropped, total, everyone = self.coordinator.unmask_request(
-                device, request.round_id
-            )
+            survivors, dropped, total, everyone = self.models.for_round(
+                request.round_id
+            ).unmask_request(device, request.round_id)
         except RoundCompleted as done:
             return pb.UnmaskRequest(round_completed=True, completed_version=done.version)
         except FederationError as err:
@@ -493,7 +562,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
     ) -> pb.ConfirmSurvivorsResponse:
         device = device_id_of(context)
         try:
-            signatures = self.coordinator.confirm_survivors(
+            signatures = self._of(request.round_id).confirm_survivors(
                 device, request.round_id, request.signature
             )
         except RoundCompleted as done:
@@ -521,7 +590,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
                 else:
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, "share kind unspecified")
                 revealed.append((share.owner, kind, share.share))
-            self.coordinator.unmask(device, request.round_id, revealed, list(request.unverifiable))
+            self._of(request.round_id).unmask(
+                device, request.round_id, revealed, list(request.unverifiable)
+            )
         except RoundCompleted as done:
             return pb.UnmaskSharesResponse(round_completed=True, completed_version=done.version)
         except FederationError as err:

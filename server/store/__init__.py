@@ -35,6 +35,7 @@ from server.store.models import (
     BlobRow,
     DataKeyRow,
     DeviceRow,
+    ModelDefinitionRow,
     ModelRow,
     ModelTagRow,
     ModelVersionRow,
@@ -47,6 +48,8 @@ from server.store.models import (
 __all__ = [
     "CorruptBlobError",
     "DeviceRecord",
+    "ModelDefinition",
+    "ModelExistsError",
     "ModelRecord",
     "OptimizerState",
     "ParticipantRecord",
@@ -117,6 +120,10 @@ class CorruptBlobError(RuntimeError):
     """A stored blob does not match its SHA-256 address."""
 
 
+class ModelExistsError(ValueError):
+    """A model of that name already exists."""
+
+
 class SupersededError(RuntimeError):
     """A round's result would land on a head that moved meanwhile (a rollback, a new version)."""
 
@@ -167,6 +174,17 @@ class ModelRecord:
     strategy: str
     current_version: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelDefinition:
+    """How the server trains a model: its settings (server/modelconf.py) and pause state."""
+
+    name: str
+    task: str
+    settings: dict[str, Any]
+    paused: bool = False
+    source: str = "admin"
 
 
 @dataclass(frozen=True)
@@ -511,11 +529,22 @@ class Store:
             return [_model_record(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.id))]
 
     def create_model(
-        self, name: str, spec: ModelSpec, manifest: Manifest, strategy: str, initial: np.ndarray
+        self,
+        name: str,
+        spec: ModelSpec,
+        manifest: Manifest,
+        strategy: str,
+        initial: np.ndarray,
+        definition: ModelDefinition | None = None,
     ) -> ModelRecord:
-        """Create the model with version 1 holding the initial weights."""
+        """Create the model with version 1 holding the initial weights (and its definition).
+
+        Raises ModelExistsError when a model of that name exists; nothing is written then.
+        """
         now = utcnow()
         with self._session.begin() as s:
+            if s.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
+                raise ModelExistsError(f"a model named {name!r} already exists")
             digest = self._put_blob(s, to_wire(initial))
             row = ModelRow(
                 name=name,
@@ -542,7 +571,66 @@ class Store:
                     created_by="server",
                 )
             )
+            if definition is not None:
+                s.add(_definition_row(row.id, definition, now))
             return _model_record(row)
+
+    def model_definitions(self) -> list[ModelDefinition]:
+        """Every stored model definition, oldest model first."""
+        with self.session() as s:
+            rows = s.execute(
+                select(ModelRow.name, ModelDefinitionRow)
+                .join(ModelDefinitionRow, ModelDefinitionRow.model_id == ModelRow.id)
+                .order_by(ModelRow.id)
+            ).all()
+            return [_definition(name, row) for name, row in rows]
+
+    def model_definition(self, name: str) -> ModelDefinition | None:
+        return next((d for d in self.model_definitions() if d.name == name), None)
+
+    def define_model(self, definition: ModelDefinition) -> ModelDefinition:
+        """Store the settings of an existing model; a stored pause state is kept.
+
+        Returns the definition as stored (with its pause state). KeyError: no such model.
+        """
+        with self._session.begin() as s:
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == definition.name))
+            if model_id is None:
+                raise KeyError(definition.name)
+            row = s.get(ModelDefinitionRow, model_id)
+            if row is None:
+                row = _definition_row(model_id, definition, utcnow())
+                s.add(row)
+            elif (row.task, row.settings, row.source) != (
+                definition.task,
+                definition.settings,
+                definition.source,
+            ):
+                row.task = definition.task
+                row.settings = dict(definition.settings)
+                row.source = definition.source
+                row.updated_at = utcnow()
+            return _definition(definition.name, row)
+
+    def set_model_paused(self, name: str, paused: bool) -> bool:
+        """Pause or resume a defined model; False when it already was (nothing written).
+
+        KeyError: the model has no definition.
+        """
+        with self._session.begin() as s:
+            row = s.scalar(
+                select(ModelDefinitionRow)
+                .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
+                .where(ModelRow.name == name)
+                .with_for_update()
+            )
+            if row is None:
+                raise KeyError(name)
+            if row.paused == paused:
+                return False
+            row.paused = paused
+            row.updated_at = utcnow()
+            return True
 
     def load_version(self, name: str, version: int) -> np.ndarray:
         """Weights of a version as a float32 vector, SHA-256 checked."""
@@ -892,6 +980,21 @@ class Store:
                     select(RoundParticipantRow).where(RoundParticipantRow.round_id == round_id)
                 )
             )
+
+
+def _definition_row(model_id: int, d: ModelDefinition, now: datetime) -> ModelDefinitionRow:
+    return ModelDefinitionRow(
+        model_id=model_id,
+        task=d.task,
+        settings=dict(d.settings),
+        paused=d.paused,
+        source=d.source,
+        updated_at=now,
+    )
+
+
+def _definition(name: str, row: ModelDefinitionRow) -> ModelDefinition:
+    return ModelDefinition(name, row.task, dict(row.settings), bool(row.paused), row.source)
 
 
 def _model_record(row: ModelRow) -> ModelRecord:

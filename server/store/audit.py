@@ -3,8 +3,8 @@
 Entries are derived from the ORM changes of each flush (`record_changes`, an
 `after_flush` hook on every session of a `Store`), so they are written in the
 same transaction as the change they record, whichever module made it: a device
-enrolled or revoked, a model created, a version created (or rolled back) or
-deleted, a round completed or failed, a tag or an A/B test changed. The actor
+enrolled or revoked, a model created, defined, paused or resumed, a version created
+(or rolled back) or deleted, a round completed or failed, a tag or an A/B test changed. The actor
 is whoever the call runs for (`acting_as`: a device id, an admin name and role,
 or "system").
 
@@ -35,6 +35,7 @@ from server.store.models import (
     AuditHeadRow,
     AuditRow,
     DeviceRow,
+    ModelDefinitionRow,
     ModelRow,
     ModelTagRow,
     ModelVersionRow,
@@ -128,6 +129,14 @@ def _changes(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
         elif isinstance(obj, RevokedCertificateRow):
             target = f"serial {obj.serial}" if obj.serial else f"{obj.kind} {obj.name}"
             out.append(("certificate.revoked", target, {"reason": obj.reason}))
+        elif isinstance(obj, ModelDefinitionRow):
+            out.append(
+                (
+                    "model.defined",
+                    f"model {obj.model_id}",
+                    {"task": obj.task, "source": obj.source, "paused": bool(obj.paused)},
+                )
+            )
     for obj in list(session.dirty):
         state = inspect(obj)
         changed = {a.key for a in state.attrs if a.history.has_changes()}
@@ -151,6 +160,18 @@ def _changes(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
             out.append(("tag.set", f"model {obj.model_id} tag {obj.tag}", {"version": obj.version}))
         elif isinstance(obj, AbTestRow) and "status" in changed:
             out.append((f"abtest.{obj.status}", obj.name, {"winner": obj.winner}))
+        elif isinstance(obj, ModelDefinitionRow):
+            if "paused" in changed:
+                action = "model.paused" if obj.paused else "model.resumed"
+                out.append((action, f"model {obj.model_id}", {}))
+            if changed & {"settings", "task", "source"}:
+                out.append(
+                    (
+                        "model.redefined",
+                        f"model {obj.model_id}",
+                        {"task": obj.task, "source": obj.source},
+                    )
+                )
     for obj in list(session.deleted):
         if isinstance(obj, ModelVersionRow):
             out.append(("data.deleted", f"model {obj.model_id} version {obj.version}", {}))

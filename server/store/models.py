@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -69,6 +70,26 @@ class ModelRow(Base):
     strategy: Mapped[str] = mapped_column(String(32))
     current_version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ModelDefinitionRow(Base):
+    """How the server trains a model (server/modelconf.py) and whether it is paused.
+
+    Written when a model is created (flags, models file or `xeno-fl admin models
+    create`) and when it is paused or resumed, so a restarted server trains the
+    same models with the same settings and keeps paused ones paused.
+    """
+
+    __tablename__ = "model_definitions"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    task: Mapped[str] = mapped_column(String(32))
+    # Every ModelSettings field, by name (JSON; never pickled).
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # flags: the server's default model; file: --models; admin: created over the Admin API.
+    source: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ModelVersionRow(Base):

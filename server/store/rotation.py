@@ -11,7 +11,7 @@ at any point is finished by running the same command again, which skips the
 rows already under the new key. Rows are moved in small transactions
 (`batch`), each also counting `rows_done`.
 
-The same pass authenticates rows written before migration 0008 (versions
+The same pass authenticates rows written before migration 0009 (versions
 without a MAC, participant rows in the clear): run it once after upgrading.
 """
 

@@ -71,7 +71,7 @@ class RecordSealer:
 
     def __init__(self, sealer: Sealer, allow_unauthenticated: bool = False) -> None:
         self.sealer = sealer
-        # Only for a key rotation: rows written before migration 0008 get their MAC / seal.
+        # Only for a key rotation: rows written before migration 0009 get their MAC / seal.
         self.allow_unauthenticated = allow_unauthenticated
 
     def before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
@@ -114,7 +114,7 @@ class RecordSealer:
                 return
             raise RecordTamperedError(
                 f"{where} has no MAC although a data key is configured: it was written "
-                "before migration 0008 (run `xeno-fl admin rotate-key` once to authenticate "
+                "before migration 0009 (run `xeno-fl admin rotate-key` once to authenticate "
                 "older rows) or inserted behind the server's back"
             )
         if not self.sealer.check_mac(version_message(row), row.mac):
@@ -137,7 +137,7 @@ class RecordSealer:
             raise RecordTamperedError(
                 f"participant row of device {row.device_id} in round {row.round_id} is stored "
                 "unsealed although a data key is configured: it was written before migration "
-                "0008 (run `xeno-fl admin rotate-key` once to seal older rows) or behind the "
+                "0009 (run `xeno-fl admin rotate-key` once to seal older rows) or behind the "
                 "server's back"
             )
         fields = json.loads(
