@@ -272,3 +272,21 @@ def test_rotate_key_bad_input(db_url: str, tmp_path: Path) -> None:
     )
     assert loose.returncode == 2 and "chmod 600" in loose.stderr
     assert _key_ids(db_url)[0] == {Sealer(OLD).key_id}  # nothing moved
+
+
+def test_a_running_server_and_a_rotation_exclude_each_other(server_factory, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/served.db"
+    server_factory(db=url, eval_data="none")
+    with pytest.raises(DatabaseInUseError, match="stop the server, then run rotate-key again"):
+        rotate(url, OLD, NEW)
+    other = f"sqlite:///{tmp_path}/rotating.db"
+    _federation(other, OLD, rounds=1).close()
+    store = Store(other)
+    rotation = DatabaseLock(store.engine)  # what rotate-key holds while it runs
+    assert rotation.acquire(exclusive=True)
+    try:
+        with pytest.raises(DatabaseInUseError, match=r"a data key rotation .* is running"):
+            server_factory(db=other, eval_data="none")
+    finally:
+        rotation.release()
+        store.close()
