@@ -166,6 +166,7 @@ def main() -> None:
             min_clients=2,
             secagg=True,
             secagg_phase_timeout=args.phase_timeout,
+            call_timeout=args.phase_timeout + 60.0,
             round_deadline=1800.0,
             selection_window=1800.0,
             rounds=1,

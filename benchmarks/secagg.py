@@ -17,6 +17,9 @@ reconstructed). Reported:
                    its CPU time checking the relayed signatures (medians); the server's
                    time is the "confirm" entry of server_phase_s and server_phase_cpu_s
   correct          the new model moved by the plaintext weighted mean, within the bound
+
+XENO_BENCH_PERF=FILE records the server process alone with `perf record -g` from
+the start of the round to its end (perf must be installed).
 """
 
 from __future__ import annotations
@@ -210,6 +213,8 @@ def main() -> None:
                 selection_window=600.0,
                 max_workers=max(64, 3 * n),
                 rounds=1,
+                # metrics on any free port: a fixed one collides with other servers here
+                metrics_port=0,
             )
         ).start()
         d = server.coordinator.model.manifest.total_elements
@@ -246,9 +251,23 @@ def main() -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        profiler = None
+        if out := os.environ.get("XENO_BENCH_PERF"):
+            # perf on the server process alone, from the start of the round to its end.
+            import subprocess
+
+            profiler = subprocess.Popen(
+                ["perf", "record", "-F", "999", "-g", "-p", str(os.getpid()), "-o", out],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
         go.set()
         assert server.coordinator.wait_finished(timeout=900), "round did not finish"
         server_cpu = cpu() - cpu_start
+        if profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait()
         watching.set()
         watcher.join()
         wall = time.perf_counter() - wall_start

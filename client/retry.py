@@ -1,4 +1,4 @@
-"""How long a server that refused a call with RESOURCE_EXHAUSTED asks the device to wait."""
+"""How long a server that refused a call (RESOURCE_EXHAUSTED, UNAVAILABLE) asks to wait."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-RETRY_AFTER_KEY = "x-xeno-retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED refusal
+RETRY_AFTER_KEY = "x-xeno-retry-after-ms"  # trailing metadata of such a refusal
 MAX_RETRY_AFTER_S = 600.0  # a hint beyond this is the server's mistake, not a plan
 
 

@@ -210,8 +210,9 @@ class SecAggDevice:
     def _call(self, method: str, request: object) -> object:
         """One phase call; after a lost answer, the same message again (with backoff).
 
-        Phase calls are idempotent, so repeating one is safe; a RESOURCE_EXHAUSTED
-        refusal is repeated after the wait it names.
+        Phase calls are idempotent, so repeating one is safe; a refusal that names a
+        wait (RESOURCE_EXHAUSTED, UNAVAILABLE while the server's database is away) is
+        repeated after it.
         """
         give_up = time.monotonic() + self.timeout()
         delay = 0.1
@@ -226,8 +227,8 @@ class SecAggDevice:
                 if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
                 wait = delay * random.uniform(0.5, 1.0)
-                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    wait = max(retry_after_s(err), delay) * random.uniform(1.0, 1.5)
+                if hint := retry_after_s(err):
+                    wait = max(hint, delay) * random.uniform(1.0, 1.5)
             time.sleep(wait)
             delay = min(delay * 2, 2.0)
             self.resends += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -37,7 +38,8 @@ from common.tasks import TaskName, default_model_name, evaluation_set
 from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
+from server.memory import tune_allocator
 from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpPolicy
@@ -142,6 +144,15 @@ class ServerConfig:
     batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
     learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
+    personalization: str = setting(
+        "none",
+        "fedrep: each device also trains a personal head it keeps (FedRep, Collins et al. "
+        "2021) and reports the global and personalized accuracy on its held-out data; none",
+        "XENO_PERSONALIZATION",
+    )
+    personal_epochs: int = setting(
+        2, "epochs of head-only training per round with --personalization", "XENO_PERSONAL_EPOCHS"
+    )
     min_clients: int = setting(
         2,
         "fewest updates that complete a round (and devices needed to start one)",
@@ -396,6 +407,23 @@ class ServerConfig:
         "space than this, in MB (0: no check; PostgreSQL's disk is the database's to watch)",
         "XENO_MIN_FREE_DISK_MB",
     )
+    alert_k_sigma: float = setting(
+        3.0,
+        "degradation alert: a metric's newest value worse than the mean of its baseline by "
+        "more than this many standard deviations of the baseline",
+        "XENO_ALERT_K_SIGMA",
+    )
+    alert_baseline_window: int = setting(
+        20,
+        "degradation alert: how many values before the newest form its baseline (at least 2)",
+        "XENO_ALERT_BASELINE_WINDOW",
+    )
+    alert_window: int = setting(
+        30,
+        "degradation alert: how many newest values the trend test (Mann-Kendall) looks at "
+        "(at least 3)",
+        "XENO_ALERT_WINDOW",
+    )
     keep_versions: int = setting(
         1000,
         "retention: keep the newest N versions (0: keep every version), every --keep-every-th "
@@ -437,6 +465,13 @@ class ServerConfig:
         "an idle upload gives its staging buffer back",
         "XENO_STREAM_IDLE_TIMEOUT",
     )
+    call_timeout: float = setting(
+        120.0,
+        "seconds a unary call may take before the server gives up on it with "
+        "DEADLINE_EXCEEDED (a handler stuck on a silent database gives its slot back); "
+        "must exceed --secagg-phase-timeout, which phase calls may wait",
+        "XENO_CALL_TIMEOUT",
+    )
     checkin_rate: float = setting(
         5.0, "check-ins per second allowed per device (sustained)", "XENO_CHECKIN_RATE"
     )
@@ -472,10 +507,18 @@ class ServerConfig:
     )
 
     def guard_config(self) -> GuardConfig:
+        # A phase call may wait out its phase (plus 5 s); a long poll waits up to 10 s.
+        if self.call_timeout <= max(self.secagg_phase_timeout + 5.0, 10.0):
+            raise ValueError(
+                f"--call-timeout {self.call_timeout:g} must exceed the longest wait of a "
+                f"unary call: --secagg-phase-timeout + 5 s = {self.secagg_phase_timeout + 5:g} s"
+                " and the 10 s long poll"
+            )
         return GuardConfig(
             max_concurrent_rpcs=self.max_concurrent_rpcs,
             first_message_s=self.stream_first_message_timeout,
             idle_s=self.stream_idle_timeout,
+            call_s=self.call_timeout,
             device_checkin_rate=self.checkin_rate,
             device_checkin_burst=self.checkin_burst,
             peer_checkin_rate=self.peer_checkin_rate,
@@ -488,8 +531,29 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         task = TaskName.parse(self.task)
+        if self.personalization not in ("none", "fedrep"):
+            raise ValueError(
+                f"unknown --personalization {self.personalization!r}; use fedrep or none"
+            )
         if not self.model:
             object.__setattr__(self, "model", default_model_name(task))
+
+    def alert_settings(self) -> AlertSettings:
+        """The degradation-alert thresholds; ValueError naming the flag when one is invalid."""
+        if not (math.isfinite(self.alert_k_sigma) and self.alert_k_sigma > 0):
+            raise ValueError(f"--alert-k-sigma must be > 0, got {self.alert_k_sigma}")
+        if self.alert_baseline_window < 2:
+            raise ValueError(
+                f"--alert-baseline-window must be at least 2, got {self.alert_baseline_window}"
+            )
+        if self.alert_window < 3:
+            raise ValueError(f"--alert-window must be at least 3, got {self.alert_window}")
+        return AlertSettings(
+            alert_window=self.alert_window,
+            baseline_window=self.alert_baseline_window,
+            k_sigma=self.alert_k_sigma,
+            min_baseline=min(AlertSettings.min_baseline, self.alert_baseline_window),
+        )
 
     def model_settings(self) -> ModelSettings:
         """The default model's settings (and the defaults of every model in --models)."""
@@ -726,6 +790,7 @@ class XenoServer:
             raise ValueError("--refusal-window must be a positive number of seconds")
         if not config.revocation_refresh > 0:
             raise ValueError("--revocation-refresh must be a positive number of seconds")
+        self.alert_settings = config.alert_settings()
         self._owns_store = store is None
         self._db_lock: DatabaseLock | None = None
         if store is None:
@@ -802,7 +867,7 @@ class XenoServer:
             raise
         self.metrics = ServerMetrics(config.model)
         # Rounds feed the performance history off the round driver's thread, in order.
-        self.performance = PerformanceLog(self.store)
+        self.performance = PerformanceLog(self.store, settings=self.alert_settings)
         self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
         self.models.add_listener(self._observe)
         self.metrics_port: int | None = None
@@ -884,7 +949,9 @@ class XenoServer:
                 self.registry,
                 self.coordinator,
                 self.runner,
-                lifecycle=DeviceLifecycle(self.store, config.model),
+                lifecycle=DeviceLifecycle(
+                    self.store, config.model, alert_settings=self.alert_settings
+                ),
                 require_device_cert=bool(config.tls_client_ca),
                 models=self.models,
             ),
@@ -901,6 +968,7 @@ class XenoServer:
                     models=self.models,
                     revocations=self.revocations,
                     before_audit_read=lambda: self.refusals.flush(everything=True),
+                    alert_settings=self.alert_settings,
                 ),
             ),
             self.runner,
@@ -938,6 +1006,7 @@ class XenoServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> XenoServer:
+        tune_allocator()  # before the first upload (server/memory.py says why)
         self._on_loop(self._grpc.start())
         self.models.start()
         self._set_serving(True)

@@ -79,6 +79,7 @@ class ModelRunner:
         self._build = build
         self._initialize = initialize
         self._models: dict[str, FederatedModel] = {}
+        self._creating: set[str] = set()  # names being created (see create)
         self._lock = threading.RLock()
         self._running = False
         self._listeners: list[Callable[[FederatedModel], None]] = []
@@ -263,11 +264,16 @@ class ModelRunner:
             settings.validate()
         except (ValueError, TypeError) as exc:
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        # Building the weights (torch) and writing them takes seconds: routing must not
+        # wait for it, so the name is reserved and the lock let go meanwhile.
         with self._lock:
-            if name in self._models or self.store.get_model(name) is not None:
+            taken = name in self._models or name in self._creating
+            if taken or self.store.get_model(name) is not None:
                 raise FederationError(
                     ErrorKind.ALREADY_EXISTS, f"a model named {name!r} already exists"
                 )
+            self._creating.add(name)
+        try:
             definition = ModelDefinition(name, settings.task, settings.to_json(), paused, "admin")
             try:
                 self._initialize(name, settings, definition)
@@ -278,6 +284,9 @@ class ModelRunner:
                 coordinator.pause()
             model = FederatedModel(name, coordinator, settings.task, settings, "admin")
             self.add(model)
+        finally:
+            with self._lock:
+                self._creating.discard(name)
         log.info("created model %s (task %s, strategy %s)", name, settings.task, settings.strategy)
         return model
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -497,22 +497,34 @@ class SecAggRound:
         return True
 
     def _expected(self) -> list[str]:
-        return {
-            Phase.ADVERTISE: self.cohort,
-            Phase.SHARE: self.participants,
-            Phase.UPLOAD: self.u2,
-            Phase.CONFIRM: list(self.requests),
-            Phase.UNMASK: list(self.confirmations),
-        }.get(self.phase, [])
+        # Only the current phase's collection: advance() runs on every phase call, and
+        # building all five for n devices each time made a round O(n^2).
+        phase = self.phase
+        if phase is Phase.ADVERTISE:
+            return self.cohort
+        if phase is Phase.SHARE:
+            return self.participants
+        if phase is Phase.UPLOAD:
+            return self.u2
+        if phase is Phase.CONFIRM:
+            return list(self.requests)
+        if phase is Phase.UNMASK:
+            return list(self.confirmations)
+        return []
 
-    def _answered(self) -> set[str]:
-        return {
-            Phase.ADVERTISE: set(self.keys),
-            Phase.SHARE: set(self.shares),
-            Phase.UPLOAD: set(self.uploaded),
-            Phase.CONFIRM: set(self.confirmations),
-            Phase.UNMASK: set(self.revealed),
-        }.get(self.phase, set())
+    def _answered(self) -> Collection[str]:
+        phase = self.phase
+        if phase is Phase.ADVERTISE:
+            return self.keys
+        if phase is Phase.SHARE:
+            return self.shares
+        if phase is Phase.UPLOAD:
+            return set(self.uploaded)
+        if phase is Phase.CONFIRM:
+            return self.confirmations
+        if phase is Phase.UNMASK:
+            return self.revealed
+        return ()
 
     def _fail(self, reason: str) -> None:
         self.phase = Phase.FAILED

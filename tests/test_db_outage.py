@@ -260,3 +260,47 @@ def test_sqlite_out_of_space_mid_federation_rounds_resume_once_space_is_freed(
     failed = [s for s in summaries if s.status == "failed"]
     assert any("full" in s.failure_reason for s in failed), [s.failure_reason for s in failed]
     assert_version_chain(server.store)
+
+
+def test_check_in_during_a_postgres_outage_is_unavailable_with_a_retry_hint(
+    server_factory: Any, raw_device: Any, postgres_schema: tuple[str, str]
+) -> None:
+    """Before: psycopg's error escaped the servicer and the device saw UNKNOWN."""
+    from client.retry import RETRY_AFTER_KEY
+
+    base, schema = postgres_schema
+    direct = make_url(base)
+    proxy = CuttableProxy(direct.host or "127.0.0.1", direct.port or 5432)
+    via_proxy = direct.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        server = server_factory(db=_with_schema(via_proxy, schema), **OUTAGE_SERVER)
+        device = raw_device(server)
+        assert device.check_in(0).WhichOneof("outcome") == "wait"
+        proxy.cut()
+        refused: list[grpc.RpcError] = []
+
+        def refused_once() -> bool:  # the A/B assignments it reads are cached for 1 s
+            try:
+                device.check_in(0)
+            except grpc.RpcError as exc:
+                refused.append(exc)
+            return bool(refused)
+
+        _wait(refused_once, 15, "a check-in that needs the database")
+        err = pytest.ExceptionInfo.from_exc_info((type(refused[0]), refused[0], None))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "database is unavailable; retry in 2000 ms" in err.value.details()
+        assert (RETRY_AFTER_KEY, "2000") in tuple(err.value.trailing_metadata())
+        _wait(lambda: server.guard.calls.active == 0, 5, "the refused call to give its slot back")
+        proxy.restore()
+        _wait(lambda: _check_in_outcome(device) == "wait", 30, "check-ins to work again")
+    finally:
+        proxy.close()
+
+
+def _check_in_outcome(device: Any) -> str | None:
+    try:
+        return str(device.check_in(0).WhichOneof("outcome"))
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        return None

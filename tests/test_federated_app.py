@@ -137,3 +137,24 @@ def test_too_few_updates_is_a_clear_refusal(manager: PersonalizedModelManager) -
     out = manager.update_global_model(model_id, min_updates=1)
     assert "secure aggregation here needs at least 2 users" in out["error"]
     assert [v.version for v in manager._store.list_versions(model_id)] == [1]
+
+
+def test_users_register_once_and_keep_their_identity_across_rounds(
+    manager: PersonalizedModelManager,
+) -> None:
+    model_id = manager.create_model("m", build_model(SPEC, seed=0), privacy_enabled=False)
+    store = manager._store
+    ids_per_round = []
+    for rnd in range(3):
+        for i, user in enumerate(["ann", "bob", "cyd"]):
+            manager.train_local_model(user, model_id, user_data(10 * rnd + i, 12))
+        result = manager.update_global_model(model_id, min_updates=3)
+        assert result["success"] and result["round"] == rnd + 1, result
+        [last] = [r for r in store.list_rounds(model_id) if r.number == rnd + 1]
+        ids_per_round.append({p.device_id for p in store.round_participants(last.id)})
+    records = store.device_records()
+    # Three users, three registrations, none revoked: each round's devices are the same.
+    assert len(records) == 3 and all(r.revoked_at is None for r in records)
+    assert (
+        ids_per_round[0] == ids_per_round[1] == ids_per_round[2] == {r.device_id for r in records}
+    )

@@ -13,8 +13,10 @@ import pytest
 from common.models import build_model
 from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc
+from common.pb import federation_pb2 as pb_fed
 from common.tensors import flatten_state_dict
 from server.app import XenoServer
+from server.lifecycle.abtests import assign
 from xeno import cli
 from xeno.model_versioning import ModelVersionControl
 
@@ -252,3 +254,116 @@ def test_versions_flat_weights_fit_an_existing_model(served) -> None:
     w = flatten_state_dict(build_model(server.coordinator.model.spec, seed=9).state_dict())
     assert vcs.create_version("digits-mlp", w, "app") == 5
     np.testing.assert_array_equal(server.store.load_version("digits-mlp", 5), w)
+
+
+def test_cli_ab_commands(served, capsys: pytest.CaptureFixture[str]) -> None:
+    server, admin = served
+    base = ["admin", "--server", server.address]
+
+    def run(*args: str) -> dict:
+        assert cli.main([*base, "--json", "ab", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    created = run("create", "t", "digits-mlp:2", "digits-mlp", "--split", "0.3", "--metrics", "s,l")
+    assert created["variant_a"]["version"] == "2" and created["variant_b"]["version"] == "4"
+    assert created["traffic_split"] == 0.3 and created["metrics"] == ["s", "l"]
+    assert run("show", "t")["status"] == "running"
+    assert [t["name"] for t in run("list")["tests"]] == ["t"]
+    got = run("assign", "t", "user-1")
+    assert got["variant"] == assign("t", "user-1", 0.3).value
+    for variant, values in (
+        ("variant_a", [1.0, 1.1, 0.9, 1.0]),
+        ("variant_b", [2.0, 2.1, 1.9, 2.0]),
+    ):
+        for v in values:
+            admin.RecordAbResult(
+                pb.RecordAbResultRequest(test_name="t", variant=variant, metrics={"s": v, "l": v})
+            )
+    welch = run("analyze", "t")
+    assert welch["method"] == "welch" and welch["metrics"]["s"]["winner"] == "variant_b"
+    seq = run("analyze", "t", "--method", "sequential")
+    assert seq["method"] == "sequential" and seq["metrics"]["s"]["winner"] == "inconclusive"
+    # Tables for people.
+    assert cli.main([*base, "ab", "analyze", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "variant_b" in out and "sample ratio" in out
+    assert cli.main([*base, "ab", "list"]) == 0
+    assert "digits-mlp v2" in capsys.readouterr().out
+    # Refusals: the server's status and message, nothing changed.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*base, "ab", "create", "u", "digits-mlp", "digits-mlp", "--split", "1.5",
+                  "--metrics", "s"])  # fmt: skip
+    assert "INVALID_ARGUMENT" in str(exit_.value) and "strictly between 0 and 1" in str(exit_.value)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*base, "ab", "analyze", "nope"])
+    assert "NOT_FOUND" in str(exit_.value)
+    assert cli.main([*base, "ab", "show", "nope"]) == 2
+    assert "no A/B test 'nope'; tests: t" in capsys.readouterr().err
+    assert [t["name"] for t in run("list")["tests"]] == ["t"]
+    ended = run("end", "t", "--tag", "staging")
+    assert ended["status"] == "ended" and ended["winner"] == "variant_b"
+    assert ModelVersionControl(store=server.store).get_tags("digits-mlp")["staging"] == 4
+    # The same on the database directly.
+    assert cli.main(["admin", "--db", server.config.db, "--json", "ab", "show", "t"]) == 0
+    assert json.loads(capsys.readouterr().out)["winner"] == "variant_b"
+
+
+@pytest.mark.parametrize(("k_sigma", "alerts"), [(3.0, 1), (4.0, 0)])
+def test_alert_thresholds_are_server_settings(
+    server_factory, raw_device, capsys: pytest.CaptureFixture[str], k_sigma: float, alerts: int
+) -> None:
+    """A value 3.2 baseline standard deviations worse alerts at k = 3, not at k = 4."""
+    server = server_factory(
+        min_clients=5, clients_per_round=5, alert_k_sigma=k_sigma, alert_baseline_window=6
+    )
+    d = raw_device(server)
+    for value in [0.020, 0.022] * 3 + [0.0245]:
+        d.stub.ReportPerformance(
+            pb_fed.ReportPerformanceRequest(metrics={"inference_latency": value}),
+            metadata=d.md,
+            timeout=10,
+        )
+    argv = [
+        "admin",
+        "--server",
+        server.address,
+        "--json",
+        "alerts",
+        "--metric",
+        "inference_latency",
+    ]
+    assert cli.main(argv) == 0
+    found = json.loads(capsys.readouterr().out).get("alerts", [])
+    assert len(found) == alerts
+    if alerts:
+        assert found[0]["kind"] == "deviation" and "threshold 3" in found[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("alert_k_sigma", 0.0, "--alert-k-sigma must be > 0"),
+        ("alert_k_sigma", float("nan"), "--alert-k-sigma must be > 0"),
+        ("alert_baseline_window", 1, "--alert-baseline-window must be at least 2"),
+        ("alert_window", 2, "--alert-window must be at least 3"),
+    ],
+)
+def test_bad_alert_settings_are_refused(server_factory, field: str, value: float, needle: str):
+    with pytest.raises(ValueError, match=needle):
+        server_factory(**{field: value})
+
+
+def test_alert_flags_exist() -> None:
+    parser = cli.build_parser("server")
+    args = parser.parse_args(
+        [
+            "server",
+            "--alert-k-sigma",
+            "2.5",
+            "--alert-window",
+            "40",
+            "--alert-baseline-window",
+            "10",
+        ]
+    )
+    assert (args.alert_k_sigma, args.alert_window, args.alert_baseline_window) == (2.5, 40, 10)

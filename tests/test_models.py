@@ -553,3 +553,28 @@ def test_the_store_keeps_definitions_and_pause_state(db_url: str) -> None:
             store.define_model(ModelDefinition("nope", "digits", {}))
     finally:
         store.close()
+
+
+def test_concurrent_creates_of_one_name_make_one_model(server_factory: Any) -> None:
+    server = server_factory(eval_data="none")
+    stub, md = _admin(server)
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        try:
+            stub.CreateModel(admin_pb2.CreateModelRequest(name="twin"), metadata=md, timeout=60)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert sorted(c.name for c in codes) == ["ALREADY_EXISTS"] * 3 + ["OK"]
+    assert [v.version for v in server.store.list_versions("twin")] == [1]
+    assert [m.name for m in server.models.models()] == ["digits-mlp", "twin"]

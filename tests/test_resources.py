@@ -22,6 +22,7 @@ from test_bad_input import check_in_all, header
 from client.retry import RETRY_AFTER_KEY, retry_after_s
 from client.runtime import DeviceClient
 from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
 from common.tensors import iter_chunks, to_wire
 from server.limits import CallLimit, TokenBuckets
 from server.rounds.coordinator import Status
@@ -109,11 +110,16 @@ def test_call_limit_refuses_the_call_over_it_and_counts_exits() -> None:
 
 
 class _Refused(grpc.RpcError):
-    def __init__(self, trailers: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self,
+        trailers: tuple[tuple[str, str], ...],
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
         self._trailers = trailers
+        self._code = code
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+        return self._code
 
     def details(self) -> str:
         return "too many check-ins"
@@ -539,11 +545,19 @@ def test_the_device_waits_at_least_the_servers_retry_hint(tmp_path) -> None:
         for _ in range(20):
             client._handle_error(_Refused(((RETRY_AFTER_KEY, "1500"),)))
         client._handle_error(_Refused(()))  # no hint: its own backoff
+        # A server whose database is away answers UNAVAILABLE with a hint: honoured too.
+        for _ in range(5):
+            client._handle_error(
+                _Refused(((RETRY_AFTER_KEY, "2000"),), grpc.StatusCode.UNAVAILABLE)
+            )
+        client._handle_error(_Refused((), grpc.StatusCode.UNAVAILABLE))
     finally:
         client.close()
     assert all(1.5 <= w <= 2.25 for w in waits[:20]), waits  # hint x uniform(1, 1.5)
     assert len(set(waits[:20])) > 1  # jittered: devices refused together do not return together
     assert waits[20] <= 0.5
+    assert all(2.0 <= w <= 3.0 for w in waits[21:26]), waits[21:26]
+    assert waits[26] <= 0.5
 
 
 def test_a_returned_staging_buffer_wakes_one_waiting_upload_and_is_never_lost() -> None:
@@ -576,5 +590,186 @@ def test_a_returned_staging_buffer_wakes_one_waiting_upload_and_is_never_lost() 
         started = time.monotonic()
         await changes.wait(Change.STAGING, late, 5.0)
         assert time.monotonic() - started < 0.5
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_a_download_loses_its_call_not_the_servers_slots(
+    server_factory, raw_device
+) -> None:
+    """Downloads that are never read held their call slots forever; now for idle_s at most."""
+    server = server_factory(
+        params=1_000_000,  # a 4 MB model: far more than the reader's flow-control window
+        eval_data="none",
+        max_concurrent_rpcs=3,
+        clients_per_round=3,
+        min_clients=3,
+        selection_window=0.2,
+        stream_idle_timeout=1.0,
+    )
+    devices = [raw_device(server) for _ in range(3)]
+    tasks = check_in_all(devices)
+    readers = []
+    for device in devices[:2]:
+        # A small fixed window that only the application's reads would open further.
+        channel = grpc.insecure_channel(
+            server.address,
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 16)],
+        )
+        stub = pb_grpc.FederationStub(channel)
+        request = pb.DownloadModelRequest(round_id=tasks[device.device_id].task.round_id)
+        readers.append((channel, stub.DownloadModel(request, metadata=device.md, timeout=60)))
+    eventually(lambda: server.guard.calls.active == 2)
+    started = time.monotonic()
+    eventually(lambda: server.guard.calls.active == 0, timeout=10)
+    assert time.monotonic() - started < 5
+    # The stalled reader, when it reads at last, learns why its stream ended.
+    channel, stream = readers[0]
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "took no response message within 1 s" in err.value.details()
+    # The honest device downloads the whole model meanwhile.
+    honest = devices[2]
+    chunks = list(
+        honest.stub.DownloadModel(
+            pb.DownloadModelRequest(round_id=tasks[honest.device_id].task.round_id),
+            metadata=honest.md,
+            timeout=30,
+        )
+    )
+    manifest = chunks[0].header.manifest
+    assert sum(len(c.data) for c in chunks[1:]) == 4 * manifest.total_elements
+    for channel, _ in readers:
+        channel.close()
+
+
+def test_a_unary_handler_that_never_answers_gives_its_call_slot_back() -> None:
+    """A handler stuck on a silent dependency: DEADLINE_EXCEEDED after call_s, slot freed."""
+    from server.services.guard import GuardConfig, GuardInterceptor
+
+    async def scenario() -> None:
+        guard = GuardInterceptor(GuardConfig(max_concurrent_rpcs=1, call_s=0.5))
+        stuck = asyncio.Event()
+
+        async def hangs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if request == b"hang":
+                await stuck.wait()  # what a call on a database that went silent does
+            return b"ok:" + request
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Stuck", {"Call": grpc.unary_unary_rpc_method_handler(hangs)}
+        )
+        server = grpc.aio.server(interceptors=[guard])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Stuck/Call")
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"hang", timeout=30)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert err.value.details() == (
+                "no answer within 0.5 s: the server gave up on the call (--call-timeout); retry"
+            )
+            assert 0.5 <= time.monotonic() - started < 5
+            assert guard.calls.active == 0
+            # The only slot is free again: the next call is answered, not refused.
+            assert await call(b"next", timeout=5) == b"ok:next"
+        await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_the_call_timeout_must_exceed_the_longest_legitimate_wait() -> None:
+    from server.app import ServerConfig
+
+    with pytest.raises(ValueError, match="--call-timeout 30 must exceed"):
+        ServerConfig(secagg_phase_timeout=60.0, call_timeout=30.0).guard_config()
+    assert ServerConfig(secagg_phase_timeout=60.0, call_timeout=66.0).guard_config().call_s == 66
+
+
+def _database_down(kind: str) -> Exception:
+    import psycopg
+    from sqlalchemy import exc
+
+    if kind == "psycopg":  # escaped unwrapped from a connection that died
+        return psycopg.OperationalError("server closed the connection unexpectedly")
+    if kind == "sqlalchemy":
+        return exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+    return exc.DBAPIError("SELECT 1", {}, Exception("reset"), connection_invalidated=True)
+
+
+@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy", "invalidated"])
+def test_a_database_outage_is_unavailable_with_a_retry_hint_in_every_kind_of_call(
+    kind: str,
+) -> None:
+    """One place maps the store's outage errors for every servicer; other errors stay errors."""
+    from server.services.guard import STORE_RETRY_AFTER_MS, GuardConfig, GuardInterceptor
+
+    async def scenario() -> None:
+        guard = GuardInterceptor(GuardConfig())
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if request == b"bug":
+                raise KeyError("a bug, not an outage")
+            raise _database_down(kind)
+
+        async def download(request: bytes, context: grpc.aio.ServicerContext):
+            yield b"header"
+            raise _database_down(kind)
+
+        async def upload(requests, context: grpc.aio.ServicerContext) -> bytes:
+            async for _ in requests:
+                pass
+            raise _database_down(kind)
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Db",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                "Download": grpc.unary_stream_rpc_method_handler(download),
+                "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            },
+        )
+        server = grpc.aio.server(interceptors=[guard])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            async def outcome(call) -> grpc.aio.AioRpcError:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                return err.value
+
+            async def chunks():
+                yield b"a"
+                yield b"b"
+
+            async def drain(stream) -> None:
+                async for _ in stream:
+                    pass
+
+            calls = [
+                channel.unary_unary("/test.Db/Unary")(b"x", timeout=10),
+                drain(channel.unary_stream("/test.Db/Download")(b"x", timeout=10)),
+                channel.stream_unary("/test.Db/Upload")(chunks(), timeout=10),
+            ]
+            for call in calls:
+                err = await outcome(call)
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.details() == (
+                    f"the server's database is unavailable; retry in {STORE_RETRY_AFTER_MS} ms"
+                )
+                assert (RETRY_AFTER_KEY, str(STORE_RETRY_AFTER_MS)) in tuple(
+                    err.trailing_metadata()
+                )
+            bug = await outcome(channel.unary_unary("/test.Db/Unary")(b"bug", timeout=10))
+            assert bug.code() == grpc.StatusCode.UNKNOWN  # not disguised as an outage
+            assert guard.calls.active == 0
+        await server.stop(0)
 
     asyncio.run(scenario())

@@ -272,6 +272,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == "rounds":
             q.add_argument("--limit", type=int, default=0, help="only the last N rounds")
     _add_lifecycle_commands(admin_sub)
+    _add_ab_commands(admin_sub)
     _add_user_parser(sub)
     from xeno.ui import add_parser as add_ui_parser
 
@@ -480,6 +481,163 @@ def _model_flag(q: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ab_commands(admin_sub: Any) -> None:
+    ab = admin_sub.add_parser(
+        "ab", help="A/B tests of model versions across the fleet: create, list, show, analyze, end"
+    )
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True, metavar="WHAT")
+    q = ab_sub.add_parser(
+        "create", help="start a test between two versions (devices learn their arm at check-in)"
+    )
+    q.add_argument("name")
+    q.add_argument("model_a", help="variant_a: NAME (its head now), NAME:VERSION or NAME@TAG")
+    q.add_argument("model_b", help="variant_b, the same forms")
+    q.add_argument(
+        "--split",
+        type=float,
+        default=0.5,
+        help="share of users in variant_a, strictly between 0 and 1 (default: 0.5)",
+    )
+    q.add_argument(
+        "--metrics",
+        required=True,
+        help="comma-separated metrics the test measures, e.g. user_satisfaction,inference_latency",
+    )
+    ab_sub.add_parser("list", help="every test, running and ended")
+    q = ab_sub.add_parser("show", help="one test: arms, split, metrics, status")
+    q.add_argument("name")
+    q = ab_sub.add_parser(
+        "analyze", help="per metric: arm means, difference, 95%% interval, p-value, winner"
+    )
+    q.add_argument("name")
+    q.add_argument(
+        "--method",
+        choices=("welch", "sequential"),
+        default="welch",
+        help="welch: look once, at a sample size fixed in advance; sequential (mSPRT): valid "
+        "when analyzed after every result (default: welch)",
+    )
+    q = ab_sub.add_parser("end", help="stop the test and tag the winner's version")
+    q.add_argument("name")
+    q.add_argument(
+        "--winner",
+        choices=("variant_a", "variant_b", "none"),
+        default="",
+        help="default: the first metric's significant winner (refused when there is none)",
+    )
+    q.add_argument("--tag", default="production", help="tag for the winner (default: production)")
+    q = ab_sub.add_parser("assign", help="a user's (or device's) sticky variant")
+    q.add_argument("name")
+    q.add_argument("user_id")
+
+
+def _admin_ab(args: argparse.Namespace, call: Any) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.pb import admin_pb2 as pb
+
+    cmd = args.ab_command
+    resp: Any
+    if cmd == "create":
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        resp = call(
+            "CreateAbTest",
+            pb.CreateAbTestRequest(
+                name=args.name,
+                model_a=args.model_a,
+                model_b=args.model_b,
+                traffic_split=args.split,
+                metrics=metrics,
+            ),
+        )
+    elif cmd == "list":
+        resp = call("ListAbTests", pb.ListAbTestsRequest())
+    elif cmd == "show":
+        tests = call("ListAbTests", pb.ListAbTestsRequest()).tests
+        found = [t for t in tests if t.name == args.name]
+        if not found:
+            known = ", ".join(t.name for t in tests) or "none"
+            print(f"error: no A/B test {args.name!r}; tests: {known}", file=sys.stderr)
+            return 2
+        resp = found[0]
+    elif cmd == "analyze":
+        resp = call(
+            "AnalyzeAbTest", pb.AnalyzeAbTestRequest(test_name=args.name, method=args.method)
+        )
+    elif cmd == "end":
+        resp = call(
+            "EndAbTest", pb.EndAbTestRequest(test_name=args.name, winner=args.winner, tag=args.tag)
+        )
+    else:
+        resp = call(
+            "AssignVariant", pb.AssignVariantRequest(test_name=args.name, user_id=args.user_id)
+        )
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    console = Console()
+
+    def arm(a: Any) -> str:
+        return f"{a.model_name} v{a.version}"
+
+    if cmd == "list":
+        table = Table(title="A/B tests")
+        for col in ("test", "status", "variant_a", "variant_b", "split", "metrics", "winner"):
+            table.add_column(col)
+        for t in resp.tests:
+            table.add_row(
+                t.name,
+                t.status,
+                arm(t.variant_a),
+                arm(t.variant_b),
+                f"{t.traffic_split:g}",
+                ", ".join(t.metrics),
+                t.winner or "-",
+            )
+        console.print(table if resp.tests else "no A/B tests")
+    elif cmd in ("create", "show", "end"):
+        console.print(
+            f"A/B test {resp.name} ({resp.status}): variant_a {arm(resp.variant_a)} for "
+            f"{resp.traffic_split:.0%} of users, variant_b {arm(resp.variant_b)}; metrics "
+            f"{', '.join(resp.metrics)}" + (f"; winner {resp.winner}" if resp.winner else "")
+        )
+    elif cmd == "analyze":
+        table = Table(title=f"A/B test {args.name}: variant_b - variant_a ({resp.method})")
+        for col in ("metric", "n a", "n b", "mean a", "mean b", "diff", "95% CI", "p", "winner"):
+            table.add_column(col)
+        sequential = resp.method == "sequential"
+        for key, m in sorted(resp.metrics.items()):
+            lo, hi, p = (
+                ("sequential_ci_low", "sequential_ci_high", "sequential_p_value")
+                if sequential
+                else ("ci_low", "ci_high", "p_value")
+            )
+            ci = f"[{getattr(m, lo):.4g}, {getattr(m, hi):.4g}]" if m.HasField(lo) else "-"
+            table.add_row(
+                key,
+                str(m.count_a),
+                str(m.count_b),
+                f"{m.variant_a_mean:.4g}" if m.HasField("variant_a_mean") else "-",
+                f"{m.variant_b_mean:.4g}" if m.HasField("variant_b_mean") else "-",
+                f"{m.difference:+.4g}" if m.HasField("difference") else "-",
+                ci,
+                f"{getattr(m, p):.3g}" if m.HasField(p) else "-",
+                m.winner,
+            )
+        console.print(table)
+        r = resp.sample_ratio
+        flag = "[bold red]MISMATCH[/bold red]" if r.mismatch else "ok"
+        console.print(
+            f"sample ratio: {r.count_a} / {r.count_b} against a split of "
+            f"{r.expected_share_a:g} (chi-square p {r.p_value:.3g}): {flag}"
+        )
+    else:
+        console.print(f"{args.user_id}: {resp.variant} ({arm(resp.arm)})")
+    return 0
+
+
 def _add_lifecycle_commands(admin_sub: Any) -> None:
     q = admin_sub.add_parser("show", help="one version's record (default: the head)")
     _model_flag(q)
@@ -682,6 +840,8 @@ def _admin(args: argparse.Namespace) -> int:
         return _privacy_report(
             call("GetPrivacyReport", pb.GetPrivacyReportRequest(model_name=args.model)), args.json
         )
+    if args.admin_command == "ab":
+        return _admin_ab(args, call)
     if args.admin_command in ("show", "rollback", "compare", "tag", "prune", "alerts", "trend"):
         return _admin_lifecycle(args, call)
     rows: list[tuple[Any, ...]]

@@ -84,10 +84,23 @@ class FederationSettings:
 class _UserDevice(DeviceClient):
     """A user's in-process device: it sends the update trained in train_local_model."""
 
-    def __init__(self, config: ClientConfig, data: Dataset, pending: TrainResult, base: int):
+    def __init__(
+        self,
+        config: ClientConfig,
+        data: Dataset,
+        pending: TrainResult,
+        base: int,
+        federation: str,
+    ):
         super().__init__(config, data)
         self.pending: TrainResult | None = pending
         self.pending_base = base
+        self.federation = federation
+
+    def credentials_scope(self) -> str:
+        # Each round's server listens on a new port over the same store: the user's
+        # registration (id, token, identity key) is the store's and outlives the port.
+        return self.federation
 
     def _train(
         self,
@@ -152,6 +165,11 @@ class FederatedTrainer:
         with self._lock:
             self._pending[user_id] = _Pending(data, result, record.version)
         return result
+
+    def _federation_id(self) -> str:
+        """A stable name of this model's federation (a digest: the URL may hold a password)."""
+        digest = hashlib.sha256(f"{self.store.url}\x00{self.model_id}".encode()).hexdigest()
+        return f"in-process:{digest[:32]}"
 
     def run_round(self, min_updates: int) -> dict[str, Any]:
         """One real round with every pending user; the seed's result dict."""
@@ -222,6 +240,7 @@ class FederatedTrainer:
                     p.data,
                     p.result,
                     p.base_version,
+                    federation=self._federation_id(),
                 )
                 devices.append(device)
                 threads.append(threading.Thread(target=device.run, daemon=True, name="user"))

@@ -21,7 +21,7 @@ from common.modelspec import ModelSpec
 from common.tensors import Manifest, to_wire
 from server.lifecycle.abtests import AbTests, assign
 from server.lifecycle.errors import ConflictError, InvalidInputError, UnknownNameError
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.versions import VersionControl
 from server.store import Store
 
@@ -54,10 +54,16 @@ class VariantModel:
 
 
 class DeviceLifecycle:
-    def __init__(self, store: Store, model_name: str, ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        model_name: str,
+        ttl_s: float = 1.0,
+        alert_settings: AlertSettings | None = None,
+    ) -> None:
         self.model_name = model_name
         self.ab_tests = AbTests(store)
-        self.performance = PerformanceLog(store)
+        self.performance = PerformanceLog(store, settings=alert_settings)
         self.versions = VersionControl(store)
         self._blobs: OrderedDict[int, VariantModel] = OrderedDict()
         self.ttl_s = ttl_s

@@ -16,7 +16,7 @@ from common.pb import admin_pb2 as pb
 from common.pb import admin_pb2_grpc, tensor_pb2
 from server.errors import ErrorKind, FederationError
 from server.lifecycle.abtests import AbTests
-from server.lifecycle.performance import PerformanceLog
+from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.modelconf import parse_settings
 from server.privacy import privacy_report
@@ -42,6 +42,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         models: ModelRunner | None = None,
         revocations: Revocations | None = None,
         before_audit_read: Callable[[], object] | None = None,
+        alert_settings: AlertSettings | None = None,
     ) -> None:
         """Over a store; with `models` (a running server's), models can be created and paused."""
         self.store = store
@@ -52,7 +53,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         # Writes what is pending for the audit log (aggregated refusals) before a read.
         self.before_audit_read = before_audit_read
         self.versions = VersionControl(store)
-        self.performance = PerformanceLog(store)
+        self.performance = PerformanceLog(store, settings=alert_settings)
         self.ab_tests = AbTests(store)
 
     @staticmethod

@@ -59,6 +59,7 @@ __all__ = [
     "describe_error",
     "is_transient",
     "retry_transient",
+    "store_unavailable",
     "utcnow",
 ]
 
@@ -81,6 +82,22 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
     return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether a call failed because the database cannot be reached or written just now.
+
+    SQLAlchemy's transient errors, and the driver's own connection errors where one
+    escapes unwrapped (psycopg's OperationalError from a connection that died between
+    two statements): a caller should come back later, nothing it sent was wrong.
+    """
+    if is_transient(error):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # SQLite-only installs
+        return False
+    return isinstance(error, psycopg.OperationalError)
 
 
 def describe_error(error: BaseException) -> str:
