@@ -166,6 +166,8 @@ def federation(args: argparse.Namespace, ctx: Any, **server: Any) -> dict[str, A
             "max_wait_ms": 5000,
             "max_backoff": 2.0,
             "allow_plaintext": not srv.config.secagg,  # the central-DP baseline runs plain
+            # The sweep's large epsilons need less noise than the devices' default minimum.
+            "min_noise_multiplier": 0.0,
         }
         shards = [list(range(args.devices))[w :: args.workers] for w in range(args.workers)]
         procs = [

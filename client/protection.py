@@ -7,13 +7,15 @@ own settings before it downloads anything:
 
 * secure aggregation is required unless the device was started with
   `--allow-plaintext` (a plaintext update is seen whole by the server);
-* with `--min-noise-multiplier z` or `--max-user-epsilon E`, the task must use
-  distributed DP (Skellam noise added on the devices, under secure aggregation)
-  with a noise the device can verify from the task itself: its own noise variance
-  v, the encoding's L2 sensitivity Delta and the contributor count n_min the noise
-  is sized for, which must not exceed the cohort the round selected. The verified
-  noise multiplier is z_v = sqrt(n_min v) / Delta (the noise of any n_min honest
-  uploads); central DP, added by the server, cannot be verified and is declined;
+* a task that promises user-level distributed DP (Skellam noise added on the
+  devices, under secure aggregation) must keep a noise the device can verify from
+  the task itself: its own noise variance v, the encoding's L2 sensitivity Delta
+  and the contributor count n_min the noise is sized for, which must not exceed the
+  cohort the round selected. The verified noise multiplier z_v = sqrt(n_min v) /
+  Delta (the noise of any n_min honest uploads) must reach `--min-noise-multiplier`,
+  0.5 by default: a promise of z = 1e-6 is declined by a device nobody configured;
+* with `--require-user-dp` or `--max-user-epsilon E`, a task without such noise is
+  declined too; central DP, added by the server, cannot be verified and is declined;
 * the device keeps its own user-level ledger per model (`client/ledger.py`) of
   the spends it verified, and declines a task that would take that model past E.
 
@@ -37,6 +39,11 @@ USER_LEVEL = "user"
 DISTRIBUTED = "skellam-distributed"
 
 
+# A user-level noise multiplier below this protects nothing one would call private (one
+# release of z = 0.5 alone is epsilon ~10 at delta 1e-5); 0 turns the check off.
+DEFAULT_MIN_NOISE_MULTIPLIER = 0.5
+
+
 class TaskDeclined(Exception):  # noqa: N818 - an outcome, not a failure
     """The device will not run the task; the reason goes to the server."""
 
@@ -46,9 +53,10 @@ class Protection:
     """What this device insists on, whatever the task says."""
 
     allow_plaintext: bool = False
-    min_noise_multiplier: float = 0.0  # 0: no minimum
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE_MULTIPLIER  # of tasks with DP; 0: none
     max_user_epsilon: float = 0.0  # per model; 0: no maximum
     delta: float = 1e-5
+    require_user_dp: bool = False  # decline tasks without verifiable user-level DP
 
     def __post_init__(self) -> None:
         if self.min_noise_multiplier < 0 or self.max_user_epsilon < 0:
@@ -58,7 +66,7 @@ class Protection:
 
     @property
     def wants_user_dp(self) -> bool:
-        return self.min_noise_multiplier > 0 or self.max_user_epsilon > 0
+        return self.require_user_dp or self.max_user_epsilon > 0
 
 
 def verified_user_spend(task: pb.Task) -> Spend | None:
@@ -105,9 +113,9 @@ def check_task(task: pb.Task, protection: Protection, ledger: PrivacyLedger) -> 
             "clear; plain rounds need a device started with --allow-plaintext"
         )
     spend = verified_user_spend(task)
-    if not protection.wants_user_dp:
-        return spend
     if spend is None:
+        if not protection.wants_user_dp:
+            return None
         kind = (
             "central DP, whose noise the server adds after seeing the update"
             if task.privacy.user_dp.mechanism == pb.USER_DP_CENTRAL_GAUSSIAN
@@ -120,7 +128,7 @@ def check_task(task: pb.Task, protection: Protection, ledger: PrivacyLedger) -> 
         raise TaskDeclined(
             f"the task's user-level noise multiplier is {spend.noise_multiplier:.4g} (verified "
             f"from its noise and {task.secagg.min_contributors} contributors), below this "
-            f"device's minimum {protection.min_noise_multiplier:g}"
+            f"device's minimum {protection.min_noise_multiplier:g} (--min-noise-multiplier)"
         )
     budget = protection.max_user_epsilon
     if budget > 0:

@@ -185,19 +185,35 @@ def _run_device_against(task: pb.Task, tmp_path: Path, **settings: Any) -> Malic
         # Central DP: the server adds the noise after it has seen the update.
         (
             _plain_task(pb.USER_DP_CENTRAL_GAUSSIAN),
-            {"allow_plaintext": True, "min_noise_multiplier": 0.5},
+            {"allow_plaintext": True, "require_user_dp": True},
             "central DP",
         ),
-        # A task that keeps its own (tiny) promise: z = 1e-6.
-        (_dp_task(1e-6, 5, 10), {"min_noise_multiplier": 0.5}, "below this device's minimum"),
+        # A task that keeps its own (tiny) promise: z = 1e-6, declined by the default device.
+        (_dp_task(1e-6, 5, 10), {}, "below this device's minimum 0.5"),
+        # ...and by one with its own, higher minimum.
+        (_dp_task(0.8, 5, 10), {"min_noise_multiplier": 0.9}, "below this device's minimum 0.9"),
         # Noise sized for 1,000 contributors of a 2-device sum.
         (_with_cohort(_dp_task(1.0, 1000, 1000), 2), {}, "round selected 2 devices"),
         # A single round worth more than the device's budget for this model.
-        (_dp_task(0.3, 5, 10), {"max_user_epsilon": 1.0}, "budget of model 'digits-mlp'"),
+        (
+            _dp_task(0.3, 5, 10),
+            {"max_user_epsilon": 1.0, "min_noise_multiplier": 0.0},
+            "budget of model 'digits-mlp'",
+        ),
         # No user-level noise at all, for a device that has a budget.
         (_without_dp(_dp_task(1.0, 5, 10)), {"max_user_epsilon": 5.0}, "no user-level noise"),
+        (_without_dp(_dp_task(1.0, 5, 10)), {"require_user_dp": True}, "no user-level noise"),
     ],
-    ids=["plaintext", "central-dp", "tiny-z", "n-min-above-cohort", "over-budget", "no-dp"],
+    ids=[
+        "plaintext",
+        "central-dp",
+        "tiny-z-default",
+        "z-below-own-minimum",
+        "n-min-above-cohort",
+        "over-budget",
+        "no-dp-with-budget",
+        "no-dp-required",
+    ],
 )
 def test_a_malicious_task_is_declined_with_its_reason_and_nothing_uploaded(
     task: pb.Task, settings: dict[str, Any], reason: str, tmp_path: Path
@@ -274,3 +290,20 @@ def test_devices_account_the_noise_they_verified_and_stop_at_their_budget(
         assert len(entries) == 2
         assert entries[-1].epsilon == pytest.approx(two, rel=1e-6)
         assert entries[-1].epsilon == pytest.approx(server_epsilon, rel=1e-6)
+
+
+def test_the_default_device_runs_secure_rounds_without_dp_and_checks_promised_noise(
+    tmp_path: Path,
+) -> None:
+    ledger = PrivacyLedger(LocalStore(str(tmp_path / "store"), Sealer(b"\x23" * 32)))
+    default = Protection()
+    assert default.min_noise_multiplier == 0.5 and not default.allow_plaintext
+    # Secure aggregation without user-level DP promises no noise: it runs.
+    assert check_task(_without_dp(_dp_task(1.0, 5, 10)), default, ledger) is None
+    # A promise of noise is held to the default minimum, at its verified value.
+    spend = check_task(_dp_task(0.5, 5, 10), default, ledger)
+    assert spend is not None and spend.noise_multiplier == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(TaskDeclined, match=r"0\.49 .*below this device's minimum 0\.5"):
+        check_task(_dp_task(0.49, 5, 10), default, ledger)
+    # A device told to accept any noise does.
+    assert check_task(_dp_task(1e-6, 5, 10), Protection(min_noise_multiplier=0.0), ledger)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from common.atrest import Sealer, load_key
-from common.models import ModelSpec, infer_spec
 from common.tensors import Manifest, flatten_state_dict, from_wire
 from server.lifecycle.errors import InvalidInputError
-from server.store import Store
+
+if TYPE_CHECKING:
+    from common.models import ModelSpec
+    from server.store import Store
 
 
 def default_db_url() -> str:
@@ -32,6 +33,8 @@ def default_db_url() -> str:
 
 def open_store(db: str | None = None) -> Store:
     """The store at db (or the default URL), schema migrated to the newest revision."""
+    from server.store import Store  # SQLAlchemy: a second of imports, only when opened
+
     sealer = None
     if os.environ.get("XENO_DATA_KEY") or os.environ.get("XENO_DATA_KEY_FILE"):
         sealer = Sealer(load_key(os.environ.get("XENO_DATA_KEY_FILE", ""), "XENO_DATA_KEY"))
@@ -48,6 +51,12 @@ def weights_of(
     The flat wire format (little-endian float32 bytes, or a 1-D array) carries no tensor
     layout: it fits only a model that already exists.
     """
+    # torch is imported here, not with the module: opening a store (the desktop app, the
+    # admin commands) must not pay seconds for it.
+    import torch
+
+    from common.models import ModelSpec, infer_spec
+
     if isinstance(model_data, torch.nn.Module):
         model_data = model_data.state_dict()
     if isinstance(model_data, Mapping):

@@ -144,6 +144,7 @@ class TrainingTab(QWidget):
         self.errors = make_table()
         self.errors.setObjectName("import_errors")
         self.store_label = QLabel()
+        self.store_label.setWordWrap(True)
         grid.addWidget(self.import_button, 0, 0)
         grid.addWidget(self.file_label, 0, 1)
         grid.addWidget(self.add_button, 0, 2)
