@@ -141,6 +141,15 @@ class ServerConfig:
     batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
     learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
+    personalization: str = setting(
+        "none",
+        "fedrep: each device also trains a personal head it keeps (FedRep, Collins et al. "
+        "2021) and reports the global and personalized accuracy on its held-out data; none",
+        "XENO_PERSONALIZATION",
+    )
+    personal_epochs: int = setting(
+        2, "epochs of head-only training per round with --personalization", "XENO_PERSONAL_EPOCHS"
+    )
     min_clients: int = setting(
         2,
         "fewest updates that complete a round (and devices needed to start one)",
@@ -507,6 +516,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         task = TaskName.parse(self.task)
+        if self.personalization not in ("none", "fedrep"):
+            raise ValueError(
+                f"unknown --personalization {self.personalization!r}; use fedrep or none"
+            )
         if not self.model:
             object.__setattr__(self, "model", default_model_name(task))
 
