@@ -32,6 +32,7 @@ __all__ = [
     "default_model_name",
     "evaluation_set",
     "model_spec_for",
+    "simulated_heldout",
     "simulated_shard",
 ]
 
@@ -97,6 +98,27 @@ def simulated_shard(
     train = load_clinc150().train
     user = _users(num_partitions, alpha, seed)[partition]
     return TextShard(tuple(train.texts[i] for i in user.train), train.labels[user.train])
+
+
+def simulated_heldout(
+    task: TaskName,
+    partition: int,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    test_fraction: float = 0.2,
+) -> TextShard | None:
+    """Simulated device `partition`'s personal held-out data: its user's kept fifth (intents).
+
+    Digits shards have none (the digits held-out split is the server's).
+    """
+    if task is TaskName.DIGITS:
+        return None
+    if not 0 <= partition < num_partitions:
+        raise ValueError(f"--partition {partition} is outside 0..{num_partitions - 1}")
+    train = load_clinc150().train
+    user = _users(num_partitions, alpha, seed)[partition]
+    return TextShard(tuple(train.texts[i] for i in user.heldout), train.labels[user.heldout])
 
 
 @functools.lru_cache(maxsize=4)

@@ -144,3 +144,95 @@ def test_consented_examples_train_a_real_round_and_no_text_leaves(
         )
     assert SENTINEL.encode() in bytes(relay.sent)
     store.close()
+
+
+def _user_with_examples(home: Path) -> tuple[UserStore, list[str]]:
+    data = load_clinc150()
+    store = UserStore("kim", home=home)
+    trainer = CustomModelTrainer("kim", store=store)
+    picked = [i for i in range(len(data.train.texts)) if data.train.labels[i] < 3][:40]
+    for i in picked:
+        trainer.add_training_example(
+            data.train.texts[i], "ok", {"intent": data.intents[data.train.labels[i]]}, 5
+        )
+    trainer.add_training_example(SENTINEL, "ok", {"intent": data.intents[1]}, 5)
+    return store, [data.train.texts[i] for i in picked]
+
+
+def test_cli_client_user_without_consent_reads_nothing_and_sends_nothing(
+    server_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xeno import cli
+
+    home = tmp_path / "home"
+    store, _ = _user_with_examples(home)
+    consent.record(store, Scope.FEDERATED_TRAINING, True)
+    consent.record(store, Scope.FEDERATED_TRAINING, False)  # withdrawn: no
+    store.close()
+    server = server_factory(task="intents", min_clients=1, clients_per_round=1)
+    monkeypatch.setenv("XENO_HOME", str(home))
+    statements: list[str] = []
+    real_query = UserStore.query
+
+    def spy(self: UserStore, sql: str, params: tuple = ()) -> list:
+        statements.append(sql)
+        return real_query(self, sql, params)
+
+    monkeypatch.setattr(UserStore, "query", spy)
+    argv = ["client", "--user", "kim", "--server", server.address, "--state-dir"]
+    assert cli.main([*argv, str(tmp_path / "dev"), "--allow-plaintext"]) == 2
+    assert statements and not any("training_examples" in s for s in statements), statements
+    assert server.store.device_records() == []  # it never even registered
+
+
+@pytest.mark.slow
+def test_cli_client_user_with_consent_takes_part_and_no_text_leaves(
+    server_factory, tmp_path: Path, relay_for: list[RecordingRelay], monkeypatch
+) -> None:
+    import signal
+
+    from xeno import cli
+
+    home = tmp_path / "home"
+    store, texts = _user_with_examples(home)
+    consent.record(store, Scope.FEDERATED_TRAINING, True)
+    store.close()
+    server = server_factory(
+        task="intents",
+        rounds=1,
+        min_clients=1,
+        clients_per_round=1,
+        selection_window=0.1,
+        eval_data="none",
+    )
+    relay = RecordingRelay(server.address)
+    relay_for.append(relay)
+    monkeypatch.setenv("XENO_HOME", str(home))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = cli.main(
+            [
+                "client",
+                "--user",
+                "kim",
+                "--server",
+                relay.address,
+                "--state-dir",
+                str(tmp_path / "dev"),
+                "--allow-plaintext",
+                "--max-wait-ms",
+                "2000",
+            ]
+        )
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 0
+    [rnd] = server.store.list_rounds(server.config.model)
+    assert rnd.status == "completed" and rnd.participants == 1
+    [participant] = server.store.round_participants(rnd.id)
+    assert participant.num_examples == 33  # of 41 stored: a fifth (8) kept held out on the device
+    sent = bytes(relay.sent)
+    assert len(sent) > 100_000
+    for text in [SENTINEL, *texts]:
+        assert text.encode() not in sent, text

@@ -253,3 +253,34 @@ def test_trainer_runs_on_the_fasttext_body_when_given(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="trained on body"):
         other.predict_intent("Set up a call with Sarah")
     t.close()
+
+
+def test_ngram_body_uses_the_federated_models_tokenizer_and_hash() -> None:
+    """One tokenizer and hash on the device: the body's buckets are common.text's FNV-1a ids."""
+    from common.text import PAD, TextFeatures, feature_strings, featurize, fnv1a_32
+
+    text = "Wie spät ist es in Zürich? \uff34\uff29\uff2d\uff25 please"  # NFKC: TIME
+    vec = HashedNgramBody().embed([text])[0]
+    ids = featurize([text], TextFeatures(buckets=4096))[0]
+    assert set(np.flatnonzero(vec)) == {int(i) for i in ids if i != PAD}
+    # And the plain reference: FNV-1a of each feature string, modulo the buckets.
+    plain = Counter(fnv1a_32(f.encode()) % 4096 for f in feature_strings(text))
+    top = max(plain.values())
+    assert {b for b, c in plain.items() if c == top} == set(np.flatnonzero(vec == vec.max()))
+
+
+def test_a_head_of_the_old_crc32_body_is_retrained_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XENO_DEVICE_KEY", "ab" * 32)
+    store = UserStore("legacy", home=tmp_path)
+    old = CustomModelTrainer("legacy", store=store, body=HashedNgramBody(name="hashed-ngrams-v1"))
+    fill(old, 120)
+    assert old.train_intent_classifier()["body"] == "hashed-ngrams-v1"
+    new = CustomModelTrainer("legacy", store=store)
+    text, intent = examples(1, seed=77)[0]
+    assert new.predict_intent(text) == intent
+    versions = new.versions()
+    assert [v["body"] for v in versions] == ["hashed-ngrams-v1", "hashed-ngrams-v2"]
+    assert new.active_head().body == "hashed-ngrams-v2"
+    store.close()

@@ -2,7 +2,8 @@
 
 A *body* turns texts into fixed-size vectors. `HashedNgramBody` needs no
 training (word unigrams, bigrams and character 3-5-grams hashed into
-buckets, sublinear counts, L2-normalized): it is the from-scratch body. A
+buckets with the federated intent model's tokenizer and FNV-1a hash,
+`common.text`; sublinear counts, L2-normalized): it is the from-scratch body. A
 body trained elsewhere (the federated intent model's embedding, when the
 device holds one) plugs in through the same `TextBody` protocol.
 
@@ -25,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
-import re
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +36,10 @@ from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from common.text import PAD, TextFeatures, featurize
+
 __all__ = [
+    "LEGACY_NGRAM_BODIES",
     "UNKNOWN",
     "HashedNgramBody",
     "IntentHead",
@@ -65,31 +66,30 @@ class TextBody(Protocol):
 
 @dataclass(frozen=True)
 class HashedNgramBody:
-    """Hashed word and character n-grams: a body that needs no training."""
+    """Hashed word and character n-grams: a body that needs no training.
+
+    The features and their hash are the federated intent model's (`common.text`:
+    NFKC and lower case, Unicode words, word bigrams, character 3-5-grams, FNV-1a),
+    so the device tokenizes and hashes text one way for both models. Sublinear
+    counts (log1p) per bucket, L2-normalized.
+    """
 
     buckets: int = 1 << 12
-    name: str = "hashed-ngrams-v1"
-
-    def _features(self, text: str) -> list[bytes]:
-        words = re.findall(r"\w+", text.lower())
-        feats = [b"w|" + w.encode() for w in words]
-        feats += [b"b|" + (a + " " + b).encode() for a, b in itertools.pairwise(words)]
-        for w in words:
-            s = ("<" + w + ">").encode()
-            feats += [b"c|" + s[i : i + n] for n in (3, 4, 5) for i in range(len(s) - n + 1)]
-        return feats
+    name: str = "hashed-ngrams-v2"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        ids = featurize(texts, TextFeatures(buckets=self.buckets))
         out = np.zeros((len(texts), self.buckets), dtype=np.float32)
-        for row, text in enumerate(texts):
-            ids = np.fromiter(
-                (zlib.crc32(f) % self.buckets for f in self._features(text)), dtype=np.int64
-            )
-            if ids.size:
-                np.add.at(out[row], ids, 1.0)
+        rows, cols = np.nonzero(ids != PAD)
+        np.add.at(out, (rows, ids[rows, cols]), 1.0)
         np.log1p(out, out=out)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.asarray(out / np.maximum(norms, 1e-12))
+
+
+# Heads trained on the first n-gram body (its own regex words and crc32 buckets) cannot
+# run on this one; the trainer retrains them from the stored examples on first use.
+LEGACY_NGRAM_BODIES = frozenset({"hashed-ngrams-v1"})
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from client.assistant.intents import (
+    LEGACY_NGRAM_BODIES,
     UNKNOWN,
     IntentHead,
     TextBody,
@@ -225,6 +226,8 @@ class CustomModelTrainer:
         head = self.active_head()
         if head is None:
             return IntentPrediction(UNKNOWN, 0.0, [])
+        if head.body != self.body.name and head.body in LEGACY_NGRAM_BODIES:
+            head = self._retrain_legacy(head.body)
         if head.body != self.body.name:
             raise RuntimeError(
                 f"the active personal model was trained on body {head.body!r}, this trainer "
@@ -237,6 +240,17 @@ class CustomModelTrainer:
         return IntentPrediction(
             best if confidence >= head.threshold else UNKNOWN, confidence, ranked
         )
+
+    def _retrain_legacy(self, old_body: str) -> IntentHead:
+        """A head of an earlier n-gram body: retrain from the stored examples, once."""
+        result = self.train_intent_classifier()
+        head = self.active_head()
+        if not result.get("success") or head is None:
+            raise RuntimeError(
+                f"the active personal model was trained on body {old_body!r}, which this "
+                f"version replaced, and retraining failed: {result.get('error')}"
+            )
+        return head
 
     def predict_intent(self, text: str) -> str:
         """The user's intent for text, or "unknown" when the model is not sure enough."""
