@@ -36,7 +36,7 @@ from client.datasource import (
     intent_labels,
 )
 from client.ledger import PrivacyLedger
-from client.personal import FEDREP, PersonalStore, personal_names, personalization_of, train_fedrep
+from client.personal import FEDREP, PersonalStore, personalization_of, train_fedrep
 from client.protection import (
     DEFAULT_MIN_NOISE_MULTIPLIER,
     DISTRIBUTED,
@@ -728,8 +728,9 @@ class DeviceClient:
         training: LocalTrainingConfig,
         seed: int,
         personal_epochs: int,
+        personal_lr: float,
     ) -> TrainResult:
-        """A FedRep round: the personal head is read from and written back to the sealed store."""
+        """A FedRep round; the personal head is written to the sealed store, never sent."""
         if task.privacy.dp_sgd.enabled:
             raise TaskDeclined("personalization (fedrep) under DP-SGD is not supported here")
         if self.config.epsilon_budget > 0:
@@ -739,10 +740,9 @@ class DeviceClient:
             )
         data = self._data_for(model)
         heldout = None if self.heldout is None else self._data_for(model, self.heldout)
-        state = model.state_dict()
-        shapes = {n: tuple(state[n].shape) for n in personal_names(model)}
-        head = self.personal.load(task.model_name, shapes)
-        fed = train_fedrep(model, weights, data, heldout, head, training, personal_epochs, seed)
+        fed = train_fedrep(
+            model, weights, data, heldout, training, personal_epochs, personal_lr, seed
+        )
         self.personal.save(task.model_name, fed.personal_head)
         result = fed.result
         if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
@@ -765,11 +765,13 @@ class DeviceClient:
         training and written to the ledger before the update can leave the device.
         """
         try:
-            method, personal_epochs = personalization_of(dict(task.config.extra))
+            method, personal_epochs, personal_lr = personalization_of(dict(task.config.extra))
         except ValueError as exc:
             raise TaskDeclined(str(exc)) from None
         if method == FEDREP:
-            return self._train_personalized(task, model, weights, training, seed, personal_epochs)
+            return self._train_personalized(
+                task, model, weights, training, seed, personal_epochs, personal_lr
+            )
         data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
         private = dp_sgd.enabled or task.privacy.user_dp.mechanism != pb.USER_DP_NONE

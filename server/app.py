@@ -146,12 +146,20 @@ class ServerConfig:
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
     personalization: str = setting(
         "none",
-        "fedrep: each device also trains a personal head it keeps (FedRep, Collins et al. "
+        "fedrep: each device also fine-tunes a personal head it keeps (FedRep, Collins et al. "
         "2021) and reports the global and personalized accuracy on its held-out data; none",
         "XENO_PERSONALIZATION",
     )
     personal_epochs: int = setting(
-        2, "epochs of head-only training per round with --personalization", "XENO_PERSONAL_EPOCHS"
+        5,
+        "epochs of the personal head's fine-tuning per round with --personalization",
+        "XENO_PERSONAL_EPOCHS",
+    )
+    personal_learning_rate: float = setting(
+        0.1,
+        "SGD learning rate of the personal head's fine-tuning (the head overfits at the "
+        "body's rate)",
+        "XENO_PERSONAL_LEARNING_RATE",
     )
     min_clients: int = setting(
         2,

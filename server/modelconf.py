@@ -71,7 +71,8 @@ class ModelSettings:
     learning_rate: float = 0.05
     momentum: float = 0.9
     personalization: str = "none"
-    personal_epochs: int = 2
+    personal_epochs: int = 5
+    personal_learning_rate: float = 0.1
     min_clients: int = 2
     clients_per_round: int = 10
     overselect: float = 0.0
@@ -125,6 +126,7 @@ class ModelSettings:
             extra = {
                 "personalization": self.personalization,
                 "personal_epochs": str(self.personal_epochs),
+                "personal_learning_rate": repr(self.personal_learning_rate),
             }
         return FitInstructions(
             local_epochs=self.local_epochs,
@@ -228,6 +230,10 @@ class ModelSettings:
             )
         if not 1 <= self.personal_epochs <= 100:
             raise ValueError(f"personal_epochs must be in 1..100, got {self.personal_epochs}")
+        if not 0 < self.personal_learning_rate <= 100:
+            raise ValueError(
+                f"personal_learning_rate must be in (0, 100], got {self.personal_learning_rate}"
+            )
         self.model_spec()
         check_strategy(self.make_strategy(), self.round_config())
 

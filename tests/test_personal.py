@@ -29,19 +29,19 @@ from tests.test_assistant_federated import RecordingRelay
 
 
 def test_the_task_extras_name_the_method_and_its_epochs() -> None:
-    assert personalization_of({}) == ("", 0)
-    assert personalization_of({"personalization": "none"}) == ("", 0)
-    assert personalization_of({"personalization": "fedrep"}) == ("fedrep", 2)
-    assert personalization_of({"personalization": "fedrep", "personal_epochs": "3"}) == (
-        "fedrep",
-        3,
-    )
+    assert personalization_of({}) == ("", 0, 0.0)
+    assert personalization_of({"personalization": "none"}) == ("", 0, 0.0)
+    assert personalization_of({"personalization": "fedrep"}) == ("fedrep", 2, 0.1)
+    extra = {"personalization": "fedrep", "personal_epochs": "3", "personal_learning_rate": "0.5"}
+    assert personalization_of(extra) == ("fedrep", 3, 0.5)
     with pytest.raises(ValueError, match="unknown personalization 'ditto'"):
         personalization_of({"personalization": "ditto"})
     with pytest.raises(ValueError, match="personal_epochs must be an integer, got 'x'"):
         personalization_of({"personalization": "fedrep", "personal_epochs": "x"})
     with pytest.raises(ValueError, match=r"personal_epochs must be in 1\.\.100, got 0"):
         personalization_of({"personalization": "fedrep", "personal_epochs": "0"})
+    with pytest.raises(ValueError, match=r"personal_learning_rate must be in \(0, 100\], got -1"):
+        personalization_of({"personalization": "fedrep", "personal_learning_rate": "-1"})
 
 
 def test_the_head_is_the_last_linear_layer() -> None:
@@ -72,7 +72,7 @@ def test_a_fedrep_round_trains_head_then_body_and_reports_both_models() -> None:
     train, heldout = _user()
     start = flatten_state_dict(model.state_dict())
     config = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=5.0)
-    out = train_fedrep(model, start, train, heldout, {}, config, personal_epochs=2, seed=1)
+    out = train_fedrep(model, start, train, heldout, config, 2, personal_lr=5.0, seed=1)
     metrics = out.result.metrics
     # Independent references: the global model as downloaded, and its body under the head.
     reference = FastText()
@@ -90,11 +90,11 @@ def test_a_fedrep_round_trains_head_then_body_and_reports_both_models() -> None:
     assert np.abs(out.result.delta[:e_end]).max() > 0
     head = upload[e_end : e_end + 150 * 48].reshape(150, 48)
     assert not np.allclose(head, out.personal_head["head.weight"], atol=1e-3)
-    # A second round starts from the stored head, not from the global one.
-    again = train_fedrep(
-        model, start, train, heldout, out.personal_head, config, personal_epochs=2, seed=1
-    )
-    assert again.result.metrics["heldout_personal_correct"] >= metrics["heldout_global_correct"]
+    # The personal head is the global head fine-tuned: from the same global model and seed,
+    # the same head, whatever earlier rounds did.
+    again = train_fedrep(model, start, train, heldout, config, 2, personal_lr=5.0, seed=1)
+    for name, value in out.personal_head.items():
+        np.testing.assert_array_equal(again.personal_head[name], value)
 
 
 def test_the_personal_head_is_sealed_and_refused_under_another_key(tmp_path: Path) -> None:
@@ -135,6 +135,7 @@ def test_fedrep_over_grpc_keeps_each_head_on_its_device(
         task="intents",
         personalization="fedrep",
         personal_epochs=2,
+        personal_learning_rate=1.0,
         learning_rate=5.0,
         local_epochs=1,
         batch_size=32,
