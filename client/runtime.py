@@ -319,6 +319,16 @@ class DeviceClient:
         else:
             self.source = data if data is not None else data_source(config)
         self.stop = stop or threading.Event()
+        # Certificate files are checked first: a missing or bad one stops the device before
+        # it writes anything (its key, its state folder).
+        self._channel = client_channel(
+            config.server,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            options=[("grpc.enable_retries", 0)],
+            server_name=config.tls_server_name,
+        )
         key = resolve_key(
             config.device_key_file,
             Path(config.state_dir) / "device.key",
@@ -340,14 +350,6 @@ class DeviceClient:
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
-        self._channel = client_channel(
-            config.server,
-            config.tls_ca,
-            config.tls_cert,
-            config.tls_key,
-            options=[("grpc.enable_retries", 0)],
-            server_name=config.tls_server_name,
-        )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
         # Running A/B tests of the server's model and this device's variant in each.

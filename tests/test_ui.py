@@ -455,3 +455,29 @@ def test_keyboard_moves_through_a_tab_in_reading_order(qtbot, window: MainWindow
     # Ctrl+Tab goes to the next tab.
     qtbot.keyClick(window.tabs, Qt.Key.Key_Tab, Qt.KeyboardModifier.ControlModifier)
     assert window.tabs.currentIndex() == 1
+
+
+def test_personalizing_a_federated_model_uses_its_body(
+    qtbot, window: MainWindow, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from common.models import ModelSpec, build_model
+    from xeno.model_versioning import ModelVersionControl
+
+    spec = ModelSpec("fasttext", {"buckets": 512, "dim": 8, "num_classes": 3})
+    ModelVersionControl(store=window.session.db_store).create_version(
+        "intents-small", build_model(spec, seed=0), "test", "federated"
+    )
+    path = tmp_path / "examples.csv"
+    _write_examples(path, 18, bad_line=False)
+    window.tabs.setCurrentIndex(1)
+    tab = window.training
+    tab.load_file(path)
+    tab.add_button.click()
+    tab.model.setCurrentIndex(tab.model.findData("intents-small"))
+    assert "--model" in tab.command() and "intents-small" in tab.command()
+    tab.start_training()
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    (version,) = window.session.trainer.versions()
+    assert version["body"] == "intents-small-v1"
+    body = {tab.result.item(r, 0).text(): tab.result.item(r, 1).text() for r in range(6)}["body"]
+    assert body == "intents-small-v1"
