@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint proto proto-check bench clean mutation
+.PHONY: install demo test test-fast lint proto proto-check bench clean mutation screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy common server client xeno
+
+# A PNG of every tab of the desktop app from a freshly seeded demo (no display needed).
+screenshots: $(STAMP)
+	rm -rf data/ui-screenshots
+	QT_QPA_PLATFORM=offscreen $(VENV)/bin/xeno-fl ui --demo --home data/ui-screenshots --user demo --screenshot docs/ui
 
 # Deliberate one-line bugs (scripts/mutation.py): each must make its tests fail. Not in `make test`.
 mutation: $(STAMP)

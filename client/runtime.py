@@ -26,7 +26,17 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from client.datasource import (
+    AssistantExamples,
+    DataSource,
+    DeviceData,
+    JsonlFile,
+    LocalData,
+    SimulatedShard,
+    intent_labels,
+)
 from client.ledger import PrivacyLedger
+from client.personal import FEDREP, PersonalStore, personal_names, personalization_of, train_fedrep
 from client.protection import (
     DEFAULT_MIN_NOISE_MULTIPLIER,
     DISTRIBUTED,
@@ -125,6 +135,18 @@ class ClientConfig:
     data_seed: int = setting(0, "seed of the train/test split and partition", "XENO_DATA_SEED")
     test_fraction: float = setting(
         0.2, "fraction of digits held out (not trained on)", "XENO_TEST_FRACTION"
+    )
+    data: str = setting(
+        "",
+        'train on this JSONL file of {"text": ..., "intent": ...} lines (the intents task\'s '
+        "intent names) instead of a simulated shard",
+        "XENO_DATA",
+    )
+    heldout_fraction: float = setting(
+        0.2,
+        "fraction of the examples of --data or --user kept held out (never trained "
+        "on) to score models on this device",
+        "XENO_HELDOUT_FRACTION",
     )
     local_epochs: int | None = setting(
         None, "override the server's local epochs", "XENO_CLIENT_LOCAL_EPOCHS"
@@ -234,6 +256,10 @@ class ClientConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.data and self.user:
+            raise ValueError("--data and --user are two data sources: give one")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError("--heldout-fraction must be in [0, 1)")
         if self.min_secagg_cohort < 2:
             raise ValueError("--min-secagg-cohort must be at least 2")
         if not 0 <= self.secagg_corrupt_fraction < 0.5:
@@ -269,15 +295,40 @@ class Backoff:
 
 
 class DeviceClient:
+    """One device: trains on the local data it is given and never on anything else.
+
+    `data` is the training data itself, or a `DeviceData` with held-out data
+    too, or a `DataSource` loaded once the device is registered, or None: the
+    source that `config` names (`data_source`).
+    """
+
     def __init__(
         self,
         config: ClientConfig,
-        data: Dataset | TextShard | None,
+        data: LocalData | DeviceData | DataSource | None,
         stop: threading.Event | None = None,
     ) -> None:
         self.config = config
-        self.data = data
+        self.source: DataSource | None = None
+        self.data: LocalData | None = None
+        self.heldout: LocalData | None = None
+        if isinstance(data, DeviceData):
+            self.data, self.heldout = data.train, data.heldout
+        elif isinstance(data, Dataset | TextShard):
+            self.data = data
+        else:
+            self.source = data if data is not None else data_source(config)
         self.stop = stop or threading.Event()
+        # Certificate files are checked first: a missing or bad one stops the device before
+        # it writes anything (its key, its state folder).
+        self._channel = client_channel(
+            config.server,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            options=[("grpc.enable_retries", 0)],
+            server_name=config.tls_server_name,
+        )
         key = resolve_key(
             config.device_key_file,
             Path(config.state_dir) / "device.key",
@@ -294,18 +345,11 @@ class DeviceClient:
             log.info("removed %d temporary file(s) of interrupted writes", len(leftovers))
         self.identities = IdentityStore(self.store)
         self.ledger = PrivacyLedger(self.store)
+        self.personal = PersonalStore(self.store)
         self.protection = config.protection()
         self.backoff = Backoff(cap=config.max_backoff)
         self.rounds_done = 0
         self._creds: Credentials | None = None
-        self._channel = client_channel(
-            config.server,
-            config.tls_ca,
-            config.tls_cert,
-            config.tls_key,
-            options=[("grpc.enable_retries", 0)],
-            server_name=config.tls_server_name,
-        )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
         # Running A/B tests of the server's model and this device's variant in each.
@@ -366,10 +410,16 @@ class DeviceClient:
             self.store.save_credentials(creds)
             log.info("registered as %s", creds.device_id)
         self._creds = creds
-        if self.data is None:  # --partition -1: the enrollment order picks the shard
-            shard = creds.enrollment_index % self.config.num_partitions
-            self.data = load_partition(self.config, shard)
-            log.info("holding data partition %d of %d", shard, self.config.num_partitions)
+        if self.data is None:  # loaded now: --partition -1 picks by the enrollment order
+            assert self.source is not None
+            loaded = self.source.load(creds.enrollment_index)
+            self.data, self.heldout = loaded.train, loaded.heldout
+            log.info(
+                "training on %s: %d examples, %d held out",
+                self.source.describe(),
+                len(self.data),
+                0 if self.heldout is None else len(self.heldout),
+            )
 
     # -------------------------------------------------------------- main loop
     def run(self) -> int:
@@ -529,13 +579,19 @@ class DeviceClient:
             log.error("request refused: %s: %s; retrying in %.1fs", code.name, err.details(), delay)
             self.stop.wait(delay)
 
+    def _data_kind(self) -> str:
+        """The kind of data this device holds, as CheckIn names it: texts are intents'."""
+        if isinstance(self.data, TextShard):
+            return TaskName.INTENTS.value
+        return self.config.task
+
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
             pb.CheckInRequest(
                 max_wait_ms=self.config.max_wait_ms,
                 # The server offers only tasks of models that train on this device's data.
-                tasks=[self.config.task],
+                tasks=[self._data_kind()],
                 models=[m.strip() for m in self.config.models.split(",") if m.strip()],
             ),
             metadata=self._metadata(),
@@ -641,16 +697,65 @@ class DeviceClient:
             "".join(f", {k} {v:.3f}" for k, v in result.metrics.items() if "seconds" not in k),
         )
 
-    def _data_for(self, model: torch.nn.Module) -> Dataset:
-        """The local data in the input form of the task's model (texts: its hashed features)."""
-        assert self.data is not None
-        if isinstance(self.data, TextShard):
+    def _data_for(self, model: torch.nn.Module, data: LocalData | None = None) -> Dataset:
+        """Local data (default: the training data) in the input form of the task's model."""
+        data = self.data if data is None else data
+        assert data is not None
+        if isinstance(data, TextShard):
             if not isinstance(model, FastText):
                 raise TaskDeclined("this device holds text; the task's model does not take text")
-            return self.data.featurized(model.features)
+            return data.featurized(model.features)
         if isinstance(model, FastText):
             raise TaskDeclined("the task's model takes text; this device holds feature vectors")
-        return self.data
+        return data
+
+    def _heldout_scores(self, model: torch.nn.Module, weights: np.ndarray) -> dict[str, float]:
+        """Held-out counts of the downloaded version: federated evaluation (none without data)."""
+        if self.heldout is None or len(self.heldout) == 0:
+            return {}
+        heldout = self._data_for(model, self.heldout)
+        load_flat_into_module(model, weights)
+        model.eval()
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(heldout.x)).argmax(1).numpy()
+        model.train()
+        correct = int((predicted == heldout.y).sum())
+        return {
+            "heldout_examples": float(len(heldout)),
+            "heldout_global_correct": float(correct),
+            "heldout_global_accuracy": correct / len(heldout),
+        }
+
+    def _train_personalized(
+        self,
+        task: pb.Task,
+        model: torch.nn.Module,
+        weights: np.ndarray,
+        training: LocalTrainingConfig,
+        seed: int,
+        personal_epochs: int,
+    ) -> TrainResult:
+        """A FedRep round: the personal head is read from and written back to the sealed store."""
+        if task.privacy.dp_sgd.enabled:
+            raise TaskDeclined("personalization (fedrep) under DP-SGD is not supported here")
+        if self.config.epsilon_budget > 0:
+            raise TaskDeclined(
+                f"privacy budget: the task trains without DP-SGD and this device only "
+                f"spends its data under DP (epsilon budget {self.config.epsilon_budget:g})"
+            )
+        data = self._data_for(model)
+        heldout = None if self.heldout is None else self._data_for(model, self.heldout)
+        state = model.state_dict()
+        shapes = {n: tuple(state[n].shape) for n in personal_names(model)}
+        head = self.personal.load(task.model_name, shapes)
+        fed = train_fedrep(model, weights, data, heldout, head, training, personal_epochs, seed)
+        self.personal.save(task.model_name, fed.personal_head)
+        result = fed.result
+        if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
+            # Counts on private data would escape the accounted mechanism.
+            for key in [k for k in result.metrics if k.startswith("heldout_")]:
+                result.metrics.pop(key)
+        return result
 
     def _train(
         self,
@@ -665,8 +770,18 @@ class DeviceClient:
         With DP-SGD, the round's spend is checked against the budget before any
         training and written to the ledger before the update can leave the device.
         """
+        try:
+            method, personal_epochs = personalization_of(dict(task.config.extra))
+        except ValueError as exc:
+            raise TaskDeclined(str(exc)) from None
+        if method == FEDREP:
+            return self._train_personalized(task, model, weights, training, seed, personal_epochs)
         data = self._data_for(model)
         dp_sgd = task.privacy.dp_sgd
+        private = dp_sgd.enabled or task.privacy.user_dp.mechanism != pb.USER_DP_NONE
+        # The downloaded version scored on this device's held-out data (not under DP: the
+        # counts would be a release outside the accounted mechanisms).
+        scores = {} if private else self._heldout_scores(model, weights)
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
             if budget > 0:
@@ -675,6 +790,7 @@ class DeviceClient:
                     f"spends its data under DP (epsilon budget {budget:g})"
                 )
             result = train_local(model, weights, data, training, seed)
+            result.metrics.update(scores)
             if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
                 # Metrics computed on private data would escape the accounted mechanism.
                 result.metrics.pop("train_loss", None)
@@ -810,11 +926,23 @@ def _noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: flo
     return noise_for_epsilon(target, sample_rate, steps, delta)
 
 
-def load_partition(config: ClientConfig, partition: int | None = None) -> Dataset | TextShard:
-    """The simulated local data of shard `partition` (default: the configured one)."""
-    return simulated_shard(
-        TaskName.parse(config.task),
-        config.partition if partition is None else partition,
+def data_source(config: ClientConfig) -> DataSource:
+    """The local data source `config` names: --data, --user, else a simulated shard."""
+    task = TaskName.parse(config.task)
+    if config.data:
+        return JsonlFile(
+            Path(config.data), intent_labels(task), config.heldout_fraction, config.data_seed
+        )
+    if config.user:
+        return AssistantExamples(
+            config.user,
+            intent_labels(task),
+            heldout_fraction=config.heldout_fraction,
+            seed=config.data_seed,
+        )
+    return SimulatedShard(
+        task,
+        config.partition,
         config.num_partitions,
         config.alpha,
         config.data_seed,
@@ -822,17 +950,13 @@ def load_partition(config: ClientConfig, partition: int | None = None) -> Datase
     )
 
 
-def assistant_shard(user_id: str) -> TextShard:
-    """The user's consented examples of the shared intent model's intents.
-
-    Raises ConsentRequiredError without consent, before any example is read.
-    """
-    from client.assistant.federated import federated_shard
-    from client.assistant.store import UserStore
-    from common.data.clinc150 import load_clinc150
-
-    with UserStore(user_id) as store:
-        return federated_shard(store, load_clinc150().intents)
+def load_partition(config: ClientConfig, partition: int | None = None) -> LocalData:
+    """The simulated training data of shard `partition` (default: the configured one)."""
+    task = TaskName.parse(config.task)
+    shard = config.partition if partition is None else partition
+    return simulated_shard(
+        task, shard, config.num_partitions, config.alpha, config.data_seed, config.test_fraction
+    )
 
 
 def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
@@ -847,22 +971,19 @@ def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> in
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    if config.partition < -1:
-        raise ValueError("--partition must be -1 (auto) or a shard index")
-    data: Dataset | TextShard | None
-    if config.user:
-        from client.assistant.consent import ConsentRequiredError
-
+    if config.user:  # the assistant's examples are texts of the shared intent model
         config = replace(config, task=TaskName.INTENTS.value)
-        try:
-            data = assistant_shard(config.user)
-        except ConsentRequiredError as exc:
-            log.error("not taking part: %s", exc)
-            return 2
-        log.info("training on %d of user %s's stored examples", len(data), config.user)
-    else:
-        data = load_partition(config) if config.partition >= 0 else None
-    client = DeviceClient(config, data, stop)
+    source = data_source(config)
+    # A bad file or missing consent stops the device before it registers.
+    data = None if source.needs_enrollment else source.load()
+    if data is not None:
+        log.info(
+            "training on %s: %d examples, %d held out",
+            source.describe(),
+            len(data.train),
+            0 if data.heldout is None else len(data.heldout),
+        )
+    client = DeviceClient(config, source if data is None else data, stop)
     try:
         return client.run()
     finally:

@@ -23,7 +23,7 @@ import numpy as np
 
 from common.data import Dataset, digits_split, federated_digits
 from common.data.clinc150 import load_clinc150, user_partitions
-from common.modelspec import ModelSpec
+from common.modelspec import ModelSpec, mlp_for_params
 from common.text import TextFeatures, featurize
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "default_model_name",
     "evaluation_set",
     "model_spec_for",
+    "simulated_heldout",
     "simulated_shard",
 ]
 
@@ -57,8 +58,6 @@ def model_spec_for(task: TaskName, hidden: list[int], params: int = 0) -> ModelS
     """The spec a new model of the task gets (hidden/params size the digits MLP only)."""
     if task is TaskName.INTENTS:
         return ModelSpec("fasttext", {"num_classes": load_clinc150().num_intents})
-    from common.models import mlp_for_params
-
     if params > 0:
         return mlp_for_params(params)
     return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})
@@ -99,6 +98,27 @@ def simulated_shard(
     train = load_clinc150().train
     user = _users(num_partitions, alpha, seed)[partition]
     return TextShard(tuple(train.texts[i] for i in user.train), train.labels[user.train])
+
+
+def simulated_heldout(
+    task: TaskName,
+    partition: int,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    test_fraction: float = 0.2,
+) -> TextShard | None:
+    """Simulated device `partition`'s personal held-out data: its user's kept fifth (intents).
+
+    Digits shards have none (the digits held-out split is the server's).
+    """
+    if task is TaskName.DIGITS:
+        return None
+    if not 0 <= partition < num_partitions:
+        raise ValueError(f"--partition {partition} is outside 0..{num_partitions - 1}")
+    train = load_clinc150().train
+    user = _users(num_partitions, alpha, seed)[partition]
+    return TextShard(tuple(train.texts[i] for i in user.heldout), train.labels[user.heldout])
 
 
 @functools.lru_cache(maxsize=4)

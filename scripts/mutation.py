@@ -135,6 +135,28 @@ MUTANTS: list[Mutant] = [
             "tests/test_secagg.py::test_a_device_that_uploaded_learns_its_round_completed_without_its_shares",
         ),
     ),
+    # ---- issue 13: several models on one server
+    Mutant(
+        "models: a device is offered every model, whatever data it holds",
+        "server/runner.py",
+        "return [m.coordinator for m in self.models() if m.task is None or m.task in kinds]",
+        "return [m.coordinator for m in self.models()]",
+        ("tests/test_models.py::test_a_mixed_fleet_trains_two_models_at_once",),
+    ),
+    Mutant(
+        "models: pause leaves the model running",
+        "server/rounds/coordinator.py",
+        "self._paused = True",
+        "self._paused = False",
+        ("tests/test_models.py::test_pause_stops_one_models_rounds_and_resume_restarts_them",),
+    ),
+    Mutant(
+        "models: the pause state is not restored on restart",
+        "server/app.py",
+        "if definition.paused:",
+        "if False:",
+        ("tests/test_models.py::test_a_restart_restores_every_model_and_its_pause_state",),
+    ),
 ]
 
 

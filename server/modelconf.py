@@ -70,6 +70,8 @@ class ModelSettings:
     batch_size: int = 16
     learning_rate: float = 0.05
     momentum: float = 0.9
+    personalization: str = "none"
+    personal_epochs: int = 2
     min_clients: int = 2
     clients_per_round: int = 10
     overselect: float = 0.0
@@ -117,11 +119,19 @@ class ModelSettings:
         return model_spec_for(self.task_name(), hidden, self.params)
 
     def fit_instructions(self) -> FitInstructions:
+        extra: dict[str, str] = {}
+        if self.personalization != "none":
+            # FitConfig.extra keys the devices read (client.personal; docs/protocol.md).
+            extra = {
+                "personalization": self.personalization,
+                "personal_epochs": str(self.personal_epochs),
+            }
         return FitInstructions(
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             momentum=self.momentum,
+            extra=extra,
         )
 
     def make_strategy(self) -> Strategy:
@@ -212,6 +222,12 @@ class ModelSettings:
         self.task_name()
         if self.eval_data not in ("auto", "none", self.task):
             raise ValueError(f"unknown eval_data {self.eval_data!r}; use auto or none")
+        if self.personalization not in ("none", "fedrep"):
+            raise ValueError(
+                f"unknown personalization {self.personalization!r}; use fedrep or none"
+            )
+        if not 1 <= self.personal_epochs <= 100:
+            raise ValueError(f"personal_epochs must be in 1..100, got {self.personal_epochs}")
         self.model_spec()
         check_strategy(self.make_strategy(), self.round_config())
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from client.runtime import ClientConfig, DeviceClient, load_partition
+from client.runtime import ClientConfig, DeviceClient, data_source
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
 from server.app import ServerConfig, XenoServer
@@ -169,7 +169,8 @@ def device_threads(tmp_path: Path) -> Iterator[Callable[..., list[DeviceThread]]
                 **overrides,
             )
             stop = threading.Event()
-            client = DeviceClient(config, load_partition(config), stop)
+            # The simulated shard with its held-out part (a CLINC150 user's kept fifth).
+            client = DeviceClient(config, data_source(config).load(), stop)
             if before_start is not None:
                 before_start(client)
             thread = threading.Thread(target=client.run, daemon=True, name=f"device-{i}")

@@ -231,7 +231,7 @@ def test_cli_client_user_with_consent_takes_part_and_no_text_leaves(
     [rnd] = server.store.list_rounds(server.config.model)
     assert rnd.status == "completed" and rnd.participants == 1
     [participant] = server.store.round_participants(rnd.id)
-    assert participant.num_examples == 41
+    assert participant.num_examples == 33  # of 41 stored: a fifth (8) kept held out on the device
     sent = bytes(relay.sent)
     assert len(sent) > 100_000
     for text in [SENTINEL, *texts]:

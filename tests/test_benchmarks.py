@@ -65,6 +65,26 @@ def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
 
 
 @pytest.mark.slow
+def test_intents_benchmark_compares_global_and_personalized_accuracy() -> None:
+    line = _json_line(
+        "benchmarks/intents.py",
+        "--personalization-only",
+        "--users",
+        "4",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--personal-epochs",
+        "1",
+    )
+    for key in ("mean_global_accuracy", "mean_personalized_accuracy"):
+        assert isinstance(line[key], float) and 0 <= line[key] <= 1
+    fedrep = line["personalization"]
+    assert isinstance(fedrep, dict) and fedrep["users"] == 4 and len(fedrep["per_round"]) == 2
+
+
+@pytest.mark.slow
 def test_robust_benchmark_times_every_rule() -> None:
     line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
     seconds = line["seconds"]

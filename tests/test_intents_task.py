@@ -94,6 +94,8 @@ def test_simulate_task_intents_runs_end_to_end(tmp_path: Path) -> None:
             "2",
             "--local-epochs",
             "1",
+            "--personalization",
+            "fedrep",
             "--db",
             f"sqlite:///{tmp_path}/sim.db",
             "--report",
@@ -111,3 +113,12 @@ def test_simulate_task_intents_runs_end_to_end(tmp_path: Path) -> None:
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["participants"] == 4 for r in rounds)
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] > 1 / 150
+    # Federated evaluation: each round's devices scored the version they downloaded on their
+    # users' held-out fifths (4 users of 3,750 queries, each keeping 750).
+    evaluation = data["federated_evaluation"]
+    assert [e["version"] for e in evaluation] == [1, 2]
+    assert all(e["devices"] == 4 and e["heldout_examples"] == 3000 for e in evaluation)
+    assert evaluation[1]["server_accuracy"] == rounds[0]["accuracy"]
+    assert 0 <= evaluation[1]["federated_accuracy"] <= 1
+    assert evaluation[1]["personalized_accuracy"] > evaluation[1]["federated_accuracy"]
+    assert "federated accuracy" in out.stdout

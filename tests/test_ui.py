@@ -332,3 +332,152 @@ def test_export_then_delete_needs_the_typed_user_id(
     window.personalization.refresh()
     assert "was deleted" in window.personalization.bar.label.text()
     assert not paths.database.exists()
+
+
+@pytest.mark.slow
+def test_demo_screenshots_and_the_benchmark_run_from_the_command_line(tmp_path: Path) -> None:
+    """`xeno-fl ui --demo --screenshot DIR`: a real demo federation, one 1024x700 PNG per tab."""
+    import json
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    env.pop("XENO_DEVICE_KEY", None)  # the demo keeps its own device key file
+    home, shots = tmp_path / "demo", tmp_path / "shots"
+    cli = [sys.executable, "-m", "xeno.cli", "ui", "--demo", "--home", str(home), "--user", "demo"]
+    done = subprocess.run(
+        [*cli, "--screenshot", str(shots)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in shots.iterdir())
+    assert names == [f"{i + 1}-{n.lower()}.png" for i, n in enumerate(TAB_NAMES)]
+    for name in names:
+        head = (shots / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", head[16:24]) == (1024, 700)
+    # The demo's federation is real: two DP rounds in the model's privacy ledger.
+    s = Session.open("demo", home=home, db=f"sqlite:///{home}/xeno.db")
+    try:
+        from common.pb import admin_pb2 as pb
+
+        report = s.admin(
+            "GetPrivacyReport", pb.GetPrivacyReportRequest(model_name="intents-fasttext")
+        )
+        assert [e.round_number for e in report.entries] == [1, 2]
+    finally:
+        s.close()
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/ui.py",
+            "--home",
+            str(home),
+            "--repeats",
+            "1",
+            "--switches",
+            "5",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    line = json.loads(bench.stdout.strip())
+    assert line["switches"] == 5 and line["open_s_median"] > 0
+
+
+def test_over_a_running_server_with_a_token(qtbot, server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--server: the Versions tab rolls back over gRPC; a wrong token says what to do."""
+    import argparse
+
+    server = server_factory(admin_token="s3cret-admin-token")
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-admin-token\n")
+    token_file.chmod(0o600)
+    bad = Session.open(
+        "carol",
+        home=tmp_path / "home",
+        server=server.address,
+        admin_args=argparse.Namespace(token="wrong-token"),
+    )
+    w = MainWindow(bad)
+    qtbot.addWidget(w)
+    w.tabs.setCurrentIndex(3)
+    text = w.versions.bar.label.text()
+    assert "refused the admin credentials" in text and "--token-file" in text
+    bad.close()
+
+    good = Session.open(
+        "carol",
+        home=tmp_path / "home",
+        server=server.address,
+        admin_args=argparse.Namespace(token_file=str(token_file)),
+    )
+    w = MainWindow(good)
+    qtbot.addWidget(w)
+    w.tabs.setCurrentIndex(3)
+    tab = w.versions
+    assert tab.bar.kind == ""
+    model = tab.model.currentData()
+    assert model == server.config.model and tab.head.text() == "head: v1"
+    tab.confirm = lambda title, text: True
+    tab.table.selectRow(0)
+    tab.rollback_button.click()  # to the head itself: the server refuses, the window says why
+    assert "version 1 is already the head" in tab.bar.label.text()
+    from xeno.model_versioning import ModelVersionControl
+
+    mvc = ModelVersionControl(store=server.store)
+    state = mvc.load_state_dict(model)
+    mvc.create_version(model, {k: v + 1 for k, v in state.items()}, "test", "v2")
+    tab.refresh()
+    assert tab.head.text() == "head: v2"
+    tab.table.selectRow(1)  # version 1
+    tab.rollback_button.click()
+    assert tab.head.text() == "head: v3", tab.bar.label.text()
+    assert server.store.get_model(model).current_version == 3
+    assert mvc.get_version(model, 3)["rollback_of"] == 1
+    good.close()
+
+
+def test_keyboard_moves_through_a_tab_in_reading_order(qtbot, window: MainWindow) -> None:  # type: ignore[no-untyped-def]
+    tab = window.personalization
+    window.activateWindow()
+    tab.selectors["communication_style"].setFocus()
+    qtbot.keyClick(tab.selectors["communication_style"], Qt.Key.Key_Tab)
+    assert tab.learning["communication_style"].hasFocus()
+    qtbot.keyClick(tab.learning["communication_style"], Qt.Key.Key_Tab)
+    assert tab.selectors["detail_level"].hasFocus()
+    # Ctrl+Tab goes to the next tab.
+    qtbot.keyClick(window.tabs, Qt.Key.Key_Tab, Qt.KeyboardModifier.ControlModifier)
+    assert window.tabs.currentIndex() == 1
+
+
+def test_personalizing_a_federated_model_uses_its_body(
+    qtbot, window: MainWindow, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from common.models import ModelSpec, build_model
+    from xeno.model_versioning import ModelVersionControl
+
+    spec = ModelSpec("fasttext", {"buckets": 512, "dim": 8, "num_classes": 3})
+    ModelVersionControl(store=window.session.db_store).create_version(
+        "intents-small", build_model(spec, seed=0), "test", "federated"
+    )
+    path = tmp_path / "examples.csv"
+    _write_examples(path, 18, bad_line=False)
+    window.tabs.setCurrentIndex(1)
+    tab = window.training
+    tab.load_file(path)
+    tab.add_button.click()
+    tab.model.setCurrentIndex(tab.model.findData("intents-small"))
+    assert "--model" in tab.command() and "intents-small" in tab.command()
+    tab.start_training()
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    (version,) = window.session.trainer.versions()
+    assert version["body"] == "intents-small-v1"
+    body = {tab.result.item(r, 0).text(): tab.result.item(r, 1).text() for r in range(6)}["body"]
+    assert body == "intents-small-v1"

@@ -78,6 +78,12 @@ class SimulationConfig:
     alpha: float = setting(0.5, "Dirichlet concentration of the label partition", "XENO_ALPHA")
     seed: int = setting(0, "seed of the data split, partition and initial weights", "XENO_SEED")
     local_epochs: int = setting(5, "local epochs per round", "XENO_LOCAL_EPOCHS")
+    personalization: str = setting(
+        "none",
+        "fedrep: devices also keep a personal head (FedRep) and the report gives the "
+        "personalized accuracy on their held-out data; none",
+        "XENO_PERSONALIZATION",
+    )
     round_deadline: float = setting(
         60.0, "seconds before a round closes with what it has", "XENO_ROUND_DEADLINE"
     )
@@ -124,6 +130,8 @@ class SimulationResult:
     server_cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
+    # Per version: the server's accuracy beside the devices' own held-out scores of it.
+    federated_evaluation: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +153,44 @@ def _round_record(s: RoundSummary) -> dict[str, Any]:
         "bytes_out": s.bytes_out,
         "failure_reason": s.failure_reason,
     }
+
+
+def federated_evaluation(store: Any, model: str) -> list[dict[str, Any]]:
+    """Each version's server-side accuracy beside its federated accuracy.
+
+    A round's devices score the version they downloaded (its base) on their
+    own held-out data before training and report the counts (`heldout_*`
+    metrics; not under DP); summed over the round's devices they give that
+    version's federated accuracy, and with personalization the accuracy of
+    the devices' personalized models.
+    """
+    versions: dict[int, float | None] = {}
+    rows: list[dict[str, Any]] = []
+    for rnd in store.list_rounds(model):
+        if rnd.result_version is not None:
+            versions[rnd.result_version] = (rnd.metrics or {}).get("accuracy")
+        examples = correct = personal = 0.0
+        devices = 0
+        for p in store.round_participants(rnd.id):
+            m = p.metrics or {}
+            if m.get("heldout_examples", 0) > 0 and "heldout_global_correct" in m:
+                devices += 1
+                examples += m["heldout_examples"]
+                correct += m["heldout_global_correct"]
+                personal += m.get("heldout_personal_correct", float("nan"))
+        if devices:
+            rows.append(
+                {
+                    "version": rnd.base_version,
+                    "devices": devices,
+                    "heldout_examples": int(examples),
+                    "federated_accuracy": correct / examples,
+                    "personalized_accuracy": None if personal != personal else personal / examples,
+                }
+            )
+    for row in rows:
+        row["server_accuracy"] = versions.get(row["version"])
+    return rows
 
 
 def _cpu_seconds() -> float:
@@ -180,6 +226,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         data_seed=config.seed,
         strategy=config.strategy,
         local_epochs=config.local_epochs,
+        personalization=config.personalization,
         min_clients=min(config.min_clients, config.clients),
         clients_per_round=config.clients,
         round_deadline=config.round_deadline,
@@ -240,6 +287,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             d.start()
         try:
             _collect(server, events, config, result, started)
+            result.federated_evaluation = federated_evaluation(server.store, result.model)
         finally:
             result.server_cpu_seconds = _cpu_seconds() - cpu_start
             for d in devices:
@@ -342,6 +390,17 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
         console.print(
             f"user-level privacy of the model: epsilon {eps[-1]:.3f} at delta 1e-5 "
             f"({privacy_status(eps[-1])}); ledger: xeno-fl admin --db {result.db} privacy-report",
+            soft_wrap=True,
+        )
+    if result.federated_evaluation:
+        last = result.federated_evaluation[-1]
+        server_acc = last["server_accuracy"]
+        personal = last["personalized_accuracy"]
+        console.print(
+            f"version {last['version']}: federated accuracy {last['federated_accuracy']:.4f} "
+            f"on {last['devices']} devices' held-out data ({last['heldout_examples']} examples)"
+            + ("" if server_acc is None else f", server-side {server_acc:.4f}")
+            + ("" if personal is None else f", personalized {personal:.4f}"),
             soft_wrap=True,
         )
     console.print(f"database: {result.db}", soft_wrap=True)

@@ -972,7 +972,7 @@ class RoundCoordinator:
             now = self.clock()
             rnd = self._round
             if rnd is None:
-                if not self._paused:
+                if not self._paused:  # a paused model starts no round
                     self._maybe_start_round(now)
                 return None
             if rnd.closing:

@@ -31,8 +31,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--user", required=True, help="the user whose assistant data is shown")
     p.add_argument(
         "--home",
-        default=os.environ.get("XENO_HOME") or "",
-        help="folder of the assistant's data (default: ./data) [env XENO_HOME]",
+        default="",
+        help="folder of the assistant's data (default: $XENO_HOME, else ./data; with --demo: "
+        "./data/ui-demo, never $XENO_HOME)",
     )
     p.add_argument(
         "--server", default=os.environ.get("XENO_SERVER"), help="server HOST:PORT [env XENO_SERVER]"
@@ -54,7 +55,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="seed a demo user and a short federation (under $XENO_HOME/ui-demo) and open them",
+        help="seed a demo user and a short federation (in --home, default ./data/ui-demo; once) "
+        "and open them",
     )
     p.add_argument(
         "--screenshot",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class Session:
     server: str | None = None
     db_url: str | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
-    db_store: Any = None  # the server's store, when read directly (--db)
+    _local: Any = None  # the _LocalAdmin, when the database is read directly (--db)
     deleted: bool = False
     _store: Any = None
     _engine: Any = None
@@ -126,11 +127,17 @@ class Session:
             from xeno._store import default_db_url
 
             url = db or default_db_url()
-            call, close, store = _local_admin(url)
+            local = _LocalAdmin(url)
+            call, close = local, local.close
             session = cls(user_id, home_path, call, f"database {url}", db_url=url)
-            session.db_store = store
+            session._local = local
         session._closers.append(close)
         return session
+
+    @property
+    def db_store(self) -> Any:
+        """The server's store when the database is read directly (--db), else None."""
+        return self._local.store if self._local is not None else None
 
     # ------------------------------------------------------------------ device side
     @property
@@ -156,7 +163,10 @@ class Session:
     @property
     def engine(self) -> Any:
         if self._engine is None:
-            from xeno.model_finetuning import PersonalizationEngine
+            # The class xeno.model_finetuning re-exports, imported from its home: that module
+            # also imports the trainer, and with it torch (seconds), which the window's
+            # first tab does not need (xeno.ui.app warms it up in the background).
+            from client.assistant.personalization import PersonalizationEngine
 
             self._engine = PersonalizationEngine(self.user_id, store=self.store)
         return self._engine
@@ -246,24 +256,49 @@ def _remote_admin(
     return call, channel.close
 
 
-def _local_admin(url: str) -> tuple[AdminCall, Callable[[], None], Any]:
-    from server.services.admin import AdminServicer
-    from server.store.audit import set_actor
-    from xeno._store import open_store
+class _LocalAdmin:
+    """The admin servicer over a database, opened on the first call.
 
-    try:
-        store = open_store(url)
-    except Exception as exc:  # any driver or migration failure: say so in the window
-        raise UiError(
-            f"Cannot open the database {url}: {exc}",
-            "Check the --db URL (sqlite:///PATH or postgresql+psycopg://...) and that the "
-            "database server runs.",
-        ) from None
-    set_actor(f"xeno-fl ui {os.environ.get('USER', 'unknown')} (direct database access)")
-    servicer = AdminServicer(store)
-    context = _LocalContext()
+    SQLAlchemy and the migrations cost about a second of imports: the window opens
+    without them, and a database that cannot be opened is an error in the tab that
+    needed it, not a refusal to start.
+    """
 
-    def call(method: str, request: Any) -> Any:
-        return getattr(servicer, method)(request, context)
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._store: Any = None
+        self._servicer: Any = None
+        self._lock = threading.Lock()
 
-    return call, store.close, store
+    @property
+    def store(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from server.services.admin import AdminServicer
+                from server.store.audit import set_actor
+                from xeno._store import open_store
+
+                try:
+                    store = open_store(self.url)
+                except Exception as exc:  # any driver or migration failure: say so
+                    raise UiError(
+                        f"Cannot open the database {self.url}: {exc}",
+                        "Check the --db URL (sqlite:///PATH or postgresql+psycopg://...) and "
+                        "that the database server runs; then press Refresh.",
+                    ) from None
+                set_actor(
+                    f"xeno-fl ui {os.environ.get('USER', 'unknown')} (direct database access)"
+                )
+                self._servicer = AdminServicer(store)
+                self._store = store
+            return self._store
+
+    def __call__(self, method: str, request: Any) -> Any:
+        self.store  # noqa: B018 (opens it)
+        return getattr(self._servicer, method)(request, _LocalContext())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None

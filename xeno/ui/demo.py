@@ -53,7 +53,7 @@ def _examples(per_intent: int, offset: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def seed_user(home: Path, user: str, per_intent: int = 16, versions: int = 2) -> None:
+def seed_user(home: Path, user: str, per_intent: int = 20, versions: int = 2) -> None:
     """A user with rated interactions, an explicit choice, consent, examples and versions."""
     from client.assistant.consent import Scope, record
     from client.assistant.store import UserStore
@@ -81,13 +81,14 @@ def seed_user(home: Path, user: str, per_intent: int = 16, versions: int = 2) ->
         record(store, Scope.PERSONALIZATION, True)
         trainer = CustomModelTrainer(user, store=store)
         examples = _examples(per_intent)
-        step = max(1, len(examples) // versions)
-        for v in range(versions):
-            # Each version sees more of the examples, as a user adding them over time would.
-            for text, intent in examples[v * step : (v + 1) * step] if v else examples[:step]:
+        # Each version sees more of the examples, as a user adding them over time would.
+        cuts = [52 + (len(examples) - 52) * v // max(1, versions - 1) for v in range(versions)]
+        added = 0
+        for v, cut in enumerate(cuts):
+            for text, intent in examples[added:cut]:
                 trainer.add_training_example(text, "", {"intent": intent})
-            if len(trainer.labelled_examples()) >= 50:
-                trainer.train_intent_classifier(seed=v)
+            added = cut
+            trainer.train_intent_classifier(seed=v)
 
 
 def seed_federation(db: str, home: Path, rounds: int = 2, users: int = 3) -> None:

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.assistant.trainer import validate_intent
-
 MAX_FILE_BYTES = 20 * 1024 * 1024
 
 
@@ -36,6 +34,8 @@ class Parsed:
 
 
 def _row(line: int, record: dict[str, Any], max_chars: int) -> Row:
+    from client.assistant.trainer import validate_intent  # imports torch: not at window open
+
     text = record.get("input_text", record.get("text"))
     if not isinstance(text, str) or not text.strip():
         raise ValueError("no input_text (the example's text)")

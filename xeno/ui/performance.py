@@ -34,6 +34,7 @@ from xeno.ui.versions import Confirm, ask, when
 from xeno.ui.widgets import EXPECTED, MessageBar, fill_table, guarded, make_table, tab_chain
 
 REFRESH_MS = 5000
+CHART_HEIGHT = 150
 
 
 def _opt(msg: Any, name: str) -> Any:
@@ -73,7 +74,8 @@ class PerformanceTab(QWidget):
         charts_box = QGroupBox("Trends (Mann-Kendall at p < 0.05, by each metric's good direction)")
         cv = QVBoxLayout(charts_box)
         self.chart_area = QWidget()
-        self.chart_grid = QGridLayout(self.chart_area)
+        self.chart_list = QVBoxLayout(self.chart_area)
+        self.chart_list.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.chart_area)
@@ -133,9 +135,10 @@ class PerformanceTab(QWidget):
         left.addWidget(metrics_box)
         left.addWidget(alerts_box)
         left.addWidget(ab_box)
-        left.setStretchFactor(0, 2)
+        left.setStretchFactor(0, 3)
         left.setStretchFactor(1, 1)
         left.setStretchFactor(2, 3)
+        left.setSizes([260, 110, 330])
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(left)
         split.addWidget(charts_box)
@@ -188,7 +191,12 @@ class PerformanceTab(QWidget):
         self.model.setCurrentIndex(max(0, self.model.findData(current)))
         self.model.blockSignals(False)
         self._load_metrics()
+        selected = self._selected_test()
         self._load_tests()
+        if selected is not None:
+            self.select_test(selected)
+        elif self.tests.rowCount():
+            self.tests.selectRow(0)  # the newest test's analysis, rather than an empty table
 
     def _load_metrics(self, quiet: bool = False) -> None:
         model = self.model.currentData()
@@ -216,7 +224,7 @@ class PerformanceTab(QWidget):
                     max(values),
                     len(values),
                     trend.trend if trend else "-",
-                    float(trend.p_value) if trend else "-",
+                    f"{trend.p_value:.3g}" if trend else "-",
                 )
             )
         fill_table(
@@ -262,13 +270,22 @@ class PerformanceTab(QWidget):
             if chart is None:
                 chart = LineChart(name)
                 chart.setObjectName(f"chart_{name}")
+                chart.setFixedHeight(CHART_HEIGHT)
                 self.charts[name] = chart
-            self.chart_grid.addWidget(chart, i, 0)
+                self.chart_list.insertWidget(i, chart)
             trend = self.trends.get(name)
             if trend is not None:
                 chart.set_series(series[name], trend.trend, f"  p = {trend.p_value:.3g}")
             else:
                 chart.set_series(series[name])
+        # The scroll area does not grow its widget to the layout's minimum by itself (and the
+        # layout's cached minimum can be stale here): the charts' own heights decide.
+        margins = self.chart_list.contentsMargins()
+        self.chart_area.setMinimumHeight(
+            sum(c.height() + self.chart_list.spacing() for c in self.charts.values())
+            + margins.top()
+            + margins.bottom()
+        )
 
     def _load_tests(self) -> None:
         resp = guarded(self.bar, lambda: self.session.admin("ListAbTests", pb.ListAbTestsRequest()))
@@ -329,7 +346,7 @@ class PerformanceTab(QWidget):
                     _opt(m, "variant_b_mean"),
                     _opt(m, "difference"),
                     ci,
-                    _opt(m, "p_value"),
+                    f"{m.p_value:.3g}" if m.HasField("p_value") else "-",
                     m.winner,
                 )
             )

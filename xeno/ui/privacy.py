@@ -61,6 +61,18 @@ def rounds_within(epsilon: float, noise: float, delta: float = DELTA) -> int:
     return lo
 
 
+def device_default(name: str) -> float:
+    """A protection setting's default in `xeno-fl client` (what a device enforces unset)."""
+    import dataclasses
+
+    from client.runtime import ClientConfig
+
+    for f in dataclasses.fields(ClientConfig):
+        if f.name == name and isinstance(f.default, int | float):
+            return float(f.default)
+    return 0.0
+
+
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -75,13 +87,16 @@ class PrivacyTab(QWidget):
 
         fl = QGroupBox("Federated learning")
         fv = QVBoxLayout(fl)
-        self.federated = QCheckBox(
-            "&Take part in federated learning: train the shared intent model on my examples "
-            "on this device (only noised, securely aggregated model updates leave it)"
-        )
+        self.federated = QCheckBox("&Take part in federated learning")
         self.federated.setObjectName("federated")
         self.federated.toggled.connect(self._set_consent)
         fv.addWidget(self.federated)
+        why = QLabel(
+            "Your device trains the shared intent model on your examples; only noised, "
+            "securely aggregated model updates leave it, never your text."
+        )
+        why.setWordWrap(True)
+        fv.addWidget(why)
         self.consents = make_table()
         self.consents.setObjectName("consents")
         fv.addWidget(QLabel("Consent record (every grant and withdrawal, oldest first)"))
@@ -93,7 +108,7 @@ class PrivacyTab(QWidget):
         self.min_noise.setObjectName("min_noise")
         self.min_noise.setRange(0.0, 20.0)
         self.min_noise.setSingleStep(0.1)
-        self.min_noise.setValue(float(os.environ.get("XENO_MIN_NOISE_MULTIPLIER") or 1.0))
+        self.min_noise.setValue(float(os.environ.get("XENO_MIN_NOISE_MULTIPLIER") or 0.0))
         form.addRow("Minimum noise multiplier:", self.min_noise)
         row = QHBoxLayout()
         self.budget = QSlider(Qt.Orientation.Horizontal)
@@ -108,6 +123,8 @@ class PrivacyTab(QWidget):
         self.consequence = QLabel()
         self.consequence.setObjectName("consequence")
         self.consequence.setWordWrap(True)
+        # A wrapped label in a form gets one line's height unless told: it holds ~4 lines.
+        self.consequence.setMinimumHeight(self.consequence.fontMetrics().lineSpacing() * 5)
         form.addRow(self.consequence)
         self.device_flags = QLineEdit()
         self.device_flags.setReadOnly(True)
@@ -121,7 +138,9 @@ class PrivacyTab(QWidget):
 
         report = QGroupBox("Privacy report")
         rg = QGridLayout(report)
-        rg.addWidget(QLabel("This device's ledger (what its data has spent)"), 0, 0, 1, 2)
+        self.device_note = QLabel("This device's ledger (what its data has spent)")
+        self.device_note.setWordWrap(True)
+        rg.addWidget(self.device_note, 0, 0, 1, 2)
         self.device_ledger = make_table()
         self.device_ledger.setObjectName("device_ledger")
         rg.addWidget(self.device_ledger, 1, 0, 1, 2)
@@ -165,14 +184,15 @@ class PrivacyTab(QWidget):
         left = QWidget()
         lv = QVBoxLayout(left)
         lv.setContentsMargins(0, 0, 0, 0)
-        lv.addWidget(fl, 2)
+        lv.addWidget(fl, 1)
         lv.addWidget(dp)
         lv.addWidget(gdpr)
+        self.consents.setMinimumHeight(80)
+        self.consents.setMaximumHeight(160)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(left)
         split.addWidget(report)
-        split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 1)
+        split.setSizes([540, 480])
         outer = QVBoxLayout(self)
         outer.addWidget(self.bar)
         outer.addWidget(split, 1)
@@ -198,6 +218,8 @@ class PrivacyTab(QWidget):
         guarded(self.bar, self._load)
 
     def _load(self) -> None:
+        if not os.environ.get("XENO_MIN_NOISE_MULTIPLIER") and self.min_noise.value() == 0.0:
+            self.min_noise.setValue(device_default("min_noise_multiplier"))
         store = self.session.store
         self._loading = True
         try:
@@ -247,6 +269,10 @@ class PrivacyTab(QWidget):
                 )
                 for e in entries or []
             ],
+        )
+        self.device_note.setText(
+            "This device's ledger (what its data has spent)"
+            + ("" if entries else ": empty, this device has not trained under DP yet")
         )
 
     def _load_report(self) -> None:

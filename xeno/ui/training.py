@@ -144,6 +144,7 @@ class TrainingTab(QWidget):
         self.errors = make_table()
         self.errors.setObjectName("import_errors")
         self.store_label = QLabel()
+        self.store_label.setWordWrap(True)
         grid.addWidget(self.import_button, 0, 0)
         grid.addWidget(self.file_label, 0, 1)
         grid.addWidget(self.add_button, 0, 2)
@@ -213,8 +214,11 @@ class TrainingTab(QWidget):
         models = guarded(self.bar, self.session.models) or []
         for m in models:
             if m.spec.architecture == "fasttext":
+                # Over a server the weights are not downloadable by the admin API: the body
+                # is the one this device saved from its last round (or the shipped one).
+                where = "" if self.session.db_url else " (as this device last received it)"
                 self.model.addItem(
-                    f"{m.name} v{m.current_version}: the federated intent body", m.name
+                    f"{m.name} v{m.current_version}: the federated intent body{where}", m.name
                 )
         self.model.setCurrentIndex(max(0, self.model.findData(current)))
         self._show_store()

@@ -203,6 +203,8 @@ class VersionsTab(QWidget):
             for v in self._versions:
                 combo.addItem(f"v{v.version}", v.version)
             combo.setCurrentIndex(min(pick, combo.count() - 1))
+        if len(self._versions) >= 2:
+            self._compare()  # the newest change at a glance; the user picks others
 
     def _load_personal(self) -> None:
         versions = guarded(self.bar, self.session.trainer.versions)

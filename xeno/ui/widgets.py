@@ -116,10 +116,13 @@ def fill_table(table: QTableWidget, headers: Sequence[str], rows: Sequence[Seque
             table.setItem(r, c, item)
     header = table.horizontalHeader()
     # Few columns share the width; many keep their content width and scroll.
-    many = len(headers) > 6
+    many = len(headers) > 5
     mode = QHeaderView.ResizeMode.ResizeToContents if many else QHeaderView.ResizeMode.Stretch
     header.setSectionResizeMode(mode)
     header.setStretchLastSection(True)
+    table.setHorizontalScrollBarPolicy(
+        Qt.ScrollBarPolicy.ScrollBarAsNeeded if many else Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+    )
 
 
 def tab_chain(widgets: Sequence[QWidget]) -> None:
@@ -134,4 +137,5 @@ def make_table() -> QTableWidget:
     table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
     table.setAlternatingRowColors(True)
     table.verticalHeader().setVisible(False)
+    table.setWordWrap(False)
     return table
