@@ -592,13 +592,19 @@ class DeviceClient:
             log.error("request refused: %s: %s; retrying in %.1fs", code.name, err.details(), delay)
             self.stop.wait(delay)
 
+    def _data_kind(self) -> str:
+        """The kind of data this device holds, as CheckIn names it: texts are intents'."""
+        if isinstance(self.data, TextShard):
+            return TaskName.INTENTS.value
+        return self.config.task
+
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
             pb.CheckInRequest(
                 max_wait_ms=self.config.max_wait_ms,
                 # The server offers only tasks of models that train on this device's data.
-                tasks=[self.config.task],
+                tasks=[self._data_kind()],
                 models=[m.strip() for m in self.config.models.split(",") if m.strip()],
             ),
             metadata=self._metadata(),
