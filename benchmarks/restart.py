@@ -5,10 +5,14 @@
 
 One busy loop per core (`--busy`, default os.cpu_count()) runs the whole time. Each
 restart starts `xeno-fl server` on the same database, polls gRPC health every 50 ms
-until it reports SERVING, records the time since the process was started, and kills
-it with SIGKILL (no clean shutdown, as after a crash). The first start, which creates
-the schema and the model, is not counted. Also reported: the same restarts on the
-idle machine (before the busy loops start) and the import time of the server module.
+until it reports SERVING, records the time since the process was started, then
+registers a device (a real call that writes to the database) and records when that
+was answered, and kills the server with SIGKILL (no clean shutdown, as after a
+crash). The first start, which creates the schema and the model, is not counted.
+Also reported: the CPU time the server process had used when it reported SERVING
+(what start-up costs; the rest of the wall time is waiting for a core on a busy
+machine), the same restarts on the idle machine (before the busy loops start) and
+the import time of the server module.
 """
 
 from __future__ import annotations
@@ -75,18 +79,47 @@ def start_server(db: str, port: int, extra: list[str] | None = None) -> subproce
     )
 
 
-def time_to_serving(db: str, port: int, timeout: float = 120.0) -> float:
-    """Start a server, wait for SERVING, SIGKILL it; seconds from start to SERVING."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _register(address: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from common.pb import federation_pb2 as pb
+    from common.pb import federation_pb2_grpc
+
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    with grpc.insecure_channel(address) as channel:
+        stub = federation_pb2_grpc.FederationStub(channel)
+        stub.Register(pb.RegisterRequest(identity_public_key=key), timeout=60)
+
+
+def time_to_serving(
+    db: str, port: int, extra: list[str] | None = None, timeout: float = 120.0
+) -> tuple[float, float, float]:
+    """Start a server, wait for SERVING, register a device, SIGKILL it.
+
+    Returns the seconds from start to SERVING, the server's CPU seconds by then, and the
+    seconds from start until the registration was answered.
+    """
     started = time.monotonic()
-    proc = start_server(db, port)
+    proc = start_server(db, port, extra)
+    address = f"127.0.0.1:{port}"
     try:
-        while not _serving(f"127.0.0.1:{port}"):
+        while not _serving(address):
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with status {proc.returncode}")
             if time.monotonic() - started > timeout:
                 raise RuntimeError("the server did not serve in time")
             time.sleep(0.05)
-        return time.monotonic() - started
+        serving = time.monotonic() - started
+        cpu = _cpu_seconds(proc.pid)
+        _register(address)
+        return serving, cpu, time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -111,23 +144,29 @@ def main() -> None:
     parser.add_argument("--idle-restarts", type=int, default=3)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--db", default="", help="database URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--server-args", default="", help="more flags for `xeno-fl server`, space-separated"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or f"sqlite:///{tmp}/restart.db"
+        extra = args.server_args.split()
         port = _free_port()
-        time_to_serving(db, port)  # creates the schema and the model
-        idle = [time_to_serving(db, port) for _ in range(args.idle_restarts)]
+        time_to_serving(db, port, extra)  # creates the schema and the model
+        idle_runs = [time_to_serving(db, port, extra) for _ in range(args.idle_restarts)]
         idle_import = _import_seconds()
         loops = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.busy)]
         for p in loops:
             p.start()
         try:
             busy_import = _import_seconds()
-            loaded = [time_to_serving(db, port) for _ in range(args.restarts)]
+            loaded_runs = [time_to_serving(db, port, extra) for _ in range(args.restarts)]
             load = os.getloadavg()[0]
         finally:
             for p in loops:
                 p.kill()
+    loaded = [r[0] for r in loaded_runs]
+    idle = [r[0] for r in idle_runs]
     print(
         json.dumps(
             {
@@ -139,6 +178,12 @@ def main() -> None:
                 "serving_s_median": round(statistics.median(loaded), 2),
                 "serving_s_max": round(max(loaded), 2),
                 "serving_s": [round(s, 2) for s in loaded],
+                "serving_cpu_s_median": round(statistics.median(r[1] for r in loaded_runs), 2),
+                "registered_s_median": round(statistics.median(r[2] for r in loaded_runs), 2),
+                "registered_s_max": round(max(r[2] for r in loaded_runs), 2),
+                "idle_serving_cpu_s_median": (
+                    round(statistics.median(r[1] for r in idle_runs), 2) if idle_runs else None
+                ),
                 "idle_serving_s_median": round(statistics.median(idle), 2) if idle else None,
                 "import_s_idle": round(idle_import, 2),
                 "import_s_busy": round(busy_import, 2),

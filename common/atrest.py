@@ -1,9 +1,18 @@
 """Encryption at rest: AES-256-GCM with a 32-byte data key from an env var or a key file.
 
-Sealed data is MAGIC || nonce (12 bytes) || ciphertext || tag; the caller's
-context (a blob's SHA-256 address, a file's name) is bound as associated
-data, so a sealed value moved to another place does not open. A missing,
-malformed or wrong key is a clear DataKeyError, never silent garbage.
+Sealed data is MAGIC || key id (8 bytes) || nonce (12 bytes) || ciphertext || tag;
+the caller's context (a blob's SHA-256 address, a file's name) is bound as
+associated data, so a sealed value moved to another place does not open. The
+key id names the key that sealed the value, so a key rotation knows what is
+still to re-seal, and a value sealed under a key that is not configured says
+so instead of "wrong key". Values of the first format (MAGIC1, no key id) are
+still opened with the primary key. A missing, malformed or wrong key is a
+clear DataKeyError, never silent garbage.
+
+Each key also gives a MAC key, derived with HKDF-SHA256 under its own info
+label (never the sealing key itself), for records that are stored in the
+clear but must not be changed behind the server's back (a version's blob and
+metrics).
 """
 
 from __future__ import annotations
@@ -16,11 +25,19 @@ import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MAGIC = b"XFL-AEAD1\x00"
+MAGIC1 = b"XFL-AEAD1\x00"
+MAGIC = b"XFL-AEAD2\x00"
 NONCE_BYTES = 12
 KEY_BYTES = 32
+KEY_ID_BYTES = 8
+# HKDF info labels: each derived key has its own, so no two uses share a key.
+_KEY_ID_INFO = b"xeno-fl/v1 key id"
+_MAC_INFO = b"xeno-fl/v1 record mac"
 
 
 class DataKeyError(RuntimeError):
@@ -121,28 +138,103 @@ def write_new_key(path: str | Path) -> None:
         f.write(secrets.token_hex(KEY_BYTES) + "\n")
 
 
-class Sealer:
+def _derive(key: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+
+
+def key_id(key: bytes) -> str:
+    """A key's public id (16 hex characters): derived from it, reveals nothing of it."""
+    return _derive(key, _KEY_ID_INFO, KEY_ID_BYTES).hex()
+
+
+class _Key:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise DataKeyError("a data key is 32 bytes")
-        self._aead = AESGCM(key)
+        self.id = key_id(key)
+        self.raw_id = bytes.fromhex(self.id)
+        self.aead = AESGCM(key)
+        self.mac_key = _derive(key, _MAC_INFO, 32)
+
+
+class Sealer:
+    """Seals under the primary key; opens values sealed under it or any of `older`.
+
+    `older` keys are only for a key rotation in progress (values not yet re-sealed).
+    """
+
+    def __init__(self, key: bytes, *older: bytes) -> None:
+        self._primary = _Key(key)
+        self._keys = {k.id: k for k in (_Key(o) for o in older)}
+        self._keys[self._primary.id] = self._primary
+
+    @property
+    def key_id(self) -> str:
+        return self._primary.id
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return frozenset(self._keys)
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
-        return MAGIC + nonce + self._aead.encrypt(nonce, plaintext, context)
+        head = MAGIC + self._primary.raw_id
+        return head + nonce + self._primary.aead.encrypt(nonce, plaintext, head + context)
 
     def open(self, sealed: bytes, context: bytes) -> bytes:
-        if not is_sealed(sealed):
+        if sealed[: len(MAGIC1)] == MAGIC1:
+            key, head, body = self._primary, b"", sealed[len(MAGIC1) :]
+        elif sealed[: len(MAGIC)] == MAGIC:
+            head = sealed[: len(MAGIC) + KEY_ID_BYTES]
+            found = self._keys.get(head[len(MAGIC) :].hex())
+            if found is None:
+                raise DataKeyError(
+                    f"stored data is sealed under data key id {head[len(MAGIC) :].hex()}, "
+                    f"not the configured key (id {self.key_id}): the key is wrong; configure "
+                    "the key it was sealed with (after a key rotation, the new key)"
+                )
+            key, body = found, sealed[len(head) :]
+        else:
             raise DataKeyError("the stored value is not sealed with a data key")
-        body = sealed[len(MAGIC) :]
         try:
-            return self._aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], context)
+            return key.aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], head + context)
         except InvalidTag:
             raise DataKeyError(
                 "stored data does not open with this data key: the key is wrong, or the data "
                 "was tampered with"
             ) from None
 
+    def mac(self, message: bytes) -> str:
+        """`KEYID:HEX`: HMAC-SHA256 of message under the primary key's MAC key."""
+        return f"{self._primary.id}:{_hmac(self._primary.mac_key, message).hex()}"
+
+    def check_mac(self, message: bytes, tag: str) -> bool:
+        """Whether tag (from `mac`, under any configured key) authenticates message."""
+        kid, _, hexmac = tag.partition(":")
+        key = self._keys.get(kid)
+        if key is None:
+            return False
+        h = crypto_hmac.HMAC(key.mac_key, hashes.SHA256())
+        h.update(message)
+        try:
+            h.verify(bytes.fromhex(hexmac))
+        except Exception:
+            return False
+        return True
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    h = crypto_hmac.HMAC(key, hashes.SHA256())
+    h.update(message)
+    return h.finalize()
+
+
+def sealed_key_id(data: bytes) -> str | None:
+    """The id of the key a sealed value was sealed under; None for the first format."""
+    if data[: len(MAGIC)] == MAGIC:
+        return data[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES].hex()
+    return None
+
 
 def is_sealed(data: bytes) -> bool:
-    return data[: len(MAGIC)] == MAGIC
+    return data[: len(MAGIC)] in (MAGIC, MAGIC1)

@@ -76,7 +76,8 @@ def parse_role(text: str) -> Role:
         return Role(text.strip().lower())
     except ValueError:
         raise ValueError(
-            f"unknown role {text!r}; roles are {', '.join(r.value for r in Role)}"
+            f"unknown role {text!r}; roles are {', '.join(r.value for r in Role)}: run the "
+            "command again with one of them (e.g. --role viewer)"
         ) from None
 
 
@@ -95,6 +96,18 @@ class Identity:
     kind: CertKind | None
     name: str
     role: Role | None = None
+    # The certificate's serial number (lowercase hex) and when it was issued (our
+    # certificates are valid from ISSUE_BACKDATE before that): what revocation checks.
+    serial: str = ""
+    issued_at: dt.datetime | None = None
+
+
+# Certificates are valid from a little before they are issued, for clocks that lag.
+ISSUE_BACKDATE = dt.timedelta(minutes=5)
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:
@@ -124,7 +137,7 @@ def make_ca(
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start - dt.timedelta(minutes=5))
+        .not_valid_before(start - ISSUE_BACKDATE)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -214,7 +227,7 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start - dt.timedelta(minutes=5))
+        .not_valid_before(start - ISSUE_BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -329,4 +342,10 @@ def identity(cert: x509.Certificate | bytes) -> Identity:
         kind = None
     role_text = first(NameOID.TITLE)
     role = Role(role_text) if role_text in {r.value for r in Role} else None
-    return Identity(kind, first(NameOID.COMMON_NAME), role if kind is CertKind.ADMIN else None)
+    return Identity(
+        kind,
+        first(NameOID.COMMON_NAME),
+        role if kind is CertKind.ADMIN else None,
+        serial_hex(cert),
+        cert.not_valid_before_utc + ISSUE_BACKDATE,
+    )

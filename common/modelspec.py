@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelSpec"]
+__all__ = ["ModelSpec", "mlp_for_params"]
 
 
 @dataclass(frozen=True)
@@ -29,3 +29,12 @@ class ModelSpec:
         if not isinstance(config, dict):
             raise ValueError("model config must be a JSON object")
         return cls(architecture, config)
+
+
+def mlp_for_params(target: int, input_dim: int = 64, num_classes: int = 10) -> ModelSpec:
+    """An MLP with one hidden layer sized so the model has about `target` parameters."""
+    # params = input*h + h + h*classes + classes
+    hidden = max(1, round((target - num_classes) / (input_dim + 1 + num_classes)))
+    return ModelSpec(
+        "mlp", {"input_dim": input_dim, "hidden": [hidden], "num_classes": num_classes}
+    )

@@ -23,7 +23,7 @@ import numpy as np
 
 from common.data import Dataset, digits_split, federated_digits
 from common.data.clinc150 import load_clinc150, user_partitions
-from common.modelspec import ModelSpec
+from common.modelspec import ModelSpec, mlp_for_params
 from common.text import TextFeatures, featurize
 
 __all__ = [
@@ -58,8 +58,6 @@ def model_spec_for(task: TaskName, hidden: list[int], params: int = 0) -> ModelS
     """The spec a new model of the task gets (hidden/params size the digits MLP only)."""
     if task is TaskName.INTENTS:
         return ModelSpec("fasttext", {"num_classes": load_clinc150().num_intents})
-    from common.models import mlp_for_params
-
     if params > 0:
         return mlp_for_params(params)
     return ModelSpec("mlp", {"input_dim": 64, "hidden": hidden, "num_classes": 10})

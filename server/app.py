@@ -43,7 +43,9 @@ from server.memory import tune_allocator
 from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpPolicy
+from server.refusals import RefusalLog
 from server.registry import DeviceRegistry
+from server.revocation import Revocation, Revocations
 from server.rounds import RoundConfig, RoundCoordinator, RoundSummary, check_strategy
 from server.runner import FederatedModel, ModelRunner
 from server.security import (
@@ -60,6 +62,7 @@ from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
 from server.services.guard import GuardConfig, GuardInterceptor
 from server.store import ModelDefinition, Store, describe_error
+from server.store.lock import DatabaseInUseError, DatabaseLock
 from server.strategies import FitInstructions, StrategyName
 
 log = logging.getLogger("xeno.server")
@@ -350,6 +353,18 @@ class ServerConfig:
         "seconds a device token stays valid after its last use (0: forever); an expired "
         "device registers again",
         "XENO_TOKEN_TTL",
+    )
+    refusal_window: float = setting(
+        60.0,
+        "seconds over which refused requests are counted into one audit row per class and "
+        "actor (a flood of refusals cannot grow the audit log without bound)",
+        "XENO_REFUSAL_WINDOW",
+    )
+    revocation_refresh: float = setting(
+        5.0,
+        "seconds between reloads of the certificate revocation list from the database (a "
+        "revocation made through this server's Admin API applies at once)",
+        "XENO_REVOCATION_REFRESH",
     )
     tls_cert: str = setting(
         "", "PEM certificate the server presents (TLS); needs --tls-key", "XENO_TLS_CERT"
@@ -771,15 +786,41 @@ class XenoServer:
         )
         if config.token_ttl < 0:
             raise ValueError("--token-ttl must be >= 0 (0: tokens never expire)")
+        if not config.refusal_window > 0:
+            raise ValueError("--refusal-window must be a positive number of seconds")
+        if not config.revocation_refresh > 0:
+            raise ValueError("--revocation-refresh must be a positive number of seconds")
         self.alert_settings = config.alert_settings()
         self._owns_store = store is None
+        self._db_lock: DatabaseLock | None = None
         if store is None:
             key = resolve_data_key(config.data_key_file, _data_dir(config.db))
             store = Store(config.db, Sealer(key))
+            # Shared with other servers; an offline key rotation needs it alone.
+            self._db_lock = DatabaseLock(store.engine)
+            if not self._db_lock.acquire(exclusive=False):
+                store.close()
+                raise DatabaseInUseError(
+                    "a data key rotation (xeno-fl admin rotate-key) is running on this "
+                    "database; start the server when it has finished, with the new key"
+                )
         self.store = store
-        self.store.create_schema()
+        try:
+            self.store.create_schema()
+        except BaseException:
+            if self._db_lock is not None:
+                self._db_lock.release()
+                store.close()
+            raise
         definitions = define_models(self.store, config.model, [default_table, *from_file.values()])
         self.registry = DeviceRegistry(self.store, enrollment_key, config.token_ttl)
+        self.revocations = Revocations(
+            lambda: [
+                Revocation(r.serial, r.kind, r.name, r.reason, r.revoked_at)
+                for r in self.store.revoked_certificates()
+            ],
+            config.revocation_refresh,
+        )
         self._started = False
         self.models = ModelRunner(
             self.store,
@@ -816,7 +857,8 @@ class XenoServer:
         for coordinator in self.models.coordinators():
             coordinator.add_change_listener(self.changes.announce)
         self.runner = Runner(self._pool, self.changes)
-        self.guard = GuardInterceptor(config.guard_config())
+        self.refusals = RefusalLog(self.store.append_audit, config.refusal_window)
+        self.guard = GuardInterceptor(config.guard_config(), self.refusals)
         self.health = health_aio.HealthServicer()
         try:
             self._grpc = self._on_loop(self._make_grpc())
@@ -895,6 +937,8 @@ class XenoServer:
                     self.registry.authenticate,
                     self.admin_tokens,
                     device_cert_name=self.registry.cert_name if config.tls_client_ca else None,
+                    revocations=self.revocations,
+                    refusals=self.refusals,
                 ),
                 self.guard,
             ],
@@ -922,6 +966,8 @@ class XenoServer:
                     self.store,
                     config.privacy_budget,
                     models=self.models,
+                    revocations=self.revocations,
+                    before_audit_read=lambda: self.refusals.flush(everything=True),
                     alert_settings=self.alert_settings,
                 ),
             ),
@@ -965,6 +1011,8 @@ class XenoServer:
         self.models.start()
         self._set_serving(True)
         self.health_monitor.start()
+        self.revocations.start()
+        self.refusals.start()
         self._started = True
         for coordinator in self.models.coordinators():
             if isinstance(coordinator.evaluator, DeferredEvaluator):
@@ -1014,8 +1062,12 @@ class XenoServer:
         self._tracking.shutdown(wait=True)
         self._shutdown_loop()
         self.registry.close()
+        self.revocations.stop()
+        self.refusals.stop()
         if self._owns_store:
             self.store.close()
+        if self._db_lock is not None:
+            self._db_lock.release()
 
     def wait(self) -> None:
         self._on_loop(self._grpc.wait_for_termination(), timeout=None)

@@ -58,8 +58,12 @@ ADMIN_RPC_ROLES: dict[str, Role] = {
     "CreateModel": Role.OPERATOR,
     "PauseModel": Role.OPERATOR,
     "ResumeModel": Role.OPERATOR,
-    # admin: delete data (and, as they come: devices, keys, certificates)
+    # admin: delete data, revoke certificates, read the audit log (it names every actor)
     "PruneVersions": Role.ADMIN,
+    "RevokeCertificate": Role.ADMIN,
+    "ListRevokedCertificates": Role.ADMIN,
+    "ListAuditLog": Role.ADMIN,
+    "VerifyAuditLog": Role.ADMIN,
 }
 
 
@@ -90,7 +94,10 @@ def parse_admin_tokens(text: str, source: str = "admin token file") -> dict[str,
             try:
                 principal = Principal(parts[0], parse_role(parts[1]))
             except ValueError as exc:
-                raise ValueError(f"{source} line {number}: {exc}") from None
+                raise ValueError(
+                    f"{source} line {number}: {str(exc).split(': run')[0]}; fix that line, or "
+                    "remove it and run `xeno-fl admin token add FILE NAME --role ROLE`"
+                ) from None
         else:
             raise ValueError(f"{source} line {number}: expected TOKEN or NAME ROLE TOKEN")
         token = parts[-1]

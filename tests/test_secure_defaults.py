@@ -184,3 +184,81 @@ def test_a_device_creates_its_key_in_its_state_dir(
     key.chmod(0o604)
     with pytest.raises(SecretFileError, match="chmod 600"):
         DeviceClient(ClientConfig(server="127.0.0.1:1", state_dir=str(state)), None)
+
+
+@pytest.mark.slow
+def test_bad_security_input_says_what_to_run_next_and_writes_nothing(tmp_path: Path) -> None:
+    """Certificate files missing, malformed or not matching their key (device and admin
+    command), a role that does not exist, an audit chain broken at its first row."""
+    from common import certs
+    from common.certs import CertKind
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [*XENO, *args], capture_output=True, text=True, timeout=180, cwd=tmp_path
+        )
+        assert out.returncode != 0, out
+        return out
+
+    ca = certs.make_ca()
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    (tmp_path / "garbage.crt").write_text("not a certificate\n")
+    for stem, name in (("admin", "alice"), ("other", "bob")):
+        issued = certs.issue(ca, CertKind.ADMIN, name, role=Role.VIEWER)
+        (tmp_path / f"{stem}.crt").write_bytes(issued.cert_pem)
+        (tmp_path / f"{stem}.key").write_bytes(issued.key_pem)
+        (tmp_path / f"{stem}.key").chmod(0o600)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    # a device with a missing CA file stops before it creates its key or state folder
+    device = run(
+        "client",
+        "--server",
+        "127.0.0.1:1",
+        "--tls-ca",
+        "missing.crt",
+        "--state-dir",
+        "dev",
+        "--partition",
+        "0",
+        "--num-partitions",
+        "2",
+    )
+    assert "CA certificate missing.crt does not exist" in device.stderr
+    assert "xeno-fl admin certs init DIR" in device.stderr
+    admin = ["admin", "--server", "127.0.0.1:1", "--tls-ca"]
+    malformed = run(*admin, "garbage.crt", "models")
+    assert "garbage.crt is not a PEM certificate; issue one with" in malformed.stderr
+    mismatched = run(
+        *admin, "ca.crt", "--tls-cert", "admin.crt", "--tls-key", "other.key", "models"
+    )
+    assert "does not belong to" in mismatched.stderr
+    assert "issue both again with `xeno-fl admin certs issue`" in mismatched.stderr
+    # a role that does not exist
+    token = run("admin", "token", "add", "admin.tokens", "bob", "--role", "root")
+    init = subprocess.run(
+        [*XENO, "admin", "certs", "init", "pki"], capture_output=True, timeout=120, cwd=tmp_path
+    )
+    assert init.returncode == 0
+    before = sorted([*before, "pki"])
+    issue = run("admin", "certs", "issue", "pki", "--admin", "bob", "--role", "root")
+    for out in (token, issue):
+        assert "unknown role 'root'; roles are viewer, operator, admin" in out.stderr
+        assert "run the command again with one of them (e.g. --role viewer)" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no token file, no dev/
+    assert sorted(p.name for p in (tmp_path / "pki").iterdir()) == ["ca.crt", "ca.key"]
+    # an audit chain broken at its first row
+    url = f"sqlite:///{tmp_path}/a.db"
+    store = Store(url)
+    store.create_schema()
+    store.add_device("dev-a", "a" * 64, {})
+    store.add_device("dev-b", "b" * 64, {})
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_log WHERE seq = 1"))
+    store.close()
+    broken = run("admin", "--db", url, "audit", "verify")
+    assert broken.returncode == 1
+    assert "audit log BROKEN at row 1: row 1 is missing (deleted)" in broken.stderr
+    assert "Nothing was changed. Next: inspect the rows around it with" in broken.stderr

@@ -178,6 +178,130 @@ def test_mtls_binds_a_device_to_its_certificate(server_factory, pki: Pki) -> Non
     assert record.cert_name == "device-a"
 
 
+def test_revoked_certificates_are_refused(server_factory, tmp_path: Path) -> None:
+    """Revocation by name (every certificate of a device issued until then), by serial
+    through the database while the server runs, and of an admin certificate; a
+    certificate issued after a name's revocation is accepted."""
+    own = Pki(tmp_path)  # a CA of its own: this test issues a certificate mid-way
+    project = certs.make_ca()
+    (tmp_path / "ca.crt").write_bytes(project.cert_pem)
+    own.write("server", certs.issue(project, CertKind.SERVER, "localhost,127.0.0.1"))
+    own.write("device-a", certs.issue(project, CertKind.DEVICE, "device-a"))
+    own.write("device-b", certs.issue(project, CertKind.DEVICE, "device-b"))
+    own.write("root", certs.issue(project, CertKind.ADMIN, "root", role=Role.ADMIN))
+    own.write("ops", certs.issue(project, CertKind.ADMIN, "olga", role=Role.OPERATOR))
+    server = server_factory(eval_data="none", revocation_refresh=0.2, **_tls(own, mtls=True))
+    address, cafile = f"localhost:{server.port}", own.path("ca.crt")
+
+    def channel(stem: str) -> grpc.Channel:
+        return client_channel(address, cafile, own.path(f"{stem}.crt"), own.path(f"{stem}.key"))
+
+    def check_in(ch: grpc.Channel, creds: pb.RegisterResponse) -> None:
+        md = (("x-xeno-device-id", creds.device_id), ("authorization", f"Bearer {creds.token}"))
+        federation_pb2_grpc.FederationStub(ch).CheckIn(
+            pb.CheckInRequest(max_wait_ms=0), metadata=md, timeout=10
+        )
+
+    with channel("device-a") as a, channel("device-b") as b, channel("root") as root:
+        creds_a, creds_b = _register(a), _register(b)
+        check_in(a, creds_a)
+        admin = admin_pb2_grpc.AdminStub(root)
+        with channel("ops") as ops:  # revocation needs the role admin
+            with pytest.raises(grpc.RpcError) as info:
+                admin_pb2_grpc.AdminStub(ops).RevokeCertificate(
+                    admin_pb2.RevokeCertificateRequest(device_name="device-a")
+                )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:
+            admin.RevokeCertificate(
+                admin_pb2.RevokeCertificateRequest(device_name="device-a", serial="ab")
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        revoked = admin.RevokeCertificate(
+            admin_pb2.RevokeCertificateRequest(device_name="device-a", reason="phone lost")
+        )
+        assert (revoked.kind, revoked.name) == ("device", "device-a")
+        with pytest.raises(grpc.RpcError) as info:  # at once, on the next call
+            check_in(a, creds_a)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "device device-a" in info.value.details()
+        assert "was revoked: phone lost" in info.value.details()
+        assert _refused(a) == grpc.StatusCode.UNAUTHENTICATED  # nor can it register again
+        check_in(b, creds_b)  # other devices are untouched
+    # the device itself stops (it does not register again and again with the revoked certificate)
+    from client.runtime import ClientConfig, DeviceClient
+
+    device = DeviceClient(
+        ClientConfig(
+            server=address,
+            state_dir=str(tmp_path / "revoked-device"),
+            tls_ca=cafile,
+            tls_cert=own.path("device-a.crt"),
+            tls_key=own.path("device-a.key"),
+            tls_server_name="localhost",
+        ),
+        None,
+    )
+    assert device.run() == 2
+    # re-provisioned: a certificate issued for the name after the revocation is accepted
+    # (certificate times have whole seconds: one issued in the revocation's second is not)
+    time.sleep(1.1)
+    own.write("device-a2", certs.issue(project, CertKind.DEVICE, "device-a"))
+    with channel("device-a2") as a2:
+        check_in(a2, _register(a2))
+    # by serial, through the database while the server runs (--revocation-refresh 0.2 s)
+    out = subprocess.run(
+        [
+            *XENO,
+            "admin",
+            "--db",
+            server.config.db,
+            "certs",
+            "revoke",
+            "--cert",
+            own.path("device-b.crt"),
+            "--reason",
+            "key leaked",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    serial_b = certs.serial_hex(certs.load_certificate(Path(own.path("device-b.crt")).read_bytes()))
+    assert f"revoked certificate serial {serial_b}" in out.stdout
+    with channel("device-b") as b:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                check_in(b, creds_b)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert f"serial {serial_b}) was revoked: key leaked" in (err.details() or "")
+                break
+            assert time.monotonic() < deadline, "the revocation was not picked up"
+            time.sleep(0.1)
+    # an admin certificate: revoked by serial over the API, then refused on the admin API
+    root_serial = certs.serial_hex(certs.load_certificate(Path(own.path("root.crt")).read_bytes()))
+    with channel("root") as root:
+        admin = admin_pb2_grpc.AdminStub(root)
+        listed = admin.ListRevokedCertificates(admin_pb2.ListRevokedCertificatesRequest())
+        assert [(r.kind, r.name, r.serial) for r in listed.revoked] == [
+            ("device", "device-a", ""),
+            ("", "", serial_b),
+        ]
+        admin.RevokeCertificate(admin_pb2.RevokeCertificateRequest(serial=root_serial.upper()))
+        with pytest.raises(grpc.RpcError) as info:
+            admin.ListModels(admin_pb2.ListModelsRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    store = Store(server.config.db)
+    from server.store import audit_entries
+
+    revocations = [e.target for e in audit_entries(store) if e.action == "certificate.revoked"]
+    store.close()
+    assert revocations == ["device device-a", f"serial {serial_b}", f"serial {root_serial}"]
+
+
 def test_server_refuses_bad_certificate_files_before_writing_anything(
     tmp_path: Path, pki: Pki
 ) -> None:

@@ -3,7 +3,9 @@
 `XENO_DB`, else `sqlite:///$XENO_HOME/xeno.db` (XENO_HOME defaults to `data`,
 so without either variable this is the server's default database). Blobs are
 sealed with the server's data key when `XENO_DATA_KEY` or `XENO_DATA_KEY_FILE`
-is set, as the server seals them.
+is set, or when the server's default key file (`xeno.key` next to a SQLite
+database) exists, as the server seals them: without it, the server would refuse
+what this layer writes (unsealed blobs, versions without a MAC).
 """
 
 from __future__ import annotations
@@ -35,12 +37,25 @@ def open_store(db: str | None = None) -> Store:
     """The store at db (or the default URL), schema migrated to the newest revision."""
     from server.store import Store  # SQLAlchemy: a second of imports, only when opened
 
+    url = db or default_db_url()
     sealer = None
-    if os.environ.get("XENO_DATA_KEY") or os.environ.get("XENO_DATA_KEY_FILE"):
-        sealer = Sealer(load_key(os.environ.get("XENO_DATA_KEY_FILE", ""), "XENO_DATA_KEY"))
-    store = Store(db or default_db_url(), sealer)
+    key_file = os.environ.get("XENO_DATA_KEY_FILE", "") or _default_key_file(url)
+    if os.environ.get("XENO_DATA_KEY") or key_file:
+        sealer = Sealer(load_key(key_file, "XENO_DATA_KEY"))
+    store = Store(url, sealer)
     store.create_schema()
     return store
+
+
+def _default_key_file(url: str) -> str:
+    """The server's own key file for a SQLite database, when it exists ("" otherwise)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return ""
+    path = os.path.join(os.path.dirname(os.path.abspath(str(parsed.database))), "xeno.key")
+    return path if os.path.exists(path) else ""
 
 
 def weights_of(

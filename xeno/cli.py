@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from common.atrest import DataKeyError
@@ -214,7 +215,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_certs_commands(admin_sub)
     audit = admin_sub.add_parser(
         "audit",
-        help="the tamper-evident audit log (--db): list entries, or verify the hash chain",
+        help="the tamper-evident audit log (--server, role admin, or --db): list entries, "
+        "or verify the hash chain",
     )
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="WHAT")
     q = audit_sub.add_parser("list", help="entries, oldest first")
@@ -231,6 +233,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="create a data key file (owner-only) for XENO_DATA_KEY_FILE / XENO_DEVICE_KEY_FILE",
     )
     keygen.add_argument("path", help="where to write the key; an existing file is kept")
+    rotate = admin_sub.add_parser(
+        "rotate-key",
+        help="re-seal every sealed value and re-MAC every version under a new data key (--db; "
+        "offline: stop the server first); run it again to finish an interrupted rotation",
+    )
+    rotate.add_argument(
+        "--new-key-file", required=True, help="the new key (make it with `admin keygen F`)"
+    )
+    rotate.add_argument(
+        "--key-file",
+        default=os.environ.get("XENO_DATA_KEY_FILE", ""),
+        help="the current key file (default: XENO_DATA_KEY, else xeno.key next to a SQLite "
+        "database, else data/xeno.key) [env XENO_DATA_KEY_FILE]",
+    )
+    rotate.add_argument("--batch", type=int, default=100, help="rows per transaction")
     db = admin_sub.add_parser("db", help="database schema: upgrade (migrate) or show the revision")
     db.add_argument(
         "action",
@@ -380,6 +397,19 @@ def _add_certs_commands(admin_sub: Any) -> None:
     who.add_argument("--admin", metavar="NAME")
     q.add_argument("--role", help="an admin's role: viewer, operator or admin")
     q.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    q = certs_sub.add_parser(
+        "revoke",
+        help="revoke a client certificate (--server: at once; --db: within the server's "
+        "--revocation-refresh): by SERIAL, by its --cert file, or every certificate of a "
+        "--device or --admin name issued until now",
+    )
+    q.add_argument("serial", nargs="?", default="", help="serial number (hex)")
+    what = q.add_mutually_exclusive_group()
+    what.add_argument("--device", metavar="NAME", default="")
+    what.add_argument("--admin", metavar="NAME", default="")
+    what.add_argument("--cert", metavar="FILE", default="", help="the certificate's PEM file")
+    q.add_argument("--reason", default="", help="why (kept in the list and the audit log)")
+    certs_sub.add_parser("revoked", help="the revocation list (--server or --db)")
     token = admin_sub.add_parser(
         "token", help="admin bearer tokens with roles, for the server's --admin-token-file"
     )
@@ -790,6 +820,8 @@ def _admin(args: argparse.Namespace) -> int:
         return _admin_audit(args)
     if args.admin_command == "token":
         return _admin_token(args)
+    if args.admin_command == "rotate-key":
+        return _admin_rotate_key(args)
     if args.admin_command == "keygen":
         from common.atrest import write_new_key
 
@@ -1153,10 +1185,10 @@ def _write_private(path: Any, data: bytes) -> None:
 
 
 def _admin_certs(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from common import certs
 
+    if args.certs_command in ("revoke", "revoked"):
+        return _admin_revoke(args)
     folder = Path(args.dir)
     ca_cert, ca_key = folder / "ca.crt", folder / "ca.key"
     if args.certs_command == "init":
@@ -1205,7 +1237,72 @@ def _admin_certs(args: argparse.Namespace) -> int:
         return 2
     _write_private(key_path, issued.key_pem)
     cert_path.write_bytes(issued.cert_pem)
-    print(f"issued {cert_path} and {key_path} (owner-only), valid {args.days} days")
+    serial = certs.serial_hex(certs.load_certificate(issued.cert_pem))
+    print(
+        f"issued {cert_path} and {key_path} (owner-only), valid {args.days} days, serial {serial}"
+    )
+    return 0
+
+
+def _admin_revoke(args: argparse.Namespace) -> int:
+    from common import certs
+    from common.pb import admin_pb2 as pb
+
+    if bool(args.server) == bool(args.db):
+        print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
+        return 2
+    call = _admin_caller(args)
+    if args.certs_command == "revoked":
+        listed = call("ListRevokedCertificates", pb.ListRevokedCertificatesRequest()).revoked
+        rows = [
+            {
+                "serial": r.serial,
+                "kind": r.kind,
+                "name": r.name,
+                "reason": r.reason,
+                "revoked_at_ms": r.revoked_at_ms,
+            }
+            for r in listed
+        ]
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            for r in rows:
+                who = f"serial {r['serial']}" if r["serial"] else f"every {r['kind']} {r['name']}"
+                print(f"{who}  {r['reason']}")
+        return 0
+    serial = args.serial
+    if args.cert:
+        from common.tls import read_pem
+
+        try:
+            serial = certs.serial_hex(certs.load_certificate(read_pem(args.cert, "certificate")))
+        except certs.CertError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    given = [x for x in (serial, args.device, args.admin) if x]
+    if len(given) != 1:
+        print(
+            "error: revoke one thing: a SERIAL, --cert FILE, --device NAME or --admin NAME",
+            file=sys.stderr,
+        )
+        return 2
+    r = call(
+        "RevokeCertificate",
+        pb.RevokeCertificateRequest(
+            serial=serial, device_name=args.device, admin_name=args.admin, reason=args.reason
+        ),
+    )
+    who = f"certificate serial {r.serial}" if r.serial else f"every {r.kind} certificate {r.name}"
+    print(
+        f"revoked {who}"
+        + ("" if r.serial else " issued until now (one issued later is accepted)")
+        + (
+            "; the server refuses it now"
+            if args.server
+            else "; a running server refuses it within its --revocation-refresh (5 s)"
+        )
+    )
     return 0
 
 
@@ -1216,20 +1313,46 @@ def _admin_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from server.store import Store, audit_entries, audit_head
-    from server.store.audit import verify
+    from server.store.audit import Entry, verify
 
-    if not args.db:
-        print("error: `admin audit` reads the database: give --db URL", file=sys.stderr)
+    if bool(args.server) == bool(args.db):
+        print("error: give exactly one of --server HOST:PORT or --db URL", file=sys.stderr)
         return 2
-    store = Store(args.db)
-    try:
-        if store.schema_revision() is None:
-            print(f"error: {args.db} has no schema; is it the server's database?", file=sys.stderr)
-            return 2
-        entries = audit_entries(store)
-        head = audit_head(store)
-    finally:
-        store.close()
+    if args.server:
+        # The entries come over the Admin API (role admin); the chain is verified here,
+        # not by the server, so a verdict does not rest on the server's own word.
+        from datetime import datetime
+
+        from common.pb import admin_pb2 as pb
+
+        listed = _admin_caller(args)("ListAuditLog", pb.ListAuditLogRequest())
+        entries = [
+            Entry(
+                e.seq,
+                datetime.fromisoformat(e.time_iso),
+                e.actor,
+                e.action,
+                e.target,
+                json.loads(e.details_json),
+                e.prev_hash,
+                e.hash,
+            )
+            for e in listed.entries
+        ]
+        head = (int(listed.head_seq), listed.head_hash) if listed.head_hash else None
+    else:
+        store = Store(args.db)
+        try:
+            if store.schema_revision() is None:
+                print(
+                    f"error: {args.db} has no schema; is it the server's database?",
+                    file=sys.stderr,
+                )
+                return 2
+            entries = audit_entries(store)
+            head = audit_head(store)
+        finally:
+            store.close()
     if args.audit_command == "list":
         shown = entries[-args.limit :] if args.limit > 0 else entries
         if args.json:
@@ -1271,7 +1394,7 @@ def _admin_audit(args: argparse.Namespace) -> int:
     if verdict.ok:
         print(
             f"audit log intact: {verdict.rows} rows, head {verdict.head}\n"
-            "save the head elsewhere; `xeno-fl admin --db URL audit verify --head HEAD` later "
+            "save the head elsewhere; `xeno-fl admin audit verify --head HEAD` later "
             "proves nothing before it was rewritten"
         )
         return 0
@@ -1283,6 +1406,69 @@ def _admin_audit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _db_key_file(db: str, key_file: str) -> str:
+    """The data key file for a database read directly: given, else the server's default."""
+    if key_file:
+        return key_file
+    from server.app import _data_dir
+
+    default = os.path.join(_data_dir(db), "xeno.key")
+    return default if os.path.exists(default) else ""
+
+
+def _db_sealer(db: str) -> Any:
+    """The server's data key for --db access (None when none is found: sealed rows refuse)."""
+    from common.atrest import Sealer, check_private_file, load_key
+
+    key_file = _db_key_file(db, os.environ.get("XENO_DATA_KEY_FILE", ""))
+    if not os.environ.get("XENO_DATA_KEY") and not key_file:
+        return None
+    if key_file and not os.environ.get("XENO_DATA_KEY"):
+        check_private_file(key_file, "data key file")
+    return Sealer(load_key(key_file, "XENO_DATA_KEY"))
+
+
+def _admin_rotate_key(args: argparse.Namespace) -> int:
+    from common.atrest import DataKeyError, check_private_file, load_key, parse_key
+    from server.store.lock import DatabaseInUseError
+    from server.store.rotation import rotate
+
+    if not args.db:
+        print("error: rotate-key works on the database, offline: give --db URL", file=sys.stderr)
+        return 2
+    try:
+        old_file = _db_key_file(args.db, args.key_file)
+        if old_file and not os.environ.get("XENO_DATA_KEY"):
+            check_private_file(old_file, "data key file")
+        old = load_key(old_file, "XENO_DATA_KEY")
+        check_private_file(args.new_key_file, "new data key file")
+        new = parse_key(Path(args.new_key_file).read_text())
+        report = rotate(
+            args.db,
+            old,
+            new,
+            batch=args.batch,
+            progress=lambda what, n: print(f"{what}: {n} re-sealed", flush=True),
+        )
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename} does not exist", file=sys.stderr)
+        return 2
+    except (DataKeyError, DatabaseInUseError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report.already_done:
+        print(f"the database is already under key id {report.new_key_id}; nothing to do")
+        return 0
+    print(
+        f"{'finished the interrupted' if report.resumed else 'done:'} rotation from key id "
+        f"{report.old_key_id} to key id {report.new_key_id} ({report.blobs} blobs, "
+        f"{report.versions} versions, {report.participants} participant rows this run).\n"
+        f"Start the server with --data-key-file {args.new_key_file}; the old key opens "
+        "nothing in this database any more (keep it only for backups made before now)."
+    )
+    return 0
 
 
 def _admin_token(args: argparse.Namespace) -> int:
@@ -1322,7 +1508,7 @@ def _admin_caller(args: argparse.Namespace) -> Any:
     from server.store.audit import set_actor
 
     set_actor(f"admin {os.environ.get('USER', 'unknown')} (direct database access)")
-    servicer = AdminServicer(Store(args.db))
+    servicer = AdminServicer(Store(args.db, _db_sealer(args.db)))
 
     class _Context:
         def abort(self, code: grpc.StatusCode, details: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.modelspec import ModelSpec
+from common.modelspec import ModelSpec, mlp_for_params
 from common.text import PAD, TextFeatures
 
 __all__ = [
@@ -115,15 +115,6 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.state_dict().values())
-
-
-def mlp_for_params(target: int, input_dim: int = 64, num_classes: int = 10) -> ModelSpec:
-    """An MLP with one hidden layer sized so the model has about `target` parameters."""
-    # params = input*h + h + h*classes + classes
-    hidden = max(1, round((target - num_classes) / (input_dim + 1 + num_classes)))
-    return ModelSpec(
-        "mlp", {"input_dim": input_dim, "hidden": [hidden], "num_classes": num_classes}
-    )
 
 
 def infer_spec(state: Any) -> ModelSpec | None:

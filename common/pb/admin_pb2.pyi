@@ -571,3 +571,97 @@ class EndAbTestRequest(_message.Message):
     winner: str
     tag: str
     def __init__(self, test_name: _Optional[str] = ..., winner: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class RevokeCertificateRequest(_message.Message):
+    __slots__ = ("serial", "device_name", "admin_name", "reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    device_name: str
+    admin_name: str
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., device_name: _Optional[str] = ..., admin_name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokedCertificate(_message.Message):
+    __slots__ = ("serial", "kind", "name", "reason", "revoked_at_ms")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    kind: str
+    name: str
+    reason: str
+    revoked_at_ms: int
+    def __init__(self, serial: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListRevokedCertificatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevokedCertificatesResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedCertificate]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedCertificate, _Mapping]]] = ...) -> None: ...
+
+class ListAuditLogRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("seq", "time_ms", "actor", "action", "target", "details_json", "prev_hash", "hash", "time_iso")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    TIME_ISO_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time_ms: int
+    actor: str
+    action: str
+    target: str
+    details_json: str
+    prev_hash: str
+    hash: str
+    time_iso: str
+    def __init__(self, seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., details_json: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., time_iso: _Optional[str] = ...) -> None: ...
+
+class ListAuditLogResponse(_message.Message):
+    __slots__ = ("entries", "head_seq", "head_hash")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    head_seq: int
+    head_hash: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
+
+class VerifyAuditLogRequest(_message.Message):
+    __slots__ = ("head",)
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    def __init__(self, head: _Optional[str] = ...) -> None: ...
+
+class AuditVerdict(_message.Message):
+    __slots__ = ("ok", "rows", "head", "first_bad", "problem")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    rows: int
+    head: str
+    first_bad: int
+    problem: str
+    def __init__(self, ok: _Optional[bool] = ..., rows: _Optional[int] = ..., head: _Optional[str] = ..., first_bad: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...

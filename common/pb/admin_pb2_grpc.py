@@ -134,6 +134,26 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/xeno.fl.v1.Admin/RevokeCertificate',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RevokedCertificate.FromString,
+                _registered_method=True)
+        self.ListRevokedCertificates = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ListRevokedCertificates',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesResponse.FromString,
+                _registered_method=True)
+        self.ListAuditLog = channel.unary_unary(
+                '/xeno.fl.v1.Admin/ListAuditLog',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+                _registered_method=True)
+        self.VerifyAuditLog = channel.unary_unary(
+                '/xeno.fl.v1.Admin/VerifyAuditLog',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AuditVerdict.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -273,6 +293,35 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificate(self, request, context):
+        """Security (role admin): certificate revocation and the audit log.
+        Revoke a client certificate by serial, or every certificate of a device or admin name
+        issued until now; effective at once on this server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevokedCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditLog(self, request, context):
+        """The hash-chained audit log, oldest first (refusals pending aggregation are written first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAuditLog(self, request, context):
+        """Recompute the chain; with head, also check that a saved head is in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +424,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.EndAbTest,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.RevokedCertificate.SerializeToString,
+            ),
+            'ListRevokedCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevokedCertificates,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesResponse.SerializeToString,
+            ),
+            'ListAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditLog,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'VerifyAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAuditLog,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.AuditVerdict.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -917,6 +986,114 @@ class Admin:
             '/xeno.fl.v1.Admin/EndAbTest',
             xeno_dot_fl_dot_v1_dot_admin__pb2.EndAbTestRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.AbTestInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/RevokeCertificate',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.RevokedCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevokedCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ListRevokedCertificates',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListRevokedCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/ListAuditLog',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/VerifyAuditLog',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.AuditVerdict.FromString,
             options,
             channel_credentials,
             insecure,

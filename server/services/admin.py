@@ -20,9 +20,12 @@ from server.lifecycle.performance import AlertSettings, PerformanceLog
 from server.lifecycle.versions import DEFAULT_KEEP, VersionControl, VersionRecord
 from server.modelconf import parse_settings
 from server.privacy import privacy_report
+from server.revocation import Revocation, Revocations
 from server.runner import ModelRunner
 from server.services.common import status_code
-from server.store import ModelDefinition, ModelRecord, Store
+from server.store import ModelDefinition, ModelRecord, Store, audit_entries, audit_head
+from server.store.audit import iso as audit_iso
+from server.store.audit import verify as verify_audit
 
 T = TypeVar("T")
 
@@ -37,12 +40,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         store: Store,
         privacy_budget: float = 0.0,
         models: ModelRunner | None = None,
+        revocations: Revocations | None = None,
+        before_audit_read: Callable[[], object] | None = None,
         alert_settings: AlertSettings | None = None,
     ) -> None:
         """Over a store; with `models` (a running server's), models can be created and paused."""
         self.store = store
         self.models = models
         self.privacy_budget = privacy_budget
+        # The server's live revocation list (None: reading the database directly).
+        self.revocations = revocations
+        # Writes what is pending for the audit log (aggregated refusals) before a read.
+        self.before_audit_read = before_audit_read
         self.versions = VersionControl(store)
         self.performance = PerformanceLog(store, settings=alert_settings)
         self.ab_tests = AbTests(store)
@@ -431,6 +440,99 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             ),
         )
         return _ab_info(info)
+
+    # security ------------------------------------------------------------------
+    def RevokeCertificate(
+        self, request: pb.RevokeCertificateRequest, context: grpc.ServicerContext
+    ) -> pb.RevokedCertificate:
+        serial = request.serial.strip().lower().removeprefix("0x").replace(":", "")
+        given = [x for x in (serial, request.device_name, request.admin_name) if x]
+        if len(given) != 1:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "give exactly one of a serial, a device name or an admin name",
+            )
+        if serial and (len(serial) > 40 or any(c not in "0123456789abcdef" for c in serial)):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.serial!r} is not a certificate serial (hex, up to 40 digits)",
+            )
+        if len(request.reason) > 500:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the reason is over 500 characters")
+        kind = "device" if request.device_name else "admin" if request.admin_name else ""
+        row = self.store.revoke_certificate(
+            serial, kind, request.device_name or request.admin_name, request.reason
+        )
+        revocation = _revocation(row)
+        if self.revocations is not None:
+            self.revocations.add(revocation)
+        return _revoked_info(revocation)
+
+    def ListRevokedCertificates(
+        self, request: pb.ListRevokedCertificatesRequest, context: grpc.ServicerContext
+    ) -> pb.ListRevokedCertificatesResponse:
+        return pb.ListRevokedCertificatesResponse(
+            revoked=[_revoked_info(_revocation(r)) for r in self.store.revoked_certificates()]
+        )
+
+    def ListAuditLog(
+        self, request: pb.ListAuditLogRequest, context: grpc.ServicerContext
+    ) -> pb.ListAuditLogResponse:
+        if request.limit < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be >= 0 (0: all)")
+        if self.before_audit_read is not None:
+            self.before_audit_read()
+        entries = audit_entries(self.store, int(request.limit))
+        head = audit_head(self.store)
+        return pb.ListAuditLogResponse(
+            entries=[
+                pb.AuditEntry(
+                    seq=e.seq,
+                    time_ms=_ms(e.created_at),
+                    time_iso=audit_iso(e.created_at),
+                    actor=e.actor,
+                    action=e.action,
+                    target=e.target,
+                    details_json=json.dumps(e.details, sort_keys=True),
+                    prev_hash=e.prev_hash,
+                    hash=e.hash,
+                )
+                for e in entries
+            ],
+            head_seq=head[0] if head else 0,
+            head_hash=head[1] if head else "",
+        )
+
+    def VerifyAuditLog(
+        self, request: pb.VerifyAuditLogRequest, context: grpc.ServicerContext
+    ) -> pb.AuditVerdict:
+        if request.head and (
+            len(request.head) != 64 or any(c not in "0123456789abcdef" for c in request.head)
+        ):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "head must be a saved head hash: 64 lowercase hexadecimal characters",
+            )
+        if self.before_audit_read is not None:
+            self.before_audit_read()
+        verdict = verify_audit(audit_entries(self.store), audit_head(self.store), request.head)
+        return pb.AuditVerdict(
+            ok=verdict.ok,
+            rows=verdict.rows,
+            head=verdict.head,
+            first_bad=verdict.first_bad or 0,
+            problem=verdict.problem,
+        )
+
+
+def _revocation(row: Any) -> Revocation:
+    return Revocation(row.serial, row.kind, row.name, row.reason, row.revoked_at)
+
+
+def _revoked_info(r: Revocation) -> pb.RevokedCertificate:
+    return pb.RevokedCertificate(
+        serial=r.serial, kind=r.kind, name=r.name, reason=r.reason, revoked_at_ms=_ms(r.revoked_at)
+    )
 
 
 def _ab_arm(arm: Any) -> pb.AbArm:

@@ -22,8 +22,12 @@ import grpc
 
 from common.certs import CertKind, Role
 from common.tls import peer_identity
+from server import refusals as refused
 from server.errors import ErrorKind, FederationError
+from server.refusals import RefusalLog
+from server.revocation import Revocations
 from server.security import Principal, required_role
+from server.services.guard import peer_host
 from server.store.audit import set_actor
 
 audit = logging.getLogger("xeno.audit")
@@ -59,13 +63,26 @@ class AuthenticatedContext:
     use it as they would the context itself (sync or grpc.aio alike).
     """
 
-    def __init__(self, context: Any, device_id: str, admin: Principal | None = None) -> None:
+    def __init__(
+        self,
+        context: Any,
+        device_id: str,
+        admin: Principal | None = None,
+        on_abort: Callable[[grpc.StatusCode, str], None] | None = None,
+    ) -> None:
         self._context = context
         self.device_id = device_id
         self.admin = admin
+        self._on_abort = on_abort
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> Any:
+        # The handler refuses the call: the audit log counts some classes of refusal.
+        if self._on_abort is not None:
+            self._on_abort(code, details)
+        return self._context.abort(code, details)
 
 
 def device_id_of(context: Any) -> str:
@@ -129,8 +146,17 @@ def _replace_behavior(handler: Any, behavior: Callable[..., Any]) -> Any:
     )
 
 
-def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+# Counts a refusal for the audit log: (status, actor or "" for the caller's address,
+# the call's context, the reason).
+NoteRefusal = Callable[[grpc.StatusCode, str, Any, str], None]
+
+
+def _abort_handler(
+    handler: Any, code: grpc.StatusCode, message: str, note: NoteRefusal | None = None
+) -> Any:
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        if note is not None:
+            note(code, "", context, message)
         await context.abort(code, message)
 
     return _replace_behavior(handler, deny)
@@ -140,6 +166,8 @@ def _abort_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
 class Refusal:
     code: grpc.StatusCode
     message: str
+    # Who was refused, when verified (an admin principal); "": the caller's address.
+    actor: str = ""
 
 
 # A check made when the call runs (the peer's certificate is only known then): the
@@ -147,7 +175,9 @@ class Refusal:
 CallCheck = Callable[[Any], "Refusal | Principal | None"]
 
 
-def with_identity(handler: Any, device_id: str, check: CallCheck | None = None) -> Any:
+def with_identity(
+    handler: Any, device_id: str, check: CallCheck | None = None, note: NoteRefusal | None = None
+) -> Any:
     """The handler, called with an `AuthenticatedContext` carrying device_id.
 
     `check(context)`, run first, may refuse the call (a status and message) or name
@@ -159,13 +189,22 @@ def with_identity(handler: Any, device_id: str, check: CallCheck | None = None) 
     def authenticated(context: Any) -> AuthenticatedContext | tuple[grpc.StatusCode, str]:
         verdict = check(context) if check is not None else None
         if isinstance(verdict, Refusal):
+            if note is not None:
+                note(verdict.code, verdict.actor, context, verdict.message)
             return verdict.code, verdict.message
         # What this call changes is recorded in the audit log as done by this actor.
+        on_abort = None
         if verdict is not None:
-            set_actor(f"admin {verdict.name} ({verdict.role.value})")
+            actor = f"admin {verdict.name} ({verdict.role.value})"
+            set_actor(actor)
+            if note is not None:
+
+                def on_abort(code: grpc.StatusCode, details: str) -> None:
+                    note(code, actor, context, details)
+
         elif device_id:
             set_actor(f"device {device_id}")
-        return AuthenticatedContext(context, device_id, verdict)
+        return AuthenticatedContext(context, device_id, verdict, on_abort)
 
     if inspect.isasyncgenfunction(behavior):
 
@@ -234,6 +273,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
     of `admin_tokens` or, with mTLS, an admin certificate; either names a
     `Principal` with a role. Without any (loopback development) the admin API is
     open. Health and reflection are open.
+
+    With `revocations`, every call that comes with a client certificate (Register
+    included) is refused when the certificate was revoked (server/revocation.py).
     """
 
     def __init__(
@@ -242,8 +284,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
         admin_tokens: Mapping[str, Principal] | str = "",
         open_methods: frozenset[str] = frozenset({"/xeno.fl.v1.Federation/Register"}),
         device_cert_name: Callable[[str], str | None] | None = None,
+        revocations: Revocations | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._authenticate_device = authenticate_device
+        self._revocations = revocations
+        self._refusals = refusals
         if isinstance(admin_tokens, str):
             admin_tokens = {admin_tokens: Principal("admin", Role.ADMIN)} if admin_tokens else {}
         self._admin_tokens = dict(admin_tokens)
@@ -259,20 +305,45 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
     ) -> Any:
         method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or method in self._open:
+        if handler is None:
             return handler
+        if method in self._open:
+            revoked = self._revocation_check(method, "")
+            if revoked is None:
+                return handler
+            return with_identity(handler, "", revoked, self._note(method))
         creds = read_credentials(handler_call_details.invocation_metadata)
         if isinstance(creds, str):
-            return self._deny(handler, method, "", creds, "send each credential header once")
+            return self._deny(
+                handler, method, "", creds, "send each credential header once", self._note(method)
+            )
         if method.startswith("/xeno.fl.v1.Federation/"):
             device = creds.device_id
             if not device or not creds.token:
-                return self._deny(handler, method, device, "missing device id or bearer token")
+                return self._deny(
+                    handler,
+                    method,
+                    device,
+                    "missing device id or bearer token",
+                    note=self._note(method),
+                )
             if not self._authenticate_device(device, creds.token):
                 return self._deny(
-                    handler, method, device, "unknown device or wrong token (or it expired)"
+                    handler,
+                    method,
+                    device,
+                    "unknown device or wrong token (or it expired)",
+                    note=self._note(method),
                 )
-            return with_identity(handler, device, self._device_certificate_check(method, device))
+            return with_identity(
+                handler,
+                device,
+                _then(
+                    self._revocation_check(method, device),
+                    self._device_certificate_check(method, device),
+                ),
+                self._note(method),
+            )
         if method.startswith("/xeno.fl.v1.Admin/"):
             return self._admin(handler, method, creds.token)
         return handler
@@ -306,11 +377,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
             if token and hmac.compare_digest(token.encode(), known.encode()):
                 by_token = principal
         if by_token is None and token:
-            return self._deny(handler, method, "", "admin token wrong", "check --admin-token-file")
+            return self._deny(
+                handler,
+                method,
+                "",
+                "admin token wrong",
+                "check --admin-token-file",
+                self._note(method),
+            )
         if not self._admin_tokens and not self.mtls:
             # Development on loopback: no admin credential configured, the API is open.
             local = Principal("local", Role.ADMIN)
-            return with_identity(handler, "", lambda _ctx: authorize(local, method))
+            return with_identity(
+                handler, "", lambda _ctx: authorize(local, method), self._note(method)
+            )
 
         def check(context: Any) -> Refusal | Principal:
             principal = by_token
@@ -328,7 +408,49 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
                 )
             return authorize(principal, method)
 
-        return with_identity(handler, "", check)
+        return with_identity(
+            handler, "", _then(self._revocation_check(method, ""), check), self._note(method)
+        )
+
+    def _revocation_check(self, method: str, device: str) -> CallCheck | None:
+        revocations = self._revocations
+        if revocations is None or not self.mtls:
+            return None
+
+        def check(context: Any) -> Refusal | None:
+            peer = peer_identity(context)
+            revoked = revocations.revoked(peer) if peer is not None else None
+            if peer is None or revoked is None:
+                return None
+            named = f"{peer.kind.value} {peer.name}, " if peer.kind is not None else ""
+            why = f"the client certificate ({named}serial {peer.serial}) was revoked" + (
+                f": {revoked.reason}" if revoked.reason else ""
+            )
+            _audit_unauthenticated(method, device, why)
+            return Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{why}; ask the operator for a new certificate (`xeno-fl admin certs issue "
+                "DIR --device NAME` or `--admin NAME --role ROLE`)",
+            )
+
+        return check
+
+    def _note(self, method: str) -> NoteRefusal | None:
+        """Counts this method's refusals for the audit log (server/refusals.py)."""
+        log = self._refusals
+        if log is None:
+            return None
+        admin_rpc = method.startswith("/xeno.fl.v1.Admin/")
+
+        def note(code: grpc.StatusCode, actor: str, context: Any, message: str) -> None:
+            cls = _REFUSAL_CLASSES.get(code)
+            if cls is None or (cls == refused.INVALID_ARGUMENT and not admin_rpc):
+                return
+            if not actor:
+                actor = f"peer {peer_host(str(context.peer()))}"
+            log.note(cls, actor, method, message)
+
+        return note
 
     @staticmethod
     def _deny(
@@ -337,13 +459,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg
         device: str,
         why: str,
         hint: str = "register again (xeno-fl client --reset) if the credentials were lost",
+        note: NoteRefusal | None = None,
     ) -> Any:
         _audit_unauthenticated(method, device, why)
-        return _abort_handler(
-            handler,
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"{why}; {hint}",
-        )
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"{why}; {hint}", note)
+
+
+_REFUSAL_CLASSES = {
+    grpc.StatusCode.UNAUTHENTICATED: refused.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: refused.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: refused.RATE_LIMITED,
+    grpc.StatusCode.INVALID_ARGUMENT: refused.INVALID_ARGUMENT,
+}
+
+
+def _then(first: CallCheck | None, second: CallCheck | None) -> CallCheck | None:
+    """A check that runs first, then (unless first refused) second."""
+    if first is None or second is None:
+        return first or second
+
+    def both(context: Any) -> Refusal | Principal | None:
+        verdict = first(context)
+        return verdict if isinstance(verdict, Refusal) else second(context)
+
+    return both
 
 
 def authorize(principal: Principal, method: str) -> Refusal | Principal:
@@ -365,7 +504,11 @@ def authorize(principal: Principal, method: str) -> Refusal | Principal:
         why,
         extra={"status": "PERMISSION_DENIED"},
     )
-    return Refusal(grpc.StatusCode.PERMISSION_DENIED, why)
+    return Refusal(
+        grpc.StatusCode.PERMISSION_DENIED,
+        why,
+        f"admin {principal.name} ({principal.role.value})",
+    )
 
 
 def _audit_unauthenticated(method: str, device: str, why: str) -> None:

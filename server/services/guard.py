@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 
 from server.limits import CallLimit, Refusal, TokenBuckets
+from server.refusals import RATE_LIMITED, RefusalLog
 from server.store import describe_error, store_unavailable
 
 audit = logging.getLogger("xeno.audit")
@@ -134,8 +135,10 @@ def peer_host(peer: str) -> str:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: GuardConfig, refusals: RefusalLog | None = None) -> None:
         self.config = config
+        # Rate-limit refusals are counted in the audit log (server/refusals.py).
+        self.refusals = refusals
         self.calls = CallLimit(config.max_concurrent_rpcs)
         c = config
         self._device = {
@@ -170,11 +173,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
                 return self._device[method].take(str(key))
         return None
 
-    @staticmethod
-    async def _refuse(method: str, context: Any, refusal: Refusal) -> None:
+    async def _refuse(self, method: str, context: Any, refusal: Refusal) -> None:
         audit.info(
             "refused %s from %s: RESOURCE_EXHAUSTED %s", method, context.peer(), refusal.message
         )
+        if self.refusals is not None:
+            device = getattr(context, "device_id", "")
+            actor = f"device {device}" if device else f"peer {peer_host(str(context.peer()))}"
+            self.refusals.note(RATE_LIMITED, actor, method, refusal.message)
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(refusal.retry_after_ms)),))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
 

@@ -26,19 +26,21 @@ from common.atrest import DataKeyError, Sealer, is_sealed
 from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
-from server.store import audit
+from server.store import audit, sealing
 from server.store.models import (
     AbResultRow,
     AbTestRow,
     AuditHeadRow,
     AuditRow,
     BlobRow,
+    DataKeyRow,
     DeviceRow,
     ModelDefinitionRow,
     ModelRow,
     ModelTagRow,
     ModelVersionRow,
     PrivacyLedgerRow,
+    RevokedCertificateRow,
     RoundParticipantRow,
     RoundRow,
 )
@@ -291,12 +293,27 @@ def make_engine(url: str) -> Engine:
 class Store:
     """Repository over one database URL."""
 
-    def __init__(self, url: str, sealer: Sealer | None = None) -> None:
-        """A repository over url; with a sealer, blobs are AES-GCM encrypted at rest."""
+    def __init__(
+        self, url: str, sealer: Sealer | None = None, allow_unauthenticated: bool = False
+    ) -> None:
+        """A repository over url; with a sealer, sealed blobs and rows and MACed versions.
+
+        Blobs and per-device rows are AES-GCM encrypted at rest and versions carry a
+        MAC (server/store/sealing.py).
+
+        allow_unauthenticated: only for a key rotation, which authenticates rows written
+        before version MACs existed.
+        """
         self.url = url
         self.sealer = sealer
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        sealing.install(
+            self._session,
+            sealing.RecordSealer(sealer, allow_unauthenticated)
+            if sealer is not None
+            else sealing.KeylessRecords(),
+        )
         # Every flush appends its auditable changes to the audit chain, in its transaction.
         event.listen(self._session, "after_flush", audit.record_changes)
 
@@ -314,9 +331,35 @@ class Store:
         A database already at the newest migration is left alone without importing
         Alembic, which alone took ~0.8 s of a restart.
         """
-        if self._stored_revision() == _head_revision():
-            return
-        self.migrate("head")
+        if self._stored_revision() != _head_revision():
+            self.migrate("head")
+        if self.sealer is not None:
+            self.check_data_key()
+
+    def check_data_key(self) -> None:
+        """Refuse a data key that is not the database's, or a rotation left unfinished.
+
+        The first start with a key records its id; a database sealed under another key
+        (rotated, or a wrong key file) stops here with what to do, not at the first read.
+        """
+        assert self.sealer is not None
+        with self._session.begin() as s:
+            row = s.get(DataKeyRow, 1)
+            if row is None:
+                s.add(DataKeyRow(id=1, key_id=self.sealer.key_id, rows_done=0, updated_at=utcnow()))
+                return
+            if row.rotating_to is not None:
+                raise DataKeyError(
+                    f"a data key rotation from key id {row.key_id} to key id {row.rotating_to} "
+                    "was interrupted: finish it with the same command, `xeno-fl admin "
+                    "rotate-key --new-key-file NEW` (the server must be stopped)"
+                )
+            if row.key_id != self.sealer.key_id:
+                raise DataKeyError(
+                    f"the configured data key (id {self.sealer.key_id}) is not this "
+                    f"database's key (id {row.key_id}); if the key was rotated, configure "
+                    "the new key file"
+                )
 
     def _stored_revision(self) -> str | None:
         try:
@@ -434,6 +477,30 @@ class Store:
                 .where(DeviceRow.id == device_id)
                 .values(token_expires_at=expires_at)
             )
+
+    def append_audit(self, rows: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """Append (actor, action, target, details) rows to the audit log in one transaction."""
+        with self._session.begin() as s:
+            for actor, action, target, details in rows:
+                audit.append(s, actor, [(action, target, details)])
+
+    # certificate revocation -------------------------------------------------
+    def revoke_certificate(
+        self, serial: str = "", kind: str = "", name: str = "", reason: str = ""
+    ) -> RevokedCertificateRow:
+        """Revoke a certificate by serial, or every one of kind and name issued until now."""
+        if bool(serial) == bool(kind and name):
+            raise ValueError("revoke either a serial, or a kind and a name")
+        with self._session.begin() as s:
+            row = RevokedCertificateRow(
+                serial=serial.lower(), kind=kind, name=name, reason=reason, revoked_at=utcnow()
+            )
+            s.add(row)
+        return row
+
+    def revoked_certificates(self) -> list[RevokedCertificateRow]:
+        with self.session() as s:
+            return list(s.scalars(select(RevokedCertificateRow).order_by(RevokedCertificateRow.id)))
 
     # blobs -----------------------------------------------------------------
     def put_blob(self, s: Session, data: bytes) -> str:
@@ -585,26 +652,27 @@ class Store:
     def load_version(self, name: str, version: int) -> np.ndarray:
         """Weights of a version as a float32 vector, SHA-256 checked."""
         with self.session() as s:
-            digest = s.scalar(
-                select(ModelVersionRow.blob_sha256)
+            # The whole row, so that its MAC is checked (sealing.RecordSealer).
+            row = s.scalar(
+                select(ModelVersionRow)
                 .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
                 .where(ModelRow.name == name, ModelVersionRow.version == version)
             )
-        if digest is None:
+        if row is None:
             raise KeyError(f"model {name!r} has no version {version}")
-        return np.frombuffer(self.read_blob(digest), dtype=WIRE_DTYPE).copy()
+        return np.frombuffer(self.read_blob(row.blob_sha256), dtype=WIRE_DTYPE).copy()
 
     def load_optimizer_state(self, name: str, version: int) -> OptimizerState | None:
         """The server optimizer's state stored with a version (None: none was stored)."""
         with self.session() as s:
-            row = s.execute(
-                select(ModelVersionRow.optimizer_state_sha256, ModelVersionRow.optimizer_state)
+            row = s.scalar(
+                select(ModelVersionRow)
                 .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
                 .where(ModelRow.name == name, ModelVersionRow.version == version)
-            ).one_or_none()
+            )
         if row is None:
             raise KeyError(f"model {name!r} has no version {version}")
-        digest, manifest = row
+        digest, manifest = row.optimizer_state_sha256, row.optimizer_state
         if digest is None or manifest is None:
             return None
         return OptimizerState.from_wire(manifest, self.read_blob(digest))
@@ -911,19 +979,16 @@ class Store:
     def contributions(self, name: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(round id, device id, reported metrics) of every accepted update of the model."""
         with self.session() as s:
-            rows = s.execute(
-                select(
-                    RoundParticipantRow.round_id,
-                    RoundParticipantRow.device_id,
-                    RoundParticipantRow.metrics,
-                )
+            # Whole rows: their metrics are sealed (sealing.RecordSealer opens them on load).
+            rows = s.scalars(
+                select(RoundParticipantRow)
                 .join(RoundRow, RoundRow.id == RoundParticipantRow.round_id)
                 .join(ModelRow, ModelRow.id == RoundRow.model_id)
                 .where(ModelRow.name == name)
                 .where(RoundParticipantRow.status.in_(("uploaded", "reported")))
                 .order_by(RoundRow.number)
             ).all()
-            return [(r[0], r[1], dict(r[2] or {})) for r in rows]
+            return [(r.round_id, r.device_id, dict(r.metrics or {})) for r in rows]
 
     def round_participants(self, round_id: str) -> list[RoundParticipantRow]:
         with self.session() as s:

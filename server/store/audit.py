@@ -39,6 +39,7 @@ from server.store.models import (
     ModelRow,
     ModelTagRow,
     ModelVersionRow,
+    RevokedCertificateRow,
     RoundRow,
 )
 
@@ -84,7 +85,7 @@ def entry_hash(
     details: dict[str, Any],
 ) -> str:
     body = json.dumps(
-        [seq, _iso(created_at), actor, action, target, details],
+        [seq, iso(created_at), actor, action, target, details],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=True,
@@ -92,7 +93,8 @@ def entry_hash(
     return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
 
 
-def _iso(moment: datetime) -> str:
+def iso(moment: datetime) -> str:
+    """The entry time as its hash covers it (UTC, microseconds)."""
     if moment.tzinfo is None:  # SQLite hands back naive datetimes, written in UTC
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
@@ -124,6 +126,9 @@ def _changes(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
             out.append(("tag.set", f"model {obj.model_id} tag {obj.tag}", {"version": obj.version}))
         elif isinstance(obj, AbTestRow):
             out.append(("abtest.created", obj.name, {"status": obj.status}))
+        elif isinstance(obj, RevokedCertificateRow):
+            target = f"serial {obj.serial}" if obj.serial else f"{obj.kind} {obj.name}"
+            out.append(("certificate.revoked", target, {"reason": obj.reason}))
         elif isinstance(obj, ModelDefinitionRow):
             out.append(
                 (

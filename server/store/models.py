@@ -115,6 +115,9 @@ class ModelVersionRow(Base):
     created_by: Mapped[str] = mapped_column(String(128), default="")
     # A rollback's new head copies this version's weights.
     rollback_of: Mapped[int | None] = mapped_column(Integer)
+    # With a data key: `KEYID:HMAC` over the version's blob mapping and metrics
+    # (server/store/sealing.py), so substituted weights or edited metrics are detected.
+    mac: Mapped[str | None] = mapped_column(String(96), default=None)
 
 
 class RoundRow(Base):
@@ -151,6 +154,9 @@ class RoundParticipantRow(Base):
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     note: Mapped[str] = mapped_column(Text, default="")
+    # With a data key: num_examples, metrics and note sealed here (the columns above stay
+    # empty), since they say something about the person using the device.
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
 class PrivacyLedgerRow(Base):
@@ -287,3 +293,34 @@ class AuditHeadRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class DataKeyRow(Base):
+    """The id of the data key the database is sealed under (one row, id 1).
+
+    `rotating_to` is set while a rotation is in progress, until every value is re-sealed.
+    """
+
+    __tablename__ = "data_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    key_id: Mapped[str] = mapped_column(String(16))
+    rotating_to: Mapped[str | None] = mapped_column(String(16), default=None)
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RevokedCertificateRow(Base):
+    """A revoked certificate, checked by the auth interceptor on every mTLS call.
+
+    By serial, or (serial "") every certificate of kind and name issued up to revoked_at.
+    """
+
+    __tablename__ = "revoked_certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    serial: Mapped[str] = mapped_column(String(40), default="")
+    kind: Mapped[str] = mapped_column(String(16), default="")
+    name: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
