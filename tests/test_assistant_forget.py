@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import select
 
 from common.pb import federation_pb2 as pb
-from server.store.models import DeviceRow
+from server.store.models import AbResultRow, DeviceRow, PerformanceMetricRow
 from xeno.model_finetuning import ContextualMemory, delete_user_data
+from xeno.model_versioning import ABTestingManager
 
 
 def test_delete_user_data_erases_the_devices_records_on_the_server(
@@ -27,6 +28,12 @@ def test_delete_user_data_erases_the_devices_records_on_the_server(
     [rnd] = server.store.list_rounds(server.config.model)
     assert len(server.store.round_participants(rnd.id)) == 3
     versions_before = [v.version for v in server.store.list_versions(server.config.model)]
+    # Per-device observations: A/B results (by device) and performance reports.
+    ab = ABTestingManager(store=server.store)
+    name = server.config.model
+    ab.create_test("t", name, name, 0.5, ["user_satisfaction"])
+    for d, value in zip(devices[:2], (4.0, 5.0), strict=True):
+        d.client.report_performance({"user_satisfaction": value}, ab_test="t")
     memory = ContextualMemory(user_id="zoe")
     memory.store_fact("work", "role", "pilot")
     memory.close()
@@ -36,6 +43,13 @@ def test_delete_user_data_erases_the_devices_records_on_the_server(
     assert result["store_deleted"] is True
     assert result["server"]["device_id"] == gone.device_id
     assert result["server"]["participations_deleted"] == 1
+    assert result["server"]["ab_results_deleted"] == 1
+    with server.store.session() as s:
+        kept = s.scalars(select(AbResultRow.device_id)).all()
+        contexts = s.scalars(select(PerformanceMetricRow.context)).all()
+    assert kept == [devices[1].client._creds.device_id]
+    # The performance history never names a device: nothing per device is left there.
+    assert contexts and not any(gone.device_id in str(c) for c in contexts)
     left = {p.device_id for p in server.store.round_participants(rnd.id)}
     assert gone.device_id not in left and len(left) == 2
     with server.store.session() as s:

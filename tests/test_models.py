@@ -578,3 +578,14 @@ def test_concurrent_creates_of_one_name_make_one_model(server_factory: Any) -> N
     assert sorted(c.name for c in codes) == ["ALREADY_EXISTS"] * 3 + ["OK"]
     assert [v.version for v in server.store.list_versions("twin")] == [1]
     assert [m.name for m in server.models.models()] == ["digits-mlp", "twin"]
+
+
+def test_a_device_checks_in_for_the_kind_of_data_it_holds(tmp_path: Path) -> None:
+    from client.runtime import ClientConfig, DeviceClient, load_partition
+    from common.tasks import TaskName, simulated_shard
+
+    texts = simulated_shard(TaskName.INTENTS, 0, 50, alpha=0.5, seed=0)
+    device = DeviceClient(ClientConfig(state_dir=str(tmp_path / "t")), texts)
+    assert device._data_kind() == "intents"  # texts, whatever --task says
+    digits = ClientConfig(state_dir=str(tmp_path / "d"))
+    assert DeviceClient(digits, load_partition(digits))._data_kind() == "digits"
