@@ -100,7 +100,13 @@ ROUND_MOVED_ON = frozenset(
 
 
 class EnrollmentRefusedError(RuntimeError):
-    """The server refused to register this device (wrong enrollment key)."""
+    """The server refused to register this device (wrong enrollment key, revoked certificate)."""
+
+    def __init__(
+        self, message: str, hint: str = "set --enrollment-key (XENO_ENROLLMENT_KEY) and start again"
+    ) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,13 @@ class DeviceClient:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    # Register needs no token: only a revoked client certificate is refused so,
+                    # and registering again with it cannot help.
+                    raise EnrollmentRefusedError(
+                        f"registration refused: {err.details()}",
+                        "ask the operator for a new device certificate (--tls-cert/--tls-key)",
+                    ) from None
                 raise
             creds = Credentials(
                 self.credentials_scope(), resp.device_id, resp.token, resp.enrollment_index
@@ -445,7 +458,7 @@ class DeviceClient:
             except grpc.RpcError as err:
                 self._handle_error(err)
             except EnrollmentRefusedError as exc:
-                log.error("%s; set --enrollment-key (XENO_ENROLLMENT_KEY) and start again", exc)
+                log.error("%s; %s", exc, exc.hint)
                 return 2
             except (RuntimeError, ValueError, FloatingPointError, StopIteration) as exc:
                 delay = self.backoff.next_delay()
