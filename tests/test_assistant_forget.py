@@ -94,3 +94,46 @@ def test_forget_needs_the_devices_own_credentials(server_factory, raw_device) ->
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with server.store.session() as s:
         assert s.execute(select(DeviceRow.id).where(DeviceRow.id == device.device_id)).first()
+
+
+def test_forget_releases_the_enrollment_index_for_the_next_device(server_factory, tmp_path) -> None:
+    """Indices pick distinct data partitions: a forgotten device's is reused, also after a
+    restart (the index is stored), and a device registering again keeps its own."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from common.pb import federation_pb2_grpc
+    from server.registry import DeviceRegistry
+
+    db = f"sqlite:///{tmp_path}/idx.db"
+    server = server_factory(db=db, min_clients=9, clients_per_round=9)
+    channel = grpc.insecure_channel(server.address)
+    stub = federation_pb2_grpc.FederationStub(channel)
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def register(identity: bytes = b"") -> pb.RegisterResponse:
+        return stub.Register(pb.RegisterRequest(identity_public_key=identity), timeout=10)
+
+    devices = [register() for _ in range(3)]
+    assert [d.enrollment_index for d in devices] == [0, 1, 2]
+    md = (
+        ("x-xeno-device-id", devices[1].device_id),
+        ("authorization", f"Bearer {devices[1].token}"),
+    )
+    stub.Forget(pb.ForgetRequest(), metadata=md, timeout=10)
+    assert register().enrollment_index == 1  # the released index
+    assert register(key).enrollment_index == 3
+    assert register(key).enrollment_index == 3  # the same device again keeps its index
+    # A restart reads the stored indices: the next free one is 4, not a count.
+    stub.Forget(
+        pb.ForgetRequest(),
+        metadata=(
+            ("x-xeno-device-id", devices[0].device_id),
+            ("authorization", f"Bearer {devices[0].token}"),
+        ),
+        timeout=10,
+    )
+    channel.close()
+    again = DeviceRegistry(server.store)
+    assert again.register("", {}, b"")[2] == 0
+    assert again.register("", {}, b"")[2] == 4
