@@ -10,7 +10,8 @@ intents and 50-200 of their training queries (uniform draw), and the
 personal trainer's recipe (`client.assistant.intents.train_head`: 20%
 stratified validation, calibrated L2 logistic head, refit on all) runs twice
 on the same examples: over the body, and over hashed word and character
-n-grams with nothing pretrained (from scratch). Both are scored on the
+n-grams with nothing pretrained (from scratch), and over both side by side
+with the body at half weight (`default`: the trainer's default body). All are scored on the
 CLINC150 test queries of the user's intents (30 per intent): `accuracy` is
 top-1 among the user's intents; `kept_accuracy` counts only answers above
 the unknown threshold as right. Prints one JSON line: per-arm means and
@@ -33,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.assistant.bodies import FastTextBody, clinc150_body
+from client.assistant.bodies import FASTTEXT_WEIGHT, FastTextBody, clinc150_body
 from client.assistant.intents import HashedNgramBody, StackedBody, TextBody, train_head
 from common.data.clinc150 import load_clinc150
 from common.models import FastText
@@ -106,7 +107,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--arms",
+        default="default,scratch,body,body+ngrams,finetune-body,finetune-scratch",
+        help="comma-separated arms to run (scratch is always run: the reference)",
+    )
     args = parser.parse_args()
+    args.arms += ",scratch"
     started = time.perf_counter()
     data = load_clinc150()
     rng = np.random.default_rng(args.seed)
@@ -119,16 +126,22 @@ def main() -> None:
     body = FastTextBody(embedding, features, "fasttext-120", trained_on)
     scratch = HashedNgramBody()
     body_s = time.perf_counter() - started
-    bodies: dict[str, TextBody] = {
+    everything: dict[str, TextBody] = {
         "body": body,
         "scratch": scratch,
         "body+ngrams": StackedBody((body, scratch)),
+        # The trainer's default (client.assistant.bodies.default_body): the n-grams with
+        # the body beside them at FASTTEXT_WEIGHT.
+        "default": StackedBody((scratch, body), (1.0, FASTTEXT_WEIGHT)),
     }
+    wanted = set(args.arms.split(","))
+    bodies = {k: v for k, v in everything.items() if k in wanted}
     arms: dict[str, dict[str, list[float]]] = {
         name: {"accuracy": [], "kept_accuracy": [], "validation_accuracy": []} for name in bodies
     }
-    arms["finetune-body"] = {"accuracy": []}
-    arms["finetune-scratch"] = {"accuracy": []}
+    finetunes = [a for a in ("finetune-body", "finetune-scratch") if a in wanted]
+    for a in finetunes:
+        arms[a] = {"accuracy": []}
     torch.set_num_threads(1)
     sizes = []
     for _ in range(args.users):
@@ -145,6 +158,8 @@ def main() -> None:
             for k, v in score(b, texts, labels, test).items():
                 arms[name][k].append(v)
         for name, init in (("finetune-body", embedding), ("finetune-scratch", None)):
+            if name not in arms:
+                continue
             acc = finetune(init, features, texts, labels, test, args.finetune_epochs, args.seed)
             arms[name]["accuracy"].append(acc)
 
@@ -168,9 +183,13 @@ def main() -> None:
                 "examples_per_user": summary([float(s) for s in sizes]),
                 "arms": {a: {k: summary(v) for k, v in m.items()} for a, m in arms.items()},
                 "minus_scratch_accuracy": {
-                    a: paired(a) for a in ("body", "body+ngrams", "finetune-body")
+                    a: paired(a)
+                    for a in ("default", "body", "body+ngrams", "finetune-body")
+                    if a in arms
                 },
-                "finetune_body_minus_finetune_scratch": paired("finetune-body", "finetune-scratch"),
+                "finetune_body_minus_finetune_scratch": (
+                    paired("finetune-body", "finetune-scratch") if len(finetunes) == 2 else None
+                ),
                 "body_train_seconds": round(body_s, 1),
                 "seconds": round(time.perf_counter() - started, 1),
             }

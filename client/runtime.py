@@ -100,7 +100,13 @@ ROUND_MOVED_ON = frozenset(
 
 
 class EnrollmentRefusedError(RuntimeError):
-    """The server refused to register this device (wrong enrollment key)."""
+    """The server refused to register this device (wrong enrollment key, revoked certificate)."""
+
+    def __init__(
+        self, message: str, hint: str = "set --enrollment-key (XENO_ENROLLMENT_KEY) and start again"
+    ) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,13 @@ class DeviceClient:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     raise EnrollmentRefusedError(f"registration refused: {err.details()}") from None
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    # Register needs no token: only a revoked client certificate is refused so,
+                    # and registering again with it cannot help.
+                    raise EnrollmentRefusedError(
+                        f"registration refused: {err.details()}",
+                        "ask the operator for a new device certificate (--tls-cert/--tls-key)",
+                    ) from None
                 raise
             creds = Credentials(
                 self.credentials_scope(), resp.device_id, resp.token, resp.enrollment_index
@@ -445,7 +458,7 @@ class DeviceClient:
             except grpc.RpcError as err:
                 self._handle_error(err)
             except EnrollmentRefusedError as exc:
-                log.error("%s; set --enrollment-key (XENO_ENROLLMENT_KEY) and start again", exc)
+                log.error("%s; %s", exc, exc.hint)
                 return 2
             except (RuntimeError, ValueError, FloatingPointError, StopIteration) as exc:
                 delay = self.backoff.next_delay()
@@ -579,13 +592,19 @@ class DeviceClient:
             log.error("request refused: %s: %s; retrying in %.1fs", code.name, err.details(), delay)
             self.stop.wait(delay)
 
+    def _data_kind(self) -> str:
+        """The kind of data this device holds, as CheckIn names it: texts are intents'."""
+        if isinstance(self.data, TextShard):
+            return TaskName.INTENTS.value
+        return self.config.task
+
     def _check_in(self) -> pb.CheckInResponse | None:
         """Long poll that gives up early when stop is set (returns None then)."""
         future = self._stub.CheckIn.future(
             pb.CheckInRequest(
                 max_wait_ms=self.config.max_wait_ms,
                 # The server offers only tasks of models that train on this device's data.
-                tasks=[self.config.task],
+                tasks=[self._data_kind()],
                 models=[m.strip() for m in self.config.models.split(",") if m.strip()],
             ),
             metadata=self._metadata(),

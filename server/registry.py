@@ -44,6 +44,7 @@ class _Device:
     cert_name: str | None
     expires: float | None  # unix seconds; None: never
     revoked: bool
+    index: int | None = None
 
 
 class DeviceRegistry:
@@ -66,6 +67,7 @@ class DeviceRegistry:
                 r.cert_name,
                 r.token_expires_at.timestamp() if r.token_expires_at else None,
                 r.revoked_at is not None,
+                r.enrollment_index,
             )
             for r in store.device_records()
         }
@@ -108,6 +110,7 @@ class DeviceRegistry:
                 for d, e in self._devices.items()
                 if identity is not None and e.identity == identity and not e.revoked
             )
+            index = self._free_index(old)
             self._store.add_device(
                 device_id,
                 digest,
@@ -116,15 +119,27 @@ class DeviceRegistry:
                 cert_name=cert_name,
                 token_expires_at=datetime.fromtimestamp(expires, UTC) if expires else None,
                 revoke=old,
+                enrollment_index=index,
             )
             for d in old:
                 self._devices[d].revoked = True
-            self._devices[device_id] = _Device(digest, identity, cert_name, expires, False)
+            self._devices[device_id] = _Device(digest, identity, cert_name, expires, False, index)
             self._count += 1
-            index = self._count - 1
         if old:
             log.info("device re-registered as %s; revoked %s", device_id, ", ".join(old))
         return device_id, token, index
+
+    def _free_index(self, replaced: tuple[str, ...]) -> int:
+        """The index of a registering device; call under _lock.
+
+        A device registering again keeps the one it held; a new one gets the smallest
+        that no live device holds (so a forgotten device's index is handed out again).
+        """
+        own = [self._devices[d].index for d in replaced if self._devices[d].index is not None]
+        if own:
+            return min(i for i in own if i is not None)
+        taken = {e.index for e in self._devices.values() if not e.revoked}
+        return next(i for i in range(len(taken) + 1) if i not in taken)
 
     def authenticate(self, device_id: str, token: str) -> bool:
         with self._lock:

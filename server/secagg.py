@@ -493,7 +493,13 @@ class SecAggRound:
             return False
         if self.phase is Phase.UPLOAD and self.uploading and now < self.phase_deadline:
             return False  # an upload is mid-stream: give it until the deadline
-        self._close_phase(now)
+        try:
+            self._close_phase(now)
+        except Exception as exc:
+            # Anything unforeseen (no memory for the sum, a bug) fails the round: left
+            # open, the phase would be closed again on every step and never end.
+            log.exception("round %s: closing phase %s failed", self.round_id, self.phase.value)
+            self._fail(f"closing phase {self.phase.value} failed: {type(exc).__name__}: {exc}")
         return True
 
     def _expected(self) -> list[str]:

@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import select
 
 from common.pb import federation_pb2 as pb
-from server.store.models import DeviceRow
+from server.store.models import AbResultRow, DeviceRow, PerformanceMetricRow
 from xeno.model_finetuning import ContextualMemory, delete_user_data
+from xeno.model_versioning import ABTestingManager
 
 
 def test_delete_user_data_erases_the_devices_records_on_the_server(
@@ -27,6 +28,12 @@ def test_delete_user_data_erases_the_devices_records_on_the_server(
     [rnd] = server.store.list_rounds(server.config.model)
     assert len(server.store.round_participants(rnd.id)) == 3
     versions_before = [v.version for v in server.store.list_versions(server.config.model)]
+    # Per-device observations: A/B results (by device) and performance reports.
+    ab = ABTestingManager(store=server.store)
+    name = server.config.model
+    ab.create_test("t", name, name, 0.5, ["user_satisfaction"])
+    for d, value in zip(devices[:2], (4.0, 5.0), strict=True):
+        d.client.report_performance({"user_satisfaction": value}, ab_test="t")
     memory = ContextualMemory(user_id="zoe")
     memory.store_fact("work", "role", "pilot")
     memory.close()
@@ -36,6 +43,13 @@ def test_delete_user_data_erases_the_devices_records_on_the_server(
     assert result["store_deleted"] is True
     assert result["server"]["device_id"] == gone.device_id
     assert result["server"]["participations_deleted"] == 1
+    assert result["server"]["ab_results_deleted"] == 1
+    with server.store.session() as s:
+        kept = s.scalars(select(AbResultRow.device_id)).all()
+        contexts = s.scalars(select(PerformanceMetricRow.context)).all()
+    assert kept == [devices[1].client._creds.device_id]
+    # The performance history never names a device: nothing per device is left there.
+    assert contexts and not any(gone.device_id in str(c) for c in contexts)
     left = {p.device_id for p in server.store.round_participants(rnd.id)}
     assert gone.device_id not in left and len(left) == 2
     with server.store.session() as s:
@@ -80,3 +94,46 @@ def test_forget_needs_the_devices_own_credentials(server_factory, raw_device) ->
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with server.store.session() as s:
         assert s.execute(select(DeviceRow.id).where(DeviceRow.id == device.device_id)).first()
+
+
+def test_forget_releases_the_enrollment_index_for_the_next_device(server_factory, tmp_path) -> None:
+    """Indices pick distinct data partitions: a forgotten device's is reused, also after a
+    restart (the index is stored), and a device registering again keeps its own."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from common.pb import federation_pb2_grpc
+    from server.registry import DeviceRegistry
+
+    db = f"sqlite:///{tmp_path}/idx.db"
+    server = server_factory(db=db, min_clients=9, clients_per_round=9)
+    channel = grpc.insecure_channel(server.address)
+    stub = federation_pb2_grpc.FederationStub(channel)
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def register(identity: bytes = b"") -> pb.RegisterResponse:
+        return stub.Register(pb.RegisterRequest(identity_public_key=identity), timeout=10)
+
+    devices = [register() for _ in range(3)]
+    assert [d.enrollment_index for d in devices] == [0, 1, 2]
+    md = (
+        ("x-xeno-device-id", devices[1].device_id),
+        ("authorization", f"Bearer {devices[1].token}"),
+    )
+    stub.Forget(pb.ForgetRequest(), metadata=md, timeout=10)
+    assert register().enrollment_index == 1  # the released index
+    assert register(key).enrollment_index == 3
+    assert register(key).enrollment_index == 3  # the same device again keeps its index
+    # A restart reads the stored indices: the next free one is 4, not a count.
+    stub.Forget(
+        pb.ForgetRequest(),
+        metadata=(
+            ("x-xeno-device-id", devices[0].device_id),
+            ("authorization", f"Bearer {devices[0].token}"),
+        ),
+        timeout=10,
+    )
+    channel.close()
+    again = DeviceRegistry(server.store)
+    assert again.register("", {}, b"")[2] == 0
+    assert again.register("", {}, b"")[2] == 4

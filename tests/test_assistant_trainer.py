@@ -24,6 +24,7 @@ from client.assistant.intents import (
 from client.assistant.store import StoreLimitError, UserStore
 from client.assistant.templates import ResponseTemplates
 from client.assistant.trainer import CustomModelTrainer
+from common.text import tokenize
 
 
 @pytest.fixture
@@ -164,7 +165,7 @@ def test_body_rows_are_unit_or_zero(texts: list[str]) -> None:
     out = HashedNgramBody(buckets=256).embed(texts)
     norms = np.linalg.norm(out, axis=1)
     for text, norm in zip(texts, norms, strict=True):
-        has_words = any(ch.isalnum() or ch == "_" for ch in text)
+        has_words = bool(tokenize(text))  # common.text's words (NFKC, letters/marks/numbers)
         assert norm == pytest.approx(1.0 if has_words else 0.0, abs=1e-5)
 
 
@@ -248,10 +249,15 @@ def test_trainer_runs_on_the_fasttext_body_when_given(tmp_path: Path) -> None:
     result = t.train_intent_classifier()
     assert result["success"] and result["body"] == body.name
     assert t.predict_intent("Set up a call with Sarah") == "schedule_meeting"
-    # A head trained on one body refuses to run on another.
-    other = CustomModelTrainer("ftb", store=t.store)
+    # A head trained on one body refuses to run on another the caller chose...
+    other = CustomModelTrainer("ftb", store=t.store, body=HashedNgramBody())
     with pytest.raises(RuntimeError, match="trained on body"):
         other.predict_intent("Set up a call with Sarah")
+    # ...while the default body retrains the head from the stored examples.
+    default = CustomModelTrainer("ftb", store=t.store)
+    assert default.predict_intent("Set up a call with Sarah") == "schedule_meeting"
+    assert default.active_head().body == default.body.name != body.name
+    assert default.body.name == f"hashed-ngrams-v2*1+{body.name}*0.5"
     t.close()
 
 
@@ -281,6 +287,6 @@ def test_a_head_of_the_old_crc32_body_is_retrained_on_first_use(
     text, intent = examples(1, seed=77)[0]
     assert new.predict_intent(text) == intent
     versions = new.versions()
-    assert [v["body"] for v in versions] == ["hashed-ngrams-v1", "hashed-ngrams-v2"]
-    assert new.active_head().body == "hashed-ngrams-v2"
+    assert [v["body"] for v in versions] == ["hashed-ngrams-v1", new.body.name]
+    assert new.active_head().body == new.body.name
     store.close()

@@ -133,6 +133,7 @@ def test_personal_benchmark_compares_body_and_scratch() -> None:
         "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
     )
     assert set(line["arms"]) == {  # type: ignore[arg-type]
+        "default",
         "body",
         "scratch",
         "body+ngrams",

@@ -578,3 +578,69 @@ def test_concurrent_creates_of_one_name_make_one_model(server_factory: Any) -> N
     assert sorted(c.name for c in codes) == ["ALREADY_EXISTS"] * 3 + ["OK"]
     assert [v.version for v in server.store.list_versions("twin")] == [1]
     assert [m.name for m in server.models.models()] == ["digits-mlp", "twin"]
+
+
+def test_a_device_checks_in_for_the_kind_of_data_it_holds(tmp_path: Path) -> None:
+    from client.runtime import ClientConfig, DeviceClient, load_partition
+    from common.tasks import TaskName, simulated_shard
+
+    texts = simulated_shard(TaskName.INTENTS, 0, 50, alpha=0.5, seed=0)
+    device = DeviceClient(ClientConfig(state_dir=str(tmp_path / "t")), texts)
+    assert device._data_kind() == "intents"  # texts, whatever --task says
+    digits = ClientConfig(state_dir=str(tmp_path / "d"))
+    assert DeviceClient(digits, load_partition(digits))._data_kind() == "digits"
+
+
+def test_ab_tests_of_a_model_reach_only_its_devices(
+    server_factory: Any, device_threads: Any, raw_device: Any, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text("[models.digits-b]\nhidden = '16'\nrounds = 1\n")
+    server = server_factory(
+        rounds=0, min_clients=2, clients_per_round=2, selection_window=0.1, models=str(models)
+    )
+    fleet = device_threads(server, 2, models="digits-b")
+    assert server.models.get("digits-b").coordinator.wait_finished(timeout=120)
+    for d in fleet:
+        d.halt()
+    stub, md = _admin(server)
+    stub.CreateAbTest(
+        admin_pb2.CreateAbTestRequest(
+            name="b-test",
+            model_a="digits-b:1",
+            model_b="digits-b:2",
+            traffic_split=0.5,
+            metrics=["user_satisfaction"],
+        ),
+        metadata=md,
+    )
+    device = raw_device(server)
+
+    def assignments(**names: Any) -> list[pb.AbAssignment]:
+        request = pb.CheckInRequest(max_wait_ms=0, **names)
+        return list(device.stub.CheckIn(request, metadata=device.md, timeout=10).ab_tests)
+
+    # Running tests are re-read at most once a second.
+    wait_until(lambda: assignments(models=["digits-b"]), 10, "the test's assignment")
+    [assignment] = assignments(models=["digits-b"])
+    assert (assignment.test_name, assignment.model_name) == ("b-test", "digits-b")
+    assert assignments() == []  # a device of the default model: it runs no test
+    # The device serves its variant's version of digits-b and reports on it.
+    chunks = list(
+        device.stub.DownloadModel(
+            pb.DownloadModelRequest(ab_test="b-test"), metadata=device.md, timeout=30
+        )
+    )
+    header = chunks[0].header
+    assert (header.model_name, header.version) == ("digits-b", assignment.model_version)
+    expected = server.store.load_version("digits-b", assignment.model_version)
+    data = b"".join(c.data for c in chunks[1:])
+    np.testing.assert_array_equal(np.frombuffer(data, dtype="<f4"), expected)
+    device.stub.ReportPerformance(
+        pb.ReportPerformanceRequest(metrics={"user_satisfaction": 0.9}, ab_test="b-test"),
+        metadata=device.md,
+        timeout=10,
+    )
+    analysis = stub.AnalyzeAbTest(admin_pb2.AnalyzeAbTestRequest(test_name="b-test"), metadata=md)
+    result = analysis.metrics["user_satisfaction"]
+    assert result.count_a + result.count_b == 1

@@ -567,3 +567,36 @@ def test_device_refuses_a_threshold_below_a_majority(harness, monkeypatch) -> No
         isinstance(e, SecAggProtocolError) and "unsafe threshold 1" in str(e)
         for e in errors.values()
     )
+
+
+def test_an_unforeseen_error_while_unmasking_fails_that_round_and_the_next_completes(
+    server_factory, device_threads, monkeypatch
+) -> None:
+    """Before: the error escaped advance(), the phase stayed open and every step retried it."""
+    from server.rounds import RoundSummary
+    from server.secagg import SecAggRound
+
+    real = SecAggRound._unmask_sum
+    calls: list[str] = []
+
+    def unmask_once_broken(self: SecAggRound):  # type: ignore[no-untyped-def]
+        calls.append(self.round_id)
+        if len(calls) == 1:
+            raise MemoryError("no room for the sum")
+        return real(self)
+
+    monkeypatch.setattr(SecAggRound, "_unmask_sum", unmask_once_broken)
+    server = server_factory(secagg=True, rounds=0, min_clients=3, clients_per_round=3)
+    summaries: list[RoundSummary] = []
+    server.coordinator.add_listener(summaries.append)
+    device_threads(server, 3)
+    deadline = time.monotonic() + 120
+    while not any(s.status == "completed" for s in summaries):
+        assert time.monotonic() < deadline, summaries
+        time.sleep(0.1)
+    first = summaries[0]
+    assert first.status == "failed"
+    assert "closing phase unmask failed: MemoryError: no room for the sum" in first.failure_reason
+    assert calls.count(first.round_id) == 1  # failed once, not retried on every step
+    stored = {r.id: r.status for r in server.store.list_rounds(server.config.model)}
+    assert stored[first.round_id] == "failed"

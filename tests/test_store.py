@@ -33,6 +33,8 @@ def test_upgrade_from_the_first_migration_keeps_the_data(db_url: str) -> None:
     store.create_schema()  # what `xeno-fl server` does on start
     assert store.schema_revision() == _head()
     assert store.device_credentials() == {"dev-old": ("a" * 64, None)}
+    # Devices from before stored indices get theirs: their order of registration.
+    assert [r.enrollment_index for r in store.device_records()] == [0]
     assert store.privacy_ledger("any") == []  # the ledger table exists, empty
     # the new column works
     store.add_device("dev-new", "b" * 64, {}, identity_public_key=b"k" * 32)

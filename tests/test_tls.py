@@ -228,6 +228,21 @@ def test_revoked_certificates_are_refused(server_factory, tmp_path: Path) -> Non
         assert "was revoked: phone lost" in info.value.details()
         assert _refused(a) == grpc.StatusCode.UNAUTHENTICATED  # nor can it register again
         check_in(b, creds_b)  # other devices are untouched
+    # the device itself stops (it does not register again and again with the revoked certificate)
+    from client.runtime import ClientConfig, DeviceClient
+
+    device = DeviceClient(
+        ClientConfig(
+            server=address,
+            state_dir=str(tmp_path / "revoked-device"),
+            tls_ca=cafile,
+            tls_cert=own.path("device-a.crt"),
+            tls_key=own.path("device-a.key"),
+            tls_server_name="localhost",
+        ),
+        None,
+    )
+    assert device.run() == 2
     # re-provisioned: a certificate issued for the name after the revocation is accepted
     # (certificate times have whole seconds: one issued in the revocation's second is not)
     time.sleep(1.1)

@@ -94,17 +94,26 @@ LEGACY_NGRAM_BODIES = frozenset({"hashed-ngrams-v1"})
 
 @dataclass(frozen=True)
 class StackedBody:
-    """Several bodies side by side: each text's vectors concatenated, scaled to unit norm."""
+    """Several bodies side by side, each weighted (equal weights by default).
+
+    Each part's vectors (unit norm) are scaled by its weight and concatenated; the
+    whole is scaled back to unit norm.
+    """
 
     parts: tuple[TextBody, ...]
+    weights: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
-        return "+".join(p.name for p in self.parts)
+        names = [p.name for p in self.parts]
+        if self.weights:
+            names = [f"{n}*{w:g}" for n, w in zip(names, self.weights, strict=True)]
+        return "+".join(names)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.hstack([p.embed(texts) for p in self.parts])
-        return np.asarray(out / np.sqrt(len(self.parts)), dtype=np.float32)
+        weights = self.weights or (1.0,) * len(self.parts)
+        out = np.hstack([w * p.embed(texts) for p, w in zip(self.parts, weights, strict=True)])
+        return np.asarray(out / np.sqrt(sum(w * w for w in weights)), dtype=np.float32)
 
 
 def stratified_split(

@@ -71,10 +71,10 @@ class DeviceLifecycle:
         self._tests: list[dict[str, Any]] = []
         self._read_at = -float("inf")
 
-    def _running(self) -> list[dict[str, Any]]:
+    def _running(self, fresh: bool = False) -> list[dict[str, Any]]:
         now = time.monotonic()
         with self._lock:
-            if now - self._read_at > self.ttl_s:
+            if fresh or now - self._read_at > self.ttl_s:
                 self._tests = self.ab_tests.running_for_model(self.model_name)
                 self._read_at = now
             return self._tests
@@ -94,6 +94,8 @@ class DeviceLifecycle:
     def _running_test(self, ab_test: str) -> dict[str, Any]:
         """The running test of this server's model; NOT_FOUND / FAILED_PRECONDITION otherwise."""
         test = next((t for t in self._running() if t["test_name"] == ab_test), None)
+        if test is None:  # created since the last read? Read again before refusing.
+            test = next((t for t in self._running(True) if t["test_name"] == ab_test), None)
         if test is None:
             info = self.ab_tests.get(ab_test)  # NOT_FOUND for an unknown test
             if info["status"] != "running":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -216,9 +217,49 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         # Every model of the server; a round's calls go to the model whose round it is.
         self.models = models or ModelRunner.single(coordinator.store, coordinator)
         self.runner = runner
-        self.lifecycle = lifecycle
+        self.lifecycle = lifecycle  # the default model's
+        # The other models' A/B tests and performance (made on first use).
+        self._lifecycles: dict[str, DeviceLifecycle] = {}
+        self._lifecycles_lock = threading.Lock()
         self.changes: Changes = runner.changes
         self.chunk_bytes = chunk_bytes
+
+    def _lifecycle(self, model: str) -> DeviceLifecycle | None:
+        """The A/B tests and performance log of a model (None: this server runs none)."""
+        if self.lifecycle is None or model == self.lifecycle.model_name:
+            return self.lifecycle
+        with self._lifecycles_lock:
+            if model not in self._lifecycles:
+                self._lifecycles[model] = DeviceLifecycle(
+                    self.models.store,
+                    model,
+                    alert_settings=self.lifecycle.performance.settings,
+                )
+            return self._lifecycles[model]
+
+    def _lifecycles_of(self, coordinators: list[RoundCoordinator]) -> list[DeviceLifecycle]:
+        """The lifecycles of the models a device checks in for (their A/B tests)."""
+        names = dict.fromkeys(c.model_name for c in coordinators)
+        return [lc for name in names if (lc := self._lifecycle(name)) is not None]
+
+    def _lifecycle_of_test(self, ab_test: str) -> DeviceLifecycle:
+        """The lifecycle of the model an A/B test tests.
+
+        The default model's when no test is named (its performance), or when the test is
+        not of a model trained here (that lifecycle then refuses it with its usual status).
+        """
+        assert self.lifecycle is not None
+        if not ab_test:
+            return self.lifecycle
+        try:
+            model = str(self.lifecycle.ab_tests.get(ab_test)["variant_a"]["model"])
+        except FederationError:
+            return self.lifecycle
+        try:
+            self.models.get(model)
+        except FederationError:
+            return self.lifecycle
+        return self._lifecycle(model) or self.lifecycle
 
     def _of(self, round_id: str) -> RoundCoordinator:
         """The coordinator of the model whose round this is."""
@@ -300,8 +341,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             )
         else:
             response = pb.CheckInResponse(task=task_to_proto(outcome.task))
-        if self.lifecycle is not None:
-            for a in await self.runner.run(self.lifecycle.assignments, device):
+        for lifecycle in self._lifecycles_of(coordinators):
+            for a in await self.runner.run(lifecycle.assignments, device):
                 response.ab_tests.append(
                     pb.AbAssignment(
                         test_name=a.test_name,
@@ -371,7 +412,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs no A/B tests")
         assert self.lifecycle is not None
         try:
-            model = await self.runner.run(self.lifecycle.variant_model, device, request.ab_test)
+            lifecycle = await self.runner.run(self._lifecycle_of_test, request.ab_test)
+            model = await self.runner.run(lifecycle.variant_model, device, request.ab_test)
         except FederationError as err:
             await abort_async(context, err, "DownloadModel", device)
         yield pb.ModelChunk(
@@ -445,7 +487,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server records no performance")
         assert self.lifecycle is not None
         try:
-            self.lifecycle.report(device, dict(request.metrics), request.ab_test)
+            lifecycle = self._lifecycle_of_test(request.ab_test)
+            lifecycle.report(device, dict(request.metrics), request.ab_test)
         except FederationError as err:
             abort(context, err, "ReportPerformance", device)
         return pb.ReportPerformanceResponse()

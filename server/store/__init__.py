@@ -232,6 +232,7 @@ class DeviceRecord:
     cert_name: str | None
     token_expires_at: datetime | None
     revoked_at: datetime | None
+    enrollment_index: int | None = None
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -407,6 +408,7 @@ class Store:
         cert_name: str | None = None,
         token_expires_at: datetime | None = None,
         revoke: tuple[str, ...] = (),
+        enrollment_index: int | None = None,
     ) -> None:
         """Add a device and, in the same transaction, revoke the devices in `revoke`.
 
@@ -430,6 +432,7 @@ class Store:
                     created_at=now,
                     cert_name=cert_name,
                     token_expires_at=token_expires_at,
+                    enrollment_index=enrollment_index,
                 )
             )
 
@@ -466,6 +469,7 @@ class Store:
                     r.cert_name,
                     _aware(r.token_expires_at),
                     _aware(r.revoked_at),
+                    r.enrollment_index,
                 )
                 for r in s.scalars(select(DeviceRow).order_by(DeviceRow.created_at))
             ]

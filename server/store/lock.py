@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, exc, text
 
 
 class DatabaseInUseError(RuntimeError):
@@ -67,8 +67,13 @@ class DatabaseLock:
             os.close(self._fd)
             self._fd = None
         if self._conn is not None:
-            # The connection goes back to the pool: drop the session lock explicitly.
-            self._conn.execute(text("SELECT pg_advisory_unlock_all()"))
-            self._conn.commit()
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            try:
+                # The connection goes back to the pool: drop the session lock explicitly.
+                conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                conn.commit()
+                conn.close()
+            except exc.DBAPIError:
+                # The connection died with the database (an outage): its session, and the
+                # lock with it, are gone already. Stopping must not fail for it.
+                conn.invalidate()

@@ -48,6 +48,9 @@ class DeviceRow(Base):
     token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     # Set when the device registered again (or was revoked): its token no longer works.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # RegisterResponse.enrollment_index: the smallest not held by a live device (Forget
+    # deletes the row and so releases it).
+    enrollment_index: Mapped[int | None] = mapped_column(default=None)
 
 
 class BlobRow(Base):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 __all__ = ["add_parser", "main"]
@@ -72,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(
             f"error: the desktop app needs the ui extra ({exc}): pip install 'xeno-fl[ui]'",
+            file=sys.stderr,
         )
         return 2
     return run(args)

@@ -119,6 +119,9 @@ def fill_table(table: QTableWidget, headers: Sequence[str], rows: Sequence[Seque
     many = len(headers) > 5
     mode = QHeaderView.ResizeMode.ResizeToContents if many else QHeaderView.ResizeMode.Stretch
     header.setSectionResizeMode(mode)
+    if not many and rows and all(isinstance(r[0], int) for r in rows):
+        # A numeric key (line, version) needs only its digits; text gets the width.
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
     header.setStretchLastSection(True)
     table.setHorizontalScrollBarPolicy(
         Qt.ScrollBarPolicy.ScrollBarAsNeeded if many else Qt.ScrollBarPolicy.ScrollBarAlwaysOff
