@@ -117,12 +117,14 @@ def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Pat
         versions_before = [v.version for v in store.list_versions("digits-mlp")]
         store.close()
         assert before[-1][1] == "running"  # the killed round, left as it was
-        started = time.monotonic()
+        # How fast it restarts is a figure (benchmarks/restart.py), not a test: this
+        # bound only keeps a wedged start from hanging the suite on a loaded machine.
+        give_up = time.monotonic() + 90
         restarted = _server(port, db, rounds=2, crash_at=None)
         while not _healthy(address):
             assert restarted.poll() is None, restarted.communicate()[0]
+            assert time.monotonic() < give_up, "the restarted server never became healthy"
             time.sleep(0.2)
-        assert time.monotonic() - started < 10, "restart took longer than 10 s"
         for c in clients:  # devices reconnect by themselves and finish
             c_out, _ = c.communicate(timeout=150)
             assert c.returncode == 0, c_out
