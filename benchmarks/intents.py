@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="of the FedRep measurement")
     parser.add_argument("--local-epochs", type=int, default=2, help="of the FedRep body step")
     parser.add_argument("--personal-epochs", type=int, default=5, help="FedRep head epochs")
-    parser.add_argument("--personal-lr", type=float, default=0.1, help="FedRep head SGD rate")
+    parser.add_argument("--personal-lr", type=float, default=0.5, help="FedRep head SGD rate")
     parser.add_argument("--fed-lr", type=float, default=5.0, help="devices' SGD learning rate")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -85,7 +85,7 @@ def personalization_of(extra: dict[str, str]) -> tuple[str, int, float]:
     if not 1 <= epochs <= 100:
         raise ValueError(f"personal_epochs must be in 1..100, got {epochs}")
     try:
-        lr = float(extra.get(PERSONAL_LR_KEY, "0.1"))
+        lr = float(extra.get(PERSONAL_LR_KEY, "0.5"))
     except ValueError:
         got = extra[PERSONAL_LR_KEY]
         raise ValueError(f"personal_learning_rate must be a number, got {got!r}") from None

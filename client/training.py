@@ -161,8 +161,8 @@ class _FusedNoise:
     passes and allocations over every weight that, for the 400,000-weight
     text model, cost as much as the clipped sum itself. Here the step's noise
     N(0, (sigma C / B)^2) is drawn into one buffer kept across steps
-    (`common.rng.GaussianNoise`: AES-CTR keystream and Box-Muller, half the
-    CPU of torch's Mersenne Twister `normal_`, and a cryptographic
+    (`common.rng.GaussianNoise`: AES-CTR keystream and Box-Muller, about the
+    CPU of torch's Mersenne Twister `normal_` on a quiet machine, and a cryptographic
     generator), the packed module adds its clipped sum scaled by 1 / B into
     it, and that is the gradient the optimizer steps with: the same
     (sum + N(0, (sigma C)^2)) / B as Opacus, B its expected batch size.

@@ -16,10 +16,9 @@ bounds any such recovery to one round.
 `GaussianNoise` is DP-SGD's noise for the packed (one-pass) models: an
 AES-128-CTR keystream, a cryptographic generator keyed with 128 bits from
 the OS per training, turned into Gaussians by the Box-Muller transform in
-float32 with numpy's vectorized log, sqrt, cos and sin. It draws a
-400,000-parameter step in about half the CPU time of torch's `normal_`
-(Mersenne Twister uniforms, drawn one at a time), which was a third of a
-DP-SGD step of the text model.
+float32 with numpy's vectorized log, sqrt, cos and sin: a cryptographic
+generator (torch's `normal_` is a Mersenne Twister) at about its cost on a
+quiet machine (half its CPU time measured under load).
 """
 
 from __future__ import annotations

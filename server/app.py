@@ -156,7 +156,7 @@ class ServerConfig:
         "XENO_PERSONAL_EPOCHS",
     )
     personal_learning_rate: float = setting(
-        0.1,
+        0.5,
         "SGD learning rate of the personal head's fine-tuning (the head overfits at the "
         "body's rate)",
         "XENO_PERSONAL_LEARNING_RATE",

@@ -72,7 +72,7 @@ class ModelSettings:
     momentum: float = 0.9
     personalization: str = "none"
     personal_epochs: int = 5
-    personal_learning_rate: float = 0.1
+    personal_learning_rate: float = 0.5
     min_clients: int = 2
     clients_per_round: int = 10
     overselect: float = 0.0

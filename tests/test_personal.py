@@ -31,7 +31,7 @@ from tests.test_assistant_federated import RecordingRelay
 def test_the_task_extras_name_the_method_and_its_epochs() -> None:
     assert personalization_of({}) == ("", 0, 0.0)
     assert personalization_of({"personalization": "none"}) == ("", 0, 0.0)
-    assert personalization_of({"personalization": "fedrep"}) == ("fedrep", 2, 0.1)
+    assert personalization_of({"personalization": "fedrep"}) == ("fedrep", 2, 0.5)
     extra = {"personalization": "fedrep", "personal_epochs": "3", "personal_learning_rate": "0.5"}
     assert personalization_of(extra) == ("fedrep", 3, 0.5)
     with pytest.raises(ValueError, match="unknown personalization 'ditto'"):
