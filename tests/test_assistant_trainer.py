@@ -17,6 +17,7 @@ from client.assistant.intents import (
     UNKNOWN,
     HashedNgramBody,
     IntentHead,
+    MiniBatch,
     calibrate,
     fit_head,
     stratified_split,
@@ -138,6 +139,69 @@ def test_head_fit_matches_sklearn_logistic_regression() -> None:
     np.testing.assert_allclose(
         special.softmax(head.logits(x), axis=1), ref.predict_proba(x), atol=2e-3
     )
+
+
+def test_one_full_batch_sgd_epoch_is_one_gradient_step_from_zero() -> None:
+    # At W = 0 every class has probability 1/k: the gradient of the mean cross-entropy is
+    # X^T (1/k - Y) / n for the weights and mean(1/k - Y) for the bias (l2 adds nothing).
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 5))
+    y = [("a", "b", "c")[i % 3] for i in range(30)]
+    onehot = np.eye(3)[[i % 3 for i in range(30)]]
+    lr = 0.3
+    head = fit_head(x, y, ["a", "b", "c"], optimization=MiniBatch(lr, 1, 1000, "sgd"))
+    np.testing.assert_allclose(head.weights, lr * x.T @ (onehot - 1 / 3) / 30, atol=1e-12)
+    np.testing.assert_allclose(head.bias, lr * (onehot - 1 / 3).mean(axis=0), atol=1e-12)
+
+
+def test_mini_batch_adam_reaches_the_logistic_regression_optimum() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6))
+    y = [("a", "b", "c")[int(v)] for v in np.argmax(x[:, :3] + 0.3 * rng.normal(size=(120, 3)), 1)]
+    l2 = 0.05
+    head = fit_head(x, y, ["a", "b", "c"], l2=l2, optimization=MiniBatch(0.02, 400, 120, "adam"))
+    ref = LogisticRegression(C=1.0 / (l2 * len(y)), max_iter=5000, tol=1e-10).fit(x, y)
+    np.testing.assert_allclose(
+        special.softmax(head.logits(x), axis=1), ref.predict_proba(x), atol=1e-2
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"learning_rate": 0.0}, "learning rate must be in (0, 10], got 0.0"),
+        ({"learning_rate": -1.0}, "learning rate must be in (0, 10], got -1.0"),
+        ({"learning_rate": 11.0}, "learning rate must be in (0, 10], got 11.0"),
+        ({"learning_rate": float("nan")}, "learning rate must be a finite number, got nan"),
+        ({"learning_rate": "0.1"}, "learning rate must be a finite number, got '0.1'"),
+        ({"epochs": 0}, "epochs must be between 1 and 10000, got 0"),
+        ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+        ({"epochs": True}, "epochs must be a whole number, got True"),
+        ({"batch_size": 0}, "batch size must be between 1 and 1000000, got 0"),
+        ({"batch_size": -3}, "batch size must be between 1 and 1000000, got -3"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of adam, sgd, got 'rmsprop'"),
+    ],
+)
+def test_bad_mini_batch_settings_are_refused(kwargs: dict[str, object], message: str) -> None:
+    fields: dict[str, object] = {"learning_rate": 0.01, "epochs": 5, "batch_size": 16}
+    fields.update(kwargs)
+    with pytest.raises(ValueError) as err:
+        MiniBatch(**fields)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_training_with_an_explicit_setting_and_the_default(trainer: CustomModelTrainer) -> None:
+    fill(trainer, 60)
+    with pytest.raises(ValueError, match="optimization must be a MiniBatch or None, got dict"):
+        trainer.train_intent_classifier(optimization={"epochs": 1})  # type: ignore[arg-type]
+    assert trainer.versions() == []
+    default = trainer.train_intent_classifier()
+    assert default["success"] and default["optimization"] == "lbfgs"
+    chosen = trainer.train_intent_classifier(optimization=MiniBatch(0.05, 20, 16, "sgd"))
+    assert chosen["success"] and chosen["optimization"] == "sgd lr=0.05 epochs=20 batch=16"
+    assert [v["version"] for v in trainer.versions()] == [1, 2]
 
 
 def test_temperature_scaling_lowers_validation_nll() -> None:

@@ -481,3 +481,68 @@ def test_personalizing_a_federated_model_uses_its_body(
     assert version["body"] == "intents-small-v1"
     body = {tab.result.item(r, 0).text(): tab.result.item(r, 1).text() for r in range(6)}["body"]
     assert body == "intents-small-v1"
+
+
+def test_training_settings_reach_the_trainer(qtbot, window: MainWindow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Adam for 1 epoch at lr 1e-4 moves the head far less than automatic L-BFGS does.
+
+    Both runs start from zero weights (separate users' stores would differ, so the mini-batch
+    run goes first and the L-BFGS run is warm-started from it: it converges to the same
+    optimum regardless). The reference for the mini-batch run is the bound of its updates:
+    Adam moves each weight by at most about lr per step, 6 steps (48 examples / batch 8).
+    """
+    import numpy as np
+
+    tab = window.training
+    path = tmp_path / "examples.csv"
+    _write_examples(path, 20, bad_line=False)
+    tab.load_file(path)
+    qtbot.mouseClick(tab.add_button, Qt.MouseButton.LeftButton)
+    assert not tab.learning_rate.isEnabled()
+    tab.optimizer.setCurrentIndex(tab.optimizer.findData("adam"))
+    assert tab.learning_rate.isEnabled() and tab.epochs.isEnabled() and tab.batch.isEnabled()
+    tab.learning_rate.setValue(0.0001)
+    tab.epochs.setValue(1)
+    tab.batch.setValue(8)
+    tab.start_training()
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    assert tab.bar.kind != "error", tab.bar.label.text()
+    assert "adam lr=0.0001 epochs=1 batch=8" in tab.log.toPlainText()
+    trainer = window.session.trainer
+    slow = trainer.active_head()
+    assert slow is not None
+    # Two fits (80% then all), 6 and 8 steps of at most ~lr each.
+    assert float(np.abs(slow.weights).max()) <= 14 * 1e-4 * 1.01
+    slow_metrics = trainer.versions()[0]["metrics"]
+
+    tab.optimizer.setCurrentIndex(tab.optimizer.findData("lbfgs"))
+    tab.start_training()
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    fast = trainer.active_head()
+    assert fast is not None
+    assert float(np.abs(fast.weights).max()) > 100 * float(np.abs(slow.weights).max())
+    fast_metrics = next(v for v in trainer.versions() if v["active"])["metrics"]
+    # The barely trained head is unsure of everything: its confidences sit near 1/3.
+    assert slow_metrics["unknown_threshold"] < 0.5 < fast_metrics["unknown_threshold"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", 0.0, "learning rate must be in (0, 10], got 0.0"),
+        ("epochs", 0, "epochs must be between 1 and 10000, got 0"),
+        ("batch", 0, "batch size must be between 1 and 1000000, got 0"),
+    ],
+)
+def test_bad_training_settings_are_an_error_in_the_window(  # type: ignore[no-untyped-def]
+    qtbot, window: MainWindow, field: str, value: float, message: str
+) -> None:
+    tab = window.training
+    tab.optimizer.setCurrentIndex(tab.optimizer.findData("sgd"))
+    getattr(tab, field).setValue(value)
+    tab.start_training()
+    assert tab.worker is None
+    assert tab.bar.kind == "error"
+    assert message in tab.bar.label.text()
+    assert "choose automatic (L-BFGS)" in tab.bar.label.text()
+    assert window.session.trainer.versions() == []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client.assistant.consent import Scope, consent_history
+from client.assistant.intents import MiniBatch
 from client.assistant.keys import UserPaths, atomic_write, validate_user_id, xeno_home
 from client.assistant.memory import ContextualMemory
 from client.assistant.personalization import PersonalizationEngine
@@ -30,6 +31,7 @@ from client.assistant.trainer import CustomModelTrainer
 __all__ = [
     "ContextualMemory",
     "CustomModelTrainer",
+    "MiniBatch",
     "PersonalizationEngine",
     "ResponseTemplates",
     "Scope",

@@ -9,7 +9,10 @@ device holds one) plugs in through the same `TextBody` protocol.
 
 The head is multinomial logistic regression with an L2 penalty, fitted by
 L-BFGS (torch, full batch); a retrain starts from the previous
-head's weights for the intents it already knew (warm start). Confidences are
+head's weights for the intents it already knew (warm start). A caller may
+choose mini-batch gradient descent instead (`MiniBatch`: Adam or SGD with
+its learning rate, epochs and batch size, warm-started the same way): what
+the user asked for runs as asked, converged or not. Confidences are
 calibrated by temperature scaling on the validation split (Guo et al.,
 ICML 2017; the temperature is kept within [0.25, 20]: a validation split
 of a few dozen examples that the head separates perfectly would otherwise
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,9 +44,11 @@ from common.text import PAD, TextFeatures, featurize
 
 __all__ = [
     "LEGACY_NGRAM_BODIES",
+    "OPTIMIZERS",
     "UNKNOWN",
     "HashedNgramBody",
     "IntentHead",
+    "MiniBatch",
     "StackedBody",
     "TextBody",
     "fit_head",
@@ -51,6 +57,49 @@ __all__ = [
 ]
 
 UNKNOWN = "unknown"
+OPTIMIZERS = ("adam", "sgd")
+MAX_LEARNING_RATE = 10.0
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 1_000_000
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """An explicit optimisation setting: mini-batch gradient descent on the head.
+
+    A batch larger than the examples is one full batch. Bad values are
+    refused here, before any work, with the field and the allowed range.
+    """
+
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
+            raise ValueError(f"learning rate must be a finite number, got {lr!r}")
+        if not 0 < lr <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning rate must be in (0, {MAX_LEARNING_RATE:g}], got {lr!r}")
+        for name, value, most in (
+            ("epochs", self.epochs, MAX_EPOCHS),
+            ("batch size", self.batch_size, MAX_BATCH_SIZE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            if not 1 <= value <= most:
+                raise ValueError(f"{name} must be between 1 and {most}, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+
+    def describe(self) -> str:
+        return (
+            f"{self.optimizer} lr={self.learning_rate:g} epochs={self.epochs} "
+            f"batch={self.batch_size}"
+        )
 
 
 class TextBody(Protocol):
@@ -197,10 +246,14 @@ def fit_head(
     l2: float = 1e-3,
     warm: IntentHead | None = None,
     max_iter: int = 200,
+    optimization: MiniBatch | None = None,
+    seed: int = 0,
 ) -> IntentHead:
-    """Multinomial logistic regression (mean cross-entropy + l2/2 |W|^2) by L-BFGS.
+    """Multinomial logistic regression (mean cross-entropy + l2/2 |W|^2).
 
-    Warm-started from `warm`'s weights for the intents it knew.
+    By L-BFGS to convergence, or by `optimization`'s mini-batch descent
+    (batches shuffled with `seed`). Warm-started from `warm`'s weights for
+    the intents it knew.
     """
     _n, dim = x.shape
     k = len(classes)
@@ -217,6 +270,16 @@ def fit_head(
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     target = torch.from_numpy(y)
     w = torch.from_numpy(w0).requires_grad_(True)
+
+    def loss(rows: torch.Tensor | slice) -> torch.Tensor:
+        z = xt[rows] @ w[:dim] + w[dim]
+        return nn.functional.cross_entropy(z, target[rows]) + 0.5 * l2 * (w[:dim] ** 2).sum()
+
+    if optimization is not None:
+        with one_thread():
+            _descend(w, loss, len(y), optimization, seed)
+        fitted = w.detach().numpy()
+        return IntentHead(list(classes), fitted[:dim].copy(), fitted[dim].copy())
     opt = torch.optim.LBFGS(
         [w],
         lr=1.0,
@@ -229,8 +292,7 @@ def fit_head(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        z = xt @ w[:dim] + w[dim]
-        value = nn.functional.cross_entropy(z, target) + 0.5 * l2 * (w[:dim] ** 2).sum()
+        value = loss(slice(None))
         value.backward()  # type: ignore[no-untyped-call]
         return value
 
@@ -238,6 +300,27 @@ def fit_head(
         opt.step(closure)  # type: ignore[no-untyped-call]
     fitted = w.detach().numpy()
     return IntentHead(list(classes), fitted[:dim].copy(), fitted[dim].copy())
+
+
+def _descend(
+    w: torch.Tensor,
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    setting: MiniBatch,
+    seed: int,
+) -> None:
+    opt: torch.optim.Optimizer
+    if setting.optimizer == "adam":
+        opt = torch.optim.Adam([w], lr=setting.learning_rate)
+    else:
+        opt = torch.optim.SGD([w], lr=setting.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(setting.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, setting.batch_size):
+            opt.zero_grad()
+            loss(order[start : start + setting.batch_size]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
 
 
 def calibrate(head: IntentHead, x: np.ndarray, labels: Sequence[str]) -> tuple[float, float]:
@@ -267,25 +350,34 @@ def train_head(
     labels: Sequence[str],
     warm: IntentHead | None = None,
     seed: int = 0,
+    optimization: MiniBatch | None = None,
 ) -> tuple[IntentHead, dict[str, Any]]:
     """The trainer's recipe: 20% stratified validation, fit, calibrate, refit on everything.
 
     Validation accuracy is that of the head fitted on the other 80%; the
     returned head is refitted on every example (warm-started from the first
-    fit) and keeps the validation's temperature and threshold.
+    fit) and keeps the validation's temperature and threshold. Both fits use
+    `optimization` when given (L-BFGS otherwise).
     """
     classes = sorted(set(labels))
     with one_thread():
         x = body.embed(texts)
     train, val = stratified_split(labels, 0.2, seed)
-    head = fit_head(x[train], [labels[i] for i in train], classes, warm=warm)
+    head = fit_head(
+        x[train],
+        [labels[i] for i in train],
+        classes,
+        warm=warm,
+        optimization=optimization,
+        seed=seed,
+    )
     val_labels = [labels[i] for i in val]
     with one_thread():
         temperature, threshold = calibrate(head, x[val], val_labels)
     head.temperature, head.threshold = temperature, threshold
     predicted = [head.classes[j] for j in head.proba(x[val]).argmax(axis=1)]
     accuracy = float(np.mean([p == t for p, t in zip(predicted, val_labels, strict=True)]))
-    final = fit_head(x, labels, classes, warm=head)
+    final = fit_head(x, labels, classes, warm=head, optimization=optimization, seed=seed)
     final.temperature, final.threshold, final.body = temperature, threshold, body.name
     return final, {
         "accuracy": accuracy,

@@ -27,6 +27,7 @@ from client.assistant.intents import (
     LEGACY_NGRAM_BODIES,
     UNKNOWN,
     IntentHead,
+    MiniBatch,
     TextBody,
     train_head,
 )
@@ -125,8 +126,19 @@ class CustomModelTrainer:
         return [(str(t), str(i)) for t, i in rows]
 
     # ------------------------------------------------------------------ training
-    def train_intent_classifier(self, seed: int = 0) -> dict[str, Any]:
-        """Train a new personal version; {"success": False, "error": ...} when it cannot."""
+    def train_intent_classifier(
+        self, seed: int = 0, optimization: MiniBatch | None = None
+    ) -> dict[str, Any]:
+        """Train a new personal version; {"success": False, "error": ...} when it cannot.
+
+        The head is fitted by L-BFGS to convergence unless `optimization`
+        names an explicit mini-batch setting (learning rate, epochs, batch
+        size); a setting that is not a `MiniBatch` is refused with ValueError.
+        """
+        if optimization is not None and not isinstance(optimization, MiniBatch):
+            raise ValueError(
+                f"optimization must be a MiniBatch or None, got {type(optimization).__name__}"
+            )
         started = time.perf_counter()
         examples = self.labelled_examples()
         n = len(examples)
@@ -147,7 +159,9 @@ class CustomModelTrainer:
             }
         previous = self.active_head()
         warm = previous if previous is not None and previous.body == self.body.name else None
-        final, metrics = train_head(self.body, texts, labels, warm=warm, seed=seed)
+        final, metrics = train_head(
+            self.body, texts, labels, warm=warm, seed=seed, optimization=optimization
+        )
         accuracy = float(metrics["accuracy"])
         threshold = float(metrics["unknown_threshold"])
         version = self._save_version(final, metrics)
@@ -161,6 +175,7 @@ class CustomModelTrainer:
             "unknown_threshold": threshold,
             "warm_start": warm is not None,
             "body": self.body.name,
+            "optimization": "lbfgs" if optimization is None else optimization.describe(),
             "seconds": round(time.perf_counter() - started, 3),
         }
 

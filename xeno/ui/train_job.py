@@ -6,6 +6,7 @@ process. The new personal version is stored in one transaction at the very
 end (`CustomModelTrainer`), so a cancelled run leaves the store as it was.
 
     python -m xeno.ui.train_job --user U --home DIR [--db URL --model NAME | --device-body]
+        [--optimizer adam|sgd --learning-rate LR --epochs N --batch-size B]
 """
 
 from __future__ import annotations
@@ -55,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="")
     p.add_argument("--device-body", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("lbfgs", "adam", "sgd"), default="lbfgs")
+    p.add_argument("--learning-rate", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     try:
         from client.assistant.store import UserStore
-        from xeno.model_finetuning import CustomModelTrainer
+        from xeno.model_finetuning import CustomModelTrainer, MiniBatch
+
+        optimization = None
+        if args.optimizer != "lbfgs":
+            optimization = MiniBatch(
+                args.learning_rate, args.epochs, args.batch_size, args.optimizer
+            )
 
         emit(progress=5, log=f"opening the store of {args.user}")
         body = None
@@ -81,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                 log=f"{len(examples)} labelled examples of {intents} intents; body "
                 f"{trainer.body.name}",
             )
-            emit(progress=30, busy=True, log="fitting, calibrating on 20% held out, refitting")
-            result = trainer.train_intent_classifier(seed=args.seed)
+            how = "L-BFGS" if optimization is None else optimization.describe()
+            emit(
+                progress=30,
+                busy=True,
+                log=f"fitting ({how}), calibrating on 20% held out, refitting",
+            )
+            result = trainer.train_intent_classifier(seed=args.seed, optimization=optimization)
         if not result.get("success"):
             emit(error=result.get("error", "training failed"), result=result)
             return 1

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QThread, Signal
 from PySide6.QtWidgets import (
@@ -36,7 +36,11 @@ from xeno.ui.backend import Session
 from xeno.ui.importer import Parsed, parse_examples
 from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, tab_chain
 
+if TYPE_CHECKING:
+    from client.assistant.intents import MiniBatch
+
 CUSTOM = "custom"
+AUTOMATIC = "lbfgs"
 
 
 class TrainWorker(QThread):
@@ -106,30 +110,42 @@ class TrainingTab(QWidget):
         self.model = QComboBox()
         self.model.setObjectName("model")
         form.addRow("Personalize:", self.model)
+        self.optimizer = QComboBox()
+        self.optimizer.setObjectName("optimizer")
+        self.optimizer.addItem("automatic (L-BFGS)", AUTOMATIC)
+        self.optimizer.addItem("Adam (mini-batch)", "adam")
+        self.optimizer.addItem("SGD (mini-batch)", "sgd")
+        self.optimizer.currentIndexChanged.connect(self._optimizer_changed)
+        form.addRow("Optimizer:", self.optimizer)
+        # The ranges let 0 through on purpose: MiniBatch refuses it with a message that says
+        # which value is wrong, instead of a spin box that silently clamps.
         self.learning_rate = QDoubleSpinBox()
-        self.learning_rate.setDecimals(4)
-        self.learning_rate.setRange(0.0001, 10.0)
-        self.learning_rate.setValue(1.0)
+        self.learning_rate.setObjectName("learning_rate")
+        self.learning_rate.setDecimals(6)
+        self.learning_rate.setRange(0.0, 10.0)
+        self.learning_rate.setSingleStep(0.001)
+        self.learning_rate.setValue(0.01)
         self.epochs = QSpinBox()
-        self.epochs.setRange(1, 1000)
-        self.epochs.setValue(200)
+        self.epochs.setObjectName("epochs")
+        self.epochs.setRange(0, 10_000)
+        self.epochs.setValue(50)
         self.batch = QSpinBox()
-        self.batch.setRange(0, 100000)
-        self.batch.setValue(0)
-        self.batch.setSpecialValueText("full batch")
-        for w in (self.learning_rate, self.epochs, self.batch):
-            w.setEnabled(False)
+        self.batch.setObjectName("batch_size")
+        self.batch.setRange(0, 1_000_000)
+        self.batch.setValue(32)
         form.addRow("Learning rate:", self.learning_rate)
-        form.addRow("Iterations (max):", self.epochs)
+        form.addRow("Epochs:", self.epochs)
         form.addRow("Batch size:", self.batch)
         note = QLabel(
-            "The personal model's head is fitted to convergence on all your examples (L-BFGS, "
-            "full batch, step 1, at most 200 iterations), then calibrated on 20% held out: "
-            "these settings are shown, not chosen. A federated model lends its text body; "
-            "the local update of federated rounds follows the server's task."
+            "Automatic fits the personal model's head to convergence on all your examples "
+            "(L-BFGS, full batch); Adam or SGD run exactly the learning rate, epochs and batch "
+            "size you set, from the previous version's head. Either way the head is "
+            "calibrated on 20% held out. A federated model lends its text body; the local "
+            "update of federated rounds follows the server's task."
         )
         note.setWordWrap(True)
         form.addRow(note)
+        self._optimizer_changed()
 
         data_box = QGroupBox("Training examples (CSV or JSONL: input_text, intent[, rating])")
         grid = QGridLayout(data_box)
@@ -192,6 +208,10 @@ class TrainingTab(QWidget):
         outer.addLayout(body, 1)
         order: list[QWidget] = [
             self.model,
+            self.optimizer,
+            self.learning_rate,
+            self.epochs,
+            self.batch,
             self.import_button,
             self.add_button,
             self.preview,
@@ -286,6 +306,26 @@ class TrainingTab(QWidget):
         guarded(self.bar, self._show_store)
 
     # ------------------------------------------------------------------ training
+    def _optimizer_changed(self) -> None:
+        chosen = self.optimizer.currentData() != AUTOMATIC
+        for w in (self.learning_rate, self.epochs, self.batch):
+            w.setEnabled(chosen)
+
+    def optimization(self) -> MiniBatch | None:
+        """The chosen setting, None for automatic; ValueError names a bad value."""
+        kind = self.optimizer.currentData()
+        if kind == AUTOMATIC:
+            return None
+        # Imported here: torch comes with it, and the window opens before it is needed.
+        from client.assistant.intents import MiniBatch
+
+        return MiniBatch(
+            learning_rate=float(self.learning_rate.value()),
+            epochs=int(self.epochs.value()),
+            batch_size=int(self.batch.value()),
+            optimizer=str(kind),
+        )
+
     def command(self) -> list[str]:
         cmd = [
             sys.executable,
@@ -302,17 +342,37 @@ class TrainingTab(QWidget):
                 cmd += ["--db", self.session.db_url, "--model", str(model)]
             else:
                 cmd += ["--device-body"]
+        setting = self.optimization()
+        if setting is not None:
+            cmd += [
+                "--optimizer",
+                setting.optimizer,
+                "--learning-rate",
+                repr(setting.learning_rate),
+                "--epochs",
+                str(setting.epochs),
+                "--batch-size",
+                str(setting.batch_size),
+            ]
         return cmd
 
     def start_training(self) -> None:
         if self.worker is not None:
             return
         self.bar.clear()
+        try:
+            command = self.command()
+        except ValueError as exc:
+            self.bar.error(
+                f"Training settings: {exc}.",
+                "Correct the value, or choose automatic (L-BFGS), then train again.",
+            )
+            return
         self._previous = self._active_version()
         self.log.clear()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
-        self.worker = TrainWorker(self.command())
+        self.worker = TrainWorker(command)
         self.worker.progress.connect(self._progress)
         self.worker.log.connect(self.log.appendPlainText)
         self.worker.succeeded.connect(self._succeeded)
