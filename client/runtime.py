@@ -232,7 +232,8 @@ class ClientConfig:
     min_noise_multiplier: float = setting(
         DEFAULT_MIN_NOISE_MULTIPLIER,
         "decline tasks that promise user-level DP with a noise multiplier, as this device "
-        "verifies it from the task's noise and contributor count, below this (0: no minimum)",
+        "verifies it from the task's noise and contributor count, below this (0: no minimum; "
+        "with --user and no flag: the user's saved setting, from the app's Privacy tab)",
         "XENO_MIN_NOISE_MULTIPLIER",
     )
     require_user_dp: bool = setting(
@@ -245,7 +246,8 @@ class ClientConfig:
         0.0,
         "user-level epsilon this device's updates may spend per model, from its own ledger "
         "of the noise it verified (0: no budget; a budget also declines tasks without "
-        "verifiable distributed DP)",
+        "verifiable distributed DP; with --user and no flag: the user's saved setting, from "
+        "the app's Privacy tab)",
         "XENO_MAX_USER_EPSILON",
     )
     min_secagg_cohort: int = setting(
@@ -358,6 +360,8 @@ class DeviceClient:
         self._creds: Credentials | None = None
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._models: dict[str, torch.nn.Module] = {}
+        # The model of the last round this device trained (the one it serves outside tests).
+        self.trained_model = ""
         # Running A/B tests of the server's model and this device's variant in each.
         self.ab_assignments: dict[str, pb.AbAssignment] = {}
         # The model served for each of those tests (its assigned version, fetched).
@@ -551,14 +555,32 @@ class DeviceClient:
                 # The next check-in tries again; a round must not wait for this.
                 log.warning("could not fetch the variant of A/B test %s: %s", name, err)
 
+    def served_model(self, ab_test: str = "") -> str:
+        """The model whose performance a report describes ("" lets the server use its default).
+
+        In an A/B test, the test's model; otherwise the model this device last trained, or
+        the one model it is configured for.
+        """
+        assignment = self.ab_assignments.get(ab_test) if ab_test else None
+        if assignment is not None:
+            return assignment.model_name
+        if self.trained_model:
+            return self.trained_model
+        configured = [m.strip() for m in self.config.models.split(",") if m.strip()]
+        return configured[0] if len(configured) == 1 else ""
+
     def report_performance(self, metrics: dict[str, float], ab_test: str = "") -> None:
         """Report how the served model does here (latency, satisfaction); raises grpc.RpcError.
 
-        With ab_test, the server records the values for this device's own variant.
+        The report names the model served (served_model). With ab_test, the server records
+        the values for this device's own variant.
         """
         self._ensure_registered()
+        request = pb.ReportPerformanceRequest(
+            metrics=metrics, ab_test=ab_test, model_name=self.served_model(ab_test)
+        )
         self._stub.ReportPerformance(
-            pb.ReportPerformanceRequest(metrics=metrics, ab_test=ab_test),
+            request,
             metadata=self._metadata(),
             timeout=30,
         )
@@ -703,6 +725,7 @@ class DeviceClient:
             self._upload(task, pending.manifest, result.delta, result.num_examples, remaining)
         self._pending = None
         self.rounds_done += 1
+        self.trained_model = task.model_name
         log.info(
             "round %d: trained on %d examples%s",
             task.round_number,

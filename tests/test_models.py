@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
+from client.runtime import ClientConfig, DeviceClient
 from common.certs import Role
 from common.pb import admin_pb2, admin_pb2_grpc
 from common.pb import federation_pb2 as pb
@@ -33,6 +34,7 @@ from server.modelconf import (
 from server.security import add_admin_token
 from server.store import audit_entries
 from tests.conftest import FAST_SERVER
+from xeno.model_versioning import PerformanceTracker
 
 
 def wait_until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
@@ -636,11 +638,74 @@ def test_ab_tests_of_a_model_reach_only_its_devices(
     expected = server.store.load_version("digits-b", assignment.model_version)
     data = b"".join(c.data for c in chunks[1:])
     np.testing.assert_array_equal(np.frombuffer(data, dtype="<f4"), expected)
+    # Naming another model than the test's is refused, and records nothing.
+    with pytest.raises(grpc.RpcError) as err:
+        device.stub.ReportPerformance(
+            pb.ReportPerformanceRequest(
+                metrics={"user_satisfaction": 0.9}, ab_test="b-test", model_name="digits-mlp"
+            ),
+            metadata=device.md,
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     device.stub.ReportPerformance(
-        pb.ReportPerformanceRequest(metrics={"user_satisfaction": 0.9}, ab_test="b-test"),
+        pb.ReportPerformanceRequest(
+            metrics={"user_satisfaction": 0.9}, ab_test="b-test", model_name="digits-b"
+        ),
         metadata=device.md,
         timeout=10,
     )
     analysis = stub.AnalyzeAbTest(admin_pb2.AnalyzeAbTestRequest(test_name="b-test"), metadata=md)
     result = analysis.metrics["user_satisfaction"]
     assert result.count_a + result.count_b == 1
+
+
+def test_performance_reports_go_to_the_model_the_device_serves(
+    server_factory: Any, raw_device: Any, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text("[models.digits-b]\nhidden = '16'\n")
+    server = server_factory(min_clients=5, clients_per_round=5, models=str(models))
+    tracker = PerformanceTracker(store=server.store)
+
+    def latencies(name: str) -> list[float]:
+        rows = tracker.get_history(name, "inference_latency", context={"source": "device"})
+        return [r["value"] for r in rows]
+
+    device = raw_device(server)
+
+    def report(value: float, model_name: str) -> None:
+        device.stub.ReportPerformance(
+            pb.ReportPerformanceRequest(
+                metrics={"inference_latency": value}, model_name=model_name
+            ),
+            metadata=device.md,
+            timeout=10,
+        )
+
+    report(0.25, "digits-b")
+    assert latencies("digits-b") == [0.25] and latencies("digits-mlp") == []
+    report(0.5, "digits-mlp")
+    # A device older than the field names no model: the default model's history.
+    report(0.75, "")
+    assert latencies("digits-mlp") == [0.5, 0.75] and latencies("digits-b") == [0.25]
+    with pytest.raises(grpc.RpcError) as err:
+        report(1.0, "digits-zz")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no model 'digits-zz'" in (err.value.details() or "")
+    assert latencies("digits-mlp") == [0.5, 0.75] and latencies("digits-b") == [0.25]
+    # The device runtime names the model it serves: here the one it is configured for.
+    client = DeviceClient(
+        ClientConfig(
+            server=server.address,
+            state_dir=str(tmp_path / "dc"),
+            allow_plaintext=True,
+            models="digits-b",
+        ),
+        None,
+    )
+    try:
+        client.report_performance({"inference_latency": 0.125})
+    finally:
+        client.close()
+    assert latencies("digits-b") == [0.25, 0.125] and latencies("digits-mlp") == [0.5, 0.75]

@@ -298,7 +298,7 @@ class ReportMetricsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportPerformanceRequest(_message.Message):
-    __slots__ = ("metrics", "ab_test")
+    __slots__ = ("metrics", "ab_test", "model_name")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -308,9 +308,11 @@ class ReportPerformanceRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     METRICS_FIELD_NUMBER: _ClassVar[int]
     AB_TEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.ScalarMap[str, float]
     ab_test: str
-    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., ab_test: _Optional[str] = ...) -> None: ...
+    model_name: str
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., ab_test: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class ReportPerformanceResponse(_message.Message):
     __slots__ = ()

@@ -261,6 +261,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             return self.lifecycle
         return self._lifecycle(model) or self.lifecycle
 
+    def _lifecycle_of_report(self, model_name: str, ab_test: str) -> DeviceLifecycle:
+        """The lifecycle a performance report goes to: the named model's (NOT_FOUND if unknown).
+
+        Without a name (devices older than the field), the model of the test, or the default.
+        """
+        if not model_name:
+            return self._lifecycle_of_test(ab_test)
+        self.models.get(model_name)  # NOT_FOUND naming the models there are
+        lifecycle = self._lifecycle(model_name)
+        assert lifecycle is not None
+        return lifecycle
+
     def _of(self, round_id: str) -> RoundCoordinator:
         """The coordinator of the model whose round this is."""
         return self.models.for_round(round_id)
@@ -487,7 +499,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server records no performance")
         assert self.lifecycle is not None
         try:
-            lifecycle = self._lifecycle_of_test(request.ab_test)
+            lifecycle = self._lifecycle_of_report(request.model_name, request.ab_test)
             lifecycle.report(device, dict(request.metrics), request.ab_test)
         except FederationError as err:
             abort(context, err, "ReportPerformance", device)
