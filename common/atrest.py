@@ -12,7 +12,8 @@ clear DataKeyError, never silent garbage.
 Each key also gives a MAC key, derived with HKDF-SHA256 under its own info
 label (never the sealing key itself), for records that are stored in the
 clear but must not be changed behind the server's back (a version's blob and
-metrics).
+metrics), and a pseudonym key (own label too) for device ids in rows kept in
+the clear (A/B results, whose values the database aggregates).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ KEY_ID_BYTES = 8
 # HKDF info labels: each derived key has its own, so no two uses share a key.
 _KEY_ID_INFO = b"xeno-fl/v1 key id"
 _MAC_INFO = b"xeno-fl/v1 record mac"
+_PSEUDONYM_INFO = b"xeno-fl/v1 device pseudonym"
 
 
 class DataKeyError(RuntimeError):
@@ -155,6 +157,7 @@ class _Key:
         self.raw_id = bytes.fromhex(self.id)
         self.aead = AESGCM(key)
         self.mac_key = _derive(key, _MAC_INFO, 32)
+        self.pseudonym_key = _derive(key, _PSEUDONYM_INFO, 32)
 
 
 class Sealer:
@@ -207,6 +210,15 @@ class Sealer:
     def mac(self, message: bytes) -> str:
         """`KEYID:HEX`: HMAC-SHA256 of message under the primary key's MAC key."""
         return f"{self._primary.id}:{_hmac(self._primary.mac_key, message).hex()}"
+
+    def pseudonym(self, name: str) -> str:
+        """`KEYID:HEX`: HMAC-SHA256 of name under the primary key's pseudonym key.
+
+        Stands for a device id in rows kept in the clear (A/B results): equal ids give
+        equal pseudonyms, so the server can still find a device's rows, but nobody
+        without the data key can link a row to a device.
+        """
+        return f"{self._primary.id}:{_hmac(self._primary.pseudonym_key, name.encode()).hex()}"
 
     def check_mac(self, message: bytes, tag: str) -> bool:
         """Whether tag (from `mac`, under any configured key) authenticates message."""

@@ -45,9 +45,12 @@ def test_delete_user_data_erases_the_devices_records_on_the_server(
     assert result["server"]["participations_deleted"] == 1
     assert result["server"]["ab_results_deleted"] == 1
     with server.store.session() as s:
-        kept = s.scalars(select(AbResultRow.device_id)).all()
+        kept = s.scalars(select(AbResultRow.device_ref)).all()
         contexts = s.scalars(select(PerformanceMetricRow.context)).all()
-    assert kept == [devices[1].client._creds.device_id]
+    other = devices[1].client._creds.device_id
+    # Stored under a keyed pseudonym (the server has a data key), never the device id.
+    assert kept == [server.store.device_ref(other)] and other not in kept[0]
+    assert kept[0].startswith(server.store.sealer.key_id + ":")
     # The performance history never names a device: nothing per device is left there.
     assert contexts and not any(gone.device_id in str(c) for c in contexts)
     left = {p.device_id for p in server.store.round_participants(rnd.id)}

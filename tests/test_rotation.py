@@ -7,6 +7,8 @@ midway (a crash point in the real `xeno-fl admin rotate-key` process) and then f
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -16,17 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select, text
 
 from common.atrest import DataKeyError, Sealer, parse_key, sealed_key_id, write_new_key
 from common.models import ModelSpec
 from common.tensors import Manifest, TensorInfo
+from server.lifecycle.abtests import AbTests
 from server.store import ParticipantRecord, Store, audit_entries, audit_head
 from server.store.audit import verify
 from server.store.lock import DatabaseInUseError, DatabaseLock
 from server.store.models import BlobRow, DataKeyRow, ModelVersionRow, RoundParticipantRow
 from server.store.rotation import rotate
 from server.store.sealing import RecordTamperedError
+from xeno.model_versioning import ABTestingManager
 
 OLD = bytes(range(32))
 NEW = bytes(range(100, 132))
@@ -290,3 +296,68 @@ def test_a_running_server_and_a_rotation_exclude_each_other(server_factory, tmp_
     finally:
         rotation.release()
         store.close()
+
+
+def _pseudonym(key: bytes, device_id: str) -> str:
+    """Independent reference: KEYID:HMAC-SHA256(HKDF(key, own label), device id)."""
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"xeno-fl/v1 device pseudonym"
+    ).derive(key)
+    digest = hmac.new(derived, device_id.encode(), hashlib.sha256).hexdigest()
+    return f"{Sealer(key).key_id}:{digest}"
+
+
+def test_ab_results_name_devices_by_a_keyed_pseudonym_through_forget_and_rotation(
+    db_url: str,
+) -> None:
+    store = _federation(db_url, OLD)
+    store.add_device("dev-c", "c" * 64, {})
+    ABTestingManager(store=store).create_test("t", "m:1", "m:2", 0.5, ["accuracy"])
+    tests = AbTests(store)
+    values = np.random.default_rng(0).normal(0.7, 0.05, 40)
+    for i, value in enumerate(values):
+        device, arm = ("dev-a", "variant_a") if i % 2 else ("dev-b", "variant_b")
+        tests.record("t", arm, {"accuracy": float(value)}, device_id=device)
+    tests.record("t", "variant_a", {"accuracy": 0.5}, device_id="dev-c")
+    tests.record_many("t", "variant_b", "accuracy", [0.6, 0.65])  # imports: no device
+    [(test_id,)] = _raw(db_url, "SELECT id FROM ab_tests")
+    # A row from before migration 0012: the device id in the clear.
+    _raw(
+        db_url,
+        "INSERT INTO ab_results (test_id, variant, metric, value, device_ref, recorded_at) "
+        f"VALUES ({test_id}, 'variant_b', 'accuracy', 0.71, 'dev-b', CURRENT_TIMESTAMP)",
+    )
+    refs = [str(r) for (r,) in _raw(db_url, "SELECT device_ref FROM ab_results ORDER BY id")]
+    assert not any(d in r for r in refs[:-1] for d in ("dev-a", "dev-b", "dev-c"))
+    assert refs.count(_pseudonym(OLD, "dev-a")) == 20
+    assert refs.count(_pseudonym(OLD, "dev-b")) == 20 and refs.count("") == 2
+    assert store.forget_device("dev-c")[1] == 1
+    before = tests.analyze("t")
+    values_sql = "SELECT variant, metric, value FROM ab_results ORDER BY variant, value"
+    values_before = _raw(db_url, values_sql)
+    store.close()
+
+    report = rotate(db_url, OLD, NEW)
+    assert report.ab_results == 41  # 40 pseudonyms re-derived, the clear one replaced
+    store = Store(db_url, Sealer(NEW))
+    tests = AbTests(store)
+    assert _raw(db_url, values_sql) == values_before  # the very same values
+    # PostgreSQL may sum the updated rows in another order: the last bits may move.
+    assert _close(tests.analyze("t"), before)
+    refs = [str(r) for (r,) in _raw(db_url, "SELECT device_ref FROM ab_results")]
+    assert refs.count(_pseudonym(NEW, "dev-a")) == 20
+    assert refs.count(_pseudonym(NEW, "dev-b")) == 21 and refs.count("") == 2
+    assert store.forget_device("dev-b")[1] == 21
+    assert store.forget_device("dev-a")[1] == 20
+    assert [r for (r,) in _raw(db_url, "SELECT device_ref FROM ab_results")] == ["", ""]
+    store.close()
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b

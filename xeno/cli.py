@@ -1505,7 +1505,8 @@ def _admin_rotate_key(args: argparse.Namespace) -> int:
     print(
         f"{'finished the interrupted' if report.resumed else 'done:'} rotation from key id "
         f"{report.old_key_id} to key id {report.new_key_id} ({report.blobs} blobs, "
-        f"{report.versions} versions, {report.participants} participant rows this run).\n"
+        f"{report.versions} versions, {report.participants} participant rows, "
+        f"{report.ab_results} A/B result pseudonyms this run).\n"
         f"Start the server with --data-key-file {args.new_key_file}; the old key opens "
         "nothing in this database any more (keep it only for backups made before now)."
     )

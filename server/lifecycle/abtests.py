@@ -277,13 +277,14 @@ class AbTests:
             row = self._test(s, name)
             arm, values = self._check_result(row, variant, metrics)
             now = utcnow()
+            ref = self.store.device_ref(device_id)
             s.add_all(
                 AbResultRow(
                     test_id=row.id,
                     variant=arm.value,
                     metric=k,
                     value=v,
-                    device_id=device_id,
+                    device_ref=ref,
                     recorded_at=now,
                 )
                 for k, v in values.items()
@@ -308,7 +309,7 @@ class AbTests:
                         "variant": arm.value,
                         "metric": metric,
                         "value": v,
-                        "device_id": "",
+                        "device_ref": "",
                         "recorded_at": now,
                     }
                     for v in data.tolist()

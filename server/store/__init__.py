@@ -463,9 +463,17 @@ class Store:
             parts = s.execute(
                 delete(RoundParticipantRow).where(RoundParticipantRow.device_id == device_id)
             )
-            results = s.execute(delete(AbResultRow).where(AbResultRow.device_id == device_id))
+            # The plain id too: rows from before migration 0012 not yet rotated.
+            refs = {device_id, self.device_ref(device_id)}
+            results = s.execute(delete(AbResultRow).where(AbResultRow.device_ref.in_(refs)))
             s.execute(delete(DeviceRow).where(DeviceRow.id == device_id))
         return int(parts.rowcount or 0), int(results.rowcount or 0)  # type: ignore[attr-defined]
+
+    def device_ref(self, device_id: str) -> str:
+        """How rows kept in the clear name a device: its pseudonym under the data key."""
+        if not device_id or self.sealer is None:
+            return device_id
+        return self.sealer.pseudonym(device_id)
 
     def device_credentials(self) -> dict[str, tuple[str, bytes | None]]:
         """device id -> (token digest, identity public key)."""

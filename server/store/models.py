@@ -268,7 +268,9 @@ class AbResultRow(Base):
     variant: Mapped[str] = mapped_column(String(16))
     metric: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
-    device_id: Mapped[str] = mapped_column(String(64), default="")
+    # Who reported it, for Forget: `Store.device_ref` (a keyed pseudonym with a data
+    # key, the device id without one); "" for bulk imports.
+    device_ref: Mapped[str] = mapped_column(String(96), default="")
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

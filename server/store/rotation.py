@@ -12,7 +12,9 @@ rows already under the new key. Rows are moved in small transactions
 (`batch`), each also counting `rows_done`.
 
 The same pass authenticates rows written before migration 0009 (versions
-without a MAC, participant rows in the clear): run it once after upgrading.
+without a MAC, participant rows in the clear) and pseudonymises A/B results
+written before 0012 (device id in the clear): run it once after upgrading. A/B
+results' device pseudonyms (an HMAC, common/atrest.py) carry their key id too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from common.atrest import DataKeyError, Sealer, is_sealed, sealed_key_id
 from server.faults import crash_point
 from server.store import Store, _head_revision, audit, utcnow
 from server.store.lock import DatabaseInUseError, DatabaseLock
-from server.store.models import BlobRow, DataKeyRow, ModelVersionRow, RoundParticipantRow
+from server.store.models import (
+    AbResultRow,
+    BlobRow,
+    DataKeyRow,
+    DeviceRow,
+    ModelVersionRow,
+    RoundParticipantRow,
+)
 
 ACTOR = "admin rotate-key (offline)"
 
@@ -43,6 +52,7 @@ class RotationReport:
     participants: int
     resumed: bool
     already_done: bool = False
+    ab_results: int = 0
 
 
 def rotate(
@@ -85,8 +95,11 @@ def rotate(
             batch,
             note,
         )
-        _finish(store, old.key_id, new.key_id, blobs + versions + participants)
-        return RotationReport(old.key_id, new.key_id, blobs, versions, participants, resumed)
+        ab_results = _rotate_pseudonyms(store, old, new, batch, note)
+        _finish(store, old.key_id, new.key_id, blobs + versions + participants + ab_results)
+        return RotationReport(
+            old.key_id, new.key_id, blobs, versions, participants, resumed, ab_results=ab_results
+        )
     finally:
         lock.release()
         store.close()
@@ -191,6 +204,56 @@ def _rotate_rows(
         moved += n
         note(table.__tablename__, moved)
         crash_point("rotate-key")
+
+
+def _rotate_pseudonyms(
+    store: Store, old: Sealer, new: Sealer, batch: int, note: Callable[[str, int], None]
+) -> int:
+    """Re-derive the device pseudonyms of A/B results under the new key; returns how many.
+
+    A pseudonym cannot be inverted, so each is mapped through the devices it can
+    stand for (registered devices and round participants). One whose device is gone
+    (no longer registered: nothing can ask to erase it) becomes "", unlinkable under
+    any key. A device id in the clear (written before migration 0012) is replaced.
+    """
+    with store.session() as s:
+        ids = set(s.scalars(select(DeviceRow.id))) | set(
+            s.scalars(select(RoundParticipantRow.device_id).distinct())
+        )
+    renamed = {old.pseudonym(d): new.pseudonym(d) for d in ids}
+    prefix, moved, last = new.key_id + ":", 0, 0
+    while True:
+        with store.session() as s, s.begin():
+            rows = s.scalars(
+                select(AbResultRow)
+                .where(AbResultRow.id > last, AbResultRow.device_ref != "")
+                .order_by(AbResultRow.id)
+                .limit(batch)
+            ).all()
+            if not rows:
+                return moved
+            n = 0
+            for row in rows:
+                last = row.id
+                ref = row.device_ref
+                if ref.startswith(prefix):
+                    continue
+                if ref in renamed:
+                    row.device_ref = renamed[ref]
+                elif _is_pseudonym(ref):
+                    row.device_ref = ""
+                else:
+                    row.device_ref = new.pseudonym(ref)
+                n += 1
+            _count(s, n)
+        moved += n
+        note(AbResultRow.__tablename__, moved)
+        crash_point("rotate-key")
+
+
+def _is_pseudonym(ref: str) -> bool:
+    kid, sep, digest = ref.partition(":")
+    return bool(sep) and len(kid) == 16 and len(digest) == 64
 
 
 def _key_id_of(value: str | bytes) -> str | None:
