@@ -84,6 +84,10 @@ class ModelRunner:
         self._running = False
         self._listeners: list[Callable[[FederatedModel], None]] = []
         self._rng = random.SystemRandom()
+        # Devices that checked in and have not yet been told the federation finished: a
+        # finishing server keeps serving until they have (see unannounced), since a device
+        # that finds the port closed instead retries forever.
+        self._unannounced: set[str] = set()
 
     @classmethod
     def single(cls, store: Store, coordinator: RoundCoordinator) -> ModelRunner:
@@ -175,6 +179,8 @@ class ModelRunner:
         """
         order = list(coordinators)
         self._rng.shuffle(order)
+        with self._lock:
+            self._unannounced.add(device_id)
         finished: list[CheckInOutcome] = []
         for coordinator in order:
             outcome = coordinator.check_in_now(device_id)
@@ -189,8 +195,15 @@ class ModelRunner:
                         other.leave(device_id, "busy with another model", only_if_untouched=True)
                 return outcome
         if order and len(finished) == len(order):
+            with self._lock:
+                self._unannounced.discard(device_id)
             return finished[0]
         return None
+
+    def unannounced(self) -> int:
+        """How many devices that checked in have not heard "finished" (nor left) yet."""
+        with self._lock:
+            return len(self._unannounced)
 
     def waiting_reason(self, coordinators: Sequence[RoundCoordinator]) -> str:
         """Why a device of these models has no task: paused models, or no model at all."""
@@ -209,6 +222,8 @@ class ModelRunner:
         return self.default_coordinator
 
     def leave(self, device_id: str, reason: str) -> None:
+        with self._lock:
+            self._unannounced.discard(device_id)
         for coordinator in self.coordinators():
             coordinator.leave(device_id, reason)
 
