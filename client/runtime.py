@@ -232,7 +232,8 @@ class ClientConfig:
     min_noise_multiplier: float = setting(
         DEFAULT_MIN_NOISE_MULTIPLIER,
         "decline tasks that promise user-level DP with a noise multiplier, as this device "
-        "verifies it from the task's noise and contributor count, below this (0: no minimum)",
+        "verifies it from the task's noise and contributor count, below this (0: no minimum; "
+        "with --user and no flag: the user's saved setting, from the app's Privacy tab)",
         "XENO_MIN_NOISE_MULTIPLIER",
     )
     require_user_dp: bool = setting(
@@ -245,7 +246,8 @@ class ClientConfig:
         0.0,
         "user-level epsilon this device's updates may spend per model, from its own ledger "
         "of the noise it verified (0: no budget; a budget also declines tasks without "
-        "verifiable distributed DP)",
+        "verifiable distributed DP; with --user and no flag: the user's saved setting, from "
+        "the app's Privacy tab)",
         "XENO_MAX_USER_EPSILON",
     )
     min_secagg_cohort: int = setting(

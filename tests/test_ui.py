@@ -546,3 +546,64 @@ def test_bad_training_settings_are_an_error_in_the_window(  # type: ignore[no-un
     assert message in tab.bar.label.text()
     assert "choose automatic (L-BFGS)" in tab.bar.label.text()
     assert window.session.trainer.versions() == []
+
+
+def test_saved_dp_limits_are_what_the_client_enforces(  # type: ignore[no-untyped-def]
+    qtbot, window: MainWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.runtime import ClientConfig
+    from common.config import from_namespace
+    from xeno.cli import build_parser, client_config
+
+    for env in ("XENO_MIN_NOISE_MULTIPLIER", "XENO_MAX_USER_EPSILON", "XENO_USER"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("XENO_HOME", str(window.session.home))
+    parser = build_parser("client")
+
+    def protection(*flags: str):  # type: ignore[no-untyped-def]
+        return client_config(parser.parse_args(["client", *flags])).protection()
+
+    # Nothing saved yet: the client's own defaults.
+    defaults = from_namespace(ClientConfig, parser.parse_args(["client"])).protection()
+    assert protection("--user", "alice") == defaults
+
+    window.tabs.setCurrentIndex(4)
+    tab = window.privacy
+    tab.min_noise.setValue(1.5)
+    tab.budget.setValue(30)  # epsilon 3.0
+    qtbot.mouseClick(tab.save_limits, Qt.MouseButton.LeftButton)
+    assert tab.bar.kind != "error", tab.bar.label.text()
+    assert "Saved for this device" in tab.bar.label.text()
+    assert "xeno-fl client --user alice" in tab.device_flags.text()
+
+    got = protection("--user", "alice")
+    assert (got.min_noise_multiplier, got.max_user_epsilon) == (1.5, 3.0)
+    assert got.wants_user_dp  # a budget declines tasks without verifiable user-level DP
+    # Flags (and their environment variables) override what is saved, one by one.
+    got = protection("--user", "alice", "--min-noise-multiplier", "0.7")
+    assert (got.min_noise_multiplier, got.max_user_epsilon) == (0.7, 3.0)
+    monkeypatch.setenv("XENO_MAX_USER_EPSILON", "9")
+    got = protection("--user", "alice")
+    assert (got.min_noise_multiplier, got.max_user_epsilon) == (1.5, 9.0)
+    monkeypatch.delenv("XENO_MAX_USER_EPSILON")
+    # Another user's device is not bound by alice's limits, and no store is created for it.
+    assert protection("--user", "bob") == defaults
+    assert not (window.session.home / "users" / "bob").exists()
+
+    # A new window over the same store shows what was saved.
+    again = MainWindow(window.session)
+    qtbot.addWidget(again)
+    again.privacy.refresh()
+    assert again.privacy.min_noise.value() == 1.5 and again.privacy.epsilon() == 3.0
+
+
+def test_client_help_says_flags_override_the_saved_limits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from xeno.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("client").parse_args(["client", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the DP limits saved for that user in the app's Privacy tab" in text
+    assert "--max-user-epsilon (or their environment variables) override them" in text

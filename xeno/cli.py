@@ -17,12 +17,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.atrest import DataKeyError
 from common.config import add_arguments, from_namespace
+
+if TYPE_CHECKING:
+    from client.runtime import ClientConfig
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -90,7 +93,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="run a device client",
         description="Run one device: it registers with the server, then trains on its own data "
         "partition whenever it is selected for a round, until the federation finishes or "
-        "it receives SIGTERM.",
+        "it receives SIGTERM. With --user, the DP limits saved for that user in the app's "
+        "Privacy tab (minimum noise multiplier, epsilon budget) are enforced; "
+        "--min-noise-multiplier and --max-user-epsilon (or their environment variables) "
+        "override them.",
     )
     if command in (None, "client"):
         from client.runtime import ClientConfig
@@ -729,9 +735,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve(from_namespace(ServerConfig, args))
     if args.command == "client":
-        from client.runtime import ClientConfig, run_device
+        from client.runtime import run_device
 
-        return run_device(from_namespace(ClientConfig, args))
+        return run_device(client_config(args))
     if args.command == "simulate":
         from xeno.simulation import SimulationConfig, simulate
 
@@ -746,6 +752,41 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return ui_main(args)
     return _admin(args)
+
+
+# The limits a user can save for their device (Privacy tab), with the variables that, like
+# the flags, take precedence over them.
+SAVED_LIMITS = (
+    ("min_noise_multiplier", "XENO_MIN_NOISE_MULTIPLIER"),
+    ("max_user_epsilon", "XENO_MAX_USER_EPSILON"),
+)
+
+
+def client_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """The device's ClientConfig: flags, then environment, then (with --user) saved limits.
+
+    The DP limits a user saved in the Privacy tab apply wherever neither a
+    flag nor its environment variable sets them.
+    """
+    from client.assistant.dp_limits import saved_dp_limits
+    from client.runtime import ClientConfig
+
+    environ = os.environ if environ is None else environ
+    user = getattr(args, "user", None) or environ.get("XENO_USER", "")
+    overrides: dict[str, Any] = {}
+    if user:
+        limits = saved_dp_limits(user)
+        if limits is not None:
+            for name, env in SAVED_LIMITS:
+                if getattr(args, name, None) is None and env not in environ:
+                    overrides[name] = getattr(limits, name)
+    if overrides:
+        logging.getLogger(__name__).info(
+            "enforcing the DP limits saved for user %s: %s", user, overrides
+        )
+    return from_namespace(ClientConfig, args, environ, **overrides)
 
 
 def _privacy(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
@@ -37,6 +37,9 @@ from common.pb import admin_pb2 as pb
 from xeno.ui.backend import Session
 from xeno.ui.versions import Confirm, ask
 from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, tab_chain
+
+if TYPE_CHECKING:
+    from client.assistant.dp_limits import DpLimits
 
 DELTA = 1e-5
 SLIDER_STEPS = 10  # the slider moves epsilon in tenths
@@ -84,6 +87,7 @@ class PrivacyTab(QWidget):
         self.bar = MessageBar()
         self.confirm: Confirm = ask(self)
         self._loading = False
+        self._saved: DpLimits | None = None
 
         fl = QGroupBox("Federated learning")
         fv = QVBoxLayout(fl)
@@ -126,6 +130,10 @@ class PrivacyTab(QWidget):
         # A wrapped label in a form gets one line's height unless told: it holds ~4 lines.
         self.consequence.setMinimumHeight(self.consequence.fontMetrics().lineSpacing() * 5)
         form.addRow(self.consequence)
+        self.save_limits = QPushButton("&Save for this device")
+        self.save_limits.setObjectName("save_limits")
+        self.save_limits.clicked.connect(self.save_dp_limits)
+        form.addRow(self.save_limits)
         self.device_flags = QLineEdit()
         self.device_flags.setReadOnly(True)
         form.addRow("Start the device with:", self.device_flags)
@@ -202,6 +210,7 @@ class PrivacyTab(QWidget):
                 self.consents,
                 self.min_noise,
                 self.budget,
+                self.save_limits,
                 self.device_flags,
                 self.export_button,
                 self.confirm_text,
@@ -218,9 +227,17 @@ class PrivacyTab(QWidget):
         guarded(self.bar, self._load)
 
     def _load(self) -> None:
-        if not os.environ.get("XENO_MIN_NOISE_MULTIPLIER") and self.min_noise.value() == 0.0:
-            self.min_noise.setValue(device_default("min_noise_multiplier"))
+        from client.assistant.dp_limits import load_dp_limits
+
         store = self.session.store
+        saved = load_dp_limits(store)
+        self._saved = saved
+        if saved is not None:
+            self.min_noise.setValue(saved.min_noise_multiplier)
+            if saved.max_user_epsilon > 0:
+                self.budget.setValue(round(saved.max_user_epsilon * SLIDER_STEPS))
+        elif not os.environ.get("XENO_MIN_NOISE_MULTIPLIER") and self.min_noise.value() == 0.0:
+            self.min_noise.setValue(device_default("min_noise_multiplier"))
         self._loading = True
         try:
             self.federated.setChecked(consent.given(store, consent.Scope.FEDERATED_TRAINING))
@@ -351,8 +368,35 @@ class PrivacyTab(QWidget):
             "device's ledger accounts its Skellam noise exactly, which this approaches.)"
         )
         self.consequence.setText(" ".join(parts))
-        self.device_flags.setText(
-            f"xeno-fl client --min-noise-multiplier {z:g} --max-user-epsilon {eps:g} …"
+        saved = self._saved
+        if saved is not None and (saved.min_noise_multiplier, saved.max_user_epsilon) == (z, eps):
+            self.device_flags.setText(
+                f"xeno-fl client --user {self.session.user_id} … (these limits are saved)"
+            )
+        else:
+            self.device_flags.setText(
+                f"xeno-fl client --min-noise-multiplier {z:g} --max-user-epsilon {eps:g} … "
+                "(or save them)"
+            )
+
+    def save_dp_limits(self) -> None:
+        """Keep the chosen limits in the user's store: `xeno-fl client --user` enforces them."""
+        from client.assistant.dp_limits import DpLimits, save_dp_limits
+
+        def save() -> DpLimits:
+            limits = DpLimits(float(self.min_noise.value()), self.epsilon())
+            save_dp_limits(self.session.store, limits)
+            return limits
+
+        limits = guarded(self.bar, save)
+        if limits is None:
+            return
+        self._saved = limits
+        self.update_consequence()
+        self.bar.info(
+            f"Saved for this device: minimum noise multiplier {limits.min_noise_multiplier:g}, "
+            f"epsilon budget {limits.max_user_epsilon:g} per model. xeno-fl client --user "
+            f"{self.session.user_id} enforces them unless its flags say otherwise."
         )
 
     # ------------------------------------------------------------------ consent
