@@ -30,7 +30,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.atrest import Sealer
+from common.atrest import DataKeyError, Sealer
 from common.certs import Role
 from common.config import setting
 from common.modelspec import ModelSpec
@@ -63,7 +63,7 @@ from server.services.common import AuthInterceptor
 from server.services.federation import FederationServicer, register_federation
 from server.services.guard import GuardConfig, GuardInterceptor
 from server.store import ModelDefinition, Store, describe_error
-from server.store.lock import DatabaseInUseError, DatabaseLock
+from server.store.lock import DatabaseInUseError, DatabaseLock, WritesSuspendedError
 from server.strategies import FitInstructions, StrategyName
 
 log = logging.getLogger("xeno.server")
@@ -820,6 +820,9 @@ class XenoServer:
                     "database; start the server when it has finished, with the new key"
                 )
         self.store = store
+        self._lock_problem = ""  # sticky: a data key changed under this server
+        if self._db_lock is not None:
+            self.store.write_guard = self._guard_write
         try:
             self.store.create_schema()
         except BaseException:
@@ -886,12 +889,15 @@ class XenoServer:
         self._tracking = futures.ThreadPoolExecutor(1, thread_name_prefix="performance")
         self.models.add_listener(self._observe)
         self.metrics_port: int | None = None
+        checks = {
+            "database": self._database_problem,
+            "round_driver": self.models.health_problem,
+            "disk": disk_space_check(self.store.local_dir, config.min_free_disk_mb),
+        }
+        if self._db_lock is not None:
+            checks["database_lock"] = self._database_lock_problem
         self.health_monitor = HealthMonitor(
-            {
-                "database": self._database_problem,
-                "round_driver": self.models.health_problem,
-                "disk": disk_space_check(self.store.local_dir, config.min_free_disk_mb),
-            },
+            checks,
             self._set_serving,
             self.metrics,
             interval_s=config.health_interval,
@@ -1050,6 +1056,27 @@ class XenoServer:
         except Exception as error:
             return f"the database does not answer ({describe_error(error)})"
         return ""
+
+    def _database_lock_problem(self) -> str:
+        """Take the database lock again after an outage lost it (server/store/lock.py)."""
+        assert self._db_lock is not None
+        if self._lock_problem:
+            return self._lock_problem
+        problem, retaken = self._db_lock.check()
+        if retaken:
+            try:  # a rotation may have run, or been left half done, while the lock was away
+                self.store.check_data_key()
+            except DataKeyError as error:
+                self._lock_problem = f"writes stopped: {error}"
+                log.error("%s", self._lock_problem)
+                return self._lock_problem
+        return problem
+
+    def _guard_write(self, connection: Any) -> None:
+        if self._lock_problem:
+            raise WritesSuspendedError(self._lock_problem)
+        assert self._db_lock is not None
+        self._db_lock.guard_write(connection)
 
     def _set_serving(self, serving: bool) -> None:
         status = (

@@ -10,6 +10,8 @@ server's engine, which fails writes with SQLITE_FULL exactly as a full disk does
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import socket
 import threading
@@ -25,9 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from common.atrest import parse_key
 from server.app import XenoServer
 from server.rounds import RoundSummary
 from server.store import Store
+from server.store.lock import DatabaseInUseError, DatabaseLock, WritesSuspendedError
+from server.store.rotation import rotate
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -304,3 +309,110 @@ def _check_in_outcome(device: Any) -> str | None:
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         return None
+
+
+def _lock_holders(base: str, schema: str) -> list[tuple[int, str]]:
+    """(backend pid, mode) of every session holding schema's database lock, from pg_locks.
+
+    The key is derived as documented in server/store/lock.py; PostgreSQL shows a
+    bigint advisory key as classid (high 32 bits) and objid (low 32 bits).
+    """
+    where = f"{make_url(base).database}/{schema}".encode()
+    digest = hashlib.sha256(b"xeno-fl database lock " + where).digest()
+    key = int.from_bytes(digest[:8], "big")
+    engine = create_engine(base)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pid, mode FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND classid = :hi AND objid = :lo AND objsubid = 1"
+                ),
+                {"hi": key >> 32, "lo": key & 0xFFFFFFFF},
+            ).all()
+            return sorted((int(pid), str(mode)) for pid, mode in rows)
+    finally:
+        engine.dispose()
+
+
+def _terminate(base: str, pid: int) -> None:
+    engine = create_engine(base)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_postgres_lock_lost_with_its_connection_is_taken_again(
+    server_factory: Any,
+    postgres_schema: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, schema = postgres_schema
+    url = _with_schema(base, schema)
+    key = parse_key(os.environ["XENO_DATA_KEY"])  # the tests' data key (conftest.py)
+    server = server_factory(db=url, rounds=0, health_interval=0.1)
+    [(first, mode)] = _lock_holders(base, schema)
+    assert mode == "ShareLock"
+    _terminate(base, first)  # what an outage does to the lock's connection
+    _wait(lambda: [p for p, _ in _lock_holders(base, schema) if p != first] != [], 5, "retake")
+    [(second, mode)] = _lock_holders(base, schema)
+    assert second != first and mode == "ShareLock"
+    with pytest.raises(DatabaseInUseError, match="stop the server"):
+        rotate(url, key, bytes(range(32)))
+    assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
+
+    # Checked by hand from here on, so that a rotation gets in before the server's check.
+    server.health_monitor.stop()
+    time.sleep(0.3)
+    engine = create_engine(url)
+    rotation = DatabaseLock(engine)
+    caplog.set_level(logging.WARNING)
+    _terminate(base, second)
+    _wait(lambda: rotation.acquire(exclusive=True), 5, "the rotation to take the lock")
+    try:
+        problems = server.health_monitor.check_now()
+        assert "rotate-key) holds the database lock" in problems["database_lock"]
+        assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "this server stopped writing" in caplog.text
+        audit_rows = _count_audit(base, schema)
+        with pytest.raises(WritesSuspendedError, match="holds the database lock"):
+            server.store.append_audit([("system", "test.write", "x", {})])
+        assert _count_audit(base, schema) == audit_rows  # nothing written
+    finally:
+        rotation.release()
+        engine.dispose()
+    assert server.health_monitor.check_now() == {}
+    assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    server.store.append_audit([("system", "test.write", "x", {})])  # writes again
+
+    # A rotation that ran while the lock was away: the server's key is no longer the
+    # database's, so it keeps refusing writes (not one under the old key).
+    [(third, _)] = _lock_holders(base, schema)
+    _terminate(base, third)
+    new_key = bytes(range(32))
+    _wait(lambda: _try_rotate(url, key, new_key), 5, "the rotation to run")
+    problems = server.health_monitor.check_now()
+    assert "not this database's key" in problems["database_lock"]
+    assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(WritesSuspendedError, match="writes stopped"):
+        server.store.append_audit([("system", "test.write", "x", {})])
+    assert server.health_monitor.check_now() != {}  # until restarted with the new key
+
+
+def _try_rotate(url: str, old: bytes, new: bytes) -> bool:
+    try:
+        rotate(url, old, new)
+    except DatabaseInUseError:
+        return False
+    return True
+
+
+def _count_audit(base: str, schema: str) -> int:
+    engine = create_engine(_with_schema(base, schema))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM audit_log")).scalar_one())
+    finally:
+        engine.dispose()

@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, delete, event, exc, select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from common.atrest import DataKeyError, Sealer, is_sealed
 from common.modelspec import ModelSpec
 from common.tensors import WIRE_DTYPE, Manifest, to_wire
 from server.faults import crash_point
 from server.store import audit, sealing
+from server.store.lock import WritesSuspendedError
 from server.store.models import (
     AbResultRow,
     AbTestRow,
@@ -76,9 +77,12 @@ def is_transient(error: BaseException) -> bool:
     """Whether a failed database call may succeed when tried again.
 
     Lost or refused connections, a server restarting, SQLite's "database is
-    locked" and "database or disk is full" (space can be freed), pool timeouts.
+    locked" and "database or disk is full" (space can be freed), pool timeouts,
+    writes suspended while the database lock is away (server/store/lock.py).
     Integrity errors and programming errors are not: trying again cannot help.
     """
+    if isinstance(error, WritesSuspendedError):
+        return True
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
     return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
@@ -317,6 +321,19 @@ class Store:
         )
         # Every flush appends its auditable changes to the audit chain, in its transaction.
         event.listen(self._session, "after_flush", audit.record_changes)
+        # Called with the connection of every writing transaction before it writes;
+        # raises to refuse (a server: while a key rotation may hold the database).
+        self.write_guard: Callable[[Any], None] | None = None
+        event.listen(self._session, "before_flush", self._guard_flush)
+        event.listen(self._session, "do_orm_execute", self._guard_statement)
+
+    def _guard_flush(self, session: Session, _context: Any, _instances: Any) -> None:
+        if self.write_guard is not None and (session.new or session.dirty or session.deleted):
+            self.write_guard(session.connection())
+
+    def _guard_statement(self, state: ORMExecuteState) -> None:
+        if self.write_guard is not None and (state.is_insert or state.is_update or state.is_delete):
+            self.write_guard(state.session.connection())
 
     @property
     def local_dir(self) -> str | None:
@@ -485,6 +502,8 @@ class Store:
     def append_audit(self, rows: list[tuple[str, str, str, dict[str, Any]]]) -> None:
         """Append (actor, action, target, details) rows to the audit log in one transaction."""
         with self._session.begin() as s:
+            if self.write_guard is not None:  # audit.append writes on the connection directly
+                self.write_guard(s.connection())
             for actor, action, target, details in rows:
                 audit.append(s, actor, [(action, target, details)])
 
@@ -632,6 +651,24 @@ class Store:
                 row.source = definition.source
                 row.updated_at = utcnow()
             return _definition(definition.name, row)
+
+    def delete_model_definition(self, name: str) -> ModelDefinition:
+        """Remove a model's definition (its model row, versions and ledger stay).
+
+        Returns the definition removed. KeyError: the model has no definition.
+        """
+        with self._session.begin() as s:
+            row = s.scalar(
+                select(ModelDefinitionRow)
+                .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
+                .where(ModelRow.name == name)
+                .with_for_update()
+            )
+            if row is None:
+                raise KeyError(name)
+            removed = _definition(name, row)
+            s.delete(row)
+            return removed
 
     def set_model_paused(self, name: str, paused: bool) -> bool:
         """Pause or resume a defined model; False when it already was (nothing written).
