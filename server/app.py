@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
@@ -401,6 +402,12 @@ class ServerConfig:
     )
     health_interval: float = setting(
         2.0, "seconds between the checks behind gRPC health", "XENO_HEALTH_INTERVAL"
+    )
+    finish_grace: float = setting(
+        30.0,
+        "seconds a finished federation (--rounds reached) keeps serving until every device "
+        "that checked in has heard that it finished; it stops as soon as all have",
+        "XENO_FINISH_GRACE",
     )
     stall_grace: float = setting(
         30.0,
@@ -1140,8 +1147,13 @@ def serve(config: ServerConfig) -> int:
     while not done.is_set():
         finite = any(c.config.rounds for c in server.models.coordinators())
         if finite and server.models.finished:
-            # Give devices a moment to hear "finished" before the port closes.
-            done.wait(3.0)
+            # Devices busy with their last round (seconds on a loaded machine) check in
+            # after it: one that found the port closed would retry until killed.
+            until = time.monotonic() + config.finish_grace
+            while server.models.unannounced() and time.monotonic() < until:
+                if done.wait(0.2):
+                    break
+            done.wait(0.5)  # the last "finished" responses leave before the port closes
             break
         done.wait(0.5)
     server.stop()

@@ -4,7 +4,7 @@
 strategy, round settings, DP policy, ledger and version chain, all keyed by
 the model's name in the store), routes device calls to them (a check-in to
 the models the device holds data for, a round's calls to the model whose
-round it is), and creates, pauses and resumes models. Each change is written
+round it is), and creates, pauses, resumes and deletes models. Each change is written
 to the model's definition in the store first (server/store: `model_definitions`,
 audit-logged), then applied, so a restart finds the same models, settings
 and pause states, and a refused change leaves both untouched.
@@ -15,6 +15,7 @@ evaluation of one model must not hold another model's deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -84,6 +85,10 @@ class ModelRunner:
         self._running = False
         self._listeners: list[Callable[[FederatedModel], None]] = []
         self._rng = random.SystemRandom()
+        # Devices that checked in and have not yet been told the federation finished: a
+        # finishing server keeps serving until they have (see unannounced), since a device
+        # that finds the port closed instead retries forever.
+        self._unannounced: set[str] = set()
 
     @classmethod
     def single(cls, store: Store, coordinator: RoundCoordinator) -> ModelRunner:
@@ -175,6 +180,8 @@ class ModelRunner:
         """
         order = list(coordinators)
         self._rng.shuffle(order)
+        with self._lock:
+            self._unannounced.add(device_id)
         finished: list[CheckInOutcome] = []
         for coordinator in order:
             outcome = coordinator.check_in_now(device_id)
@@ -189,8 +196,15 @@ class ModelRunner:
                         other.leave(device_id, "busy with another model", only_if_untouched=True)
                 return outcome
         if order and len(finished) == len(order):
+            with self._lock:
+                self._unannounced.discard(device_id)
             return finished[0]
         return None
+
+    def unannounced(self) -> int:
+        """How many devices that checked in have not heard "finished" (nor left) yet."""
+        with self._lock:
+            return len(self._unannounced)
 
     def waiting_reason(self, coordinators: Sequence[RoundCoordinator]) -> str:
         """Why a device of these models has no task: paused models, or no model at all."""
@@ -209,6 +223,8 @@ class ModelRunner:
         return self.default_coordinator
 
     def leave(self, device_id: str, reason: str) -> None:
+        with self._lock:
+            self._unannounced.discard(device_id)
         for coordinator in self.coordinators():
             coordinator.leave(device_id, reason)
 
@@ -288,6 +304,30 @@ class ModelRunner:
             with self._lock:
                 self._creating.discard(name)
         log.info("created model %s (task %s, strategy %s)", name, settings.task, settings.strategy)
+        return model
+
+    def delete(self, name: str) -> FederatedModel:
+        """Stop training a model and remove its definition; its versions and ledger stay.
+
+        FederationError: no name (INVALID_ARGUMENT), the default model (FAILED_PRECONDITION),
+        no such model (NOT_FOUND); nothing changes then.
+        """
+        if not name:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, "name the model to delete")
+        with self._lock:
+            if name == self.default:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"model {name!r} is the server's default model (--model): it cannot be deleted",
+                )
+            model = self.get(name)
+            # KeyError: a coordinator built outside the runner has nothing stored.
+            with contextlib.suppress(KeyError):
+                self.store.delete_model_definition(name)
+            del self._models[name]
+        # Outside the lock: stopping joins the model's driver thread.
+        model.coordinator.stop()
+        log.info("deleted model %s (its versions and ledger are kept)", name)
         return model
 
     def set_paused(self, name: str, paused: bool) -> FederatedModel:

@@ -60,6 +60,7 @@ ADMIN_RPC_ROLES: dict[str, Role] = {
     "ResumeModel": Role.OPERATOR,
     # admin: delete data, revoke certificates, read the audit log (it names every actor)
     "PruneVersions": Role.ADMIN,
+    "DeleteModel": Role.ADMIN,  # stops a model's training for good (its history is kept)
     "RevokeCertificate": Role.ADMIN,
     "ListRevokedCertificates": Role.ADMIN,
     "ListAuditLog": Role.ADMIN,

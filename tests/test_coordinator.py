@@ -201,6 +201,35 @@ def test_finishes_after_configured_rounds(store: Store) -> None:
     assert coord.check_in("a", 0).finished
 
 
+def test_a_finished_server_knows_which_devices_have_not_heard_it(store: Store) -> None:
+    """What `xeno-fl server --rounds N` waits for before it closes its port."""
+    from server.runner import ModelRunner
+
+    clock = Clock()
+    coord = make(store, clock, rounds=1)
+    runner = ModelRunner.single(store, coord)
+    for d in "abc":
+        assert runner.check_in_now(d, [coord]) is None
+    coord.step()
+    clock.now += 5
+    coord.step()
+    tasks = {d: coord.task_for(d) for d in "abc"}
+    assert runner.check_in_now("d", [coord]) is None  # came too late for the round
+    assert runner.unannounced() == 4
+    for d in "abc":
+        upload(coord, d, tasks[d], np.zeros(D))
+    coord.step()
+    assert coord.finished
+    outcome = runner.check_in_now("a", [coord])
+    assert outcome is not None and outcome.finished
+    assert runner.unannounced() == 3  # b, c (still busy after their upload) and d
+    runner.leave("d", "stopped")  # a device that said goodbye is not waited for
+    assert runner.unannounced() == 2
+    for d in "bc":
+        runner.check_in_now(d, [coord])
+    assert runner.unannounced() == 0
+
+
 def test_restart_marks_running_round_failed_and_keeps_versions(store: Store) -> None:
     clock = Clock()
     coord = make(store, clock)

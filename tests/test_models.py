@@ -468,6 +468,12 @@ def test_admin_models_commands(server_factory: Any) -> None:
     assert admin("models", "resume", "intents-b").returncode == 0
     assert not server.models.get("intents-b").paused
     assert "intents-b" in admin("models").stdout  # `models` alone lists them
+    out = admin("models", "delete", "intents-b")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "model intents-b: version 1, task -, not trained"
+    out = admin("models", "delete", "digits-mlp")
+    assert out.returncode != 0 and "FAILED_PRECONDITION: model 'digits-mlp' is the" in out.stderr
+    assert "history is never rewritten" in admin("models", "--help").stdout
 
 
 def test_each_model_has_its_own_dp_policy_and_privacy_ledger(
@@ -709,3 +715,74 @@ def test_performance_reports_go_to_the_model_the_device_serves(
     finally:
         client.close()
     assert latencies("digits-b") == [0.25, 0.125] and latencies("digits-mlp") == [0.5, 0.75]
+
+
+def test_delete_stops_a_model_and_a_restart_does_not_train_it(
+    tmp_path: Path, device_threads: Any
+) -> None:
+    tokens = tmp_path / "admin.tokens"
+    operator = add_admin_token(tokens, "otto", Role.OPERATOR)
+    admin = add_admin_token(tokens, "ada", Role.ADMIN)
+    models = tmp_path / "models.toml"
+    models.write_text("[models.digits-b]\nhidden = '16'\n")
+    config = dataclasses.replace(
+        FAST_SERVER,
+        db=f"sqlite:///{tmp_path}/xeno.db",
+        models=str(models),
+        rounds=0,
+        min_clients=2,
+        clients_per_round=2,
+        admin_token_file=str(tokens),
+    )
+    server = XenoServer(config).start()
+    try:
+        fleet = device_threads(server, 2, models="digits-b")
+        wait_until(lambda: _completed(server, "digits-b") >= 1, 120, "a digits-b round")
+        stub, md = _admin(server, operator)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.DeleteModel(admin_pb2.DeleteModelRequest(name="digits-b"), metadata=md)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stub, md = _admin(server, admin)
+        for name, code, words in (
+            ("", grpc.StatusCode.INVALID_ARGUMENT, "name the model"),
+            ("digits-mlp", grpc.StatusCode.FAILED_PRECONDITION, "default model"),
+            ("digits-zz", grpc.StatusCode.NOT_FOUND, "no model 'digits-zz'"),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.DeleteModel(admin_pb2.DeleteModelRequest(name=name), metadata=md)
+            assert err.value.code() == code and words in (err.value.details() or ""), name
+        listed = _models(stub, md)
+        assert listed["digits-b"].training and listed["digits-mlp"].training
+        assert {d.name for d in server.store.model_definitions()} == {"digits-mlp", "digits-b"}
+        info = stub.DeleteModel(admin_pb2.DeleteModelRequest(name="digits-b"), metadata=md)
+        assert info.name == "digits-b" and not info.training
+        versions = [v.version for v in server.store.list_versions("digits-b")]
+        assert info.current_version == versions[-1] and versions[:2] == [1, 2]
+        done = _completed(server, "digits-b")
+        time.sleep(1.5)
+        assert _completed(server, "digits-b") == done  # no more rounds
+        # Its history is kept: versions, rounds; only the definition is gone.
+        assert [v.version for v in server.store.list_versions("digits-b")] == versions
+        assert {d.name for d in server.store.model_definitions()} == {"digits-mlp"}
+        assert not _models(stub, md)["digits-b"].training
+        [entry] = [e for e in audit_entries(server.store) if e.action == "model.deleted"]
+        assert entry.actor == "admin ada (admin)"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.DeleteModel(admin_pb2.DeleteModelRequest(name="digits-b"), metadata=md)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        for d in fleet:
+            d.halt()
+    finally:
+        server.stop(grace=0.5)
+    # Restarted without it in the models file: it is not trained again; its versions stay.
+    server = XenoServer(dataclasses.replace(config, models="")).start()
+    try:
+        assert [m.name for m in server.models.models()] == ["digits-mlp"]
+        stub, md = _admin(server, admin)
+        listed = _models(stub, md)
+        assert (
+            not listed["digits-b"].training and listed["digits-b"].current_version == (versions[-1])
+        )
+        assert [v.version for v in server.store.list_versions("digits-b")] == versions
+    finally:
+        server.stop(grace=0.5)

@@ -31,6 +31,7 @@ def test_roles_follow_the_issue() -> None:
     assert ADMIN_RPC_ROLES["CreateAbTest"] is Role.OPERATOR
     assert ADMIN_RPC_ROLES["PruneVersions"] is Role.ADMIN  # deletes data
     assert ADMIN_RPC_ROLES["RevokeCertificate"] is Role.ADMIN
+    assert ADMIN_RPC_ROLES["DeleteModel"] is Role.ADMIN  # stops a model for good
     # the audit log names every actor and refusal: not for a dashboard's viewer token
     assert ADMIN_RPC_ROLES["ListAuditLog"] is Role.ADMIN
     assert ADMIN_RPC_ROLES["VerifyAuditLog"] is Role.ADMIN

@@ -289,7 +289,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _add_models_commands(admin_sub: Any) -> None:
     models = admin_sub.add_parser(
         "models",
-        help="the models: list (the default), or create, pause, resume one on a running server",
+        help="the models: list (the default), or create, pause, resume, delete one on a running "
+        "server",
     )
     models_sub = models.add_subparsers(dest="models_command", metavar="WHAT")
     models_sub.add_parser("list", help="each model: version, task, strategy, state")
@@ -314,6 +315,13 @@ def _add_models_commands(admin_sub: Any) -> None:
     for action, text in (
         ("pause", "start no more rounds of the model; an open round finishes (role operator)"),
         ("resume", "start the model's rounds again (role operator)"),
+        (
+            "delete",
+            "stop training the model and remove its definition, so that a restart does not "
+            "train it again (unless the models file still names it); its versions, rounds and "
+            "privacy ledger are kept: history is never rewritten. Not the default model "
+            "(role admin)",
+        ),
     ):
         q = models_sub.add_parser(action, help=text)
         q.add_argument("name", help="the model")
@@ -354,6 +362,8 @@ def _admin_models(args: argparse.Namespace, call: Any) -> int:
         info = call("PauseModel", pb.PauseModelRequest(name=args.name))
     elif command == "resume":
         info = call("ResumeModel", pb.ResumeModelRequest(name=args.name))
+    elif command == "delete":
+        info = call("DeleteModel", pb.DeleteModelRequest(name=args.name))
     else:
         resp = call("ListModels", pb.ListModelsRequest())
         if args.json:
@@ -378,8 +388,9 @@ def _admin_models(args: argparse.Namespace, call: Any) -> int:
     if args.json:
         print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
     else:
-        state = "paused" if info.paused else "training"
-        print(f"model {info.name}: version {info.current_version}, task {info.task}, {state}")
+        state = "paused" if info.paused else ("training" if info.training else "not trained")
+        task = info.task or "-"
+        print(f"model {info.name}: version {info.current_version}, task {task}, {state}")
     return 0
 
 

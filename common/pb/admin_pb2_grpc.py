@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/xeno.fl.v1.Admin/DeleteModel',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/xeno.fl.v1.Admin/ListVersions',
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListVersionsRequest.SerializeToString,
@@ -182,6 +187,17 @@ class AdminServicer:
 
     def ResumeModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Stop training a model and remove its definition, so that a restart does not train it
+        again (unless the models file still names it). Its versions, rounds, privacy ledger
+        and performance history are kept: history is never rewritten. Returns the model as
+        it is left (training false). Refused: the server's default model
+        (FAILED_PRECONDITION), an unknown model (NOT_FOUND), no name (INVALID_ARGUMENT).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -343,6 +359,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ResumeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeModel,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
             ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
@@ -553,6 +574,33 @@ class Admin:
             target,
             '/xeno.fl.v1.Admin/ResumeModel',
             xeno_dot_fl_dot_v1_dot_admin__pb2.ResumeModelRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/DeleteModel',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
             options,
             channel_credentials,

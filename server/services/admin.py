@@ -140,6 +140,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> pb.ModelInfo:
         return self._run(context, lambda: self._set_paused(request.name, False))
 
+    def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        def delete() -> pb.ModelInfo:
+            self._runner().delete(request.name)
+            return self._describe(request.name)
+
+        return self._run(context, delete)
+
     def _set_paused(self, name: str, paused: bool) -> pb.ModelInfo:
         self._runner().set_paused(name, paused)
         return self._describe(name)

@@ -660,6 +660,24 @@ class Store:
                 row.updated_at = utcnow()
             return _definition(definition.name, row)
 
+    def delete_model_definition(self, name: str) -> ModelDefinition:
+        """Remove a model's definition (its model row, versions and ledger stay).
+
+        Returns the definition removed. KeyError: the model has no definition.
+        """
+        with self._session.begin() as s:
+            row = s.scalar(
+                select(ModelDefinitionRow)
+                .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
+                .where(ModelRow.name == name)
+                .with_for_update()
+            )
+            if row is None:
+                raise KeyError(name)
+            removed = _definition(name, row)
+            s.delete(row)
+            return removed
+
     def set_model_paused(self, name: str, paused: bool) -> bool:
         """Pause or resume a defined model; False when it already was (nothing written).
 

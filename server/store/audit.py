@@ -3,10 +3,10 @@
 Entries are derived from the ORM changes of each flush (`record_changes`, an
 `after_flush` hook on every session of a `Store`), so they are written in the
 same transaction as the change they record, whichever module made it: a device
-enrolled or revoked, a model created, defined, paused or resumed, a version created
-(or rolled back) or deleted, a round completed or failed, a tag or an A/B test changed. The actor
-is whoever the call runs for (`acting_as`: a device id, an admin name and role,
-or "system").
+enrolled or revoked, a model created, defined, paused, resumed or deleted (its
+definition only), a version created (or rolled back) or deleted, a round completed
+or failed, a tag or an A/B test changed. The actor is whoever the call runs for
+(`acting_as`: a device id, an admin name and role, or "system").
 
 Row n stores hash_n = SHA-256(hash_{n-1} || canonical JSON of (n, time, actor,
 action, target, details)); `audit_head` holds the newest (n, hash) and is
@@ -179,6 +179,14 @@ def _changes(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
             out.append(("tag.removed", f"model {obj.model_id} tag {obj.tag}", {}))
         elif isinstance(obj, DeviceRow):
             out.append(("data.deleted", f"device {obj.id}", {}))
+        elif isinstance(obj, ModelDefinitionRow):
+            out.append(
+                (
+                    "model.deleted",
+                    f"model {obj.model_id}",
+                    {"task": obj.task, "source": obj.source},
+                )
+            )
     return out
 
 

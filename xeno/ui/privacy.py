@@ -375,8 +375,7 @@ class PrivacyTab(QWidget):
             )
         else:
             self.device_flags.setText(
-                f"xeno-fl client --min-noise-multiplier {z:g} --max-user-epsilon {eps:g} … "
-                "(or save them)"
+                f"xeno-fl client --min-noise-multiplier {z:g} --max-user-epsilon {eps:g} …"
             )
 
     def save_dp_limits(self) -> None:
