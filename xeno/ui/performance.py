@@ -31,7 +31,15 @@ from common.pb import admin_pb2 as pb
 from xeno.ui.backend import Session
 from xeno.ui.chart import LineChart
 from xeno.ui.versions import Confirm, ask, when
-from xeno.ui.widgets import EXPECTED, MessageBar, fill_table, guarded, make_table, tab_chain
+from xeno.ui.widgets import (
+    EXPECTED,
+    MessageBar,
+    fill_table,
+    guarded,
+    make_table,
+    reload_models,
+    tab_chain,
+)
 
 REFRESH_MS = 5000
 CHART_HEIGHT = 150
@@ -182,14 +190,7 @@ class PerformanceTab(QWidget):
         guarded(self.bar, self._load)
 
     def _load(self) -> None:
-        current = self.model.currentData()
-        models = guarded(self.bar, self.session.models) or []
-        self.model.blockSignals(True)
-        self.model.clear()
-        for m in models:
-            self.model.addItem(m.name, m.name)
-        self.model.setCurrentIndex(max(0, self.model.findData(current)))
-        self.model.blockSignals(False)
+        reload_models(self.model, self.bar, self.session.models)
         self._load_metrics()
         selected = self._selected_test()
         self._load_tests()

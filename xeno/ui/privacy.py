@@ -36,7 +36,7 @@ from client.assistant import consent
 from common.pb import admin_pb2 as pb
 from xeno.ui.backend import Session
 from xeno.ui.versions import Confirm, ask
-from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, tab_chain
+from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, reload_models, tab_chain
 
 if TYPE_CHECKING:
     from client.assistant.dp_limits import DpLimits
@@ -252,14 +252,7 @@ class PrivacyTab(QWidget):
             ],
         )
         self._load_device_ledger()
-        current = self.model.currentData()
-        models = guarded(self.bar, self.session.models) or []
-        self.model.blockSignals(True)
-        self.model.clear()
-        for m in models:
-            self.model.addItem(m.name, m.name)
-        self.model.setCurrentIndex(max(0, self.model.findData(current)))
-        self.model.blockSignals(False)
+        reload_models(self.model, self.bar, self.session.models)
         self._load_report()
         self.update_consequence()
 

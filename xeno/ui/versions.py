@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 
 from common.pb import admin_pb2 as pb
 from xeno.ui.backend import Session
-from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, tab_chain
+from xeno.ui.widgets import MessageBar, fill_table, guarded, make_table, reload_models, tab_chain
 
 Confirm = Callable[[str, str], bool]
 
@@ -144,14 +144,7 @@ class VersionsTab(QWidget):
         guarded(self.bar, self._load)
 
     def _load(self) -> None:
-        current = self.model.currentData()
-        models = guarded(self.bar, self.session.models) or []
-        self.model.blockSignals(True)
-        self.model.clear()
-        for m in models:
-            self.model.addItem(m.name, m.name)
-        self.model.setCurrentIndex(max(0, self.model.findData(current)))
-        self.model.blockSignals(False)
+        models = reload_models(self.model, self.bar, self.session.models)
         if not models:
             self.head.setText("no models yet")
             fill_table(self.table, ("version",), [])

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QComboBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -92,6 +93,24 @@ def guarded(bar: MessageBar, action: Callable[[], T], hint: str = "") -> T | Non
             "This is a bug; the details are in the log. The app keeps running.",
         )
     return None
+
+
+def reload_models(
+    combo: QComboBox, bar: MessageBar, fetch: Callable[[], Sequence[Any]]
+) -> list[Any]:
+    """Refill a model chooser from `fetch`, keeping the chosen model; the models (none on error).
+
+    Signals are blocked meanwhile so that refilling does not look like the user's choice.
+    """
+    current = combo.currentData()
+    models = list(guarded(bar, fetch) or [])
+    combo.blockSignals(True)
+    combo.clear()
+    for m in models:
+        combo.addItem(m.name, m.name)
+    combo.setCurrentIndex(max(0, combo.findData(current)))
+    combo.blockSignals(False)
+    return models
 
 
 def fill_table(table: QTableWidget, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
