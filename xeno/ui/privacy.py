@@ -64,18 +64,6 @@ def rounds_within(epsilon: float, noise: float, delta: float = DELTA) -> int:
     return lo
 
 
-def device_default(name: str) -> float:
-    """A protection setting's default in `xeno-fl client` (what a device enforces unset)."""
-    import dataclasses
-
-    from client.runtime import ClientConfig
-
-    for f in dataclasses.fields(ClientConfig):
-        if f.name == name and isinstance(f.default, int | float):
-            return float(f.default)
-    return 0.0
-
-
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -237,7 +225,11 @@ class PrivacyTab(QWidget):
             if saved.max_user_epsilon > 0:
                 self.budget.setValue(round(saved.max_user_epsilon * SLIDER_STEPS))
         elif not os.environ.get("XENO_MIN_NOISE_MULTIPLIER") and self.min_noise.value() == 0.0:
-            self.min_noise.setValue(device_default("min_noise_multiplier"))
+            # The constant, not client.runtime's config: importing the runtime costs about 1 s,
+            # which the first visit of this tab would spend.
+            from client.protection import DEFAULT_MIN_NOISE_MULTIPLIER
+
+            self.min_noise.setValue(DEFAULT_MIN_NOISE_MULTIPLIER)
         self._loading = True
         try:
             self.federated.setChecked(consent.given(store, consent.Scope.FEDERATED_TRAINING))
