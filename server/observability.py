@@ -241,7 +241,6 @@ class HealthMonitor:
                 log.warning("health check %s passes again", name)
             if self._metrics is not None:
                 self._metrics.health_check.labels(self._metrics.model, name).set(0 if new else 1)
-        self.problems = problems
         serving = not problems
         if serving != self._serving:
             self._serving = serving
@@ -253,6 +252,8 @@ class HealthMonitor:
             )
         if self._metrics is not None:
             self._metrics.serving.labels(self._metrics.model).set(1 if serving else 0)
+        # Published last: whoever sees a problem here also sees the status and gauges it set.
+        self.problems = problems
         return problems
 
     def _loop(self) -> None:
