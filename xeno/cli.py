@@ -178,43 +178,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Query a running server's Admin service (--server), or read a database "
         "directly (--db) when no server runs.",
     )
-    p.add_argument(
-        "--server", default=os.environ.get("XENO_SERVER"), help="server HOST:PORT [env XENO_SERVER]"
-    )
-    p.add_argument("--db", default=None, help="read this database URL directly instead")
-    p.add_argument(
-        "--token-file",
-        default=os.environ.get("XENO_ADMIN_TOKEN_FILE", ""),
-        help="file holding the admin bearer token (one line: the token, or NAME ROLE TOKEN) "
-        "[env XENO_ADMIN_TOKEN_FILE]",
-    )
-    p.add_argument(
-        "--token",
-        default=None,
-        help="the admin bearer token itself (shows in process listings: prefer --token-file "
-        "or XENO_ADMIN_TOKEN) [env XENO_ADMIN_TOKEN]",
-    )
-    p.add_argument(
-        "--tls-ca",
-        default=os.environ.get("XENO_TLS_CA", ""),
-        help="PEM CA certificate of the server: connect over TLS [env XENO_TLS_CA]",
-    )
-    p.add_argument(
-        "--tls-cert",
-        default=os.environ.get("XENO_TLS_CERT", ""),
-        help="PEM admin certificate for mTLS [env XENO_TLS_CERT]",
-    )
-    p.add_argument(
-        "--tls-key",
-        default=os.environ.get("XENO_TLS_KEY", ""),
-        help="PEM private key of --tls-cert [env XENO_TLS_KEY]",
-    )
-    p.add_argument(
-        "--tls-server-name",
-        default=os.environ.get("XENO_TLS_SERVER_NAME", ""),
-        help="host name expected in the server's certificate if not the one in --server "
-        "[env XENO_TLS_SERVER_NAME]",
-    )
+    add_admin_connection_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     admin_sub = p.add_subparsers(dest="admin_command", required=True, metavar="WHAT")
     _add_models_commands(admin_sub)
@@ -284,6 +248,49 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     add_ui_parser(sub)
     return parser
+
+
+def add_admin_connection_flags(p: argparse.ArgumentParser, show_token: bool = True) -> None:
+    """--server or --db, the admin token and TLS flags: `xeno-fl admin` and `xeno-fl ui`."""
+    p.add_argument(
+        "--server", default=os.environ.get("XENO_SERVER"), help="server HOST:PORT [env XENO_SERVER]"
+    )
+    p.add_argument("--db", default=None, help="read this database URL directly instead")
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("XENO_ADMIN_TOKEN_FILE", ""),
+        help="file holding the admin bearer token (one line: the token, or NAME ROLE TOKEN) "
+        "[env XENO_ADMIN_TOKEN_FILE]",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="the admin bearer token itself (shows in process listings: prefer --token-file "
+        "or XENO_ADMIN_TOKEN) [env XENO_ADMIN_TOKEN]"
+        if show_token
+        else argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("XENO_TLS_CA", ""),
+        help="PEM CA certificate of the server: connect over TLS [env XENO_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("XENO_TLS_CERT", ""),
+        help="PEM admin certificate for mTLS [env XENO_TLS_CERT]",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get("XENO_TLS_KEY", ""),
+        help="PEM private key of --tls-cert [env XENO_TLS_KEY]",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("XENO_TLS_SERVER_NAME", ""),
+        help="host name expected in the server's certificate if not the one in --server "
+        "[env XENO_TLS_SERVER_NAME]",
+    )
 
 
 def _add_models_commands(admin_sub: Any) -> None:

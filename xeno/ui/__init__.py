@@ -12,7 +12,6 @@ metrics, A/B tests, privacy ledgers) and the accountants in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -36,23 +35,9 @@ def add_parser(sub: Any) -> None:
         help="folder of the assistant's data (default: $XENO_HOME, else ./data; with --demo: "
         "./data/ui-demo, never $XENO_HOME)",
     )
-    p.add_argument(
-        "--server", default=os.environ.get("XENO_SERVER"), help="server HOST:PORT [env XENO_SERVER]"
-    )
-    p.add_argument("--db", default=None, help="read this database URL directly instead")
-    p.add_argument(
-        "--token-file",
-        default=os.environ.get("XENO_ADMIN_TOKEN_FILE", ""),
-        help="file holding the admin bearer token [env XENO_ADMIN_TOKEN_FILE]",
-    )
-    p.add_argument("--token", default=None, help=argparse.SUPPRESS)
-    for flag, env, text in (
-        ("--tls-ca", "XENO_TLS_CA", "PEM CA certificate of the server: connect over TLS"),
-        ("--tls-cert", "XENO_TLS_CERT", "PEM admin certificate for mTLS"),
-        ("--tls-key", "XENO_TLS_KEY", "PEM private key of --tls-cert"),
-        ("--tls-server-name", "XENO_TLS_SERVER_NAME", "host name in the server's certificate"),
-    ):
-        p.add_argument(flag, default=os.environ.get(env, ""), help=f"{text} [env {env}]")
+    from xeno.cli import add_admin_connection_flags  # loaded already: it calls us
+
+    add_admin_connection_flags(p, show_token=False)
     p.add_argument(
         "--demo",
         action="store_true",
