@@ -613,6 +613,7 @@ def _summarize(out: dict[str, Any]) -> None:
     """The issue's flat keys, from the parts' records."""
     if "central" in out:
         out["central_accuracy"] = out["central"]["accuracy"]
+        out["oos"] = out["central"]["oos_threshold"]
     for key in ("fed100", "fed1000"):
         if key in out:
             out[f"federated_{key[3:]}_accuracy"] = out[key]["accuracy"]

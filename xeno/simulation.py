@@ -37,6 +37,9 @@ zero and its features are means of ~100 embedding rows that start at +-1/dim, so
 gets gradients ~100x its weights' and the embedding's: no single SGD rate trains it (at 0.1 to 5,
 five local epochs left users' own training accuracy at ~6%); Adam fits them in five epochs."""
 
+INTENTS_PERSONAL_LR = 0.01
+"""FedRep's head rate under Adam (the server's 0.5 default is an SGD rate)."""
+
 INTENTS_SERVER_LR = 3.0
 """FedAvg's server rate for the text model: the mean of non-IID updates moves each intent's head
 row by only the share of users who hold that intent."""
@@ -245,6 +248,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         learning_rate=learning_rate,
         local_optimizer=local_optimizer,
         server_lr=server_lr,
+        personal_learning_rate=INTENTS_PERSONAL_LR if local_optimizer == "adam" else 0.5,
         params=config.params,
         seed=config.seed,
         data_seed=config.seed,
