@@ -451,6 +451,19 @@ class ServerConfig:
         "retention: also keep versions 1, K + 1, 2K + 1, ... (0: none of them)",
         "XENO_KEEP_EVERY",
     )
+    eval_every: int = setting(
+        0,
+        "federated evaluation: after every K-th completed round, an evaluation-only round in "
+        "which devices score the new version on their own held-out data and report counts "
+        "(summed under secure aggregation, with the model's user-level DP); 0: none",
+        "XENO_EVAL_EVERY",
+    )
+    eval_max_examples: int = setting(
+        1000,
+        "federated evaluation: a device scores at most this many of its held-out examples, "
+        "which bounds its counts (the clip of their user-level DP)",
+        "XENO_EVAL_MAX_EXAMPLES",
+    )
     store_retry: float = setting(
         3.0,
         "seconds a round's database write is retried, with backoff, on transient errors "
