@@ -277,28 +277,37 @@ def test_evaluate_model_refuses_bad_input_and_changes_nothing(server_factory, ra
         channel.close()
 
 
-def test_evaluate_model_schedules_a_round_that_devices_run(server_factory, fleet) -> None:
+def test_cli_schedules_an_evaluation_that_devices_run_and_reports_it(server_factory, fleet) -> None:
+    import subprocess
+
+    from tests.test_cli import XENO, _env
+
     server = server_factory(**fast(secagg=False))
-    channel, admin = _admin(server)
-    try:
-        server.coordinator.pause()
-        server.coordinator.resume()
-        ok = admin.EvaluateModel(apb.EvaluateModelRequest(name=server.config.model), timeout=10)
-        assert ok.version == 1
-        devices = fleet(server, 3)
-        end = time.monotonic() + 60
-        while time.monotonic() < end and not evaluations(server):
-            time.sleep(0.1)
-        [rnd] = evaluations(server)
-        assert rnd.number == 1 and rnd.base_version == 1
-        expected = sum(reference_counts(server, 1, d.heldout) for d in devices.data)
-        assert [rnd.metrics[f"eval_{c}"] for c in EVAL_COUNTS] == expected.tolist()
-        history = admin.GetRoundHistory(
-            apb.GetRoundHistoryRequest(model_name=server.config.model), timeout=10
+    name = server.config.model
+
+    def admin(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*XENO, "admin", "--server", server.address, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env(),
         )
-        assert any(r.status == "evaluated" for r in history.rounds)
-    finally:
-        channel.close()
+
+    out = admin("models", "evaluate", "--model", name, "--version", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"model {name}: evaluation of version 1 scheduled (1 queued)")
+    devices = fleet(server, 3)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not evaluations(server):
+        time.sleep(0.1)
+    [rnd] = evaluations(server)
+    assert rnd.number == 1 and rnd.base_version == 1  # before any training round
+    expected = sum(reference_counts(server, 1, d.heldout) for d in devices.data)
+    assert [rnd.metrics[f"eval_{c}"] for c in EVAL_COUNTS] == expected.tolist()
+    out = admin("evaluations", "--model", name)
+    assert out.returncode == 0, out.stderr
+    assert f"{expected[1] / expected[0]:.4f}" in out.stdout
 
 
 def test_devices_without_the_plaintext_opt_in_decline_a_plain_evaluation(
