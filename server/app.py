@@ -40,7 +40,7 @@ from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import AlertSettings, PerformanceLog
-from server.memory import tune_allocator
+from server.memory import freeze_startup_heap, tune_allocator
 from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpPolicy
@@ -1061,6 +1061,7 @@ class XenoServer:
             ", ".join(m.name for m in self.models.models()),
             _safe_url(self.config.db),
         )
+        freeze_startup_heap()  # after start-up built its long-lived objects (memory.py)
         return self
 
     def _database_problem(self) -> str:

@@ -39,7 +39,7 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted, hold
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -342,7 +342,12 @@ def check_strategy(strategy: Strategy, config: RoundConfig) -> None:
 
 
 class RoundCoordinator:
-    """Drives the rounds of one model. Thread-safe; gRPC handlers call it concurrently."""
+    """Drives the rounds of one model. Thread-safe; gRPC handlers call it concurrently.
+
+    The secure-aggregation phase calls (keys, shares, an upload's header, the unmask
+    request, the confirmation) take the lock with `hold`: the transport runs them on
+    its event loop, where the lock is only tried (server/errors.py, WouldWait).
+    """
 
     def __init__(
         self,
@@ -931,7 +936,7 @@ class RoundCoordinator:
 
         Idempotent; raises Pending while the phase is open.
         """
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.keys.get(device_id)
             if secagg.phase is Phase.ADVERTISE or mine is None:
@@ -961,7 +966,7 @@ class RoundCoordinator:
 
         Idempotent; raises Pending while the phase is open.
         """
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
@@ -976,7 +981,7 @@ class RoundCoordinator:
         self, device_id: str, round_id: str, total_elements: int, total_bytes: int
     ) -> UploadSession:
         """Phase 3: validate a masked upload's header and reserve a staging buffer."""
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             if total_bytes != 4 * total_elements:
                 raise FederationError(
@@ -995,7 +1000,7 @@ class RoundCoordinator:
         Pending while the upload phase is open, and RoundCompleted when the round already
         completed with this device's update in its sum (the others' shares sufficed).
         """
-        with self._cond:
+        with hold(self._cond):
             self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
@@ -1021,7 +1026,7 @@ class RoundCoordinator:
         Idempotent; raises Pending while the phase is open, RoundCompleted once the round
         completed with this device's update in its sum.
         """
-        with self._cond:
+        with hold(self._cond):
             self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
