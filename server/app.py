@@ -145,6 +145,12 @@ class ServerConfig:
     batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
     learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
+    local_optimizer: str = setting(
+        "sgd",
+        "devices' local optimizer: sgd (with --momentum) or adam (fresh moments each round; "
+        "for the intent model, whose head and embedding need very different SGD rates)",
+        "XENO_LOCAL_OPTIMIZER",
+    )
     personalization: str = setting(
         "none",
         "fedrep: each device also fine-tunes a personal head it keeps (FedRep, Collins et al. "
@@ -450,6 +456,19 @@ class ServerConfig:
         100,
         "retention: also keep versions 1, K + 1, 2K + 1, ... (0: none of them)",
         "XENO_KEEP_EVERY",
+    )
+    eval_every: int = setting(
+        0,
+        "federated evaluation: after every K-th completed round, an evaluation-only round in "
+        "which devices score the new version on their own held-out data and report counts "
+        "(summed under secure aggregation, with the model's user-level DP); 0: none",
+        "XENO_EVAL_EVERY",
+    )
+    eval_max_examples: int = setting(
+        1000,
+        "federated evaluation: a device scores at most this many of its held-out examples, "
+        "which bounds its counts (the clip of their user-level DP)",
+        "XENO_EVAL_MAX_EXAMPLES",
     )
     store_retry: float = setting(
         3.0,

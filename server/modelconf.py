@@ -70,6 +70,7 @@ class ModelSettings:
     batch_size: int = 16
     learning_rate: float = 0.05
     momentum: float = 0.9
+    local_optimizer: str = "sgd"
     personalization: str = "none"
     personal_epochs: int = 5
     personal_learning_rate: float = 0.5
@@ -109,6 +110,8 @@ class ModelSettings:
     test_fraction: float = 0.2
     keep_versions: int = 1000
     keep_every: int = 100
+    eval_every: int = 0
+    eval_max_examples: int = 1000
     store_retry: float = 3.0
     stall_grace: float = 30.0
 
@@ -128,6 +131,8 @@ class ModelSettings:
                 "personal_epochs": str(self.personal_epochs),
                 "personal_learning_rate": repr(self.personal_learning_rate),
             }
+        if self.local_optimizer != "sgd":
+            extra["local_optimizer"] = self.local_optimizer  # client.training.LOCAL_OPTIMIZER_KEY
         return FitInstructions(
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
@@ -176,6 +181,8 @@ class ModelSettings:
             keep_versions=self.keep_versions,
             keep_every=self.keep_every,
             stall_grace_s=self.stall_grace,
+            eval_every=self.eval_every,
+            eval_max_examples=self.eval_max_examples,
         )
 
     def user_dp_policy(self) -> UserDpPolicy | None:
@@ -228,6 +235,8 @@ class ModelSettings:
             raise ValueError(
                 f"unknown personalization {self.personalization!r}; use fedrep or none"
             )
+        if self.local_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown local_optimizer {self.local_optimizer!r}; use sgd or adam")
         if not 1 <= self.personal_epochs <= 100:
             raise ValueError(f"personal_epochs must be in 1..100, got {self.personal_epochs}")
         if not 0 < self.personal_learning_rate <= 100:

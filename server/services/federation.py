@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from common.certs import CertKind
+from common.fedeval import EVAL_COUNTS
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
@@ -60,6 +61,11 @@ def task_to_proto(task: TaskInfo) -> pb.Task:
         model_bytes=task.model_bytes,
         secagg=_secagg_config(task),
         privacy=_privacy_config(task),
+        evaluation=(
+            pb.EvaluationTask(counts=list(EVAL_COUNTS), max_examples=task.eval_max_examples)
+            if task.eval_max_examples
+            else None
+        ),
     )
 
 
@@ -490,6 +496,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         except FederationError as err:
             abort(context, err, "ReportMetrics", device)
         return pb.ReportMetricsResponse()
+
+    def ReportEvaluation(
+        self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.ReportEvaluationResponse:
+        device = device_id_of(context)
+        try:
+            self._of(request.round_id).report_evaluation(
+                device, request.round_id, list(request.counts)
+            )
+        except FederationError as err:
+            abort(context, err, "ReportEvaluation", device)
+        return pb.ReportEvaluationResponse()
 
     def DeclineTask(
         self, request: pb.DeclineTaskRequest, context: grpc.ServicerContext
