@@ -49,18 +49,29 @@ def _cpu(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--cohorts", default="100,250,500,1000")
-    parser.add_argument("--users", default="100,1000", help="fleet sizes the shards come from")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-
+def _train_cost(users: int, repeats: int) -> dict[str, Any]:
+    """CPU of one local training of a simulated user of a fleet of `users`."""
     from client.training import LocalTrainingConfig, train_local
     from common.models import build_model
+    from common.tasks import TaskName, model_spec_for, simulated_shard
+    from common.tensors import flatten_state_dict
+    from xeno.simulation import INTENTS_LEARNING_RATE
+
+    model = build_model(model_spec_for(TaskName.INTENTS, []))
+    weights = flatten_state_dict(model.state_dict())
+    training = LocalTrainingConfig(5, 16, INTENTS_LEARNING_RATE, 0.0, 0.9)
+    shard = simulated_shard(TaskName.INTENTS, 0, users, 0.5, 0)
+    data = shard.featurized(model.features)  # type: ignore[union-attr,arg-type]
+    train_local(model, weights, data, training)  # warm-up
+    seconds = _cpu(lambda: train_local(model, weights, data, training), repeats)
+    return {"examples": len(data), "train_s": round(seconds, 4)}
+
+
+def _cohort_cost(n: int, d: int, repeats: int) -> dict[str, Any]:
+    """CPU of one device's SecAgg+ work (all but masking) and masking, in a cohort of n."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     from common.quantize import FixedPoint
     from common.secagg import (
         agree,
@@ -76,86 +87,81 @@ def main() -> None:
     from common.secagg.crypto import mask_info, share_commitment, share_key_info, share_point
     from common.secagg.graph import derive_params, graph_seed
     from common.secagg.shamir import encode_share
-    from common.tasks import TaskName, model_spec_for, simulated_shard
-    from common.tensors import flatten_state_dict
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    from xeno.simulation import INTENTS_LEARNING_RATE, INTENTS_SECAGG_CLIP_NORM
-
-    spec = model_spec_for(TaskName.INTENTS, [])
-    model = build_model(spec)
-    weights = flatten_state_dict(model.state_dict())
-    d = weights.size
-    training = LocalTrainingConfig(5, 16, INTENTS_LEARNING_RATE, 0.0, 0.9)
-    train: dict[str, Any] = {}
-    for users in (int(u) for u in args.users.split(",")):
-        shard = simulated_shard(TaskName.INTENTS, 0, users, 0.5, 0)
-        data = shard.featurized(model.features)  # type: ignore[union-attr]
-        train_local(model, weights, data, training)  # warm-up
-        seconds = _cpu(lambda: train_local(model, weights, data, training), args.repeats)
-        train[str(users)] = {"examples": len(data), "train_s": round(seconds, 4)}
+    from xeno.simulation import INTENTS_SECAGG_CLIP_NORM
 
     update = np.random.default_rng(0).normal(0, 0.01, d).astype(np.float32)
     rng = np.random.default_rng(1)
-    cohorts: dict[str, Any] = {}
-    for n in (int(c) for c in args.cohorts.split(",")):
-        params = derive_params(n)
-        k, t = params.degree, params.threshold
-        participants = sorted(f"dev-{i:016x}" for i in range(n))
-        me = participants[0]
-        round_id = os.urandom(16).hex()
-        identities = {p: Ed25519PrivateKey.generate() for p in participants[: k + 1]}
-        enc = {p: generate_keypair() for p in participants[: k + 1]}
-        msk = {p: generate_keypair() for p in participants[: k + 1]}
-        signed = {
-            p: sign_keys(
-                identities[p], keys_message(round_id, p, enc[p].public, msk[p].public)
-            )
-            for p in participants[1 : k + 1]
-        }
-        pub = {
-            p: identities[p].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            for p in signed
-        }
-        peers = participants[1 : k + 1]
+    params = derive_params(n)
+    k, t = params.degree, params.threshold
+    participants = sorted(f"dev-{i:016x}" for i in range(n))
+    me, peers = participants[0], participants[1 : k + 1]
+    round_id = os.urandom(16).hex()
+    identities = {p: Ed25519PrivateKey.generate() for p in participants[: k + 1]}
+    enc = {p: generate_keypair() for p in participants[: k + 1]}
+    msk = {p: generate_keypair() for p in participants[: k + 1]}
+    signed = {
+        p: sign_keys(identities[p], keys_message(round_id, p, enc[p].public, msk[p].public))
+        for p in peers
+    }
+    pub = {
+        p: identities[p].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for p in peers
+    }
 
-        def secagg() -> None:
-            graph = neighbours(participants, k, graph_seed(round_id, participants))
-            assert len(graph[me]) == k
-            for p in peers:
-                message = keys_message(round_id, p, enc[p].public, msk[p].public)
-                assert verify_keys(pub[p], message, signed[p])
-            holders = sorted([*peers, me])
-            points = [share_point(participants, h) for h in holders]
-            key_shares = split(msk[me].private_bytes(), points, t)
-            seed_shares = split(os.urandom(32), points, t)
-            info = share_key_info(round_id)
-            for p, x in zip(holders, points, strict=True):
-                blob = encode_share(key_shares[x]) + encode_share(seed_shares[x])
-                share_commitment(round_id, me, p, 1, encode_share(key_shares[x]))
-                share_commitment(round_id, me, p, 2, encode_share(seed_shares[x]))
-                if p != me:
-                    encrypt_share(agree(enc[me].private, enc[p].public, info), blob, b"ad")
-                    agree(enc[me].private, enc[p].public, info)  # the receiver's decryption
+    def secagg() -> None:
+        graph = neighbours(participants, k, graph_seed(round_id, participants))
+        assert len(graph[me]) == k
+        for p in peers:
+            message = keys_message(round_id, p, enc[p].public, msk[p].public)
+            assert verify_keys(pub[p], message, signed[p])
+        holders = sorted([*peers, me])
+        points = [share_point(participants, h) for h in holders]
+        key_shares = split(msk[me].private_bytes(), points, t)
+        seed_shares = split(os.urandom(32), points, t)
+        info = share_key_info(round_id)
+        for p, x in zip(holders, points, strict=True):
+            blob = encode_share(key_shares[x]) + encode_share(seed_shares[x])
+            share_commitment(round_id, me, p, 1, encode_share(key_shares[x]))
+            share_commitment(round_id, me, p, 2, encode_share(seed_shares[x]))
+            if p != me:
+                encrypt_share(agree(enc[me].private, enc[p].public, info), blob, b"ad")
+                agree(enc[me].private, enc[p].public, info)  # the receiver's decryption
 
-        fp = FixedPoint.for_round(INTENTS_SECAGG_CLIP_NORM, n, 1000)
+    fp = FixedPoint.for_round(INTENTS_SECAGG_CLIP_NORM, n, 1000)
 
-        def mask() -> None:
-            encoded = fp.encode(update, 12, rng)
-            masked = prg_uint32(os.urandom(32), encoded.size)
-            masked += encoded
-            scratch = np.empty(encoded.size, dtype=np.uint32)
-            info = mask_info(round_id)
-            for p in peers:
-                seed = agree(msk[me].private, msk[p].public, info)
-                masked += prg_uint32(seed, encoded.size, scratch)
+    def mask() -> None:
+        encoded = fp.encode(update, 12, rng)
+        masked = prg_uint32(os.urandom(32), encoded.size)
+        masked += encoded
+        scratch = np.empty(encoded.size, dtype=np.uint32)
+        info = mask_info(round_id)
+        for p in peers:
+            seed = agree(msk[me].private, msk[p].public, info)
+            masked += prg_uint32(seed, encoded.size, scratch)
 
-        cohorts[str(n)] = {
-            "degree": k,
-            "threshold": t,
-            "secagg_s": round(_cpu(secagg, args.repeats), 4),
-            "mask_s": round(_cpu(mask, args.repeats), 4),
-        }
+    return {
+        "degree": k,
+        "threshold": t,
+        "secagg_s": round(_cpu(secagg, repeats), 4),
+        "mask_s": round(_cpu(mask, repeats), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cohorts", default="100,250,500,1000")
+    parser.add_argument("--users", default="100,1000", help="fleet sizes the shards come from")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from common.tasks import TaskName, model_spec_for
+
+    train = {u: _train_cost(int(u), args.repeats) for u in args.users.split(",")}
+    from common.models import build_model
+
+    d = sum(p.numel() for p in build_model(model_spec_for(TaskName.INTENTS, [])).parameters())
+    cohorts = {c: _cohort_cost(int(c), d, args.repeats) for c in args.cohorts.split(",")}
     print(json.dumps({"params": d, "train": train, "cohorts": cohorts}))
 
 

@@ -88,7 +88,7 @@ log = logging.getLogger("xeno.client")
 
 DEVICE_ID_KEY = "x-xeno-device-id"
 # How often a device waiting in CheckIn looks at its stop event (the answer itself wakes it).
-CHECK_IN_STOP_POLL_S = 0.25
+CHECK_IN_STOP_POLL_S = 0.5
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,

@@ -64,10 +64,12 @@ PROCESS_PER_DEVICE_UP_TO = 16
 DEFAULT_DEVICE_PROCESSES = 4
 """Processes hosting a larger fleet's devices as threads (see the module docstring)."""
 
-DEFAULT_COHORT = 250
-"""Devices per round of a fleet larger than it, unless --clients-per-round says otherwise:
-the largest cohort whose median round stays within 30 s on two cores with 1,000 devices
-(README, "Simulating 1,000 devices"); smaller fleets train all their devices each round."""
+DEFAULT_COHORT = 100
+"""Devices per round of a fleet larger than it, unless --clients-per-round says otherwise;
+smaller fleets train all their devices each round. A participant of an intents round costs
+~0.3-0.4 CPU-s in all (its training and SecAgg+, the server's share), so a 30 s round on two
+cores holds ~150 at most; 100 measured a 21 s median with 1,000 devices on the loaded
+machine, 150 and 250 took 56 s and 73 s (README, "Simulating 1,000 devices")."""
 
 
 @dataclass(frozen=True)
@@ -439,8 +441,9 @@ def _server_config(config: SimulationConfig, task: TaskName) -> ServerConfig:
         metrics_port=-1,
         eval_every=config.evaluation_interval(),
         # Rounds start once every device registered (run_simulation holds them until
-        # then), as soon as the cohort is in, and only after this long with fewer.
-        selection_window=30.0,
+        # then), as soon as the cohort is in, and only after this long with fewer: a
+        # thousand device threads on a loaded machine took over 30 s to check in again.
+        selection_window=max(30.0, 0.25 * cohort),
         # Every simulated device connects from 127.0.0.1: the per-address limits, meant
         # for a network address in front of many real users, would throttle the fleet.
         peer_register_rate=1e6,
