@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -28,7 +32,56 @@ from common.models import build_model
 from common.quantize import FixedPoint, clip_l2
 from server.app import ServerConfig
 from server.store import Store
+from xeno.procmem import TreeMemorySampler, process_tree, tree_memory
 from xeno.simulation import SimulationConfig, run_simulation
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"clients": 10, "clients_per_round": 11}, "--clients-per-round"),
+        ({"clients": 10, "clients_per_round": -1}, "--clients-per-round"),
+        ({"clients": 10, "device_processes": 11}, "--device-processes"),
+        ({"clients": 10, "compute_slots": 0}, "--compute-slots"),
+        ({"clients": 0}, "--clients"),
+    ],
+)
+def test_a_simulation_refuses_a_layout_it_cannot_run(
+    settings: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SimulationConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_defaults_share_processes_only_past_sixteen_devices() -> None:
+    assert (SimulationConfig(clients=10).processes, SimulationConfig(clients=10).cohort) == (10, 10)
+    big = SimulationConfig(clients=1000)
+    assert (big.processes, big.cohort) == (4, 100)
+    assert SimulationConfig(clients=1000, clients_per_round=250).phase_timeout == 62.5
+
+
+def test_tree_memory_counts_the_children() -> None:
+    """The sampler sums the whole tree: a child's 50 MB are in this process's figures."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; b = b'x' * (50 << 20); print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # its 50 MB are written
+        assert child.pid in process_tree(os.getpid())
+        with TreeMemorySampler(interval=0.05) as sampler:
+            pass
+        assert sampler.peak_processes >= 2
+        assert sampler.peak_pss_bytes >= tree_memory(child.pid).pss_bytes >= 50 << 20
+        assert sampler.peak_rss_bytes >= sampler.peak_pss_bytes
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_devices_sharing_processes_keep_their_own_identity_and_sum_exactly(

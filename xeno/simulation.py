@@ -331,8 +331,8 @@ def federated_evaluation(store: Any, model: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
-    usage = resource.getrusage(who)
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
