@@ -143,6 +143,9 @@ def test_secure_evaluation_round_sums_exactly_and_the_server_sees_only_the_sum(
     for label, vector in mine:
         for single in singles:
             assert not np.array_equal(vector, single), label
+    # The records of the round hold no device's counts either.
+    for p in server.store.round_participants(rnd.id):
+        assert p.status == "uploaded" and p.num_examples == 0 and not p.metrics
     # The version was not changed by evaluating it; the training round's clear metrics
     # carry no held-out counts under secure aggregation.
     assert server.store.get_model(server.config.model).current_version == 2
@@ -325,3 +328,19 @@ def test_devices_without_the_plaintext_opt_in_decline_a_plain_evaluation(
     assert rnd.status == "failed" and "evaluation" not in rnd.metrics
     notes = [p.note for p in server.store.round_participants(rnd.id)]
     assert notes and all("--allow-plaintext" in n for n in notes), notes
+
+
+def test_counts_and_encoding_bounds_are_checked() -> None:
+    from common.fedeval import check_counts
+
+    assert check_counts([30, 20, 25], 30) == [30, 20, 25]
+    for bad in ([31, 1, 1], [5, 6, 0], [5, 1], [-1, 0, 0]):
+        with pytest.raises(ValueError):
+            check_counts(bad, 30)
+    # The exact encoding: scale 1, weight 1, the clip bounds one device's counts vector.
+    fp = evaluation_fixed_point(30, 5)
+    assert (fp.scale, fp.max_weight, fp.clip_norm) == (1.0, 1, eval_clip_norm(30))
+    rng = np.random.default_rng(0)
+    assert fp.encode(np.array([30.0, 20.0, 25.0]), 1, rng).tolist() == [30, 20, 25, 1]
+    with pytest.raises(ValueError, match="overflow"):
+        evaluation_fixed_point(1_000_000, 5000)

@@ -1192,6 +1192,62 @@ class RoundCoordinator:
         if self._driver is not None:
             self._driver.join(timeout=10)
 
+    def abort_open_round(self, reason: str) -> RoundSummary | None:
+        """End the open round without a result, as "aborted" with reason; after stop().
+
+        For a model being deleted: no driver will close its round, which would
+        otherwise read "running" for ever. Its uploads in progress are cut off and
+        its participants recorded as they stand. None when no round was open, or
+        when the driver was already closing it (it records that end itself).
+        """
+        with self._cond:
+            rnd = self._round
+            if rnd is None or rnd.closing:
+                return None
+            rnd.closing = True  # uploads and phase calls are refused from here on
+            in_flight = list(rnd.sessions)
+        for session in in_flight:
+            session.abort(reason)
+        seconds = self.clock() - rnd.started
+        participants = [p.record() for p in rnd.cohort.values()]
+        try:
+            retry_transient(
+                lambda: self.store.fail_round(rnd.id, reason, seconds, participants, "aborted"),
+                self.config.store_retry_s,
+                f"recording the abort of round {rnd.number}",
+            )
+        except Exception as error:
+            # The row stays "running"; the next start of this model (if it is created
+            # again) marks it failed, as after a crash.
+            log.error("round %d: its abort could not be recorded (%s)", rnd.number, error)
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status="aborted",
+            version=None,
+            selected=len(rnd.cohort),
+            participants=rnd.count(Status.UPLOADED),
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics={},
+            failure_reason=reason,
+        )
+        with self._cond:
+            self._closed_rounds[rnd.id] = summary.status
+            self._round = None
+            self._cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
+        log.warning("round %d aborted: %s", rnd.number, reason)
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
     def wait_finished(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._finished, timeout)

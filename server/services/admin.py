@@ -107,7 +107,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if self.models is None:
             raise FederationError(
                 ErrorKind.FAILED_PRECONDITION,
-                "models are created, paused and resumed on a running server: use --server",
+                "models are created, paused, resumed, deleted and evaluated on a running "
+                "server: use --server",
             )
         return self.models
 

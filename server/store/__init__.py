@@ -851,19 +851,27 @@ class Store:
             )
 
     def fail_round(
-        self, round_id: str, reason: str, seconds: float, participants: list[ParticipantRecord]
+        self,
+        round_id: str,
+        reason: str,
+        seconds: float,
+        participants: list[ParticipantRecord],
+        status: str = "failed",
     ) -> int | None:
         """Mark a running round failed. Idempotent; a round already ended is left as it is.
 
         Returns the round's version when it had in fact completed: a commit whose
         acknowledgement was lost (the connection dropped during COMMIT) looks like a
         failure to the caller, who must then adopt that version, not redo the round.
+        status "aborted": the round was closed on purpose (its model was deleted).
         """
+        if status not in ("failed", "aborted"):
+            raise ValueError(f"a round ends failed or aborted, not {status!r}")
         with self._session.begin() as s:
             row = s.get(RoundRow, round_id)
             if row is None or row.status != "running":
                 return row.result_version if row is not None else None
-            row.status = "failed"
+            row.status = status
             row.failure_reason = reason
             row.seconds = seconds
             row.ended_at = utcnow()
