@@ -57,6 +57,8 @@ from client.retry import retry_after_s
 from client.secagg import SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
+    LOCAL_OPTIMIZER_KEY,
+    LOCAL_OPTIMIZERS,
     DpSgdSettings,
     LocalTrainingConfig,
     TrainResult,
@@ -718,12 +720,16 @@ class DeviceClient:
         fit = task.config
         cfg = self.config
         assert self.data is not None
+        optimizer = fit.extra.get(LOCAL_OPTIMIZER_KEY, "sgd")
+        if optimizer not in LOCAL_OPTIMIZERS:
+            raise TaskDeclined(f"unknown local optimizer {optimizer!r}")
         training = LocalTrainingConfig(
             local_epochs=cfg.local_epochs or fit.local_epochs or 1,
             batch_size=cfg.batch_size or fit.batch_size or 32,
             learning_rate=cfg.learning_rate or fit.learning_rate or 0.05,
             proximal_mu=fit.proximal_mu if cfg.proximal_mu is None else cfg.proximal_mu,
             momentum=fit.momentum,
+            optimizer=optimizer,
         )
         seed = cfg.seed * 1_000_003 + task.round_number
         with self.host.slot():
