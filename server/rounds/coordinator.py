@@ -496,6 +496,11 @@ class RoundCoordinator:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def available_devices(self) -> int:
+        """Devices that checked in and wait for a task now (a progress display's figure)."""
+        return len(self._available)
+
     def pause(self) -> None:
         """Start no more rounds; an open round still finishes. Waiting devices are let go."""
         with self._cond:
