@@ -381,7 +381,7 @@ def federated(
         round_s.append(time.perf_counter() - began)
     out["accuracy"] = curve[-1][1]
     out["accuracy_curve"] = curve
-    out["median_round_process_s"] = statistics.median(round_s) if round_s else 0.0
+    out["median_round_wall_s"] = statistics.median(round_s) if round_s else 0.0
     if score_personal:
         # Every user scores the final model and its personalized model on its own held-out
         # queries: the device's FedRep first step (client.personal.personalize).
