@@ -59,6 +59,12 @@ class FastTextBody:
     features: TextFeatures
     name: str
     intents: tuple[str, ...] = ()  # what the body was trained on (documentation)
+    # Learned elsewhere: the personal head's prototype prior comes from its columns.
+    pretrained = True
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedding.shape[1])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         ids = featurize(texts, self.features)
