@@ -97,6 +97,8 @@ def test_versions_warm_start_and_rollback(trainer: CustomModelTrainer) -> None:
     fill(trainer, 60, seed=1)
     second = trainer.train_intent_classifier()
     assert second["version"] == 2 and second["warm_start"] is True
+    # The default body's fastText part joins as the centroid expert, recorded per version.
+    assert second["prior_scale"] == 1.0 == trainer.versions()[1]["metrics"]["prior_scale"]
     assert [v["active"] for v in trainer.versions()] == [False, True]
     trainer.rollback(1)
     assert [v["active"] for v in trainer.versions()] == [True, False]
