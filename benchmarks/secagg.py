@@ -19,7 +19,10 @@ reconstructed). Reported:
   correct          the new model moved by the plaintext weighted mean, within the bound
 
 XENO_BENCH_PERF=FILE records the server process alone with `perf record -g` from
-the start of the round to its end (perf must be installed).
+the start of the round to its end (perf must be installed); XENO_BENCH_PYSPY=FILE
+does the same with `py-spy record --native` (Python frames too), as collapsed stacks.
+server_thread_cpu_s splits the server's CPU by thread (the asyncio loop, the worker
+pool, gRPC's own threads, the round driver).
 """
 
 from __future__ import annotations
@@ -173,6 +176,28 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads, summed per name (digits dropped).
+
+    Shows where the server's CPU goes: the asyncio loop, the worker pool, gRPC's
+    own threads, the round driver.
+    """
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            # schedstat: nanoseconds on CPU (stat's clock ticks would lose up to 10 ms
+            # per thread, and the pool has a hundred threads)
+            on_cpu = int((task / "schedstat").read_text().split()[0]) / 1e9
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = python_names.get(int(task.name)) or comm
+        name = name.split(" ")[0].rstrip("0123456789_-")
+        out[name] = out.get(name, 0.0) + on_cpu
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,25 +257,42 @@ def main() -> None:
         for _ in procs:
             ready.get(timeout=600)
         base = server.store.load_version(server.config.model, 1).astype(np.float64)
+        import gc
+
+        gc_time = [0.0, 0.0, 0.0]
+        gc_started = [0.0]
+
+        def gc_timer(event: str, info: dict) -> None:  # type: ignore[type-arg]
+            # Time in the collector, per generation (thread CPU of whoever triggered it).
+            if event == "start":
+                gc_started[0] = time.thread_time()
+            else:
+                gc_time[info["generation"]] += time.thread_time() - gc_started[0]
+
+        gc.callbacks.append(gc_timer)
+        tracked = len(gc.get_objects())
+        threads_start = thread_cpu()
         cpu_start, wall_start = cpu(), time.perf_counter()
         phase_cpu: dict[str, float] = {}
-        watching = threading.Event()
+        phase_threads: dict[str, dict[str, float]] = {}
+        last_phase, last_cpu, last_threads = ["advertise"], [cpu_start], [threads_start]
 
-        def watch() -> None:
-            # Server CPU per phase: sample process CPU time whenever the phase changes.
-            last_phase, last_cpu = "advertise", cpu_start
-            while not watching.is_set():
-                rnd = server.coordinator._round
-                phase = rnd.secagg.phase.value if rnd is not None and rnd.secagg else "closing"
-                if phase != last_phase:
-                    now = cpu()
-                    phase_cpu[last_phase] = phase_cpu.get(last_phase, 0.0) + now - last_cpu
-                    last_phase, last_cpu = phase, now
-                time.sleep(0.005)
-            phase_cpu[last_phase] = phase_cpu.get(last_phase, 0.0) + cpu() - last_cpu
+        def on_change(_change: object = None) -> None:
+            # Server CPU per phase, sampled when the coordinator announces a change (a
+            # polling thread here would itself cost the server process CPU under load).
+            rnd = server.coordinator._round
+            phase = rnd.secagg.phase.value if rnd is not None and rnd.secagg else "closing"
+            if phase == last_phase[0] and _change is not None:
+                return
+            now, threads = cpu(), thread_cpu()
+            done = last_phase[0]
+            phase_cpu[done] = phase_cpu.get(done, 0.0) + now - last_cpu[0]
+            per = phase_threads.setdefault(done, {})
+            for k, v in threads.items():
+                per[k] = per.get(k, 0.0) + v - last_threads[0].get(k, 0.0)
+            last_phase[0], last_cpu[0], last_threads[0] = phase, now, threads
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        server.coordinator.add_change_listener(on_change)
         profiler = None
         if out := os.environ.get("XENO_BENCH_PERF"):
             # perf on the server process alone, from the start of the round to its end.
@@ -262,14 +304,37 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
+        elif out := os.environ.get("XENO_BENCH_PYSPY"):
+            # py-spy (Python and native frames, all threads, busy samples only), raw
+            # collapsed stacks for the round; py-spy must be installed.
+            import subprocess
+
+            profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--native",
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--pid",
+                    str(os.getpid()),
+                    "--output",
+                    out,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(2.0)
         go.set()
         assert server.coordinator.wait_finished(timeout=900), "round did not finish"
         server_cpu = cpu() - cpu_start
+        threads_end = thread_cpu()
+        on_change()
         if profiler is not None:
             profiler.send_signal(2)
             profiler.wait()
-        watching.set()
-        watcher.join()
         wall = time.perf_counter() - wall_start
         rows = [results.get(timeout=600) for _ in range(n)]
         for p in procs:
@@ -303,6 +368,17 @@ def main() -> None:
                 "server_phase_s": {k: round(v, 3) for k, v in secagg["phase_seconds"].items()},
                 "server_unmask_cpu_s": round(secagg["unmask_cpu_seconds"], 3),
                 "server_phase_cpu_s": {k: round(v, 3) for k, v in phase_cpu.items()},
+                "server_phase_thread_cpu_s": {
+                    phase: {k: round(v, 2) for k, v in per.items() if v >= 0.005}
+                    for phase, per in phase_threads.items()
+                },
+                "server_gc_s": [round(x, 3) for x in gc_time],
+                "gc_tracked_objects": tracked,
+                "server_thread_cpu_s": {
+                    k: round(v - threads_start.get(k, 0.0), 2)
+                    for k, v in sorted(threads_end.items(), key=lambda kv: -kv[1])
+                    if v - threads_start.get(k, 0.0) >= 0.005
+                },
                 "client_mask_s": round(isolated_mask_seconds(d, secagg["degree"], n), 4),
                 "client_mask_s_in_round_median": round(
                     statistics.median(r[3] for r in rows if r[3] > 0), 4

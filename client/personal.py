@@ -56,6 +56,7 @@ __all__ = [
     "PERSONAL_EPOCHS_KEY",
     "PERSONAL_LR_KEY",
     "PersonalStore",
+    "evaluation_counts",
     "personal_names",
     "personalization_of",
     "train_fedrep",
@@ -133,6 +134,30 @@ class PersonalStore:
         arrays = {k: np.asarray(v, dtype=np.float32) for k, v in head.items()}
         np.savez(buffer, allow_pickle=False, **arrays)  # type: ignore[arg-type]
         self._store._write_bytes(self.path(model_name), buffer.getvalue())
+
+
+def evaluation_counts(
+    model: nn.Module,
+    global_vector: np.ndarray,
+    heldout: Dataset | None,
+    personal_head: dict[str, np.ndarray] | None = None,
+) -> tuple[int, int, int]:
+    """(examples, correct, personal correct) of a version on held-out data (federated evaluation).
+
+    The personalized model is the version's body with this device's own head; without
+    a head (no FedRep round yet) it is the version itself. Leaves `model` holding weights
+    the caller reloads before any other use.
+    """
+    load_flat_into_module(model, global_vector)
+    correct = _correct(model, heldout)
+    personal = correct
+    if personal_head:
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, value in personal_head.items():
+                state[name].copy_(torch.from_numpy(value))
+        personal = _correct(model, heldout)
+    return (0 if heldout is None else len(heldout)), correct, personal
 
 
 @dataclass(frozen=True)

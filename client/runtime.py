@@ -36,7 +36,14 @@ from client.datasource import (
     intent_labels,
 )
 from client.ledger import PrivacyLedger
-from client.personal import FEDREP, PersonalStore, personalization_of, train_fedrep
+from client.personal import (
+    FEDREP,
+    PersonalStore,
+    evaluation_counts,
+    personal_names,
+    personalization_of,
+    train_fedrep,
+)
 from client.protection import (
     DEFAULT_MIN_NOISE_MULTIPLIER,
     DISTRIBUTED,
@@ -59,6 +66,7 @@ from client.training import (
 from common.atrest import Sealer, read_secret, resolve_key
 from common.config import setting
 from common.data import Dataset
+from common.fedeval import EVAL_COUNTS, MAX_EVAL_EXAMPLES
 from common.models import FastText, ModelSpec, build_model
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc
@@ -654,7 +662,10 @@ class DeviceClient:
                     f"secure round of {cohort} devices, below this device's minimum of "
                     f"{self.config.min_secagg_cohort} (--min-secagg-cohort)"
                 )
-            self._run_accepted(task, spend)
+            if task.HasField("evaluation"):
+                self._run_evaluation(task, spend)
+            else:
+                self._run_accepted(task, spend)
         except TaskDeclined as declined:
             log.warning("declining round %d: %s", task.round_number, declined)
             self._stub.DeclineTask(
@@ -709,6 +720,91 @@ class DeviceClient:
             )
         self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
         self._deliver(task, self._pending)
+
+    def _run_evaluation(self, task: pb.Task, user_spend: Spend | None) -> None:
+        """An evaluation-only task: score the version on held-out data, report the counts.
+
+        Nothing is trained and no update leaves: only the counts vector, masked under
+        secure aggregation (with this device's share of the DP noise when the task
+        promises it, recorded in the ledger first), else with ReportEvaluation.
+        """
+        deadline = task.deadline_unix_ms / 1000.0 + 5
+
+        def remaining() -> float:
+            return max(1.0, deadline - time.time())
+
+        spec = ModelSpec.from_json(task.model_spec.architecture, task.model_spec.config_json)
+        manifest, weights = self._download(task, remaining())
+        model = self._model_for(spec, manifest)
+        counts = self._evaluation_counts(task, model, weights)
+        cfg = self.config
+        if user_spend is not None:
+            # Written before anything derived from the held-out data leaves the device.
+            self.ledger.record(
+                task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
+            )
+        if task.secagg.enabled:
+            assert self._creds is not None
+            secagg = SecAggDevice(
+                self._stub,
+                self._metadata(),
+                self._creds.device_id,
+                self.identities.load_or_create(),
+                self.identities,
+                task,
+                timeout=lambda: remaining() + 60,
+                policy=SecAggPolicy(
+                    min_cohort=self.config.min_secagg_cohort,
+                    corrupt_fraction=self.config.secagg_corrupt_fraction,
+                ),
+            )
+            secagg.run(np.asarray(counts, dtype=np.float64), 1)
+        else:
+            try:
+                self._stub.ReportEvaluation(
+                    pb.ReportEvaluationRequest(round_id=task.round_id, counts=counts),
+                    metadata=self._metadata(),
+                    timeout=remaining(),
+                )
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise  # ALREADY_EXISTS: a retry after a lost answer, already counted
+        log.info(
+            "round %d: evaluated %s v%d on %d held-out examples",
+            task.round_number,
+            task.model_name,
+            task.model_version,
+            counts[0],
+        )
+
+    def _evaluation_counts(
+        self, task: pb.Task, model: torch.nn.Module, weights: np.ndarray
+    ) -> list[int]:
+        """The counts an evaluation task asks for (common.fedeval.EVAL_COUNTS), bounded.
+
+        At most max_examples held-out examples are scored (the first ones), so each
+        count is within the bound the task's DP clip is sized for.
+        """
+        ev = task.evaluation
+        if list(ev.counts) != list(EVAL_COUNTS):
+            raise TaskDeclined(f"unknown evaluation counts {list(ev.counts)}")
+        if not 1 <= ev.max_examples <= MAX_EVAL_EXAMPLES:
+            raise TaskDeclined(f"evaluation bound {ev.max_examples} out of range")
+        try:
+            method, _, _ = personalization_of(dict(task.config.extra))
+        except ValueError as exc:
+            raise TaskDeclined(str(exc)) from None
+        heldout = None
+        if self.heldout is not None and len(self.heldout):
+            scored = self._data_for(model, self.heldout)
+            heldout = Dataset(scored.x[: ev.max_examples], scored.y[: ev.max_examples])
+        head = None
+        if method == FEDREP:
+            state = model.state_dict()
+            shapes = {n: tuple(state[n].shape) for n in personal_names(model)}
+            head = self.personal.load(task.model_name, shapes)
+        examples, correct, personal = evaluation_counts(model, weights, heldout, head)
+        return [examples, correct, personal]
 
     def _deliver(self, task: pb.Task, pending: _PendingTask) -> None:
         """Report metrics and send the trained update (plain or secure)."""
@@ -787,8 +883,9 @@ class DeviceClient:
         )
         self.personal.save(task.model_name, fed.personal_head)
         result = fed.result
-        if task.privacy.user_dp.mechanism != pb.USER_DP_NONE:
-            # Counts on private data would escape the accounted mechanism.
+        if task.privacy.user_dp.mechanism != pb.USER_DP_NONE or task.secagg.enabled:
+            # Counts on private data would escape the accounted mechanism, or the secure
+            # sum: under secure aggregation they are reported by evaluation tasks, masked.
             for key in [k for k in result.metrics if k.startswith("heldout_")]:
                 result.metrics.pop(key)
         return result
@@ -818,8 +915,10 @@ class DeviceClient:
         dp_sgd = task.privacy.dp_sgd
         private = dp_sgd.enabled or task.privacy.user_dp.mechanism != pb.USER_DP_NONE
         # The downloaded version scored on this device's held-out data (not under DP: the
-        # counts would be a release outside the accounted mechanisms).
-        scores = {} if private else self._heldout_scores(model, weights)
+        # counts would be a release outside the accounted mechanisms; not under secure
+        # aggregation: the server would see them in the clear; evaluation tasks sum them).
+        clear = not private and not task.secagg.enabled
+        scores = self._heldout_scores(model, weights) if clear else {}
         budget = self.config.epsilon_budget
         if not dp_sgd.enabled:
             if budget > 0:
@@ -883,6 +982,11 @@ class DeviceClient:
         header, weights = self._receive_model(
             pb.DownloadModelRequest(round_id=task.round_id), timeout
         )
+        if (header.model_name, header.version) != (task.model_name, task.model_version):
+            raise RuntimeError(
+                f"the server sent {header.model_name} v{header.version} for a task on "
+                f"{task.model_name} v{task.model_version}"
+            )
         return Manifest.from_proto(header.manifest), weights
 
     def _receive_model(

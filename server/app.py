@@ -40,7 +40,7 @@ from common.tensors import Manifest, flatten_state_dict, load_flat_into_module
 from common.tls import server_credentials
 from server.lifecycle.devices import DeviceLifecycle
 from server.lifecycle.performance import AlertSettings, PerformanceLog
-from server.memory import tune_allocator
+from server.memory import freeze_startup_heap, tune_allocator
 from server.modelconf import MODEL_KEYS, ModelSettings, ModelTable, parse_models_file
 from server.observability import HealthMonitor, ServerMetrics, disk_space_check
 from server.privacy import UserDpPolicy
@@ -450,6 +450,19 @@ class ServerConfig:
         100,
         "retention: also keep versions 1, K + 1, 2K + 1, ... (0: none of them)",
         "XENO_KEEP_EVERY",
+    )
+    eval_every: int = setting(
+        0,
+        "federated evaluation: after every K-th completed round, an evaluation-only round in "
+        "which devices score the new version on their own held-out data and report counts "
+        "(summed under secure aggregation, with the model's user-level DP); 0: none",
+        "XENO_EVAL_EVERY",
+    )
+    eval_max_examples: int = setting(
+        1000,
+        "federated evaluation: a device scores at most this many of its held-out examples, "
+        "which bounds its counts (the clip of their user-level DP)",
+        "XENO_EVAL_MAX_EXAMPLES",
     )
     store_retry: float = setting(
         3.0,
@@ -1048,6 +1061,7 @@ class XenoServer:
             ", ".join(m.name for m in self.models.models()),
             _safe_url(self.config.db),
         )
+        freeze_startup_heap()  # after start-up built its long-lived objects (memory.py)
         return self
 
     def _database_problem(self) -> str:

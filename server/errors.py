@@ -6,7 +6,14 @@ The domain layer raises these and knows nothing of gRPC; the servicers turn
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ErrorKind(enum.Enum):
@@ -72,3 +79,43 @@ class RoundCompleted(Exception):  # noqa: N818 - an outcome, not a failure
     def __init__(self, version: int) -> None:
         super().__init__(f"the round already completed as version {version}")
         self.version = version
+
+
+class WouldWait(Exception):  # noqa: N818 - a state, not a failure
+    """A call made with `no_wait` found its first lock taken; nothing was changed.
+
+    The transport runs cheap domain calls on its event loop, where waiting for a lock
+    would stall every other call, and runs the call again in its thread pool instead.
+    """
+
+
+_no_wait: contextvars.ContextVar[bool] = contextvars.ContextVar("xeno_no_wait", default=False)
+
+
+def call_without_waiting(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), whose first `hold` raises WouldWait instead of waiting for its lock."""
+
+    def run() -> T:
+        _no_wait.set(True)
+        return fn(*args)
+
+    return contextvars.copy_context().run(run)
+
+
+@contextlib.contextmanager
+def hold(lock: threading.Condition) -> Iterator[None]:
+    """`with lock`, except in `call_without_waiting`: its first lock is only tried.
+
+    Only the first: once a call holds a lock it may change state, so from then on
+    it waits for locks like any other call (a WouldWait then would leave half a change).
+    """
+    if _no_wait.get():
+        if not lock.acquire(blocking=False):
+            raise WouldWait
+        _no_wait.set(False)
+    else:
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -109,6 +109,8 @@ class ModelSettings:
     test_fraction: float = 0.2
     keep_versions: int = 1000
     keep_every: int = 100
+    eval_every: int = 0
+    eval_max_examples: int = 1000
     store_retry: float = 3.0
     stall_grace: float = 30.0
 
@@ -176,6 +178,8 @@ class ModelSettings:
             keep_versions=self.keep_versions,
             keep_every=self.keep_every,
             stall_grace_s=self.stall_grace,
+            eval_every=self.eval_every,
+            eval_max_examples=self.eval_max_examples,
         )
 
     def user_dp_policy(self) -> UserDpPolicy | None:

@@ -136,6 +136,11 @@ class ServerMetrics:
         self, summary: RoundSummary, secagg: dict[str, Any], model: str = ""
     ) -> None:
         m = model or self.model
+        if summary.kind == "evaluation":
+            # Not a training round: only its privacy spend moves a gauge.
+            if "dp_epsilon" in summary.metrics:
+                self.epsilon.labels(m).set(summary.metrics["dp_epsilon"])
+            return
         (self.rounds_completed if summary.status == "completed" else self.rounds_failed).labels(
             m
         ).inc()

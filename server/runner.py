@@ -309,6 +309,8 @@ class ModelRunner:
     def delete(self, name: str) -> FederatedModel:
         """Stop training a model and remove its definition; its versions and ledger stay.
 
+        A round of it still open ends "aborted", with the reason, its participants recorded.
+
         FederationError: no name (INVALID_ARGUMENT), the default model (FAILED_PRECONDITION),
         no such model (NOT_FOUND); nothing changes then.
         """
@@ -327,6 +329,7 @@ class ModelRunner:
             del self._models[name]
         # Outside the lock: stopping joins the model's driver thread.
         model.coordinator.stop()
+        model.coordinator.abort_open_round(f"model {name!r} was deleted during the round")
         log.info("deleted model %s (its versions and ledger are kept)", name)
         return model
 

@@ -41,11 +41,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.quantize import FixedPoint, centered
-from common.secagg import agree, combine, neighbours, prg_uint32, verify_keys
+from common.secagg import agree, combine, neighbours, verify_keys
 from common.secagg.crypto import (
     COMMITMENT_BYTES,
     NONCE_BYTES,
     TAG_BYTES,
+    apply_masks,
     keys_message,
     mask_info,
     share_commitment,
@@ -614,15 +615,16 @@ class SecAggRound:
             for owner, kind, y in shares:
                 collected.setdefault((owner, kind), {})[x] = y
         total = self.accumulator.copy()
-        n = self.vector_length
-        scratch = np.empty(n, dtype=np.uint32)
+        # Every mask to take back, as (seed, sign): expanded together, block by block
+        # (apply_masks), once all are known to be sound.
+        masks: list[tuple[bytes, int]] = []
         for u in survivors:
             points = collected.get((u, ShareKind.SELF_MASK_SEED), {})
             if len(points) < t:
                 raise ValueError(
                     f"only {len(points)} shares of the self-mask seed of {u}, {t} needed"
                 )
-            total -= prg_uint32(combine(points, t), n, scratch)
+            masks.append((combine(points, t), -1))
         info = mask_info(self.round_id)
         for v in dropped:
             if not any(w in self.uploaded for w in self.graph[v]):
@@ -642,10 +644,8 @@ class SecAggRound:
                     continue
                 seed = agree(mask_key, self.keys[w].mask_public_key, info)
                 # w added +PRG when w < v and -PRG otherwise; take back what it added.
-                if w < v:
-                    total -= prg_uint32(seed, n, scratch)
-                else:
-                    total += prg_uint32(seed, n, scratch)
+                masks.append((seed, -1 if w < v else 1))
+        apply_masks(total, masks)
         self._record("unmasked-sum", total)
         fixed_point = self.settings.fixed_point
         weighted_sum, _unsigned_weight = fixed_point.decode(total)

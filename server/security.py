@@ -58,6 +58,7 @@ ADMIN_RPC_ROLES: dict[str, Role] = {
     "CreateModel": Role.OPERATOR,
     "PauseModel": Role.OPERATOR,
     "ResumeModel": Role.OPERATOR,
+    "EvaluateModel": Role.OPERATOR,  # schedules an evaluation-only round of a version
     # admin: delete data, revoke certificates, read the audit log (it names every actor)
     "PruneVersions": Role.ADMIN,
     "DeleteModel": Role.ADMIN,  # stops a model's training for good (its history is kept)

@@ -113,12 +113,13 @@ def test_simulate_task_intents_runs_end_to_end(tmp_path: Path) -> None:
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["participants"] == 4 for r in rounds)
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] > 1 / 150
-    # Federated evaluation: each round's devices scored the version they downloaded on their
-    # users' held-out fifths (4 users of 3,750 queries, each keeping 750).
+    # Federated evaluation: an evaluation round after the last one (--eval-every defaults to
+    # the rounds when fewer than 5) had the devices score version 3 on their users' held-out
+    # fifths (4 users of 3,750 queries, each keeping 750); the server got the secure sum.
     evaluation = data["federated_evaluation"]
-    assert [e["version"] for e in evaluation] == [1, 2]
+    assert [e["version"] for e in evaluation] == [3]
     assert all(e["devices"] == 4 and e["heldout_examples"] == 3000 for e in evaluation)
-    assert evaluation[1]["server_accuracy"] == rounds[0]["accuracy"]
-    assert 0 <= evaluation[1]["federated_accuracy"] <= 1
-    assert evaluation[1]["personalized_accuracy"] > evaluation[1]["federated_accuracy"]
+    assert evaluation[0]["server_accuracy"] == rounds[1]["accuracy"]
+    assert 0 <= evaluation[0]["federated_accuracy"] <= 1
+    assert evaluation[0]["personalized_accuracy"] > evaluation[0]["federated_accuracy"]
     assert "federated accuracy" in out.stdout

@@ -786,3 +786,47 @@ def test_delete_stops_a_model_and_a_restart_does_not_train_it(
         assert [v.version for v in server.store.list_versions("digits-b")] == versions
     finally:
         server.stop(grace=0.5)
+
+
+def test_deleting_a_model_aborts_its_open_round(
+    server_factory: Any, raw_device: Any, tmp_path: Path
+) -> None:
+    """A round open when its model is deleted ends "aborted", not "running" for ever."""
+    models = tmp_path / "models.toml"
+    models.write_text("[models.digits-b]\nhidden = '16'\n")
+    server = server_factory(
+        rounds=0,
+        min_clients=2,
+        clients_per_round=2,
+        selection_window=0.1,
+        round_deadline=600.0,  # the round stays open until the delete
+        models=str(models),
+    )
+    devices = [raw_device(server) for _ in range(2)]
+    tasks: list[pb.CheckInResponse] = []
+
+    def check_in(device: Any) -> None:
+        request = pb.CheckInRequest(max_wait_ms=20_000, models=["digits-b"])
+        tasks.append(device.stub.CheckIn(request, metadata=device.md, timeout=30))
+
+    threads = [threading.Thread(target=check_in, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=40)
+    assert len(tasks) == 2 and all(r.HasField("task") for r in tasks), tasks
+    [running] = server.store.list_rounds("digits-b")
+    assert running.status == "running"
+    stub, md = _admin(server)
+    stub.DeleteModel(admin_pb2.DeleteModelRequest(name="digits-b"), metadata=md)
+    [ended] = server.store.list_rounds("digits-b")
+    assert (ended.id, ended.status) == (running.id, "aborted")
+    assert ended.failure_reason == "model 'digits-b' was deleted during the round"
+    assert ended.ended_at is not None and ended.result_version is None
+    assert sorted(p.status for p in server.store.round_participants(ended.id)) == ["dropped"] * 2
+    [entry] = [e for e in audit_entries(server.store) if e.action == "round.aborted"]
+    assert entry.target == running.id
+    # The other model's rounds are untouched, and the store refuses a made-up end state.
+    assert server.store.list_rounds("digits-mlp") == []
+    with pytest.raises(ValueError, match="failed or aborted"):
+        server.store.fail_round(running.id, "x", 0.0, [], status="done")

@@ -532,6 +532,72 @@ def test_a_pending_call_runs_again_when_its_change_is_announced_and_expires_clea
     asyncio.run(scenario())
 
 
+def test_on_loop_calls_run_on_the_loop_and_in_the_pool_only_when_their_lock_is_taken() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.errors import WouldWait, call_without_waiting, hold
+    from server.services.aio import Changes, Runner
+
+    lock = threading.Condition(threading.RLock())
+    state: list[str] = []
+
+    def phase_call(name: str) -> str:
+        with hold(lock):  # the first lock: only tried on the loop
+            state.append(name)
+            with hold(lock):  # held: taken again without a WouldWait
+                pass
+        return threading.current_thread().name
+
+    # Outside the transport, hold is a plain `with lock`.
+    assert phase_call("plain") == threading.current_thread().name
+    taken, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            taken.set()
+            release.wait(10)
+
+    other = threading.Thread(target=holder)
+    other.start()
+    assert taken.wait(5)
+    with pytest.raises(WouldWait):
+        call_without_waiting(phase_call, "refused")
+    assert state == ["plain"]  # nothing changed
+
+    async def scenario() -> None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pool")
+        runner = Runner(pool, Changes(asyncio.get_running_loop()))
+        loop_thread = threading.current_thread().name
+        # The lock is taken: the call goes to the pool and waits there, not on the loop.
+        in_pool = asyncio.create_task(runner.call(phase_call, "waited", on_loop=True))
+        await asyncio.sleep(0.2)
+        assert not in_pool.done() and state == ["plain"]  # the loop is not blocked
+        release.set()
+        assert (await asyncio.wait_for(in_pool, 5)).startswith("pool")
+        other.join(5)
+        # The lock is free: the call runs on the loop itself.
+        assert await runner.call(phase_call, "inline", on_loop=True) == loop_thread
+        # Unmarked calls keep running in the pool.
+        assert (await runner.call(phase_call, "pooled")).startswith("pool")
+        pool.shutdown()
+
+    asyncio.run(scenario())
+    assert state == ["plain", "waited", "inline", "pooled"]
+
+
+def test_secure_aggregation_phase_calls_are_the_ones_run_on_the_loop() -> None:
+    from server.services.aio import _ON_LOOP
+    from server.services.federation import FederationServicer
+
+    marked = {
+        name
+        for name in dir(FederationServicer)
+        if getattr(getattr(FederationServicer, name), _ON_LOOP, False)
+    }
+    # Unmask stays in the pool: the last one unmasks the sum (~0.2 s under the lock).
+    assert marked == {"AdvertiseKeys", "ShareKeys", "GetUnmaskRequest", "ConfirmSurvivors"}
+
+
 def test_the_device_waits_at_least_the_servers_retry_hint(tmp_path) -> None:
     from client.runtime import ClientConfig
 

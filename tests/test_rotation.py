@@ -211,10 +211,10 @@ def test_rotation_refuses_while_a_server_holds_the_database(db_url: str) -> None
     store.close()
 
 
-def _cli(url: str, *args: str, crash: bool = False) -> subprocess.CompletedProcess[str]:
+def _cli(url: str, *args: str, crash: str = "") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XENO_")}
     if crash:
-        env["XENO_CRASH_AT"] = "rotate-key"
+        env["XENO_CRASH_AT"] = crash  # server/faults.py: SIGKILL there
     return subprocess.run(
         [sys.executable, "-m", "xeno.cli", "admin", "--db", url, *args],
         capture_output=True,
@@ -234,7 +234,7 @@ def test_rotation_killed_midway_is_finished_by_running_it_again(
     assert parse_key(new_file.read_text()) == NEW
     _federation(db_url, OLD).close()
     args = ("rotate-key", "--key-file", str(old_file), "--new-key-file", str(new_file))
-    killed = _cli(db_url, *args, "--batch", "1", crash=True)
+    killed = _cli(db_url, *args, "--batch", "1", crash="rotate-key")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     blobs, _macs, _parts = _key_ids(db_url)
     assert blobs == {Sealer(OLD).key_id, Sealer(NEW).key_id}  # midway: some moved, some not
@@ -253,6 +253,78 @@ def test_rotation_killed_midway_is_finished_by_running_it_again(
         row = s.get(DataKeyRow, 1)
         assert row is not None and row.rotating_to is None and row.rows_done == 14
     store.close()
+
+
+def _key_files(tmp_path: Path) -> tuple[str, ...]:
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    for path, key in ((old_file, OLD), (new_file, NEW)):
+        path.write_text(key.hex() + "\n")
+        path.chmod(0o600)
+    return ("rotate-key", "--key-file", str(old_file), "--new-key-file", str(new_file))
+
+
+def test_rotation_killed_while_it_renames_pseudonyms_is_finished_by_running_it_again(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL inside the last phase (A/B results' device pseudonyms), then the same command.
+
+    SQLite only: the phase's code is the same SQL on PostgreSQL (the kill test above
+    runs on both), and each run is a new process.
+    """
+    url = f"sqlite:///{tmp_path}/store.db"
+    store = _federation(url, OLD)
+    ABTestingManager(store=store).create_test("t", "m:1", "m:2", 0.5, ["accuracy"])
+    tests = AbTests(store)
+    for i in range(6):
+        device, arm = ("dev-a", "variant_a") if i % 2 else ("dev-b", "variant_b")
+        tests.record("t", arm, {"accuracy": 0.6 + i / 100}, device_id=device)
+    [(test_id,)] = _raw(url, "SELECT id FROM ab_tests")
+    _raw(  # a row from before migration 0012: the device id in the clear
+        url,
+        "INSERT INTO ab_results (test_id, variant, metric, value, device_ref, recorded_at) "
+        f"VALUES ({test_id}, 'variant_b', 'accuracy', 0.7, 'dev-b', CURRENT_TIMESTAMP)",
+    )
+    before = tests.analyze("t")
+    store.close()
+    refs_sql = "SELECT device_ref FROM ab_results ORDER BY id"
+    args = _key_files(tmp_path)
+
+    killed = _cli(url, *args, "--batch", "1", crash="rotate-key-pseudonyms")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "crash point rotate-key-pseudonyms" in killed.stderr
+    new_id = Sealer(NEW).key_id
+    assert _key_ids(url) == ({new_id}, {new_id}, {new_id})  # the earlier phases are done
+    refs = [str(r) for (r,) in _raw(url, refs_sql)]
+    # Killed after the first batch of one: that pseudonym is renamed, the others are not.
+    assert refs[0] == _pseudonym(NEW, "dev-b")
+    assert refs[1:6] == [_pseudonym(OLD, "dev-a" if i % 2 else "dev-b") for i in range(1, 6)]
+    assert refs[6] == "dev-b"
+    [(rotating_to,)] = _raw(url, "SELECT rotating_to FROM data_keys")
+    assert rotating_to == new_id
+    for key in (OLD, NEW):  # a server refuses to start on a half-rotated database
+        with pytest.raises(DataKeyError, match="was interrupted: finish it"):
+            Store(url, Sealer(key)).create_schema()
+
+    done = _cli(url, *args, "--batch", "1")
+    assert done.returncode == 0, done.stderr
+    assert "finished the interrupted rotation" in done.stdout
+    _assert_under_new_key_only(url)
+    refs = [str(r) for (r,) in _raw(url, refs_sql)]
+    assert refs == [_pseudonym(NEW, "dev-a" if i % 2 else "dev-b") for i in range(6)] + [
+        _pseudonym(NEW, "dev-b")
+    ]
+    store = Store(url, Sealer(NEW))
+    try:
+        assert _close(AbTests(store).analyze("t"), before)
+        with store.session() as s:
+            row = s.get(DataKeyRow, 1)
+            # Every row moved exactly once: 14 sealed or MACed rows and 7 pseudonyms.
+            assert row is not None and row.rotating_to is None and row.rows_done == 14 + 7
+        # The pseudonyms are the new key's: forgetting a device finds all its results.
+        assert store.forget_device("dev-b")[1] == 4
+        assert store.forget_device("dev-a")[1] == 3
+    finally:
+        store.close()
 
 
 def test_rotate_key_bad_input(db_url: str, tmp_path: Path) -> None:

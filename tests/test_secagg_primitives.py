@@ -26,7 +26,7 @@ from common.secagg import (
     split,
     verify_keys,
 )
-from common.secagg.crypto import share_ad
+from common.secagg.crypto import apply_masks, share_ad
 from common.secagg.graph import graph_seed
 
 
@@ -102,6 +102,38 @@ def test_prg_written_in_place_matches_the_keystream_at_every_length(length: int)
     np.testing.assert_array_equal(out, reference)
     with pytest.raises(ValueError, match="uint32 vector"):
         prg_uint32(seed, length + 1, out)
+
+
+@pytest.mark.parametrize("length", [0, 1, 5, 1 << 15, (1 << 15) + 3, 100_003])
+def test_apply_masks_adds_and_subtracts_each_whole_keystream(length: int) -> None:
+    rng = np.random.default_rng(length)
+    total = rng.integers(0, 1 << 32, length, dtype=np.uint64).astype(np.uint32)
+    masks = [(bytes([i]) * 32, sign) for i, sign in enumerate((1, -1, -1, 1, -1))]
+    expected = total.copy()
+    for seed, sign in masks:  # the reference: whole masks, one at a time (mod 2^32)
+        expected = expected + prg_uint32(seed, length) * np.uint32(sign % (1 << 32))
+    assert apply_masks(total, masks) is total
+    np.testing.assert_array_equal(total, expected)
+
+
+def test_apply_masks_refuses_bad_input_and_leaves_the_sum() -> None:
+    total = np.arange(10, dtype=np.uint32)
+    for bad, message in (
+        ([(bytes(31), 1)], "32 bytes"),
+        ([(bytes(32), 2)], "signs"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            apply_masks(total, bad)
+        np.testing.assert_array_equal(total, np.arange(10, dtype=np.uint32))
+    with pytest.raises(ValueError, match="uint32"):
+        apply_masks(np.zeros(10, dtype=np.int64), [])
+
+
+def test_shamir_combine_is_lagrange_at_zero_for_any_points() -> None:
+    secret = bytes(range(32))
+    shares = split(secret, [1, 2, 3, 50, 97, 200], 4)
+    for points in ([1, 2, 3, 50], [200, 97, 3, 1], [2, 50, 97, 200, 1]):
+        assert combine({x: shares[x] for x in points}, 4) == secret
 
 
 @pytest.mark.parametrize("n", [3, 10, 57, 100, 200])

@@ -228,6 +228,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("versions", "list a model's versions with metrics"),
         ("rounds", "a model's round history"),
         (
+            "evaluations",
+            "a model's federated evaluations: per evaluated version the devices, the held-out "
+            "examples, the federated (and personalized) accuracy beside the server-side one",
+        ),
+        (
             "privacy-report",
             "a model's privacy ledger: per round the mechanism, noise, cohort and clip, the "
             "cumulative (epsilon, delta) with its status, and per-device summaries",
@@ -319,6 +324,15 @@ def _add_models_commands(admin_sub: Any) -> None:
         "a bare word is a string)",
     )
     q.add_argument("--paused", action="store_true", help="create it paused")
+    q = models_sub.add_parser(
+        "evaluate",
+        help="schedule an evaluation-only round of a version: devices that check in score it "
+        "on their own held-out data and report counts, summed under secure aggregation "
+        "(role operator); see `xeno-fl admin evaluations`",
+    )
+    q.add_argument("name", nargs="?", default=None, help="the model (or --model)")
+    q.add_argument("--model", dest="model_name", default=None, help="the model")
+    q.add_argument("--version", type=int, default=0, help="the version (default: the head)")
     for action, text in (
         ("pause", "start no more rounds of the model; an open round finishes (role operator)"),
         ("resume", "start the model's rounds again (role operator)"),
@@ -371,6 +385,20 @@ def _admin_models(args: argparse.Namespace, call: Any) -> int:
         info = call("ResumeModel", pb.ResumeModelRequest(name=args.name))
     elif command == "delete":
         info = call("DeleteModel", pb.DeleteModelRequest(name=args.name))
+    elif command == "evaluate":
+        name = args.name or args.model_name
+        if not name or (args.name and args.model_name and args.name != args.model_name):
+            raise SystemExit("error: name one model (NAME or --model)")
+        queued = call("EvaluateModel", pb.EvaluateModelRequest(name=name, version=args.version))
+        if args.json:
+            print(json.dumps(MessageToDict(queued, preserving_proto_field_name=True), indent=2))
+        else:
+            print(
+                f"model {queued.name}: evaluation of version {queued.version} scheduled "
+                f"({queued.queued} queued); its result: xeno-fl admin evaluations --model "
+                f"{queued.name}"
+            )
+        return 0
     else:
         resp = call("ListModels", pb.ListModelsRequest())
         if args.json:
@@ -934,6 +962,34 @@ def _admin(args: argparse.Namespace) -> int:
             "tags",
             "description",
         )
+    elif args.admin_command == "evaluations":
+        resp = call("GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model))
+        versions = call("ListVersions", pb.ListVersionsRequest(model_name=args.model))
+        server_side = {v.version: v.metrics.get("accuracy") for v in versions.versions}
+        rows = [
+            (
+                r.number,
+                r.base_version,
+                int(r.metrics.get("eval_devices", 0)),
+                int(r.metrics.get("eval_examples", 0)),
+                _fmt(r.metrics.get("federated_accuracy")),
+                _fmt(r.metrics.get("federated_personalized_accuracy")),
+                _fmt(server_side.get(r.base_version)),
+                _fmt(r.metrics.get("dp_epsilon")),
+            )
+            for r in resp.rounds
+            if r.status == "evaluated"
+        ]
+        cols = (
+            "round",
+            "version",
+            "devices",
+            "examples",
+            "federated accuracy",
+            "personalized",
+            "server-side accuracy",
+            "epsilon",
+        )
     else:
         resp = call(
             "GetRoundHistory", pb.GetRoundHistoryRequest(model_name=args.model, limit=args.limit)
@@ -942,10 +998,11 @@ def _admin(args: argparse.Namespace) -> int:
             (
                 r.number,
                 r.status,
-                r.result_version or "-",
+                r.result_version or (r.base_version if r.status == "evaluated" else "-"),
                 f"{r.participants}/{r.selected}",
                 r.dropouts,
                 _fmt(r.metrics.get("accuracy")),
+                _fmt(r.metrics.get("federated_accuracy")),
                 f"{r.seconds:.2f}",
                 r.failure_reason,
             )
@@ -958,6 +1015,7 @@ def _admin(args: argparse.Namespace) -> int:
             "participants",
             "dropouts",
             "accuracy",
+            "federated accuracy",
             "seconds",
             "failure",
         )

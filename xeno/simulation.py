@@ -120,6 +120,22 @@ class SimulationConfig:
     privacy_budget: float = setting(
         0.0, "global user-level epsilon budget of the model (0: none)", "XENO_PRIVACY_BUDGET"
     )
+    eval_every: int = setting(
+        -1,
+        "federated evaluation: after every K-th round an evaluation-only round scores the new "
+        "version on the devices' own held-out data (summed under secure aggregation); 0: none; "
+        "-1: the task's (intents: every 5 rounds, or at the last if fewer; digits shards hold "
+        "no held-out data: none)",
+        "XENO_SIM_EVAL_EVERY",
+    )
+
+    def evaluation_interval(self) -> int:
+        """K of --eval-every, the task's default resolved."""
+        if self.eval_every >= 0:
+            return self.eval_every
+        if TaskName.parse(self.task) is TaskName.INTENTS:
+            return min(5, self.rounds)
+        return 0
 
 
 @dataclass
@@ -156,40 +172,34 @@ def _round_record(s: RoundSummary) -> dict[str, Any]:
 
 
 def federated_evaluation(store: Any, model: str) -> list[dict[str, Any]]:
-    """Each version's server-side accuracy beside its federated accuracy.
+    """Each evaluated version's federated accuracy beside its server-side accuracy.
 
-    A round's devices score the version they downloaded (its base) on their
-    own held-out data before training and report the counts (`heldout_*`
-    metrics; not under DP); summed over the round's devices they give that
-    version's federated accuracy, and with personalization the accuracy of
-    the devices' personalized models.
+    Evaluation-only rounds (--eval-every) have the devices score a version on
+    their own held-out data; the server stores only the sums of their counts
+    (under secure aggregation it never sees one device's), from which the
+    federated accuracy and, with personalization, the accuracy of the devices'
+    personalized models.
     """
-    versions: dict[int, float | None] = {}
+    versions = {
+        rnd.result_version: (rnd.metrics or {}).get("accuracy")
+        for rnd in store.list_rounds(model)
+        if rnd.result_version is not None
+    }
     rows: list[dict[str, Any]] = []
-    for rnd in store.list_rounds(model):
-        if rnd.result_version is not None:
-            versions[rnd.result_version] = (rnd.metrics or {}).get("accuracy")
-        examples = correct = personal = 0.0
-        devices = 0
-        for p in store.round_participants(rnd.id):
-            m = p.metrics or {}
-            if m.get("heldout_examples", 0) > 0 and "heldout_global_correct" in m:
-                devices += 1
-                examples += m["heldout_examples"]
-                correct += m["heldout_global_correct"]
-                personal += m.get("heldout_personal_correct", float("nan"))
-        if devices:
-            rows.append(
-                {
-                    "version": rnd.base_version,
-                    "devices": devices,
-                    "heldout_examples": int(examples),
-                    "federated_accuracy": correct / examples,
-                    "personalized_accuracy": None if personal != personal else personal / examples,
-                }
-            )
-    for row in rows:
-        row["server_accuracy"] = versions.get(row["version"])
+    for rnd in store.evaluations(model):
+        m = rnd.metrics or {}
+        rows.append(
+            {
+                "round": rnd.number,
+                "version": rnd.base_version,
+                "devices": int(m.get("eval_devices", 0)),
+                "heldout_examples": int(m.get("eval_examples", 0)),
+                "federated_accuracy": m.get("federated_accuracy"),
+                "personalized_accuracy": m.get("federated_personalized_accuracy"),
+                "server_accuracy": versions.get(rnd.base_version),
+                "epsilon": m.get("dp_epsilon"),
+            }
+        )
     return rows
 
 
@@ -239,6 +249,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         dp_sgd=config.dp_sgd_target_epsilon > 0,
         dp_sgd_target_epsilon=config.dp_sgd_target_epsilon,
         metrics_port=-1,
+        eval_every=config.evaluation_interval(),
         # Wait for the whole simulated fleet: a round starts as soon as all devices are in,
         # and only after this long with fewer (device processes start slowly on a busy machine).
         selection_window=30.0,
@@ -317,6 +328,9 @@ def _collect(
 
     console = Console(stderr=True)
     completed = 0
+    every = config.evaluation_interval()
+    evaluations_due = config.rounds // every if every else 0
+    evaluated = 0
     first = True
     with Progress(
         TextColumn("[bold]round"),
@@ -329,12 +343,20 @@ def _collect(
         transient=False,
     ) as progress:
         bar = progress.add_task("rounds", total=config.rounds, status="starting devices...")
-        while completed < config.rounds:
+        while completed < config.rounds or evaluated < evaluations_due:
             try:
                 summary = events.get(timeout=1.0)
             except queue.Empty:
                 if server.coordinator.finished:
                     break
+                continue
+            if summary.kind == "evaluation":
+                evaluated += 1  # stored; federated_evaluation reads the results back
+                if summary.status != "evaluated":
+                    console.print(
+                        f"[yellow]evaluation round {summary.number} failed: "
+                        f"{summary.failure_reason}"
+                    )
                 continue
             if first:
                 result.startup_seconds = time.perf_counter() - started - summary.seconds
@@ -359,20 +381,29 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
     from rich.table import Table
 
     table = Table(title=f"Federated training of {result.model}: {config.clients} devices")
-    for col in ("round", "version", "participants", "dropouts", "accuracy", "loss", "seconds"):
+    # Federated accuracy (the devices' held-out data, summed counts) beside the server's.
+    federated = {
+        e["version"]: e["federated_accuracy"]
+        for e in result.federated_evaluation
+        if e["federated_accuracy"] is not None
+    }
+    columns = ["round", "version", "participants", "dropouts", "accuracy"]
+    columns += ["federated accuracy"] if federated else []
+    for col in (*columns, "loss", "seconds"):
         table.add_column(col, justify="right")
     for r in result.rounds:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        table.add_row(
+        fed = federated.get(r["version"])
+        cells = [
             str(r["round"]),
             str(r["version"] or "failed"),
             str(r["participants"]),
             str(r["dropouts"]),
             acc,
-            loss,
-            f"{r['seconds']:.2f}",
-        )
+        ]
+        cells += [("-" if fed is None else f"{fed:.4f}")] if federated else []
+        table.add_row(*cells, loss, f"{r['seconds']:.2f}")
     console = Console()
     console.print(table)
     done = [r for r in result.rounds if r["status"] == "completed"]
@@ -392,8 +423,9 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
             f"({privacy_status(eps[-1])}); ledger: xeno-fl admin --db {result.db} privacy-report",
             soft_wrap=True,
         )
-    if result.federated_evaluation:
-        last = result.federated_evaluation[-1]
+    scored = [e for e in result.federated_evaluation if e["federated_accuracy"] is not None]
+    if scored:
+        last = scored[-1]
         server_acc = last["server_accuracy"]
         personal = last["personalized_accuracy"]
         console.print(

@@ -59,6 +59,11 @@ class AdminStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.EvaluateModel = channel.unary_unary(
+                '/xeno.fl.v1.Admin/EvaluateModel',
+                request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelResponse.FromString,
+                _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/xeno.fl.v1.Admin/ListVersions',
                 request_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ListVersionsRequest.SerializeToString,
@@ -197,6 +202,18 @@ class AdminServicer:
         and performance history are kept: history is never rewritten. Returns the model as
         it is left (training false). Refused: the server's default model
         (FAILED_PRECONDITION), an unknown model (NOT_FOUND), no name (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateModel(self, request, context):
+        """Federated evaluation: schedule an evaluation-only round of a version (0: the head).
+        Devices that check in score it on their own held-out data and report counts
+        (summed under secure aggregation, with the model's user-level DP); the result is a
+        round of status "evaluated" in GetRoundHistory (metrics federated_accuracy, ...).
+        Refused: an unknown model or version (NOT_FOUND), a paused or finished model
+        (FAILED_PRECONDITION), no name (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -365,6 +382,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.SerializeToString,
+            ),
+            'EvaluateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateModel,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelResponse.SerializeToString,
             ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVersions,
@@ -602,6 +624,33 @@ class Admin:
             '/xeno.fl.v1.Admin/DeleteModel',
             xeno_dot_fl_dot_v1_dot_admin__pb2.DeleteModelRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_admin__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Admin/EvaluateModel',
+            xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_admin__pb2.EvaluateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -127,7 +127,7 @@ class FitConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., momentum: _Optional[float] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes", "secagg", "privacy")
+    __slots__ = ("round_id", "round_number", "model_name", "model_version", "model_spec", "config", "deadline_unix_ms", "model_bytes", "secagg", "privacy", "evaluation")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class Task(_message.Message):
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_number: int
     model_name: str
@@ -148,7 +149,16 @@ class Task(_message.Message):
     model_bytes: int
     secagg: SecAggConfig
     privacy: PrivacyConfig
-    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ..., secagg: _Optional[_Union[SecAggConfig, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ...) -> None: ...
+    evaluation: EvaluationTask
+    def __init__(self, round_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., model_spec: _Optional[_Union[_tensor_pb2.ModelSpec, _Mapping]] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_bytes: _Optional[int] = ..., secagg: _Optional[_Union[SecAggConfig, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationTask, _Mapping]] = ...) -> None: ...
+
+class EvaluationTask(_message.Message):
+    __slots__ = ("counts", "max_examples")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[str]
+    max_examples: int
+    def __init__(self, counts: _Optional[_Iterable[str]] = ..., max_examples: _Optional[int] = ...) -> None: ...
 
 class PrivacyConfig(_message.Message):
     __slots__ = ("dp_sgd", "user_dp")
@@ -294,6 +304,18 @@ class ReportMetricsRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ReportMetricsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportEvaluationRequest(_message.Message):
+    __slots__ = ("round_id", "counts")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round_id: _Optional[str] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReportEvaluationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

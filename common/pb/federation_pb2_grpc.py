@@ -59,6 +59,11 @@ class FederationStub:
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/xeno.fl.v1.Federation/ReportEvaluation',
+                request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationRequest.SerializeToString,
+                response_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationResponse.FromString,
+                _registered_method=True)
         self.DeclineTask = channel.unary_unary(
                 '/xeno.fl.v1.Federation/DeclineTask',
                 request_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.DeclineTaskRequest.SerializeToString,
@@ -145,6 +150,14 @@ class FederationServicer:
 
     def ReportMetrics(self, request, context):
         """Local metrics of a round the device took part in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEvaluation(self, request, context):
+        """The counts of an evaluation task (Task.evaluation) in a round without secure
+        aggregation; under secure aggregation they travel masked through UploadMasked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -261,6 +274,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsRequest.FromString,
                     response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationRequest.FromString,
+                    response_serializer=xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationResponse.SerializeToString,
             ),
             'DeclineTask': grpc.unary_unary_rpc_method_handler(
                     servicer.DeclineTask,
@@ -448,6 +466,33 @@ class Federation:
             '/xeno.fl.v1.Federation/ReportMetrics',
             xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsRequest.SerializeToString,
             xeno_dot_fl_dot_v1_dot_federation__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xeno.fl.v1.Federation/ReportEvaluation',
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationRequest.SerializeToString,
+            xeno_dot_fl_dot_v1_dot_federation__pb2.ReportEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -138,6 +138,47 @@ def prg_uint32(seed: bytes, length: int, out: np.ndarray | None = None) -> np.nd
     return out
 
 
+_APPLY_BLOCK = 1 << 15  # uint32 per block: the sum's block and a keystream block fit in L2
+
+
+def apply_masks(total: np.ndarray, masks: list[tuple[bytes, int]]) -> np.ndarray:
+    """total += sign x prg_uint32(seed) for every (seed, sign) in masks, modulo 2^32.
+
+    The same result as expanding each mask with `prg_uint32` and adding it, without
+    writing any whole mask to memory: the sum is walked in blocks of 128 KiB, and
+    each mask's AES-CTR keystream for a block (every mask keeps its own running
+    counter) is added while both are in cache. Unmasking a 1M-element sum of 100
+    devices went from 100 passes over two 4 MB arrays to one. Signs are +1 or -1.
+    """
+    if total.dtype != np.dtype("<u4") or total.ndim != 1:
+        raise ValueError("the sum must be a uint32 vector")
+    if any(len(seed) != SEED_BYTES for seed, _ in masks):
+        raise ValueError("mask seeds are 32 bytes")
+    if any(sign not in (1, -1) for _, sign in masks):
+        raise ValueError("mask signs are +1 or -1")
+    length = total.size
+    streams = [
+        (Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor(), sign)
+        for seed, sign in masks
+    ]
+    # update_into wants len(data) + 15 bytes of room: the block is written into a
+    # larger buffer, the keystream is its first 4 x block bytes.
+    room = np.empty(4 * _APPLY_BLOCK + _CTR_SLACK + 1, dtype=np.uint8)
+    room_bytes = memoryview(room)  # type: ignore[arg-type]
+    for start in range(0, length, _APPLY_BLOCK):
+        stop = min(start + _APPLY_BLOCK, length)
+        nbytes = 4 * (stop - start)
+        block = total[start:stop]
+        keystream = room[:nbytes].view("<u4")
+        for encryptor, sign in streams:
+            encryptor.update_into(_ZEROS[:nbytes], room_bytes[: nbytes + _CTR_SLACK])
+            if sign > 0:
+                np.add(block, keystream, out=block)
+            else:
+                np.subtract(block, keystream, out=block)
+    return total
+
+
 SURVIVORS_CONTEXT = b"xeno-fl/secagg/v1/survivors"
 SHARE_COMMITMENT_CONTEXT = b"xeno-fl/secagg/v1/share-commitment"
 COMMITMENT_BYTES = 32

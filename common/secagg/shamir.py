@@ -38,14 +38,31 @@ def combine(shares: Mapping[int, int], threshold: int, secret_len: int = 32) -> 
     if len(shares) < threshold:
         raise ValueError(f"{len(shares)} shares, {threshold} needed")
     points = list(shares.items())[:threshold]
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+    xs = [x for x, _ in points]
+    # Lagrange at 0: secret = sum y_i num_i / den_i. The points are small integers
+    # (ranks of devices), so num_i and den_i are exact products of small integers,
+    # reduced once; and one modular inverse serves all the den_i (Montgomery's batch
+    # inversion). The unmasking combines one secret per surviving device.
+    product = 1
+    for x in xs:
+        product *= -x
+    nums = [product // -x % PRIME for x in xs]
+    dens = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
             if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+                den *= xi - xj
+        dens.append(den % PRIME)
+    prefix = [1]
+    for den in dens:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)  # 1 / (den_0 ... den_{t-1})
+    secret = 0
+    for i in range(len(points) - 1, -1, -1):
+        inv_den = inverse * prefix[i] % PRIME  # 1 / den_i
+        inverse = inverse * dens[i] % PRIME  # 1 / (den_0 ... den_{i-1})
+        secret = (secret + points[i][1] * nums[i] * inv_den) % PRIME
     if secret >= 1 << (8 * secret_len):
         raise ValueError("shares are inconsistent: the result is not a secret of this size")
     return secret.to_bytes(secret_len, "big")

@@ -41,6 +41,8 @@ log = logging.getLogger("xeno.lifecycle.performance")
 _METRIC = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 # What every round records (those present in its summary).
 ROUND_METRICS = ("accuracy", "loss", "participants", "dropouts", "round_seconds")
+# What an evaluation round records for the version it scored (federated evaluation).
+FEDERATED_METRICS = ("federated_accuracy", "federated_personalized_accuracy", "eval_examples")
 
 
 class AlertKind:
@@ -164,16 +166,25 @@ class PerformanceLog:
         return len(checked)
 
     def record_round(self, model_name: str, summary: RoundSummary) -> list[Alert]:
-        """What a finished round says about the model: accuracy, loss, counts, seconds."""
+        """What a finished round says about the model: accuracy, loss, counts, seconds.
+
+        An evaluation round records its federated accuracy (and personalized accuracy,
+        examples) for the version it scored: one row per metric, `version` that version.
+        """
         values: dict[str, float] = {
             "participants": float(summary.participants),
             "dropouts": float(summary.dropouts),
             "round_seconds": float(summary.seconds),
         }
-        for key in ("accuracy", "loss"):
+        keys: tuple[str, ...] = ("accuracy", "loss")
+        if summary.kind == "evaluation":
+            values = {}
+            keys = FEDERATED_METRICS
+        for key in keys:
             if key in summary.metrics and math.isfinite(summary.metrics[key]):
                 values[key] = float(summary.metrics[key])
-        context = {"source": "round", "status": summary.status}
+        source = "round" if summary.kind == "training" else summary.kind
+        context = {"source": source, "status": summary.status}
         now = utcnow()
         with self.store.session() as s, s.begin():
             model_id = self._model_id(s, model_name)

@@ -34,11 +34,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from common.fedeval import EVAL_COUNTS, check_counts, eval_clip_norm, evaluation_fixed_point
 from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted
+from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted, hold
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -116,6 +117,11 @@ class RoundConfig:
     keep_versions: int = 0
     keep_every: int = 0
     retention_batch: int = 20  # versions deleted per transaction
+    # Federated evaluation: after every eval_every-th completed round (0: never) an
+    # evaluation-only round scores the new version on the devices' held-out data, each
+    # device counting at most eval_max_examples of its examples (the DP clip's bound).
+    eval_every: int = 0
+    eval_max_examples: int = 1000
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -148,6 +154,10 @@ class RoundConfig:
             )
         if self.dp_sgd and self.dp_sgd_max_grad_norm <= 0:
             raise ValueError("the DP-SGD per-sample clip must be positive")
+        if self.eval_every < 0:
+            raise ValueError("--eval-every must be non-negative (0: no federated evaluation)")
+        if not 1 <= self.eval_max_examples <= 1_000_000:
+            raise ValueError("--eval-max-examples must be in 1..1000000")
 
     @property
     def cohort_size(self) -> int:
@@ -222,6 +232,8 @@ class TaskInfo:
     secagg: SecAggTask | None = None
     user_dp: UserDpPolicy | None = None
     dp_sgd: DpSgdTask | None = None
+    # Set: an evaluation-only task; devices report counts of at most this many examples.
+    eval_max_examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,9 @@ class RoundSummary:
     seconds: float
     metrics: dict[str, float]
     failure_reason: str = ""
+    # "training", or "evaluation": a round that scored `version` on the devices' held-out
+    # data (metrics federated_accuracy, ...) and produced no version.
+    kind: str = "training"
 
 
 @dataclass(frozen=True)
@@ -299,6 +314,9 @@ class _Round:
     updates: np.ndarray | None = None
     kept: int = 0
     clipped: int = 0  # updates the server-side clip scaled down
+    # Evaluation-only round: devices report counts of the base version, nothing is trained.
+    evaluation: bool = False
+    counts: np.ndarray | None = None  # plain evaluation rounds: the running sum of counts
 
     def count(self, *statuses: Status) -> int:
         return sum(p.status in statuses for p in self.cohort.values())
@@ -324,7 +342,12 @@ def check_strategy(strategy: Strategy, config: RoundConfig) -> None:
 
 
 class RoundCoordinator:
-    """Drives the rounds of one model. Thread-safe; gRPC handlers call it concurrently."""
+    """Drives the rounds of one model. Thread-safe; gRPC handlers call it concurrently.
+
+    The secure-aggregation phase calls (keys, shares, an upload's header, the unmask
+    request, the confirmation) take the lock with `hold`: the transport runs them on
+    its event loop, where the lock is only tried (server/errors.py, WouldWait).
+    """
 
     def __init__(
         self,
@@ -371,6 +394,10 @@ class RoundCoordinator:
         self._finished = False
         # Paused: no round starts (an open one finishes) and no device counts as available.
         self._paused = False
+        # Versions waiting for an evaluation-only round (they start before training rounds),
+        # and whether training has done its rounds (the federation ends once they ran).
+        self._eval_queue: collections.deque[int] = collections.deque()
+        self._training_done = False
         self._listeners: list[Callable[[RoundSummary], None]] = []
         self._start_listeners: list[Callable[[str], None]] = []
         self._driver: threading.Thread | None = None
@@ -484,6 +511,53 @@ class RoundCoordinator:
             self._paused = False
             self._cond.notify_all()
             self._signal(Change.ROUND)
+
+    def schedule_evaluation(self, version: int = 0) -> tuple[int, int]:
+        """Queue an evaluation-only round of `version` (0: the head): (version, queued).
+
+        Refused with FederationError, changing nothing: a negative version
+        (INVALID_ARGUMENT), one the store does not hold (NOT_FOUND), a paused or
+        finished model (FAILED_PRECONDITION). A version already queued is not queued twice.
+        """
+        if version < 0:
+            raise FederationError(ErrorKind.INVALID_ARGUMENT, "the version must be positive")
+        self._check_evaluable()
+        target = version or self.model.current_version
+        versions = [v.version for v in self.store.list_versions(self.model_name)]
+        if target not in versions:
+            held = f"{min(versions)}..{max(versions)}" if versions else "none"
+            raise FederationError(
+                ErrorKind.NOT_FOUND,
+                f"model {self.model_name!r} has no version {target} (versions held: {held})",
+            )
+        with self._cond:
+            self._check_evaluable()
+            if target not in self._eval_queue:
+                self._eval_queue.append(target)
+            queued = len(self._eval_queue)
+            self._cond.notify_all()
+            self._signal(Change.ROUND)
+        log.info("model %s: evaluation of version %d scheduled", self.model_name, target)
+        return target, queued
+
+    def _check_evaluable(self) -> None:
+        if self._finished:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"model {self.model_name!r} runs no more rounds "
+                f"({self.budget_exhausted or 'its federation has finished'})",
+            )
+        if self._paused:
+            raise FederationError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"model {self.model_name!r} is paused: resume it to run an evaluation round",
+            )
+
+    @property
+    def pending_evaluations(self) -> list[int]:
+        """Versions waiting for their evaluation round, oldest first."""
+        with self._cond:
+            return list(self._eval_queue)
 
     def check_in_now(self, device_id: str) -> CheckInOutcome | None:
         """A task for this device or the end of the federation; None: nothing yet.
@@ -651,6 +725,12 @@ class RoundCoordinator:
         with self._cond:
             rnd = self._active_round(round_id)
             participant = self._member(rnd, device_id)
+            if rnd.evaluation:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "this is an evaluation round: it takes counts, not an update "
+                    "(ReportEvaluation, or UploadMasked under secure aggregation)",
+                )
             if rnd.secagg is not None:
                 raise FederationError(
                     ErrorKind.FAILED_PRECONDITION,
@@ -759,6 +839,41 @@ class RoundCoordinator:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "at most 64 metrics per report")
             participant.metrics = dict(metrics)
 
+    def report_evaluation(self, device_id: str, round_id: str, counts: list[int]) -> None:
+        """A device's counts in a plain evaluation round; raises FederationError."""
+        with self._cond:
+            rnd = self._active_round(round_id)
+            participant = self._member(rnd, device_id)
+            if not rnd.evaluation:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"round {round_id} is a training round: it takes an update, not counts",
+                )
+            if rnd.secagg is not None:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "this evaluation uses secure aggregation: send the counts with UploadMasked",
+                )
+            if participant.status is Status.UPLOADED:
+                raise FederationError(
+                    ErrorKind.ALREADY_EXISTS,
+                    f"counts from this device for round {round_id} were already accepted",
+                )
+            if participant.status is not Status.SELECTED:
+                raise FederationError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"device is {participant.status.value} in round {round_id}",
+                )
+            try:
+                values = check_counts(counts, self.config.eval_max_examples)
+            except ValueError as exc:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            assert rnd.counts is not None
+            rnd.counts += np.asarray(values, dtype=np.int64)
+            participant.status = Status.UPLOADED
+            participant.num_examples = values[0]
+            self._cond.notify_all()
+
     def decline(self, device_id: str, round_id: str, reason: str) -> None:
         with self._cond:
             rnd = self._active_round(round_id)
@@ -821,7 +936,7 @@ class RoundCoordinator:
 
         Idempotent; raises Pending while the phase is open.
         """
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.keys.get(device_id)
             if secagg.phase is Phase.ADVERTISE or mine is None:
@@ -851,7 +966,7 @@ class RoundCoordinator:
 
         Idempotent; raises Pending while the phase is open.
         """
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             sent = secagg.shares.get(device_id)
             if secagg.phase is Phase.SHARE or sent is None:
@@ -866,7 +981,7 @@ class RoundCoordinator:
         self, device_id: str, round_id: str, total_elements: int, total_bytes: int
     ) -> UploadSession:
         """Phase 3: validate a masked upload's header and reserve a staging buffer."""
-        with self._cond:
+        with hold(self._cond):
             rnd, secagg = self._secagg_round(device_id, round_id)
             if total_bytes != 4 * total_elements:
                 raise FederationError(
@@ -885,7 +1000,7 @@ class RoundCoordinator:
         Pending while the upload phase is open, and RoundCompleted when the round already
         completed with this device's update in its sum (the others' shares sufficed).
         """
-        with self._cond:
+        with hold(self._cond):
             self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             if secagg.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
@@ -911,7 +1026,7 @@ class RoundCoordinator:
         Idempotent; raises Pending while the phase is open, RoundCompleted once the round
         completed with this device's update in its sum.
         """
-        with self._cond:
+        with hold(self._cond):
             self._check_completed(device_id, round_id)
             rnd, secagg = self._secagg_round(device_id, round_id)
             mine = secagg.confirmations.get(device_id)
@@ -1072,6 +1187,62 @@ class RoundCoordinator:
         if self._driver is not None:
             self._driver.join(timeout=10)
 
+    def abort_open_round(self, reason: str) -> RoundSummary | None:
+        """End the open round without a result, as "aborted" with reason; after stop().
+
+        For a model being deleted: no driver will close its round, which would
+        otherwise read "running" for ever. Its uploads in progress are cut off and
+        its participants recorded as they stand. None when no round was open, or
+        when the driver was already closing it (it records that end itself).
+        """
+        with self._cond:
+            rnd = self._round
+            if rnd is None or rnd.closing:
+                return None
+            rnd.closing = True  # uploads and phase calls are refused from here on
+            in_flight = list(rnd.sessions)
+        for session in in_flight:
+            session.abort(reason)
+        seconds = self.clock() - rnd.started
+        participants = [p.record() for p in rnd.cohort.values()]
+        try:
+            retry_transient(
+                lambda: self.store.fail_round(rnd.id, reason, seconds, participants, "aborted"),
+                self.config.store_retry_s,
+                f"recording the abort of round {rnd.number}",
+            )
+        except Exception as error:
+            # The row stays "running"; the next start of this model (if it is created
+            # again) marks it failed, as after a crash.
+            log.error("round %d: its abort could not be recorded (%s)", rnd.number, error)
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status="aborted",
+            version=None,
+            selected=len(rnd.cohort),
+            participants=rnd.count(Status.UPLOADED),
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics={},
+            failure_reason=reason,
+        )
+        with self._cond:
+            self._closed_rounds[rnd.id] = summary.status
+            self._round = None
+            self._cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
+        log.warning("round %d aborted: %s", rnd.number, reason)
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
     def wait_finished(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._finished, timeout)
@@ -1094,6 +1265,26 @@ class RoundCoordinator:
         return CheckInOutcome(task=self._task_info(rnd))
 
     def _task_info(self, rnd: _Round) -> TaskInfo:
+        if rnd.evaluation:
+            policy = self.config.user_dp
+            return TaskInfo(
+                round_id=rnd.id,
+                round_number=rnd.number,
+                model_name=self.model_name,
+                model_version=rnd.base_version,
+                model=self.model,
+                fit=rnd.fit,
+                deadline_unix_ms=rnd.deadline_unix_ms,
+                model_bytes=len(rnd.model_bytes),
+                secagg=rnd.secagg_task,
+                # The counts' clip (every count in [0, max examples]) is what the noise is for.
+                user_dp=(
+                    replace(policy, clip_norm=rnd.clip, target_quantile=0.0)
+                    if policy is not None
+                    else None
+                ),
+                eval_max_examples=self.config.eval_max_examples,
+            )
         return TaskInfo(
             round_id=rnd.id,
             round_number=rnd.number,
@@ -1154,15 +1345,37 @@ class RoundCoordinator:
             return
         if now < self._start_at:
             return  # the last start could not be written: back off
+        evaluating = bool(self._eval_queue)
+        if self._training_done and not evaluating:
+            return
         chosen = self._rng.sample(candidates, min(count, self.config.cohort_size))
         round_id = uuid.uuid4().hex
         version = self.model.current_version
+        vector = self._vector
         number = 0
         try:
-            if self._privacy_budget_exhausted(len(chosen)):
-                return
-            self._follow_head()
-            version = self.model.current_version
+            if evaluating:
+                version = self._eval_queue[0]
+                why = self._evaluation_refused(len(chosen))
+                if not why:
+                    try:
+                        vector = self.store.load_version(self.model_name, version)
+                    except KeyError:  # pruned by retention since it was queued
+                        why = "the version is no longer stored"
+                if why:
+                    self._eval_queue.popleft()
+                    log.warning("evaluation of version %d skipped: %s", version, why)
+                    if self._training_done and not self._eval_queue:
+                        self._finished = True
+                        self._cond.notify_all()
+                        self._signal(Change.ROUND)
+                    return
+            else:
+                if self._privacy_budget_exhausted(len(chosen)):
+                    return
+                self._follow_head()
+                version = self.model.current_version
+                vector = self._vector
             number = self.store.next_round_number(self.model_name)
             self.store.start_round(self.model_name, round_id, number, version, len(chosen))
         except Exception as error:
@@ -1187,13 +1400,15 @@ class RoundCoordinator:
         for dev in chosen:
             del self._available[dev]
         self._available_since = None
-        model_bytes = to_wire(self._vector)
+        if evaluating:
+            self._eval_queue.popleft()
+        model_bytes = to_wire(vector)
         wall_deadline = time.time() + self.config.round_deadline_s
         self._round = _Round(
             id=round_id,
             number=number,
             base_version=version,
-            base_vector=self._vector,
+            base_vector=vector,
             model_bytes=model_bytes,
             model_sha256=bytes.fromhex(sha256_hex(model_bytes)),
             fit=self.strategy.configure_fit(number),
@@ -1201,15 +1416,18 @@ class RoundCoordinator:
             started=now,
             deadline=now + self.config.round_deadline_s,
             deadline_unix_ms=int(wall_deadline * 1000),
-            accumulator=np.zeros(self._vector.size, dtype=np.float64),
-            clip=self._clip,
+            accumulator=np.zeros(0 if evaluating else vector.size, dtype=np.float64),
+            clip=eval_clip_norm(self.config.eval_max_examples) if evaluating else self._clip,
+            evaluation=evaluating,
+            counts=np.zeros(len(EVAL_COUNTS), dtype=np.int64) if evaluating else None,
         )
         if self.config.secagg:
             self._attach_secagg(self._round, now)
         log.info(
-            "round %d started: %d devices selected, base version %d",
+            "round %d started: %d devices selected, %s version %d",
             number,
             len(chosen),
+            "evaluating" if evaluating else "base",
             version,
             extra={"round": number, "round_id": round_id, "status": "started"},
         )
@@ -1243,6 +1461,29 @@ class RoundCoordinator:
         if cfg.user_dp is not None and cfg.user_dp.mechanism is UserDpMechanism.DISTRIBUTED:
             return cfg.user_dp.fixed_point(cohort, self.model.manifest.total_elements, self._clip)
         return FixedPoint.for_round(cfg.secagg_clip_norm, cohort, cfg.secagg_max_weight)
+
+    def _eval_fixed_point(self, cohort: int) -> FixedPoint:
+        """An evaluation round's exact integer encoding, with the model's distributed DP noise."""
+        policy, limit = self.config.user_dp, self.config.eval_max_examples
+        if policy is not None and policy.mechanism is UserDpMechanism.DISTRIBUTED:
+            z, m = policy.noise_multiplier, min(policy.min_contributors, cohort)
+            return evaluation_fixed_point(limit, cohort, z, m)
+        return evaluation_fixed_point(limit, cohort)
+
+    def _evaluation_refused(self, cohort: int) -> str:
+        """Why an evaluation round of this cohort may not start ("" when it may)."""
+        try:
+            fixed_point = self._eval_fixed_point(cohort) if self.config.secagg else None
+        except ValueError as exc:
+            return str(exc)
+        policy = self.config.user_dp
+        if policy is None or policy.budget <= 0:
+            return ""
+        account = self.privacy_account()
+        projected = account.epsilon_after(policy.spend(fixed_point))
+        if projected <= policy.budget:
+            return ""
+        return budget_message(self.model_name, account.epsilon, policy.budget, projected)
 
     def _privacy_record(self, rnd: _Round, contributors: int) -> PrivacyRecord | None:
         """The ledger entry of a round about to complete, with the model's new total."""
@@ -1297,7 +1538,7 @@ class RoundCoordinator:
         # Never below the malicious-model bound (devices refuse less).
         bound = threshold_bound(n, degree, cfg.secagg_corrupt_fraction)
         threshold = min(max(cfg.secagg_threshold, bound), degree + 1)
-        fixed_point = self._round_fixed_point(n)
+        fixed_point = self._eval_fixed_point(n) if rnd.evaluation else self._round_fixed_point(n)
         min_uploads = self._min_contributors(n)
         rnd.secagg_task = SecAggTask(threshold, degree, fixed_point, n, min_uploads)
         rnd.secagg = SecAggRound(
@@ -1312,7 +1553,10 @@ class RoundCoordinator:
                 min_uploads=min_uploads,
                 corrupt_fraction=cfg.secagg_corrupt_fraction,
             ),
-            vector_length=self.model.manifest.total_elements + 1,
+            vector_length=(
+                len(EVAL_COUNTS) if rnd.evaluation else self.model.manifest.total_elements
+            )
+            + 1,
             advertise_deadline=rnd.deadline,
             target=cfg.clients_per_round,
             recorder=self.recorder,
@@ -1333,6 +1577,8 @@ class RoundCoordinator:
             in_flight = list(rnd.sessions)
         for session in in_flight:  # their buffers go back to the pool now, not at their deadline
             session.abort("its round closed")
+        if rnd.evaluation:
+            return self._close_evaluation(rnd)
         accepted = rnd.count(Status.UPLOADED)
         seconds = self.clock() - rnd.started
         participants = [p.record() for p in rnd.cohort.values()]
@@ -1434,6 +1680,137 @@ class RoundCoordinator:
         if version is not None:
             self.apply_retention()
         return summary
+
+    def _close_evaluation(self, rnd: _Round) -> RoundSummary:
+        """Sum (or fail) a closing evaluation round and store its result; never raises.
+
+        The result is the sum of the devices' counts (under secure aggregation the
+        server learns nothing else), stored as the round's metrics with its ledger entry.
+        """
+        accepted = rnd.count(Status.UPLOADED)
+        seconds = self.clock() - rnd.started
+        participants = [p.record() for p in rnd.cohort.values()]
+        metrics: dict[str, float] = {}
+        privacy: PrivacyRecord | None = None
+        try:
+            metrics, privacy, reason = self._evaluation_result(rnd, accepted)
+        except Exception as error:
+            log.exception("evaluation round %d: summing failed", rnd.number)
+            reason = f"summing the counts failed: {describe_error(error)}"
+        status = "failed"
+        if not reason:
+            try:
+                retry_transient(
+                    lambda: self.store.complete_evaluation(
+                        rnd.id, metrics, seconds, participants, privacy
+                    ),
+                    self.config.store_retry_s,
+                    f"storing evaluation round {rnd.number}",
+                )
+                self.store_error = ""
+                status = "evaluated"
+            except Exception as error:
+                self.store_error = describe_error(error)
+                reason = f"the evaluation could not be stored ({self.store_error})"
+        if status == "failed":
+            metrics = {}
+            self._record_failure(rnd, reason, seconds, participants, None)
+        summary = RoundSummary(
+            round_id=rnd.id,
+            number=rnd.number,
+            status=status,
+            version=rnd.base_version,
+            selected=len(rnd.cohort),
+            participants=accepted,
+            dropouts=rnd.count(Status.SELECTED, Status.UPLOADING, Status.DECLINED),
+            bytes_in=sum(p.bytes_in for p in participants),
+            bytes_out=sum(p.bytes_out for p in participants),
+            seconds=seconds,
+            metrics=metrics,
+            failure_reason=reason,
+            kind="evaluation",
+        )
+        with self._cond:
+            self._closed_rounds[rnd.id] = status
+            while len(self._closed_rounds) > 1000:
+                self._closed_rounds.popitem(last=False)
+            if status == "evaluated":
+                uploaded = frozenset(
+                    d for d, p in rnd.cohort.items() if p.status is Status.UPLOADED
+                )
+                self._completed_uploads[rnd.id] = (rnd.base_version, uploaded)
+                while len(self._completed_uploads) > RECENT_COMPLETED_ROUNDS:
+                    self._completed_uploads.popitem(last=False)
+            self._round = None
+            if self._training_done and not self._eval_queue:
+                self._finished = True
+            self._cond.notify_all()
+            self._signal(Change.PHASE)
+            self._signal(Change.ROUND)
+        if status == "evaluated":
+            log.info(
+                "round %d evaluated version %d: %d/%d devices, %s",
+                rnd.number,
+                rnd.base_version,
+                accepted,
+                len(rnd.cohort),
+                {k: round(v, 4) for k, v in metrics.items()},
+            )
+        else:
+            log.warning("evaluation round %d failed: %s", rnd.number, reason)
+        for listener in self._listeners:
+            try:
+                listener(summary)
+            except Exception:
+                log.exception("round listener failed")
+        return summary
+
+    def _evaluation_result(
+        self, rnd: _Round, accepted: int
+    ) -> tuple[dict[str, float], PrivacyRecord | None, str]:
+        """(metrics, ledger entry, "") of an evaluation round, or ({}, None, why it failed)."""
+        if rnd.secagg is not None:
+            result = rnd.secagg.result
+            if result is None:
+                return {}, None, rnd.secagg.failure or "secure aggregation did not finish"
+            sums = np.asarray(result.weighted_sum, dtype=np.float64)
+            contributors = round(result.weight_sum)
+        else:
+            assert rnd.counts is not None
+            sums = rnd.counts.astype(np.float64)
+            contributors = accepted
+            central = self._central_dp
+            if central is not None and accepted:
+                # Trusted-server DP: the counts' sum gets Gaussian noise of std z x clip.
+                sums = sums + self._noise_rng.normal(
+                    0.0, central.noise_multiplier * rnd.clip, sums.size
+                )
+        if accepted < self.config.min_clients:
+            return (
+                {},
+                None,
+                f"only {accepted} device(s) reported counts, {self.config.min_clients} needed",
+            )
+        examples, correct, personal = (float(v) for v in sums[: len(EVAL_COUNTS)])
+        metrics: dict[str, float] = {
+            "evaluation": 1.0,
+            "eval_devices": float(contributors),
+            "eval_examples": examples,
+            "eval_correct": correct,
+            "eval_personal_correct": personal,
+            "eval_max_examples": float(self.config.eval_max_examples),
+        }
+        if examples > 0:
+            # Noisy sums (DP) may fall outside [0, examples]: the accuracy is clamped.
+            metrics["federated_accuracy"] = min(1.0, max(0.0, correct / examples))
+            if rnd.fit.extra.get("personalization", "none") != "none":
+                metrics["federated_personalized_accuracy"] = min(1.0, max(0.0, personal / examples))
+        if rnd.secagg is not None:
+            metrics["secagg"] = 1.0
+        privacy = self._privacy_record(rnd, contributors)
+        if privacy is not None:
+            metrics["dp_epsilon"] = privacy.epsilon
+        return metrics, privacy, ""
 
     def apply_retention(self, max_batches: int = 5) -> list[int]:
         """Delete versions the retention policy no longer keeps, a small transaction at a time.
@@ -1544,8 +1921,13 @@ class RoundCoordinator:
         self.strategy.load_state_dict(result.strategy_state)
         self.model = ModelRecord(**{**self.model.__dict__, "current_version": version})
         self._completed_this_run += 1
+        every = self.config.eval_every
+        if every and self._completed_this_run % every == 0 and version not in self._eval_queue:
+            self._eval_queue.append(version)
         if self.config.rounds and self._completed_this_run >= self.config.rounds:
-            self._finished = True
+            # The evaluations still queued run first (of the last version, with eval_every).
+            self._training_done = True
+            self._finished = not self._eval_queue
 
     def _record_failure(
         self,

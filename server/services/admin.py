@@ -107,7 +107,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if self.models is None:
             raise FederationError(
                 ErrorKind.FAILED_PRECONDITION,
-                "models are created, paused and resumed on a running server: use --server",
+                "models are created, paused, resumed, deleted and evaluated on a running "
+                "server: use --server",
             )
         return self.models
 
@@ -148,6 +149,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             return self._describe(request.name)
 
         return self._run(context, delete)
+
+    def EvaluateModel(
+        self, request: pb.EvaluateModelRequest, context: grpc.ServicerContext
+    ) -> pb.EvaluateModelResponse:
+        def evaluate() -> pb.EvaluateModelResponse:
+            if not request.name:
+                raise FederationError(ErrorKind.INVALID_ARGUMENT, "name the model to evaluate")
+            if self.store.get_model(request.name) is None:
+                known = ", ".join(m.name for m in self.store.list_models()) or "none"
+                raise FederationError(
+                    ErrorKind.NOT_FOUND, f"no model {request.name!r}; models: {known}"
+                )
+            model = self._runner().get(request.name)  # NOT_FOUND once deleted
+            version, queued = model.coordinator.schedule_evaluation(request.version)
+            return pb.EvaluateModelResponse(name=request.name, version=version, queued=queued)
+
+        return self._run(context, evaluate)
 
     def _set_paused(self, name: str, paused: bool) -> pb.ModelInfo:
         self._runner().set_paused(name, paused)

@@ -10,6 +10,13 @@ the awaited `Change`, then runs again (every such domain call is idempotent).
 So a cohort of 1,000 devices waiting in a phase costs 1,000 coroutines, not
 1,000 threads. Any new unary method gets this for free: raise `Pending` in the
 domain call and register the servicer with `register_servicer`.
+
+Methods marked `@on_loop` (the short secure-aggregation phase calls) skip the
+pool: they run on the event loop itself, unless the coordinator's lock is taken
+(`hold` raises `WouldWait` before anything changed), and only then in the pool.
+The hop to a worker thread and back cost more server CPU than such a call's own
+work: ~100 us of futex wake-ups, self-pipe writes and GIL hand-offs per call,
+for ~1,300 calls in a secure round of 100 devices.
 """
 
 from __future__ import annotations
@@ -27,12 +34,26 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import Change, FederationError, Pending
+from server.errors import Change, FederationError, Pending, WouldWait, call_without_waiting
 from server.services.common import AuthenticatedContext, status_of
 
 log = logging.getLogger("xeno.server.aio")
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ON_LOOP = "__xeno_on_loop__"
+
+
+def on_loop(method: F) -> F:
+    """Mark a plain servicer method as cheap and non-blocking: run it on the event loop.
+
+    Its domain calls must take their first lock with `hold` and do no I/O: they run
+    between two events of every other call (see the module docstring).
+    """
+    setattr(method, _ON_LOOP, True)
+    return method
+
 
 # A safety net only: every change a waiting call needs is announced (the round driver
 # announces phases that close at their deadline), and asking 100 waiting devices again
@@ -122,13 +143,20 @@ class Runner:
         self.pool = pool
         self.changes = changes
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the pool (with the caller's context variables), once."""
+    async def run(self, fn: Callable[..., T], *args: Any, on_loop: bool = False) -> T:
+        """fn(*args) in the pool (with the caller's context variables), once.
+
+        With on_loop, on the event loop itself, unless its first lock is taken
+        (WouldWait: nothing changed), and then in the pool.
+        """
+        if on_loop:
+            with contextlib.suppress(WouldWait):
+                return call_without_waiting(fn, *args)
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         return await loop.run_in_executor(self.pool, functools.partial(ctx.run, fn, *args))
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, on_loop: bool = False) -> T:
         """fn(*args), called again on each announced change while it raises Pending.
 
         Raises the Pending's `expired` FederationError once its timeout has passed.
@@ -138,7 +166,7 @@ class Runner:
         while True:
             marks = self.changes.marks()
             try:
-                return await self.run(fn, *args)
+                return await self.run(fn, *args, on_loop=on_loop)
             except Pending as pending:
                 now = loop.time()
                 if give_up is None:
@@ -192,9 +220,11 @@ async def abort_with(context: grpc.aio.ServicerContext, error: FederationError) 
 
 
 def _unary(behavior: Callable[..., Any], runner: Runner) -> Callable[..., Any]:
+    inline = bool(getattr(behavior, _ON_LOOP, False))
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         try:
-            return await runner.call(behavior, request, sync_view(context))
+            return await runner.call(behavior, request, sync_view(context), on_loop=inline)
         except AbortRpc as abort:
             await context.abort(abort.code, abort.details)
         except FederationError as err:  # a Pending that expired

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from common.certs import CertKind
+from common.fedeval import EVAL_COUNTS
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc, tensor_pb2
 from common.tensors import CHUNK_BYTES, FramedChunk, Manifest, iter_chunks
@@ -23,7 +24,14 @@ from server.registry import DeviceRegistry
 from server.rounds import RoundCoordinator, TaskInfo, UploadSession
 from server.runner import ModelRunner
 from server.secagg import DeviceKeys, ShareKind
-from server.services.aio import RECHECK_S, Changes, Runner, capture_handlers, register_servicer
+from server.services.aio import (
+    RECHECK_S,
+    Changes,
+    Runner,
+    capture_handlers,
+    on_loop,
+    register_servicer,
+)
 from server.services.common import abort, abort_async, device_id_of
 
 log = logging.getLogger("xeno.server.federation")
@@ -53,6 +61,11 @@ def task_to_proto(task: TaskInfo) -> pb.Task:
         model_bytes=task.model_bytes,
         secagg=_secagg_config(task),
         privacy=_privacy_config(task),
+        evaluation=(
+            pb.EvaluationTask(counts=list(EVAL_COUNTS), max_examples=task.eval_max_examples)
+            if task.eval_max_examples
+            else None
+        ),
     )
 
 
@@ -127,6 +140,7 @@ async def _receive_stream(
     context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     rpc: str,
     device: str,
+    begin_on_loop: bool = False,
 ) -> int:
     """Header first, then data chunks into a staged session; commit or abort it whole.
 
@@ -148,7 +162,7 @@ async def _receive_stream(
                 header = header_type.FromString(FramedChunk(first).header_bytes)
             except DecodeError:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "malformed header") from None
-            session = await runner.run(begin, header)
+            session = await runner.run(begin, header, on_loop=begin_on_loop)
             await runner.call(session.await_buffer)  # before reading any data (see there)
             async for raw in messages:
                 msg = FramedChunk(raw)
@@ -481,6 +495,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             abort(context, err, "ReportMetrics", device)
         return pb.ReportMetricsResponse()
 
+    def ReportEvaluation(
+        self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.ReportEvaluationResponse:
+        device = device_id_of(context)
+        try:
+            self._of(request.round_id).report_evaluation(
+                device, request.round_id, list(request.counts)
+            )
+        except FederationError as err:
+            abort(context, err, "ReportEvaluation", device)
+        return pb.ReportEvaluationResponse()
+
     def DeclineTask(
         self, request: pb.DeclineTaskRequest, context: grpc.ServicerContext
     ) -> pb.DeclineTaskResponse:
@@ -520,6 +546,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
         return pb.ForgetResponse(participations_deleted=parts, ab_results_deleted=results)
 
     # ------------------------------------------------------------------ secure aggregation
+    @on_loop
     def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
     ) -> pb.AdvertiseKeysResponse:
@@ -544,6 +571,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             threshold=threshold,
         )
 
+    @on_loop
     def ShareKeys(
         self, request: pb.ShareKeysRequest, context: grpc.ServicerContext
     ) -> pb.ShareKeysResponse:
@@ -592,10 +620,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             )
 
         received = await _receive_stream(
-            self.runner, request_iterator, pb.MaskedHeader, begin, context, "UploadMasked", device
+            self.runner,
+            request_iterator,
+            pb.MaskedHeader,
+            begin,
+            context,
+            "UploadMasked",
+            device,
+            begin_on_loop=True,  # begin_masked_upload takes its lock with `hold`
         )
         return pb.UploadMaskedResponse(received_bytes=received)
 
+    @on_loop
     def GetUnmaskRequest(
         self, request: pb.GetUnmaskRequestRequest, context: grpc.ServicerContext
     ) -> pb.UnmaskRequest:
@@ -612,6 +648,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):  # type: ignor
             survivors=survivors, dropped=dropped, total_survivors=total, round_survivors=everyone
         )
 
+    @on_loop
     def ConfirmSurvivors(
         self, request: pb.ConfirmSurvivorsRequest, context: grpc.ServicerContext
     ) -> pb.ConfirmSurvivorsResponse:

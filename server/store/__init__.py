@@ -851,19 +851,27 @@ class Store:
             )
 
     def fail_round(
-        self, round_id: str, reason: str, seconds: float, participants: list[ParticipantRecord]
+        self,
+        round_id: str,
+        reason: str,
+        seconds: float,
+        participants: list[ParticipantRecord],
+        status: str = "failed",
     ) -> int | None:
         """Mark a running round failed. Idempotent; a round already ended is left as it is.
 
         Returns the round's version when it had in fact completed: a commit whose
         acknowledgement was lost (the connection dropped during COMMIT) looks like a
         failure to the caller, who must then adopt that version, not redo the round.
+        status "aborted": the round was closed on purpose (its model was deleted).
         """
+        if status not in ("failed", "aborted"):
+            raise ValueError(f"a round ends failed or aborted, not {status!r}")
         with self._session.begin() as s:
             row = s.get(RoundRow, round_id)
             if row is None or row.status != "running":
                 return row.result_version if row is not None else None
-            row.status = "failed"
+            row.status = status
             row.failure_reason = reason
             row.seconds = seconds
             row.ended_at = utcnow()
@@ -961,28 +969,54 @@ class Store:
                 setattr(rnd, key, value)
             s.add_all(_participant_rows(round_id, participants))
             if privacy is not None:
-                s.add(
-                    PrivacyLedgerRow(
-                        model_id=model.id,
-                        round_id=round_id,
-                        round_number=rnd.number,
-                        level=privacy.level,
-                        mechanism=privacy.mechanism,
-                        noise_multiplier=privacy.noise_multiplier,
-                        sample_rate=privacy.sample_rate,
-                        steps=privacy.steps,
-                        clip_norm=privacy.clip_norm,
-                        cohort=privacy.cohort,
-                        sensitivity=privacy.sensitivity,
-                        dimension=privacy.dimension,
-                        epsilon=privacy.epsilon,
-                        delta=privacy.delta,
-                        created_at=now,
-                    )
-                )
+                s.add(_ledger_row(model.id, round_id, rnd.number, privacy, now))
             s.flush()
             crash_point("version-write")
             return version
+
+    def complete_evaluation(
+        self,
+        round_id: str,
+        metrics: dict[str, float],
+        seconds: float,
+        participants: list[ParticipantRecord],
+        privacy: PrivacyRecord | None = None,
+    ) -> None:
+        """Store an evaluation round's result (status "evaluated") and its ledger entry.
+
+        One commit; no version is made (the round's base_version is the one scored).
+        Idempotent: a round already evaluated is left as it is.
+        """
+        now = utcnow()
+        with self._session.begin() as s:
+            rnd = s.get(RoundRow, round_id)
+            if rnd is None:
+                raise KeyError(f"unknown round {round_id!r}")
+            if rnd.status == "evaluated":
+                return
+            if rnd.status != "running":
+                raise RuntimeError(f"round {round_id} is {rnd.status}, not running")
+            rnd.status = "evaluated"
+            rnd.metrics = dict(metrics)
+            rnd.seconds = seconds
+            rnd.ended_at = now
+            for key, value in _round_counts(participants).items():
+                setattr(rnd, key, value)
+            s.add_all(_participant_rows(round_id, participants))
+            if privacy is not None:
+                s.add(_ledger_row(rnd.model_id, round_id, rnd.number, privacy, now))
+
+    def evaluations(self, name: str) -> list[RoundRow]:
+        """The model's evaluation rounds that produced a result, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(RoundRow)
+                    .join(ModelRow, ModelRow.id == RoundRow.model_id)
+                    .where(ModelRow.name == name, RoundRow.status == "evaluated")
+                    .order_by(RoundRow.number)
+                )
+            )
 
     def privacy_ledger(self, name: str) -> list[PrivacyRecord]:
         """The model's ledger, oldest first."""
@@ -1046,6 +1080,28 @@ class Store:
                     select(RoundParticipantRow).where(RoundParticipantRow.round_id == round_id)
                 )
             )
+
+
+def _ledger_row(
+    model_id: int, round_id: str, number: int, privacy: PrivacyRecord, now: datetime
+) -> PrivacyLedgerRow:
+    return PrivacyLedgerRow(
+        model_id=model_id,
+        round_id=round_id,
+        round_number=number,
+        level=privacy.level,
+        mechanism=privacy.mechanism,
+        noise_multiplier=privacy.noise_multiplier,
+        sample_rate=privacy.sample_rate,
+        steps=privacy.steps,
+        clip_norm=privacy.clip_norm,
+        cohort=privacy.cohort,
+        sensitivity=privacy.sensitivity,
+        dimension=privacy.dimension,
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        created_at=now,
+    )
 
 
 def _definition_row(model_id: int, d: ModelDefinition, now: datetime) -> ModelDefinitionRow:
