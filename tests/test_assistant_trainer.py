@@ -378,6 +378,7 @@ def test_prototype_prior_scores_cosine_to_the_intents_body_centroid() -> None:
     columns = pretrained_columns(stack)
     assert columns == [(slice(256, 272), pytest.approx(0.5 / np.sqrt(1.25)))]
     assert pretrained_columns(HashedNgramBody()) == []
+    assert pretrained_columns(StackedBody((HashedNgramBody(), ft), (1.0, 0.0))) == []
     prior = prototype_prior(stack.embed(texts), labels, classes, columns, 2.0)
     assert not prior[:256].any()  # nothing from the n-grams: they were learned nowhere
     # The plain reference: 2 x cosine between the body's vector and each intent's mean.

@@ -206,7 +206,10 @@ def pretrained_columns(body: TextBody) -> list[tuple[slice, float]]:
     body does); hashed n-grams are not. The prototype prior comes from these.
     """
     if isinstance(body, StackedBody):
-        return [(cols, norm) for part, cols, norm in body.columns() if _pretrained(part)]
+        # A part at weight 0 contributes zeros: nothing to build a prototype from.
+        return [
+            (cols, norm) for part, cols, norm in body.columns() if _pretrained(part) and norm > 0
+        ]
     return [(slice(0, body_dim(body)), 1.0)] if _pretrained(body) else []
 
 
