@@ -1,9 +1,18 @@
-"""The intent workload: the fastText-style model on CLINC150, centrally, and its DP-SGD cost.
+"""The intent workload (issue 13's figures): central, federated, personalized and private.
 
-    python benchmarks/intents.py                  # central accuracy + dp_sgd_overhead
-    python benchmarks/intents.py --overhead-only  # dp_sgd_overhead alone
+    python benchmarks/intents.py                          # every part (hours on 2 cores)
+    python benchmarks/intents.py --parts central          # central accuracy and oos-threshold
+    python benchmarks/intents.py --parts overhead         # dp_sgd_overhead
+    python benchmarks/intents.py --parts fed100           # 100 devices, and personalization
+    python benchmarks/intents.py --parts fed1000          # 1,000 devices
+    python benchmarks/intents.py --parts dp --dp-epsilons 1,3,8   # user-level DP, 1,000 devices
+    python benchmarks/intents.py --parts none --simulate-report R.json  # fold in a real run
 
-central: the model (`fasttext`, defaults: 8192 buckets, dim 64, char 3-5
+Each run updates --results (benchmarks/results/intents.json: the parts not run
+are kept), redraws the accuracy-epsilon plot (docs/intents_dp.png) when there
+are DP figures, and prints the whole record as one JSON line.
+
+central: the model (`fasttext`, defaults: 8192 buckets, dim 48, char 3-5
 grams) trained in one process on the 15,000 in-scope training queries (Adam,
 lr --lr, batch 32, --epochs epochs; the epoch with the best validation
 accuracy is kept), then scored on the 4,500 in-scope test queries:
@@ -17,6 +26,38 @@ out-of-scope test queries rejected. Larson et al.'s Table 2 gives, for
 oos-threshold on the full set, in-scope accuracy / OOS recall: FastText
 88.6 / 28.3, SVM 88.2 / 18.0, CNN 90.9 / 30.9, MLP 93.4 / 49.1, BERT 96.2 / 52.3.
 
+fed100, fed1000, dp: federated training over N simulated CLINC150 users
+(`client.datasource.SimulatedShard`: a Dirichlet(0.5) mix over the intents,
+a fifth of each user's queries kept as its held-out data), in one process
+(`federated`). Real code: each device's local training
+(`client.training.train_local`, FedRep's `client.personal.train_fedrep`
+with personalization), its secure-aggregation encoding
+(`common.quantize.FixedPoint.encode`: L2 clip, example weight, stochastic
+rounding to 32-bit fixed point, and under DP the device's own Skellam
+noise), the round's encoding as the coordinator sizes it
+(`FixedPoint.for_round` with `xeno.simulation.INTENTS_SECAGG_CLIP_NORM` and
+the server's max weight 1000; under DP `UserDpPolicy.fixed_point`), the
+noise the server derives from the target epsilon
+(`server.privacy.noise_for_target`, the function behind `--dp distributed
+--dp-target-epsilon E --dp-clip-norm C`), the decoding and mean the server
+takes, the server strategy (`server.strategies.make_strategy(...)
+.aggregate_fit`) and the ledger's accountant (`common.privacy.epsilon_of`
+of the rounds' `UserDpPolicy.spend`: the printed epsilon). Not run: the
+SecAgg+ protocol's key agreement, masking and unmasking, and gRPC. Its
+pairwise and self masks cancel exactly modulo 2^32, so the uint32 sum of the
+encodings taken here is bit for bit the sum the server unmasks (it differs
+from the exact sum of the clipped, weighted updates by less than
+`quantization_error_bound` per coordinate, with mean zero). Under DP every
+device's noise is sized so that any `min_contributors` (90% of the cohort:
+room for SecAgg+ dropouts) of them carry the accounted noise. `accuracy` is
+the global model's in-scope accuracy on the 4,500 test queries.
+Personalization (fed100): at the final model every user runs the device's
+FedRep first step (`client.personal.personalize`: the global head
+fine-tuned on its own training queries, the body frozen) and scores the
+global and the personalized model on its own held-out queries; the means
+over users and the paired difference's 95% interval are reported. The
+`personalization` part instead trains with FedRep throughout.
+
 dp_sgd_overhead: time of one local epoch over the whole training split,
 batch --batch-size (32), with DP-SGD as devices run it (`client.training.train_local_dp`:
 Poisson sampling, Opacus's optimizer and accountant, the clipped sum from
@@ -28,7 +69,9 @@ processes' load on a shared machine does not enter the ratio.
 the first 1,000 examples only (it takes about a minute per epoch of the
 full split).
 
-Prints one JSON line.
+Round seconds and bytes per device of the real system come from `xeno-fl
+simulate --report` runs folded in with --simulate-report; `peak_memory_mb`
+is this benchmark's own peak resident memory.
 """
 
 from __future__ import annotations
@@ -36,6 +79,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -51,6 +95,7 @@ from torch import nn
 from common.data import Dataset
 from common.data.clinc150 import load_clinc150
 from common.models import FastText
+from common.tensors import load_flat_into_module
 from common.text import featurize
 
 
@@ -177,133 +222,408 @@ def dp_sgd_overhead(repeats: int, batch_size: int = 32) -> dict[str, float]:
     }
 
 
-def personalization(
+def federated(
     users: int,
     rounds: int,
+    cohort: int,
     local_epochs: int,
-    personal_epochs: int,
     lr: float,
-    personal_lr: float,
+    batch_size: int,
+    strategy: str,
+    server_lr: float | None,
     seed: int,
+    dp_epsilon: float = 0.0,
+    dp_clip: float = 1.0,
+    dp_delta: float = 1e-6,
+    dp_min_fraction: float = 0.9,
+    personalization: bool = False,
+    score_personal: bool = False,
+    personal_epochs: int = 5,
+    personal_lr: float = 0.5,
+    eval_every: int = 5,
+    dim: int = 0,
+    optimizer: str = "adam",
 ) -> dict[str, Any]:
-    """FedRep over simulated CLINC150 users, in one process: global vs personalized accuracy.
+    """Federated training over simulated CLINC150 users in one process, as the system runs it.
 
-    Every user (Dirichlet(0.5) mix over the intents, `common.tasks`' simulated
-    users, each keeping a fifth of their queries held out) runs the device's
-    own FedRep round (`client.personal.train_fedrep`) each round, and the
-    server takes the example-weighted mean of the updates (FedAvg, no secure
-    aggregation: its sum is the same to within the quantization bound).
-    After `rounds` rounds, each user scores the final global model and its
-    personalized model (the final body under its personal head: the final
-    global head fine-tuned, as a device does at the start of a round) on its own held-out
-    queries; the means over users are reported, with the paired difference's
-    95% interval.
+    Real parts: each device's local training (`client.training.train_local`, or
+    `client.personal.train_fedrep` with personalization), its secure-aggregation
+    encoding (`common.quantize.FixedPoint.encode`: clip, weight, stochastic
+    rounding, and with DP the device's own Skellam noise), the round's fixed
+    point as the coordinator sizes it (`FixedPoint.for_round` with
+    INTENTS_SECAGG_CLIP_NORM and the server's max weight, or the DP policy's
+    `UserDpPolicy.fixed_point`), the noise the server derives from the target
+    epsilon (`server.privacy.noise_for_target`), the server strategy
+    (`server.strategies.make_strategy(...).aggregate_fit`) and the ledger's
+    accountant (`common.privacy.epsilon_of` of the round's `UserDpPolicy.spend`).
+    What is not run is the SecAgg+ protocol itself: its pairwise and self masks
+    cancel exactly modulo 2^32, so the uint32 sum of the encodings taken here
+    is bit for bit the sum the server unmasks (it then differs from the exact
+    sum of the clipped, weighted updates by less than `error_bound`).
     """
     from client.datasource import SimulatedShard
-    from client.personal import train_fedrep
-    from client.training import LocalTrainingConfig
-    from common.tasks import TaskName
+    from client.personal import personalize, train_fedrep
+    from client.training import LocalTrainingConfig, train_local
+    from common.privacy import epsilon_of
+    from common.quantize import FixedPoint, centered
+    from common.tasks import TaskName, TextShard
     from common.tensors import flatten_state_dict
+    from server.privacy import UserDpMechanism, UserDpPolicy, noise_for_target
+    from server.rounds.coordinator import RoundConfig
+    from server.strategies import FitInstructions, make_strategy
+    from xeno.simulation import INTENTS_SECAGG_CLIP_NORM
 
+    if not 1 <= cohort <= users:
+        raise ValueError("--cohort must be in 1..users")
     torch.manual_seed(seed)
-    model = FastText()
+    model = FastText(dim=dim) if dim else FastText()
     feats = model.features
+    data = load_clinc150()
+    x_test = featurize(data.test.texts, feats)
     shards = []
     for u in range(users):
         loaded = SimulatedShard(TaskName.INTENTS, u, users, alpha=0.5, seed=seed).load()
-        assert loaded.heldout is not None
+        assert isinstance(loaded.train, TextShard) and isinstance(loaded.heldout, TextShard)
         shards.append((loaded.train.featurized(feats), loaded.heldout.featurized(feats)))
     weights = flatten_state_dict(model.state_dict())
-    config = LocalTrainingConfig(local_epochs=local_epochs, batch_size=32, learning_rate=lr)
-    started = time.perf_counter()
-    per_round = []
-    for r in range(rounds + 1):
-        total = np.zeros_like(weights, dtype=np.float64)
-        examples = 0
-        global_acc, personal_acc = [], []
-        for train, heldout in shards:
-            out = train_fedrep(
-                model,
-                weights,
-                train,
-                heldout,
-                config,
-                personal_epochs,
-                personal_lr,
-                seed * 7919 + r,
-            )
-            global_acc.append(out.result.metrics["heldout_global_accuracy"])
-            personal_acc.append(out.result.metrics["heldout_personal_accuracy"])
-            total += out.result.num_examples * out.result.delta
-            examples += out.result.num_examples
-        per_round.append(
-            {
-                "round": r,
-                "global": float(np.mean(global_acc)),
-                "personal": float(np.mean(personal_acc)),
-            }
-        )
-        if r < rounds:  # the last pass only scores the final model
-            weights = (weights + total / examples).astype(np.float32)
-    diff = np.array(personal_acc) - np.array(global_acc)
-    half = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff))
-    return {
+    d = weights.size
+    config = LocalTrainingConfig(
+        local_epochs=local_epochs, batch_size=batch_size, learning_rate=lr, optimizer=optimizer
+    )
+    server = make_strategy(strategy, FitInstructions(), server_lr)
+    server.initialize(weights)
+    max_weight = RoundConfig.secagg_max_weight
+    policy = None
+    out: dict[str, Any] = {
         "users": users,
         "rounds": rounds,
+        "cohort": cohort,
         "local_epochs": local_epochs,
-        "personal_epochs": personal_epochs,
-        "personal_learning_rate": personal_lr,
-        "mean_global_accuracy": float(np.mean(global_acc)),
-        "mean_personalized_accuracy": float(np.mean(personal_acc)),
-        "personalized_minus_global": [float(diff.mean()) - half, float(diff.mean()) + half],
-        "users_personalized_better": int((diff > 0).sum()),
-        "per_round": per_round,
-        "seconds": round(time.perf_counter() - started, 1),
+        "learning_rate": lr,
+        "local_optimizer": optimizer,
+        "batch_size": batch_size,
+        "strategy": strategy,
+        "server_lr": server_lr,
+        "parameters": d,
     }
+    if dp_epsilon > 0:
+        need = max(1, math.ceil(dp_min_fraction * cohort))
+        z = noise_for_target(
+            UserDpMechanism.DISTRIBUTED, dp_epsilon, rounds, dp_delta, dp_clip, cohort, need, d
+        )
+        policy = UserDpPolicy(UserDpMechanism.DISTRIBUTED, z, dp_clip, need, dp_delta)
+        fp = policy.fixed_point(cohort, d)
+        spend = policy.spend(fp)
+        out["dp"] = {
+            "target_epsilon": dp_epsilon,
+            "epsilon": epsilon_of([spend] * rounds, dp_delta),
+            "delta": dp_delta,
+            "noise_multiplier": z,
+            "clip_norm": dp_clip,
+            "min_contributors": need,
+            "noise_std_of_mean": z * fp.sensitivity / fp.scale / cohort * math.sqrt(cohort / need),
+        }
+    else:
+        fp = FixedPoint.for_round(INTENTS_SECAGG_CLIP_NORM, cohort, max_weight)
+        out["secagg_clip_norm"] = INTENTS_SECAGG_CLIP_NORM
+    out["quantization_error_bound"] = fp.error_bound(cohort)
+
+    def test_accuracy(vector: np.ndarray) -> float:
+        load_flat_into_module(model, vector)
+        return float((_probabilities(model, x_test).argmax(1) == data.test.labels).mean())
+
+    choose = np.random.default_rng(seed + 1)
+    started = time.perf_counter()
+    curve, round_s = [], []
+    for r in range(rounds + 1):
+        if r % eval_every == 0 or r == rounds:
+            curve.append([r, round(test_accuracy(weights), 4)])
+            print(
+                json.dumps(
+                    {
+                        "round": r,
+                        "accuracy": curve[-1][1],
+                        "s": round(time.perf_counter() - started, 1),
+                    }
+                ),
+                file=sys.stderr,
+            )
+        if r == rounds:
+            break
+        began = time.perf_counter()
+        chosen = np.sort(choose.choice(users, cohort, replace=False))
+        total = np.zeros(d + 1, dtype=np.uint32)
+        for u in chosen:
+            train, heldout = shards[u]
+            device_seed = (seed * 1_000_003 + r * users + int(u)) % (1 << 31)
+            if personalization:
+                result = train_fedrep(
+                    model,
+                    weights,
+                    train,
+                    heldout,
+                    config,
+                    personal_epochs,
+                    personal_lr,
+                    device_seed,
+                ).result
+            else:
+                result = train_local(model, weights, train, config, device_seed)
+            device_rng = np.random.default_rng(device_seed)
+            total += fp.encode(result.delta, result.num_examples, device_rng)
+        weighted_sum, _ = fp.decode(total)
+        if policy is not None:
+            weight_sum = float(len(chosen))  # every DP upload weighs 1
+        else:
+            weight_sum = int(centered(total[-1:])[0]) / max_weight
+        mean_delta = (weighted_sum / weight_sum).astype(np.float32)
+        weights = server.aggregate_fit(weights, mean_delta)
+        round_s.append(time.perf_counter() - began)
+    out["accuracy"] = curve[-1][1]
+    out["accuracy_curve"] = curve
+    out["median_round_wall_s"] = statistics.median(round_s) if round_s else 0.0
+    if score_personal:
+        # Every user scores the final model and its personalized model on its own held-out
+        # queries: the device's FedRep first step (client.personal.personalize).
+        global_acc, personal_acc = [], []
+        for u, (train, heldout) in enumerate(shards):
+            gen = torch.Generator().manual_seed(seed * 7919 + u)
+            p = personalize(
+                model, weights, train, heldout, config, personal_epochs, personal_lr, gen
+            )
+            global_acc.append(p.global_correct / len(heldout))
+            personal_acc.append(p.personal_correct / len(heldout))
+        diff = np.array(personal_acc) - np.array(global_acc)
+        half = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff))
+        out["personalization"] = {
+            "method": "fedrep" if personalization else "fedavg, then FedRep's head fine-tuning",
+            "personal_epochs": personal_epochs,
+            "personal_learning_rate": personal_lr,
+            "mean_global_accuracy": float(np.mean(global_acc)),
+            "mean_personalized_accuracy": float(np.mean(personal_acc)),
+            "personalized_minus_global": float(diff.mean()),
+            "personalized_minus_global_95ci": [
+                float(diff.mean()) - half,
+                float(diff.mean()) + half,
+            ],
+            "users_personalized_better": int((diff > 0).sum()),
+            "users_personalized_worse": int((diff < 0).sum()),
+        }
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+FED_DEFAULTS: dict[str, Any] = {
+    # Devices: Adam (fresh each round), the local rate and epochs below, batch 16. Server:
+    # FedAvg with a server rate above 1 (the mean of non-IID updates moves each class's head
+    # row by only the share of users that hold the class).
+    "rounds": 12,
+    "local_epochs": 5,
+    "lr": 0.1,
+    "optimizer": "adam",
+    "strategy": "fedavg",
+    "server_lr": 3.0,
+    "cohort_1000": 1000,
+    "dp_clip": 1.0,
+    "dp_rounds": 12,
+    "personal_lr": 0.01,
+}
+
+RESULTS = Path(__file__).resolve().parent / "results" / "intents.json"
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "intents_dp.png"
+PARTS = ("central", "overhead", "fed100", "fed1000", "personalization", "dp")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against user-level epsilon (1,000 devices) beside the non-private figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp = results.get("dp", {})
+    eps = sorted(float(e) for e in dp)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    if eps:
+        acc = [100 * dp[f"{e:g}"]["accuracy"] for e in eps]
+        ax.plot(eps, acc, "o-", label="federated, user-level DP (Skellam, SecAgg+)")
+        for e, a in zip(eps, acc, strict=True):
+            ax.annotate(f"{a:.1f}", (e, a), textcoords="offset points", xytext=(4, -12))
+    if "fed1000" in results:
+        ax.axhline(
+            100 * results["fed1000"]["accuracy"],
+            ls="--",
+            c="gray",
+            label="federated, no DP (1,000 devices)",
+        )
+    if "central" in results:
+        ax.axhline(
+            100 * results["central"]["accuracy"], ls=":", c="black", label="central (one process)"
+        )
+    ax.set_xscale("log")
+    ax.set_xticks([1, 3, 8], labels=["1", "3", "8"])
+    ax.set_xlabel(r"user-level $\varepsilon$ ($\delta = 10^{-6}$)")
+    ax.set_ylabel("in-scope test accuracy (%)")
+    ax.set_title("CLINC150 intent model, 1,000 simulated devices")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {', '.join(PARTS)}; the others are kept "
+        "from --results",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON read and updated")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="accuracy-epsilon PNG")
+    parser.add_argument("--epochs", type=int, default=8, help="central epochs")
+    parser.add_argument("--lr", type=float, default=0.01, help="central Adam rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="of the overhead measurement")
-    parser.add_argument("--overhead-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=FED_DEFAULTS["rounds"])
+    parser.add_argument("--local-epochs", type=int, default=FED_DEFAULTS["local_epochs"])
     parser.add_argument(
-        "--personalization-only", action="store_true", help="only the FedRep measurement"
+        "--fed-lr", type=float, default=FED_DEFAULTS["lr"], help="devices' local learning rate"
     )
-    parser.add_argument("--users", type=int, default=100, help="of the FedRep measurement")
-    parser.add_argument("--rounds", type=int, default=10, help="of the FedRep measurement")
-    parser.add_argument("--local-epochs", type=int, default=2, help="of the FedRep body step")
+    parser.add_argument("--local-optimizer", default=FED_DEFAULTS["optimizer"])
+    parser.add_argument("--fed-batch-size", type=int, default=16)
+    parser.add_argument("--strategy", default=FED_DEFAULTS["strategy"])
+    parser.add_argument("--server-lr", type=float, default=FED_DEFAULTS["server_lr"])
+    parser.add_argument(
+        "--cohort-1000",
+        type=int,
+        default=FED_DEFAULTS["cohort_1000"],
+        help="devices per round of the 1,000-device runs",
+    )
+    parser.add_argument("--dp-epsilons", default="1,3,8")
+    parser.add_argument("--dp-clip-norm", type=float, default=FED_DEFAULTS["dp_clip"])
+    parser.add_argument("--dp-rounds", type=int, default=FED_DEFAULTS["dp_rounds"])
     parser.add_argument("--personal-epochs", type=int, default=5, help="FedRep head epochs")
-    parser.add_argument("--personal-lr", type=float, default=0.5, help="FedRep head SGD rate")
-    parser.add_argument("--fed-lr", type=float, default=5.0, help="devices' SGD learning rate")
+    parser.add_argument(
+        "--personal-lr", type=float, default=FED_DEFAULTS["personal_lr"], help="FedRep head rate"
+    )
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument(
+        "--simulate-report",
+        type=Path,
+        action="append",
+        default=[],
+        help="fold in a `xeno-fl simulate --report` JSON (the real system's round seconds, "
+        "bytes per device and accuracy); may repeat",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out: dict[str, Any] = {}
-    if not args.overhead_only:
-        fedrep = personalization(
-            args.users,
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS) - {"none"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    out: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
+    common = {
+        "local_epochs": args.local_epochs,
+        "lr": args.fed_lr,
+        "batch_size": args.fed_batch_size,
+        "strategy": args.strategy,
+        "server_lr": args.server_lr,
+        "seed": args.seed,
+        "optimizer": args.local_optimizer,
+        "eval_every": args.eval_every,
+    }
+    if "central" in parts:
+        c = central(args.epochs, args.lr, args.seed)
+        out["central"] = c
+        out["oos"] = c["oos_threshold"]
+    if "overhead" in parts:
+        overhead = dp_sgd_overhead(args.repeats, args.batch_size)
+        out["dp_sgd_overhead"] = overhead["ratio"]
+        out["dp_sgd_epoch_seconds"] = overhead
+        out["batch_size"] = args.batch_size
+    if "fed100" in parts:
+        # The final model's personalization too: every user's FedRep head fine-tuning of it.
+        out["fed100"] = federated(
+            100,
             args.rounds,
-            args.local_epochs,
-            args.personal_epochs,
-            args.fed_lr,
-            args.personal_lr,
-            args.seed,
+            100,
+            score_personal=True,
+            personal_epochs=args.personal_epochs,
+            personal_lr=args.personal_lr,
+            **common,
+        )
+    if "fed1000" in parts:
+        out["fed1000"] = federated(1000, args.rounds, args.cohort_1000, **common)
+    if "personalization" in parts:
+        fedrep = federated(
+            100,
+            args.rounds,
+            100,
+            personalization=True,
+            score_personal=True,
+            personal_epochs=args.personal_epochs,
+            personal_lr=args.personal_lr,
+            **common,
         )
         out["personalization"] = fedrep
-        out["mean_global_accuracy"] = fedrep["mean_global_accuracy"]
-        out["mean_personalized_accuracy"] = fedrep["mean_personalized_accuracy"]
-        if args.personalization_only:
-            print(json.dumps(out))
-            return
-        out["central"] = central(args.epochs, args.lr, args.seed)
-    overhead = dp_sgd_overhead(args.repeats, args.batch_size)
-    out["dp_sgd_overhead"] = overhead["ratio"]
-    out["dp_sgd_epoch_seconds"] = overhead
-    out["batch_size"] = args.batch_size
+    if "dp" in parts:
+        dp = out.setdefault("dp", {})
+        for eps in (float(e) for e in args.dp_epsilons.split(",")):
+            dp[f"{eps:g}"] = federated(
+                1000,
+                args.dp_rounds,
+                args.cohort_1000,
+                dp_epsilon=eps,
+                dp_clip=args.dp_clip_norm,
+                **common,
+            )
+    for report in args.simulate_report:
+        sim = json.loads(report.read_text())
+        done = [r for r in sim["rounds"] if r["status"] == "completed"]
+        clients = max(r["selected"] for r in done)
+        out.setdefault("simulation", {})[str(clients)] = {
+            "report": str(report),
+            "rounds": len(done),
+            "accuracy": done[-1]["accuracy"],
+            "median_round_seconds": statistics.median(r["seconds"] for r in done),
+            "bytes_per_device_per_round": statistics.median(
+                (r["bytes_in"] + r["bytes_out"]) / max(r["participants"], 1) for r in done
+            ),
+            "wall_seconds": sim.get("wall_seconds"),
+        }
+    _summarize(out)
+    out["peak_memory_mb"] = max(out.get("peak_memory_mb", 0.0), _peak_rss_mb())
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(out) + "\n")
+    if "dp" in out:
+        plot(out, args.plot)
     print(json.dumps(out))
+
+
+def _summarize(out: dict[str, Any]) -> None:
+    """The issue's flat keys, from the parts' records."""
+    if "central" in out:
+        out["central_accuracy"] = out["central"]["accuracy"]
+        out["oos"] = out["central"]["oos_threshold"]
+    for key in ("fed100", "fed1000"):
+        if key in out:
+            out[f"federated_{key[3:]}_accuracy"] = out[key]["accuracy"]
+    scored = out.get("personalization", out.get("fed100", {}))
+    if "personalization" in scored:
+        p = scored["personalization"]
+        out["mean_global_accuracy"] = p["mean_global_accuracy"]
+        out["mean_personalized_accuracy"] = p["mean_personalized_accuracy"]
+    if "dp" in out:
+        out["dp_accuracy"] = {e: r["accuracy"] for e, r in out["dp"].items()}
 
 
 if __name__ == "__main__":

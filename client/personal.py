@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from client.storage import LocalStore
-from client.training import LocalTrainingConfig, TrainResult
+from client.training import LocalTrainingConfig, TrainResult, make_optimizer
 from common.data import Dataset
 from common.tensors import flatten_state_dict, load_flat_into_module
 
@@ -56,9 +56,11 @@ __all__ = [
     "PERSONAL_EPOCHS_KEY",
     "PERSONAL_LR_KEY",
     "PersonalStore",
+    "Personalized",
     "evaluation_counts",
     "personal_names",
     "personalization_of",
+    "personalize",
     "train_fedrep",
 ]
 
@@ -189,7 +191,7 @@ def _train_only(
     for name, p in params.items():
         p.requires_grad_(name in names)
     chosen = [params[n] for n in sorted(names)]
-    optimizer = torch.optim.SGD(chosen, lr=config.learning_rate, momentum=config.momentum)
+    optimizer = make_optimizer(chosen, config)
     x_all, y_all = torch.from_numpy(data.x), torch.from_numpy(data.y)
     steps = 0
     try:
@@ -205,6 +207,46 @@ def _train_only(
         for p in params.values():
             p.requires_grad_(True)
     return steps
+
+
+@dataclass(frozen=True)
+class Personalized:
+    global_correct: int  # held-out queries the global model gets right
+    personal_correct: int  # ... and the personalized model (global body, personal head)
+    steps: int
+
+
+def _head_slices(model: nn.Module, head_names: tuple[str, str]) -> dict[str, slice]:
+    """Where each head tensor lies in the flat state vector (state_dict order)."""
+    out, at = {}, 0
+    for name, tensor in model.state_dict().items():
+        if name in head_names:
+            out[name] = slice(at, at + tensor.numel())
+        at += tensor.numel()
+    return out
+
+
+def personalize(
+    model: nn.Module,
+    global_vector: np.ndarray,
+    data: Dataset,
+    heldout: Dataset | None,
+    config: LocalTrainingConfig,
+    personal_epochs: int,
+    personal_lr: float,
+    generator: torch.Generator,
+) -> Personalized:
+    """FedRep's first step: the global head fine-tuned on this device's data, body frozen.
+
+    Leaves model holding the personalized model (global body, personal head) and scores
+    it and the global model on heldout.
+    """
+    head_names = personal_names(model)
+    load_flat_into_module(model, global_vector)
+    global_correct = _correct(model, heldout)
+    personal = replace(config, learning_rate=personal_lr)
+    steps = _train_only(model, set(head_names), data, personal_epochs, personal, generator)
+    return Personalized(global_correct, _correct(model, heldout), steps)
 
 
 def train_fedrep(
@@ -229,14 +271,16 @@ def train_fedrep(
         raise ValueError("no local training data")
     started = time.perf_counter()
     head_names = personal_names(model)
-    load_flat_into_module(model, global_vector)
-    state = model.state_dict()
-    global_head = {n: state[n].detach().clone() for n in head_names}
-    global_correct = _correct(model, heldout)
     generator = torch.Generator().manual_seed(seed)
-    personal = replace(config, learning_rate=personal_lr)  # 1. the global head, fine-tuned
-    steps = _train_only(model, set(head_names), data, personal_epochs, personal, generator)
-    personal_correct = _correct(model, heldout)
+    p = personalize(
+        model, global_vector, data, heldout, config, personal_epochs, personal_lr, generator
+    )  # 1. the global head, fine-tuned
+    global_correct, personal_correct, steps = p.global_correct, p.personal_correct, p.steps
+    state = model.state_dict()
+    global_head = {
+        n: torch.from_numpy(global_vector[sl]).view_as(state[n])
+        for n, sl in _head_slices(model, head_names).items()
+    }
     new_head = {n: state[n].detach().numpy().copy() for n in head_names}
     body = {n for n, _ in model.named_parameters()} - set(head_names)
     steps += _train_only(model, body, data, config.local_epochs, config, generator)  # 2.

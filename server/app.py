@@ -145,6 +145,12 @@ class ServerConfig:
     batch_size: int = setting(16, "local minibatch size", "XENO_BATCH_SIZE")
     learning_rate: float = setting(0.05, "local SGD learning rate", "XENO_LEARNING_RATE")
     momentum: float = setting(0.9, "local SGD momentum", "XENO_MOMENTUM")
+    local_optimizer: str = setting(
+        "sgd",
+        "devices' local optimizer: sgd (with --momentum) or adam (fresh moments each round; "
+        "for the intent model, whose head and embedding need very different SGD rates)",
+        "XENO_LOCAL_OPTIMIZER",
+    )
     personalization: str = setting(
         "none",
         "fedrep: each device also fine-tunes a personal head it keeps (FedRep, Collins et al. "

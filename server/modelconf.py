@@ -70,6 +70,7 @@ class ModelSettings:
     batch_size: int = 16
     learning_rate: float = 0.05
     momentum: float = 0.9
+    local_optimizer: str = "sgd"
     personalization: str = "none"
     personal_epochs: int = 5
     personal_learning_rate: float = 0.5
@@ -130,6 +131,8 @@ class ModelSettings:
                 "personal_epochs": str(self.personal_epochs),
                 "personal_learning_rate": repr(self.personal_learning_rate),
             }
+        if self.local_optimizer != "sgd":
+            extra["local_optimizer"] = self.local_optimizer  # client.training.LOCAL_OPTIMIZER_KEY
         return FitInstructions(
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
@@ -232,6 +235,8 @@ class ModelSettings:
             raise ValueError(
                 f"unknown personalization {self.personalization!r}; use fedrep or none"
             )
+        if self.local_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown local_optimizer {self.local_optimizer!r}; use sgd or adam")
         if not 1 <= self.personal_epochs <= 100:
             raise ValueError(f"personal_epochs must be in 1..100, got {self.personal_epochs}")
         if not 0 < self.personal_learning_rate <= 100:

@@ -148,3 +148,14 @@ def test_chaos_benchmark_rederives_every_version_under_connection_resets() -> No
     resets = line["resets"]
     assert isinstance(resets, dict) and resets["finished"] is True
     assert resets["versions_mismatched"] == 0 and resets["no_gap"] and resets["no_duplicate"]
+
+
+@pytest.mark.slow
+def test_device_cost_benchmark_splits_a_device_round() -> None:
+    line = _json_line(
+        "benchmarks/device_cost.py", "--cohorts", "10", "--users", "100", "--repeats", "1"
+    )
+    assert line["params"] == 400566
+    cohort = line["cohorts"]["10"]  # type: ignore[index]
+    assert cohort["degree"] == 9 and cohort["secagg_s"] > 0 and cohort["mask_s"] > 0
+    assert line["train"]["100"]["train_s"] > 0  # type: ignore[index]

@@ -61,3 +61,36 @@ def test_fedprox_step_matches_the_gradient_of_the_proximal_objective(shard) -> N
     expected = flatten_state_dict(reference.state_dict()) - start
     assert float(np.linalg.norm(expected)) > 0
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_local_adam_fits_the_intent_model_where_sgd_cannot() -> None:
+    """The intent model (zero head, tiny mean-pooled features) needs Adam locally (README)."""
+    from client.datasource import SimulatedShard
+    from common.models import FastText
+    from common.tasks import TaskName, TextShard
+
+    loaded = SimulatedShard(TaskName.INTENTS, 0, 100, alpha=0.5, seed=0).load()
+    assert isinstance(loaded.train, TextShard)
+    model = FastText()
+    data = loaded.train.featurized(model.features)
+    start = flatten_state_dict(model.state_dict())
+    acc = {}
+    for optimizer, lr in (("sgd", 5.0), ("adam", 0.1)):
+        config = LocalTrainingConfig(local_epochs=5, learning_rate=lr, optimizer=optimizer)
+        acc[optimizer] = train_local(model, start, data, config, seed=0).metrics["train_accuracy"]
+    assert acc["adam"] > 0.9 > 0.2 > acc["sgd"]
+
+
+def test_unknown_local_optimizer_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown local optimizer 'rmsprop'"):
+        LocalTrainingConfig(optimizer="rmsprop")
+
+
+def test_server_sends_the_local_optimizer_to_devices() -> None:
+    from server.modelconf import ModelSettings
+
+    assert "local_optimizer" not in ModelSettings().fit_instructions().extra
+    fit = ModelSettings(local_optimizer="adam").fit_instructions()
+    assert fit.extra["local_optimizer"] == "adam"
+    with pytest.raises(ValueError, match="unknown local_optimizer"):
+        ModelSettings(local_optimizer="rmsprop").validate()
