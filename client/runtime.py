@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -88,6 +89,8 @@ from common.tls import client_channel
 log = logging.getLogger("xeno.client")
 
 DEVICE_ID_KEY = "x-xeno-device-id"
+# How often a device waiting in CheckIn looks at its stop event (the answer itself wakes it).
+CHECK_IN_STOP_POLL_S = 0.5
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -312,12 +315,35 @@ class Backoff:
         self.attempt = 0
 
 
+@dataclass(frozen=True)
+class SharedHost:
+    """How devices that share one process (a simulation) share its machine.
+
+    Real devices have a machine each and use the default: no limit, the model kept
+    between rounds.
+
+    `compute` bounds how many of the process's devices download and train, or encode,
+    mask and upload, at once: each of those holds several model-sized buffers (~6 MB
+    for the intent model), so hundreds at once would need gigabytes, and on a couple
+    of cores they would not finish sooner. A device waiting in a secure-aggregation
+    phase or a long poll holds no slot. `keep_model: False` drops the device's model
+    after each round (it is rebuilt, in milliseconds, and loaded with the downloaded
+    weights anyway).
+    """
+
+    compute: threading.Semaphore | None = None
+    keep_model: bool = True
+
+    def slot(self) -> AbstractContextManager[object]:
+        return self.compute if self.compute is not None else nullcontext()
+
+
 class DeviceClient:
     """One device: trains on the local data it is given and never on anything else.
 
     `data` is the training data itself, or a `DeviceData` with held-out data
     too, or a `DataSource` loaded once the device is registered, or None: the
-    source that `config` names (`data_source`).
+    source that `config` names (`data_source`). `host`: see `SharedHost`.
     """
 
     def __init__(
@@ -325,8 +351,10 @@ class DeviceClient:
         config: ClientConfig,
         data: LocalData | DeviceData | DataSource | None,
         stop: threading.Event | None = None,
+        host: SharedHost | None = None,
     ) -> None:
         self.config = config
+        self.host = host or SharedHost()
         self.source: DataSource | None = None
         self.data: LocalData | None = None
         self.heldout: LocalData | None = None
@@ -642,8 +670,12 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=self.config.max_wait_ms / 1000.0 + 30,
         )
-        while not future.done():
-            if self.stop.wait(0.05):
+        # Woken by the answer, not by polling it: a simulation hosts hundreds of devices
+        # per process, and each waking every 50 ms to look cost a core between them.
+        answered = threading.Event()
+        future.add_done_callback(lambda _f: answered.set())
+        while not answered.wait(CHECK_IN_STOP_POLL_S):
+            if self.stop.is_set():
                 future.cancel()
                 return None
         return future.result()  # type: ignore[no-any-return]
@@ -685,8 +717,6 @@ class DeviceClient:
             return max(1.0, deadline - time.time())
 
         spec = ModelSpec.from_json(task.model_spec.architecture, task.model_spec.config_json)
-        manifest, weights = self._download(task, remaining())
-        model = self._model_for(spec, manifest)
         fit = task.config
         cfg = self.config
         assert self.data is not None
@@ -702,7 +732,17 @@ class DeviceClient:
             optimizer=optimizer,
         )
         seed = cfg.seed * 1_000_003 + task.round_number
-        result = self._train(task, model, weights, training, seed)
+        with self.host.slot():
+            manifest, weights = self._download(task, remaining())
+            model = self._model_for(spec, manifest)
+            try:
+                result = self._train(task, model, weights, training, seed)
+            finally:
+                # Only the update is needed from here on: a device waiting in the secure
+                # aggregation phases holds no copy of the global model.
+                del weights, model
+                if not self.host.keep_model:
+                    self._models = {}
         if user_spend is not None:
             # Written before anything derived from the update leaves the device.
             self.ledger.record(
@@ -723,6 +763,7 @@ class DeviceClient:
                     min_cohort=self.config.min_secagg_cohort,
                     corrupt_fraction=self.config.secagg_corrupt_fraction,
                 ),
+                compute=self.host.compute,
             )
         self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
         self._deliver(task, self._pending)
@@ -740,9 +781,15 @@ class DeviceClient:
             return max(1.0, deadline - time.time())
 
         spec = ModelSpec.from_json(task.model_spec.architecture, task.model_spec.config_json)
-        manifest, weights = self._download(task, remaining())
-        model = self._model_for(spec, manifest)
-        counts = self._evaluation_counts(task, model, weights)
+        with self.host.slot():
+            manifest, weights = self._download(task, remaining())
+            model = self._model_for(spec, manifest)
+            try:
+                counts = self._evaluation_counts(task, model, weights)
+            finally:
+                del weights, model
+                if not self.host.keep_model:
+                    self._models = {}
         cfg = self.config
         if user_spend is not None:
             # Written before anything derived from the held-out data leaves the device.
@@ -763,6 +810,7 @@ class DeviceClient:
                     min_cohort=self.config.min_secagg_cohort,
                     corrupt_fraction=self.config.secagg_corrupt_fraction,
                 ),
+                compute=self.host.compute,
             )
             secagg.run(np.asarray(counts, dtype=np.float64), 1)
         else:
@@ -1107,18 +1155,14 @@ def load_partition(config: ClientConfig, partition: int | None = None) -> LocalD
     )
 
 
-def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
-    """Entry point of `xeno-fl client` and of simulated device processes."""
-    torch.set_num_threads(max(1, config.torch_threads))
-    stop = threading.Event()
-    if install_signal_handlers:
+def prepare_device(
+    config: ClientConfig, stop: threading.Event | None = None, host: SharedHost | None = None
+) -> DeviceClient:
+    """The device `config` describes, its local data loaded (or named, if it needs enrollment).
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal %d: finishing the current step, then exiting", signum)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    `run_device` runs one per process; a simulation's worker process hosts many,
+    each with its own config, store, identity and channel, all stopped by one event.
+    """
     if config.user:  # the assistant's examples are texts of the shared intent model
         config = replace(config, task=TaskName.INTENTS.value)
     source = data_source(config)
@@ -1131,7 +1175,22 @@ def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> in
             len(data.train),
             0 if data.heldout is None else len(data.heldout),
         )
-    client = DeviceClient(config, source if data is None else data, stop)
+    return DeviceClient(config, source if data is None else data, stop, host)
+
+
+def run_device(config: ClientConfig, install_signal_handlers: bool = True) -> int:
+    """Entry point of `xeno-fl client`."""
+    torch.set_num_threads(max(1, config.torch_threads))
+    stop = threading.Event()
+    if install_signal_handlers:
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: finishing the current step, then exiting", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    client = prepare_device(config, stop)
     try:
         return client.run()
     finally:

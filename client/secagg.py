@@ -28,6 +28,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import grpc
@@ -185,8 +186,13 @@ class SecAggDevice:
         timeout: Callable[[], float],
         rng: np.random.Generator | None = None,
         policy: SecAggPolicy | None = None,
+        compute: AbstractContextManager[object] | None = None,
     ) -> None:
         self.stub = stub
+        # Held while encoding, and while masking and uploading: devices that share a
+        # process (a simulation) take turns at those, so that not all hold their
+        # model-sized buffers at once (client.runtime.SharedHost).
+        self.compute = compute if compute is not None else nullcontext()
         self.metadata = metadata
         self.me = device_id
         self.identity = identity
@@ -248,9 +254,10 @@ class SecAggDevice:
     def run(self, update: np.ndarray, num_examples: int) -> SecAggReport:
         if self.fixed_point.noise_variance > 0 and update.size != self.fixed_point.dimension:
             raise SecAggProtocolError("the DP noise was sized for another update length")
-        started = time.perf_counter()
-        encoded = self.fixed_point.encode(update, num_examples, self.rng)
-        self.report.encode_seconds = time.perf_counter() - started
+        with self.compute:
+            started = time.perf_counter()
+            encoded = self.fixed_point.encode(update, num_examples, self.rng)
+            self.report.encode_seconds = time.perf_counter() - started
         if self._dealt:
             raise SecAggProtocolError(
                 f"round {self.round_id}: this device already dealt its shares; it will not "
@@ -359,10 +366,13 @@ class SecAggDevice:
                 f"needs {t - 1} (|U2| >= t = {t}), so this device will not upload"
             )
 
-        started = time.perf_counter()
-        masked = self.mask(encoded, self_seed, mask, peers, shared_with_me)
-        self.report.mask_seconds = time.perf_counter() - started + self.report.encode_seconds
-        self._upload(masked)
+        with self.compute:
+            started = time.perf_counter()
+            masked = self.mask(encoded, self_seed, mask, peers, shared_with_me)
+            self.report.mask_seconds = time.perf_counter() - started + self.report.encode_seconds
+            del encoded
+            self._upload(masked)
+            del masked
 
         request: pb.UnmaskRequest = self._call(  # type: ignore[assignment]
             "GetUnmaskRequest", pb.GetUnmaskRequestRequest(round_id=self.round_id)
@@ -581,7 +591,8 @@ class SecAggDevice:
     ) -> np.ndarray:
         """encoded + PRG(b) + sum over neighbours that shared keys of +-PRG(s_uv), mod 2^32."""
         n = encoded.size
-        masked: np.ndarray = encoded + prg_uint32(self_seed, n)
+        masked = prg_uint32(self_seed, n)
+        masked += encoded
         scratch = np.empty(n, dtype=np.uint32)
         info = mask_info(self.round_id)
         for v in sorted(shared_with_me):

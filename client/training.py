@@ -109,7 +109,9 @@ def train_local(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            optimizer.zero_grad(set_to_none=False)
+            # None, not zeros: backward then stores its gradient instead of adding it to a
+            # zeroed buffer, two passes fewer over the fastText embedding (~1/3 of a step).
+            optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
             loss.backward()  # type: ignore[no-untyped-call]
             if config.proximal_mu > 0:
@@ -118,6 +120,7 @@ def train_local(
                 torch._foreach_add_(grads, drift, alpha=config.proximal_mu)  # type: ignore[arg-type]
             optimizer.step()
             steps += 1
+    optimizer.zero_grad(set_to_none=True)  # a device keeps its model, not its last gradient
     train_loss, train_acc = evaluate(model, data)
     delta = flatten_state_dict(model.state_dict()) - global_vector
     if not np.all(np.isfinite(delta)):

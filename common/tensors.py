@@ -164,9 +164,16 @@ class ChunkAssembler:
     Refuses, with ValueError, a chunk that would exceed the declared size,
     an oversized chunk, or a ragged float boundary at the end; `finish()`
     refuses a stream that stopped short. Memory is the declared size, once.
+
+    With keep_chunks, read-only chunks (bytes, or views of them: gRPC's message
+    buffers) are kept as they are instead of copied, and `finish_parts()` hands
+    them out as consecutive views; the buffer is written only by `finish()` or
+    when a chunk boundary splits a value.
     """
 
-    def __init__(self, total_bytes: int, buffer: np.ndarray | None = None) -> None:
+    def __init__(
+        self, total_bytes: int, buffer: np.ndarray | None = None, keep_chunks: bool = False
+    ) -> None:
         if total_bytes % WIRE_DTYPE.itemsize:
             raise ValueError(f"declared size {total_bytes} is not a multiple of 4 bytes")
         n = total_bytes // WIRE_DTYPE.itemsize
@@ -178,6 +185,7 @@ class ChunkAssembler:
         self._bytes = memoryview(self._buffer.view(np.uint8))  # type: ignore[arg-type]
         self.total_bytes = total_bytes
         self.received = 0
+        self._kept: list[memoryview] | None = [] if keep_chunks else None
 
     def add(self, chunk: bytes | memoryview) -> None:
         size = len(chunk)
@@ -188,15 +196,40 @@ class ChunkAssembler:
                 "stream exceeds its declared size: "
                 f"{self.received + size} > {self.total_bytes} bytes"
             )
-        self._bytes[self.received : self.received + size] = chunk  # one memcpy
+        if self._kept is not None:
+            view = memoryview(chunk)
+            # Only what nobody can change may be kept uncopied.
+            self._kept.append(view if view.readonly else memoryview(bytes(view)))
+        else:
+            self._bytes[self.received : self.received + size] = chunk  # one memcpy
         self.received += size
 
-    def finish(self) -> np.ndarray:
+    def _check_complete(self) -> None:
         if self.received != self.total_bytes:
             raise ValueError(
                 f"stream truncated: received {self.received} of {self.total_bytes} declared bytes"
             )
+
+    def finish(self) -> np.ndarray:
+        self._check_complete()
+        if self._kept is not None:
+            offset = 0
+            for part in self._kept:
+                self._bytes[offset : offset + len(part)] = part
+                offset += len(part)
+            self._kept = None
         return self._buffer
+
+    def finish_parts(self) -> list[np.ndarray]:
+        """The whole stream as consecutive WIRE_DTYPE views of the kept chunks, uncopied.
+
+        When a chunk's length is not a whole number of values (a sender may cut its
+        stream anywhere), the chunks are copied into the buffer and that is the one part.
+        """
+        self._check_complete()
+        if self._kept is None or any(len(p) % WIRE_DTYPE.itemsize for p in self._kept):
+            return [self.finish()]
+        return [np.frombuffer(p, dtype=WIRE_DTYPE) for p in self._kept if len(p)]
 
 
 class FramedChunk:

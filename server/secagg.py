@@ -14,8 +14,8 @@ Phases (Bonawitz et al. CCS 2017, with the sparse graph of Bell et al. CCS 2020)
 A phase closes when every device still in the protocol has answered, or at
 its deadline; a phase left with fewer than `threshold` devices fails the
 round. The server only ever holds masked vectors and their running sum: an
-upload is staged (so a broken stream can be discarded), then added modulo
-2^32 in one vectorized step, and masks are removed from the sum only.
+upload is held whole (so a broken stream can be discarded), then added modulo
+2^32 in place, chunk by chunk, and masks are removed from the sum only.
 `recorder`, when given, sees every vector the aggregation path receives or
 stores (the tests use it to show none is an individual update).
 
@@ -323,16 +323,31 @@ class SecAggRound:
             )
         self.uploading.add(device)
 
-    def end_upload(self, device: str, vector: np.ndarray | None) -> None:
-        """Add a complete staged upload (or forget an aborted one)."""
+    def end_upload(self, device: str, parts: list[np.ndarray] | None) -> None:
+        """Add a complete staged upload (or forget an aborted one).
+
+        The upload comes as consecutive uint32 parts (the chunks as received), added
+        to the running sum in place, each where it belongs.
+        """
         self.uploading.discard(device)
-        if vector is None:
+        if parts is None:
             return
         self._require_phase(Phase.UPLOAD, "UploadMasked")
-        self._record(f"upload:{device}", vector)
+        if sum(p.size for p in parts) != self.vector_length:
+            raise FederationError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"masked vector has {sum(p.size for p in parts)} elements, the round needs "
+                f"{self.vector_length}",
+            )
+        if self.recorder is not None:
+            self._record(f"upload:{device}", np.concatenate(parts))
         if self.accumulator is None:
             self.accumulator = np.zeros(self.vector_length, dtype=np.uint32)
-        self.accumulator += vector.view(np.uint32)  # wraps modulo 2^32
+        offset = 0
+        for part in parts:  # wraps modulo 2^32
+            block = self.accumulator[offset : offset + part.size]
+            np.add(block, part, out=block)
+            offset += part.size
         self._record("sum", self.accumulator)
         self.uploaded.append(device)
 

@@ -13,11 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special
 
+from client.assistant.bodies import FastTextBody
 from client.assistant.intents import (
     UNKNOWN,
     HashedNgramBody,
     IntentHead,
     MiniBatch,
+    StackedBody,
     calibrate,
     fit_head,
     stratified_split,
@@ -25,7 +27,7 @@ from client.assistant.intents import (
 from client.assistant.store import StoreLimitError, UserStore
 from client.assistant.templates import ResponseTemplates
 from client.assistant.trainer import CustomModelTrainer
-from common.text import tokenize
+from common.text import TextFeatures, tokenize
 
 
 @pytest.fixture
@@ -95,6 +97,8 @@ def test_versions_warm_start_and_rollback(trainer: CustomModelTrainer) -> None:
     fill(trainer, 60, seed=1)
     second = trainer.train_intent_classifier()
     assert second["version"] == 2 and second["warm_start"] is True
+    # The default body's fastText part joins as the centroid expert, recorded per version.
+    assert second["prior_scale"] == 1.0 == trainer.versions()[1]["metrics"]["prior_scale"]
     assert [v["active"] for v in trainer.versions()] == [False, True]
     trainer.rollback(1)
     assert [v["active"] for v in trainer.versions()] == [True, False]
@@ -188,14 +192,14 @@ def test_bad_mini_batch_settings_are_refused(kwargs: dict[str, object], message:
     fields: dict[str, object] = {"learning_rate": 0.01, "epochs": 5, "batch_size": 16}
     fields.update(kwargs)
     with pytest.raises(ValueError) as err:
-        MiniBatch(**fields)  # type: ignore[arg-type]
+        MiniBatch(**fields)
     assert str(err.value) == message
 
 
 def test_training_with_an_explicit_setting_and_the_default(trainer: CustomModelTrainer) -> None:
     fill(trainer, 60)
     with pytest.raises(ValueError, match="optimization must be a MiniBatch or None, got dict"):
-        trainer.train_intent_classifier(optimization={"epochs": 1})  # type: ignore[arg-type]
+        trainer.train_intent_classifier(optimization={"epochs": 1})
     assert trainer.versions() == []
     default = trainer.train_intent_classifier()
     assert default["success"] and default["optimization"] == "lbfgs"
@@ -354,3 +358,118 @@ def test_a_head_of_the_old_crc32_body_is_retrained_on_first_use(
     assert [v["body"] for v in versions] == ["hashed-ngrams-v1", new.body.name]
     assert new.active_head().body == new.body.name
     store.close()
+
+
+def _small_stack() -> tuple[FastTextBody, StackedBody]:
+    """Hashed n-grams beside a small random fastText body at half weight (as the default)."""
+
+    emb = np.random.default_rng(3).normal(size=(512, 16)).astype(np.float32)
+    ft = FastTextBody(emb, TextFeatures(buckets=512), "ft-test")
+    return ft, StackedBody((HashedNgramBody(buckets=256), ft), (1.0, 0.5))
+
+
+def test_prototype_prior_scores_cosine_to_the_intents_body_centroid() -> None:
+    from client.assistant.intents import pretrained_columns, prototype_prior
+
+    ft, stack = _small_stack()
+    pairs = examples(40, seed=5)
+    texts, labels = [t for t, _ in pairs], [i for _, i in pairs]
+    classes = sorted(set(labels))
+    columns = pretrained_columns(stack)
+    assert columns == [(slice(256, 272), pytest.approx(0.5 / np.sqrt(1.25)))]
+    assert pretrained_columns(HashedNgramBody()) == []
+    assert pretrained_columns(StackedBody((HashedNgramBody(), ft), (1.0, 0.0))) == []
+    prior = prototype_prior(stack.embed(texts), labels, classes, columns, 2.0)
+    assert not prior[:256].any()  # nothing from the n-grams: they were learned nowhere
+    # The plain reference: 2 x cosine between the body's vector and each intent's mean.
+    raw = ft.embed(texts)
+    new = ft.embed(["Set up a call with Sarah", "what's the weather"])
+    for j, c in enumerate(classes):
+        mean = raw[[i for i, y in enumerate(labels) if y == c]].mean(axis=0)
+        want = 2.0 * new @ mean / np.linalg.norm(mean)
+        got = stack.embed(["Set up a call with Sarah", "what's the weather"]) @ prior[:, j]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_head_is_pulled_towards_the_prior_not_towards_zero() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 5))
+    y = [("a", "b")[int(v > 0)] for v in x[:, 0]]
+    prior = rng.normal(size=(5, 2))
+    # A penalty so strong that the data cannot move the weights: they stay at the prior.
+    held = fit_head(x, y, ["a", "b"], l2=1e6, prior=prior)
+    np.testing.assert_allclose(held.weights, prior, atol=1e-3)
+    assert np.abs(fit_head(x, y, ["a", "b"], l2=1e6).weights).max() < 1e-3
+    with pytest.raises(ValueError, match="prior shape"):
+        fit_head(x, y, ["a", "b"], prior=np.zeros((4, 2)))
+
+
+def test_the_body_joins_as_a_centroid_expert_beside_the_ngram_head() -> None:
+    from client.assistant.intents import fit_with_prototypes, pretrained_columns
+
+    ft, stack = _small_stack()
+    pairs = examples(60, seed=7)
+    texts, labels = [t for t, _ in pairs], [i for _, i in pairs]
+    classes = sorted(set(labels))
+    head = fit_with_prototypes(stack.embed(texts), labels, classes, pretrained_columns(stack), 1.5)
+    # The n-gram part is the head fitted on the n-grams alone (from scratch), exactly...
+    ngrams = HashedNgramBody(buckets=256)
+    scratch = fit_head(ngrams.embed(texts), labels, classes)
+    new = ["Set up a call with Sarah", "what's the weather", "play some jazz"]
+    raw = ft.embed(texts)
+    centroids = np.stack(
+        [raw[[i for i, y in enumerate(labels) if y == c]].mean(0) for c in classes]
+    )
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    want = scratch.logits(ngrams.embed(new)) + 1.5 * ft.embed(new) @ centroids.T
+    # ...plus 1.5 x the cosine to each intent's centroid in the body.
+    np.testing.assert_allclose(head.logits(stack.embed(new)), want, rtol=1e-3, atol=1e-3)
+    # Warm start from that head lands on the same optimum.
+    again = fit_with_prototypes(
+        stack.embed(texts), labels, classes, pretrained_columns(stack), 1.5, warm=head
+    )
+    np.testing.assert_allclose(again.weights, head.weights, atol=1e-3)
+    # Scale 0: the plain head on every column, the body's as linear features.
+    plain = fit_with_prototypes(stack.embed(texts), labels, classes, pretrained_columns(stack), 0)
+    np.testing.assert_allclose(
+        plain.weights, fit_head(stack.embed(texts), labels, classes).weights, atol=1e-6
+    )
+
+
+def test_prior_scale_threshold_and_temperature_are_chosen_on_validation() -> None:
+    from client.assistant.intents import (
+        PRIOR_SCALES,
+        fit_with_prototypes,
+        pretrained_columns,
+        train_head,
+        validation_nll,
+    )
+
+    _ft, stack = _small_stack()
+    pairs = examples(80, seed=6)
+    texts, labels = [t for t, _ in pairs], [i for _, i in pairs]
+    _h, default = train_head(stack, texts, labels)
+    assert default["prior_scale"] == PRIOR_SCALES[0] == 1.0
+    head, metrics = train_head(stack, texts, labels, prior_scales=(0.0, 1.0, 4.0))
+    losses = metrics["prior_validation_nll"]
+    assert set(losses) == {"0", "1", "4"}
+    assert metrics["prior_scale"] == float(min(losses, key=lambda k: losses[k]))
+    # The same choice, temperature and threshold, redone by hand from the 80/20 split only.
+    x = stack.embed(texts)
+    classes = sorted(set(labels))
+    train, val = stratified_split(labels, 0.2, 0)
+    tr, va = [labels[i] for i in train], [labels[i] for i in val]
+    for scale in (0.0, 1.0, 4.0):
+        fitted = fit_with_prototypes(x[train], tr, classes, pretrained_columns(stack), scale)
+        temperature, threshold = calibrate(fitted, x[val], va)
+        assert validation_nll(fitted, x[val], va, temperature) == pytest.approx(
+            losses[f"{scale:g}"], abs=1e-3
+        )
+        if scale == metrics["prior_scale"]:
+            assert (head.temperature, head.threshold) == pytest.approx((temperature, threshold))
+    # A body with nothing pretrained fits once, with no prior.
+    _h, plain = train_head(HashedNgramBody(buckets=256), texts, labels)
+    assert plain["prior_scale"] == 0.0 and set(plain["prior_validation_nll"]) == {"0"}
+    for bad, message in (((), "at least one"), ((-1.0,), r"in \[0, 100\]"), (("1",), "numbers")):
+        with pytest.raises(ValueError, match=message):
+            train_head(stack, texts, labels, prior_scales=bad)  # type: ignore[arg-type]

@@ -130,16 +130,33 @@ def test_lifecycle_benchmark_reports_each_figure() -> None:
 @pytest.mark.slow
 def test_personal_benchmark_compares_body_and_scratch() -> None:
     line = _json_line(
-        "benchmarks/personal.py", "--users", "2", "--epochs", "1", "--finetune-epochs", "2"
+        "benchmarks/personal.py",
+        "--users",
+        "2",
+        "--epochs",
+        "1",
+        "--finetune-epochs",
+        "2",
+        "--intents-per-user",
+        "3,5",
+        "--arms",
+        "default,no-prior,body,body+ngrams,finetune-body,finetune-scratch",
     )
-    assert set(line["arms"]) == {  # type: ignore[arg-type]
+    curve = line["by_intents_per_user"]
+    assert isinstance(curve, dict) and set(curve) == {"3", "5"}
+    assert set(curve["5"]["arms"]) == {
         "default",
+        "no-prior",
         "body",
         "scratch",
         "body+ngrams",
         "finetune-body",
         "finetune-scratch",
     }
+    # The default's centroid expert is recorded per user; scratch has none to use.
+    assert curve["5"]["arms"]["default"]["prior_scale"]["mean"] == 1.0
+    assert curve["5"]["arms"]["scratch"]["prior_scale"]["mean"] == 0.0
+    assert curve["5"]["default_minus_no_prior_accuracy"] is not None
 
 
 @pytest.mark.slow
@@ -148,3 +165,14 @@ def test_chaos_benchmark_rederives_every_version_under_connection_resets() -> No
     resets = line["resets"]
     assert isinstance(resets, dict) and resets["finished"] is True
     assert resets["versions_mismatched"] == 0 and resets["no_gap"] and resets["no_duplicate"]
+
+
+@pytest.mark.slow
+def test_device_cost_benchmark_splits_a_device_round() -> None:
+    line = _json_line(
+        "benchmarks/device_cost.py", "--cohorts", "10", "--users", "100", "--repeats", "1"
+    )
+    assert line["params"] == 400566
+    cohort = line["cohorts"]["10"]  # type: ignore[index]
+    assert cohort["degree"] == 9 and cohort["secagg_s"] > 0 and cohort["mask_s"] > 0
+    assert line["train"]["100"]["train_s"] > 0  # type: ignore[index]

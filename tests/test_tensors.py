@@ -61,6 +61,38 @@ def test_chunked_stream_reassembles_exactly(values: list[float], chunk: int) -> 
     np.testing.assert_array_equal(assembler.finish(), vector)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(st.floats(width=32, allow_nan=False), min_size=0, max_size=300),
+    chunk=st.integers(min_value=1, max_value=97),
+)
+def test_kept_chunks_give_the_stream_as_consecutive_parts(values: list[float], chunk: int) -> None:
+    vector = np.array(values, dtype=np.float32)
+    data = to_wire(vector)
+    buffer = np.full(len(vector), 7.0, dtype=np.float32)
+    assembler = ChunkAssembler(len(data), buffer, keep_chunks=True)
+    for piece in iter_chunks(data, chunk):
+        assembler.add(memoryview(piece))
+    parts = assembler.finish_parts()
+    whole = np.concatenate(parts) if parts else np.empty(0, np.float32)
+    np.testing.assert_array_equal(whole, vector)
+    if chunk % 4 == 0:  # whole values per chunk: the chunks themselves, not copied
+        np.testing.assert_array_equal(buffer, np.full(len(vector), 7.0, dtype=np.float32))
+    assert all(not p.flags.writeable for p in parts) or chunk % 4
+
+
+def test_kept_chunks_are_copied_when_their_sender_could_change_them() -> None:
+    source = bytearray(np.arange(4, dtype=np.float32).tobytes())
+    assembler = ChunkAssembler(16, keep_chunks=True)
+    assembler.add(memoryview(source))
+    source[:4] = b"\xff" * 4  # the sender's buffer changes after the add
+    np.testing.assert_array_equal(assembler.finish_parts()[0], np.arange(4, dtype=np.float32))
+    short = ChunkAssembler(16, keep_chunks=True)
+    short.add(b"\x00" * 8)
+    with pytest.raises(ValueError, match="truncated"):
+        short.finish_parts()
+
+
 def test_assembler_refuses_overflow_and_truncation() -> None:
     assembler = ChunkAssembler(8)
     assembler.add(b"\x00" * 4)

@@ -1,32 +1,49 @@
-"""`xeno-fl simulate`: a real server plus N device-client processes on loopback.
+"""`xeno-fl simulate`: a real server plus N devices in worker processes on loopback.
 
-The server runs in this process (so its CPU time is measurable on its own);
-each device is a separate long-lived process started from a forkserver
-that has already imported torch, so starting ten devices costs one torch
-import, not ten. Devices talk to the server over real gRPC on 127.0.0.1.
+The server runs in this process (so its CPU time is measurable on its own).
+Devices run in `--device-processes` worker processes started from a forkserver
+that has already imported torch, so starting them costs one torch import, not
+one per process. A worker hosts one device or many, each on its own thread
+running the real device loop (`client.runtime.DeviceClient.run`: register,
+check in, download, train, SecAgg+) with its own config, sealed store
+directory, identity key, token and gRPC channel; devices of one process share
+only the interpreter and its read-only caches (the CLINC150 split, the
+feature hashes). All talk to the server over real gRPC on 127.0.0.1.
+
+Up to `PROCESS_PER_DEVICE_UP_TO` devices each get a process (the demo's ten,
+as before); more share `DEFAULT_DEVICE_PROCESSES` processes: a process costs
+~150 MB of private memory after the fork, a device thread a few MB, and on a
+two-core machine more processes than a handful add no parallelism (README,
+"Simulating 1,000 devices", for the measurements).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import queue
 import resource
+import signal
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from client.runtime import ClientConfig, run_device
+from client.runtime import ClientConfig, DeviceClient, SharedHost, prepare_device
 from common.atrest import write_new_key
 from common.config import setting
 from common.tasks import TaskName
 from server.app import ServerConfig, XenoServer
 from server.rounds import RoundSummary
+from xeno.procmem import TreeMemorySampler
 
 log = logging.getLogger("xeno.simulate")
 
@@ -52,12 +69,44 @@ The fixed-point step grows with the clip (n C / 2^31, 2.3e-4 at 1,000 devices): 
 below the weights' scale."""
 
 
+PROCESS_PER_DEVICE_UP_TO = 16
+"""Fleets up to this size get one process per device (as real devices are)."""
+
+DEFAULT_DEVICE_PROCESSES = 4
+"""Processes hosting a larger fleet's devices as threads (see the module docstring)."""
+
+DEFAULT_COHORT = 100
+"""Devices per round of a fleet larger than it, unless --clients-per-round says otherwise;
+smaller fleets train all their devices each round. A participant of an intents round costs
+~0.3-0.4 CPU-s in all (its training and SecAgg+, the server's share), so a 30 s round on two
+cores holds ~150 at most; 100 measured a 21 s median with 1,000 devices on the loaded
+machine, 150 and 250 took 56 s and 73 s (README, "Simulating 1,000 devices")."""
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Settings of a local simulated federation."""
 
-    clients: int = setting(10, "number of device-client processes", "XENO_SIM_CLIENTS")
+    clients: int = setting(10, "number of simulated devices", "XENO_SIM_CLIENTS")
     rounds: int = setting(20, "rounds to complete", "XENO_SIM_ROUNDS")
+    clients_per_round: int = setting(
+        0,
+        f"devices selected per round (0: all of them up to {DEFAULT_COHORT} devices, "
+        f"else {DEFAULT_COHORT})",
+        "XENO_SIM_CLIENTS_PER_ROUND",
+    )
+    compute_slots: int = setting(
+        2,
+        "devices of one process that may download and train, or mask and upload, at once "
+        "(the others wait their turn; bounds memory when a process hosts hundreds)",
+        "XENO_SIM_COMPUTE_SLOTS",
+    )
+    device_processes: int = setting(
+        0,
+        f"processes hosting the devices, each running its share as threads (0: one per "
+        f"device up to {PROCESS_PER_DEVICE_UP_TO} devices, else {DEFAULT_DEVICE_PROCESSES})",
+        "XENO_SIM_DEVICE_PROCESSES",
+    )
     db: str = setting("sqlite:///data/xeno.db", "SQLAlchemy database URL of the server", "XENO_DB")
     report: str | None = setting(
         None, "also write the per-round results as JSON to this path", "XENO_SIM_REPORT"
@@ -108,7 +157,10 @@ class SimulationConfig:
         "XENO_PERSONALIZATION",
     )
     round_deadline: float = setting(
-        60.0, "seconds before a round closes with what it has", "XENO_ROUND_DEADLINE"
+        0.0,
+        "seconds before a round closes with what it has (0: 60, or 0.3 s per device of "
+        "the round's cohort if more)",
+        "XENO_ROUND_DEADLINE",
     )
     min_clients: int = setting(2, "fewest updates that complete a round", "XENO_MIN_CLIENTS")
     port: int = setting(0, "server port (0: a free one)", "XENO_PORT")
@@ -123,6 +175,12 @@ class SimulationConfig:
         "XENO_SECAGG",
     )
     progress: bool = setting(True, "show the live progress display", "XENO_PROGRESS")
+    devices_dir: str = setting(
+        "",
+        "keep each device's sealed store (identity key, token, ledger) in DIR/device-I and "
+        "their data key in DIR/device.key (empty: a temporary folder, removed at the end)",
+        "XENO_SIM_DEVICES_DIR",
+    )
     dp: str = setting(
         "none",
         "user-level DP: distributed (Skellam under secure aggregation), central (needs "
@@ -160,15 +218,82 @@ class SimulationConfig:
             return min(5, self.rounds)
         return 0
 
+    def __post_init__(self) -> None:
+        if self.clients < 1 or self.rounds < 1:
+            raise ValueError("--clients and --rounds must be at least 1")
+        if not 0 <= self.clients_per_round <= self.clients:
+            raise ValueError(
+                f"--clients-per-round must be in [0, --clients] (0: automatic), "
+                f"not {self.clients_per_round}"
+            )
+        if not 0 <= self.device_processes <= self.clients:
+            raise ValueError(
+                f"--device-processes must be in [0, --clients] (0: automatic), "
+                f"not {self.device_processes}"
+            )
+        if self.compute_slots < 1:
+            raise ValueError("--compute-slots must be at least 1")
+        if self.round_deadline < 0:
+            raise ValueError("--round-deadline must be positive (0: automatic)")
+
+    @property
+    def cohort(self) -> int:
+        """Devices selected per round."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        return min(self.clients, DEFAULT_COHORT)
+
+    @property
+    def processes(self) -> int:
+        """Worker processes hosting the devices."""
+        if self.device_processes:
+            return self.device_processes
+        if self.clients <= PROCESS_PER_DEVICE_UP_TO:
+            return self.clients
+        return DEFAULT_DEVICE_PROCESSES
+
+    @property
+    def deadline(self) -> float:
+        """Seconds a round may take: a large cohort on two cores needs minutes under load."""
+        return self.round_deadline or max(60.0, 1.0 * self.cohort)
+
+    @property
+    def phase_timeout(self) -> float:
+        """Seconds a secure-aggregation phase waits for the cohort's stragglers.
+
+        The simulated devices never drop out on their own; a phase of a large cohort
+        takes seconds of the two shared cores, and one that closed after the server's
+        default 10 s would drop devices that were merely queued for a core (and with
+        them the shares their neighbours need).
+        """
+        return max(10.0, 0.25 * self.cohort)
+
 
 @dataclass
 class SimulationResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     db: str = ""
     model: str = ""
+    server: str = ""  # the address the devices used (their credentials' scope)
+    clients: int = 0
+    clients_per_round: int = 0
+    device_processes: int = 0
     server_cpu_seconds: float = 0.0
+    # CPU seconds of the device worker processes together (training, masking, gRPC).
+    devices_cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     startup_seconds: float = 0.0
+    median_round_seconds: float | None = None
+    # Model download plus update upload per device and round, median over completed rounds.
+    bytes_per_device: float | None = None
+    # Peak over the run of the sum of PSS (and of RSS, an upper bound) of the server
+    # process and every device process, sampled from /proc every `memory_interval_s`.
+    peak_memory_bytes: int = 0
+    peak_rss_bytes: int = 0
+    memory_interval_s: float = 0.0
+    memory_processes: int = 0
+    # 1-minute load average of the machine when the run started and when it ended.
+    load_average: list[float] = field(default_factory=list)
     # Per version: the server's accuracy beside the devices' own held-out scores of it.
     federated_evaluation: list[dict[str, Any]] = field(default_factory=list)
 
@@ -190,6 +315,9 @@ def _round_record(s: RoundSummary) -> dict[str, Any]:
         "seconds": round(s.seconds, 4),
         "bytes_in": s.bytes_in,
         "bytes_out": s.bytes_out,
+        "bytes_per_device": (
+            round((s.bytes_in + s.bytes_out) / s.participants) if s.participants else None
+        ),
         "failure_reason": s.failure_reason,
     }
 
@@ -231,24 +359,84 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _device_main(config: ClientConfig) -> None:
+def _run_client(client: DeviceClient) -> None:
+    try:
+        client.run()
+    except Exception:  # one device's bug must not stop the others of its process
+        log.exception("device %s stopped", client.config.state_dir)
+    finally:
+        client.close()
+
+
+MALLOC_ARENAS = 2
+"""glibc malloc arenas of a process hosting many devices. glibc gives each thread that
+allocates its own arena, up to 8 per core, and freed model-sized buffers stay in the arena
+that held them: with a hundred device threads a process kept ~1.5x the memory its live
+buffers need (measured: 100 devices' updates, 798 MB PSS with the default, 555 MB with 2
+arenas, the same CPU time)."""
+
+
+def _limit_malloc_arenas(arenas: int) -> None:
+    """mallopt(M_ARENA_MAX, arenas) where the C library is glibc; elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+
+    m_arena_max = -8  # malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_arena_max, arenas)
+    except (OSError, AttributeError):  # not glibc: its allocator, its policy
+        pass
+
+
+def _worker_main(configs: list[ClientConfig], compute_slots: int) -> None:
+    """One device process: each config's device on its own thread, until the federation ends.
+
+    Every device is the real one (`prepare_device` + `DeviceClient.run`); the
+    process gives them one torch thread between them (devices share cores, and
+    torch's own thread pool would fight the device threads for them), one stop
+    event, set by SIGTERM, and, when it hosts several, `compute_slots` turns at
+    the model-sized work (`SharedHost`). Devices are prepared one after the
+    other, so the shared data caches are filled once, not by every thread at once.
+    """
+    import torch
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s device %(message)s")
-    run_device(config, install_signal_handlers=True)
+    torch.set_num_threads(1)
+    if len(configs) > 1:
+        _limit_malloc_arenas(MALLOC_ARENAS)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host = (
+        SharedHost(threading.Semaphore(compute_slots), keep_model=False)
+        if len(configs) > 1
+        else SharedHost()
+    )
+    clients = [prepare_device(c, stop, host) for c in configs]
+    threads = [
+        threading.Thread(target=_run_client, args=(c,), name=f"device-{c.config.partition}")
+        for c in clients
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
-def run_simulation(config: SimulationConfig) -> SimulationResult:
-    if config.clients < 1 or config.rounds < 1:
-        raise ValueError("--clients and --rounds must be at least 1")
-    started = time.perf_counter()
-    if not os.environ.get("XENO_DATA_KEY") and not Path(config.data_key_file).exists():
-        write_new_key(config.data_key_file)
-    task = TaskName.parse(config.task)
+def _server_config(config: SimulationConfig, task: TaskName) -> ServerConfig:
     intents = task is TaskName.INTENTS
     learning_rate = config.learning_rate or (INTENTS_LEARNING_RATE if intents else 0.05)
     local_optimizer = config.local_optimizer or (INTENTS_LOCAL_OPTIMIZER if intents else "sgd")
     server_lr: float | None = config.server_lr or None
     if server_lr is None and intents and config.strategy == "fedavg":
         server_lr = INTENTS_SERVER_LR
+    cohort = config.cohort
+    phase_timeout = config.phase_timeout
     server_config = ServerConfig(
         data_key_file=config.data_key_file,
         host="127.0.0.1",
@@ -266,11 +454,13 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         strategy=config.strategy,
         local_epochs=config.local_epochs,
         personalization=config.personalization,
-        min_clients=min(config.min_clients, config.clients),
-        clients_per_round=config.clients,
-        round_deadline=config.round_deadline,
+        min_clients=min(config.min_clients, cohort),
+        clients_per_round=cohort,
+        round_deadline=config.deadline,
         rounds=config.rounds,
         secagg=config.secagg,
+        secagg_phase_timeout=phase_timeout,
+        call_timeout=max(120.0, phase_timeout + 60.0),
         dp=config.dp,
         dp_target_epsilon=config.dp_target_epsilon,
         dp_clip_norm=config.dp_clip_norm,
@@ -279,74 +469,240 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         dp_sgd_target_epsilon=config.dp_sgd_target_epsilon,
         metrics_port=-1,
         eval_every=config.evaluation_interval(),
-        # Wait for the whole simulated fleet: a round starts as soon as all devices are in,
-        # and only after this long with fewer (device processes start slowly on a busy machine).
-        selection_window=30.0,
+        # Rounds start once every device registered (run_simulation holds them until
+        # then), as soon as the cohort is in, and only after this long with fewer: a
+        # thousand device threads on a loaded machine took over 30 s to check in again.
+        selection_window=max(30.0, 0.25 * cohort),
+        # Every simulated device connects from 127.0.0.1: the per-address limits, meant
+        # for a network address in front of many real users, would throttle the fleet.
+        peer_register_rate=1e6,
+        peer_register_burst=1e6,
+        peer_checkin_rate=1e6,
+        peer_checkin_burst=1e6,
     )
     if task is TaskName.INTENTS:
         server_config = replace(server_config, secagg_clip_norm=INTENTS_SECAGG_CLIP_NORM)
+    return server_config
+
+
+def _device_configs(
+    config: SimulationConfig, task: TaskName, address: str, state_root: str, device_key: str
+) -> list[ClientConfig]:
+    return [
+        ClientConfig(
+            server=address,
+            task=task.value,
+            state_dir=str(Path(state_root) / f"device-{i}"),
+            partition=i,
+            num_partitions=config.clients,
+            alpha=config.alpha,
+            data_seed=config.seed,
+            seed=config.seed * 1000 + i,
+            device_key_file=device_key,
+            # The simulation's operator owns its devices: they run plain
+            # rounds exactly when the server is started without secagg.
+            allow_plaintext=not config.secagg,
+            # Every simulated device is the operator's own: a simulation of
+            # fewer than 5 devices may run secure rounds of all of them.
+            min_secagg_cohort=max(2, min(5, config.cohort)),
+        )
+        for i in range(config.clients)
+    ]
+
+
+MEMORY_INTERVAL_S = 0.5
+
+
+@contextlib.contextmanager
+def _devices_dir(path: str) -> Iterator[str]:
+    if not path:
+        with tempfile.TemporaryDirectory(prefix="xeno-sim-") as tmp:
+            yield tmp
+        return
+    Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    yield path
+
+
+def run_simulation(config: SimulationConfig) -> SimulationResult:
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    if not os.environ.get("XENO_DATA_KEY") and not Path(config.data_key_file).exists():
+        write_new_key(config.data_key_file)
+    task = TaskName.parse(config.task)
+    server_config = _server_config(config, task)
     server = XenoServer(server_config)
-    events: queue.Queue[RoundSummary] = queue.Queue()
-    server.coordinator.add_listener(events.put)
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    cpu = _CpuMeter()
+
+    def on_round(summary: RoundSummary) -> None:
+        # Runs on the coordinator's thread as the round ends: its secure-aggregation
+        # figures are still this round's, and the CPU split falls at the round's end.
+        record = _round_record(summary)
+        record["kind"] = summary.kind
+        server_cpu, devices_cpu = cpu.split()
+        record["server_cpu_seconds"] = round(server_cpu, 3)
+        record["devices_cpu_seconds"] = round(devices_cpu, 3)
+        stats = server.coordinator.last_secagg_stats
+        if stats:
+            phases = stats.get("phase_seconds")
+            record["secagg"] = {
+                "degree": stats.get("degree"),
+                "threshold": stats.get("threshold"),
+                "phase_seconds": (
+                    {k: round(v, 3) for k, v in phases.items()} if isinstance(phases, dict) else {}
+                ),
+                "unmask_cpu_seconds": stats.get("unmask_cpu_seconds"),
+            }
+        events.put(record)
+
+    server.coordinator.add_listener(on_round)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "sklearn.datasets", "client.runtime", "xeno.simulation"])
-    result = SimulationResult(db=config.db, model=server_config.model)
-    with tempfile.TemporaryDirectory(prefix="xeno-sim-") as state_root:
+    processes = config.processes
+    result = SimulationResult(
+        db=config.db,
+        model=server_config.model,
+        clients=config.clients,
+        clients_per_round=config.cohort,
+        device_processes=processes,
+        memory_interval_s=MEMORY_INTERVAL_S,
+    )
+    sampler = TreeMemorySampler(interval=MEMORY_INTERVAL_S)
+    with _devices_dir(config.devices_dir) as state_root, sampler:
         device_key = str(Path(state_root) / "device.key")
-        write_new_key(device_key)
+        if not Path(device_key).exists():
+            write_new_key(device_key)
+        # No round starts until the whole fleet registered: a first round that ran beside
+        # a thousand registrations would time the start-up, not the round.
+        server.coordinator.pause()
         server.start()
+        result.server = server.address
         cpu_start = _cpu_seconds()
-        devices = [
+        configs = _device_configs(config, task, server.address, state_root, device_key)
+        # Round-robin, so that every process holds a like share of each round's cohort.
+        workers = [
             ctx.Process(
-                target=_device_main,
-                args=(
-                    ClientConfig(
-                        server=server.address,
-                        task=task.value,
-                        state_dir=str(Path(state_root) / f"device-{i}"),
-                        partition=i,
-                        num_partitions=config.clients,
-                        alpha=config.alpha,
-                        data_seed=config.seed,
-                        seed=config.seed * 1000 + i,
-                        device_key_file=device_key,
-                        # The simulation's operator owns its devices: they run plain
-                        # rounds exactly when the server is started without secagg.
-                        allow_plaintext=not config.secagg,
-                        # Every simulated device is the operator's own: a simulation of
-                        # fewer than 5 devices may run secure rounds of all of them.
-                        min_secagg_cohort=max(2, min(5, config.clients)),
-                    ),
-                ),
-                name=f"device-{i}",
+                target=_worker_main,
+                args=(configs[w::processes], config.compute_slots),
+                name=f"devices-{w}",
                 daemon=True,
             )
-            for i in range(config.clients)
+            for w in range(processes)
         ]
-        for d in devices:
-            d.start()
+        for w in workers:
+            w.start()
+        cpu.start([w.pid for w in workers])
+        watcher = threading.Thread(target=cpu.watch, args=(sampler.stopped,), daemon=True)
+        watcher.start()
         try:
             _collect(server, events, config, result, started)
             result.federated_evaluation = federated_evaluation(server.store, result.model)
         finally:
             result.server_cpu_seconds = _cpu_seconds() - cpu_start
-            for d in devices:
-                d.join(timeout=15)
-            for d in devices:
-                if d.is_alive():
-                    d.terminate()
-                    d.join(timeout=5)
+            for w in workers:
+                w.join(timeout=15 + 0.01 * config.clients)
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()  # SIGTERM: each device finishes its step, then leaves
+                    w.join(timeout=10)
+                if w.is_alive():  # a step that waits for a server that is gone
+                    w.kill()
+                    w.join(timeout=5)
+            result.devices_cpu_seconds = sum(cpu.workers.values())
             server.stop()
+    result.peak_memory_bytes = sampler.peak_pss_bytes
+    result.peak_rss_bytes = sampler.peak_rss_bytes
+    result.memory_processes = sampler.peak_processes
     result.wall_seconds = time.perf_counter() - started
+    result.load_average = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    done = [r for r in result.rounds if r["status"] == "completed"]
+    if done:
+        result.median_round_seconds = statistics.median(r["seconds"] for r in done)
+        per_device = [r["bytes_per_device"] for r in done if r["bytes_per_device"] is not None]
+        result.bytes_per_device = statistics.median(per_device) if per_device else None
     if config.report:
         Path(config.report).parent.mkdir(parents=True, exist_ok=True)
         Path(config.report).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
+def _process_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a live process (all its threads), from /proc (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU seconds of the server process and of the device workers, read from /proc.
+
+    The workers are the forkserver's children, not ours, so their rusage never
+    reaches this process: each one's last reading while alive is kept (read every
+    `MEMORY_INTERVAL_S` and at every round's end, so a worker's last half second
+    may be missed). `split()` gives the CPU of each since the previous split: with
+    a split at every round's end, the round's server and device CPU.
+    """
+
+    def __init__(self) -> None:
+        self.workers: dict[int | None, float] = {}
+        self._lock = threading.Lock()
+        self._last = (0.0, 0.0)
+
+    def start(self, pids: list[int | None]) -> None:
+        with self._lock:
+            self.workers = dict.fromkeys(pids, 0.0)
+            self._last = (_cpu_seconds(), 0.0)
+
+    def read(self) -> tuple[float, float]:
+        with self._lock:
+            for pid in self.workers:
+                seconds = _process_cpu_seconds(pid)
+                if seconds is not None:
+                    self.workers[pid] = seconds
+            return _cpu_seconds(), sum(self.workers.values())
+
+    def split(self) -> tuple[float, float]:
+        server, devices = self.read()
+        with self._lock:
+            last, self._last = self._last, (server, devices)
+        return server - last[0], devices - last[1]
+
+    def watch(self, stopped: threading.Event) -> None:
+        while not stopped.wait(MEMORY_INTERVAL_S):
+            self.read()
+
+
+REGISTRATION_WAIT_S = 30.0
+"""Longest wait for the fleet's registrations beyond 0.5 s per device (then rounds start
+with the devices that did register)."""
+
+
+def _await_registrations(
+    server: XenoServer, config: SimulationConfig, show: Callable[[str], None]
+) -> None:
+    """Let rounds start (resume the coordinator) once every device has registered."""
+    give_up = time.monotonic() + REGISTRATION_WAIT_S + 0.5 * config.clients
+    registered = 0
+    while time.monotonic() < give_up:
+        registered = len(server.store.device_credentials())
+        show(f"starting devices: {registered}/{config.clients} registered")
+        if registered >= config.clients:
+            break
+        time.sleep(1.0)
+    else:
+        log.warning(
+            "only %d of %d devices registered in time; starting rounds with them",
+            registered,
+            config.clients,
+        )
+    server.coordinator.resume()
+
+
 def _collect(
     server: XenoServer,
-    events: queue.Queue[RoundSummary],
+    events: queue.Queue[dict[str, Any]],
     config: SimulationConfig,
     result: SimulationResult,
     started: float,
@@ -372,35 +728,43 @@ def _collect(
         transient=False,
     ) as progress:
         bar = progress.add_task("rounds", total=config.rounds, status="starting devices...")
+        _await_registrations(server, config, lambda status: progress.update(bar, status=status))
         while completed < config.rounds or evaluated < evaluations_due:
             try:
-                summary = events.get(timeout=1.0)
+                record = events.get(timeout=1.0)
             except queue.Empty:
                 if server.coordinator.finished:
                     break
+                if first:  # one line for the whole fleet, however large
+                    waiting = server.coordinator.available_devices
+                    progress.update(
+                        bar,
+                        status=f"starting devices: {waiting}/{config.clients} checked in, "
+                        f"{config.cohort} per round",
+                    )
                 continue
-            if summary.kind == "evaluation":
+            if record["kind"] == "evaluation":
                 evaluated += 1  # stored; federated_evaluation reads the results back
-                if summary.status != "evaluated":
+                if record["status"] != "evaluated":
                     console.print(
-                        f"[yellow]evaluation round {summary.number} failed: "
-                        f"{summary.failure_reason}"
+                        f"[yellow]evaluation round {record['round']} failed: "
+                        f"{record['failure_reason']}"
                     )
                 continue
             if first:
-                result.startup_seconds = time.perf_counter() - started - summary.seconds
+                result.startup_seconds = time.perf_counter() - started - record["seconds"]
                 first = False
-            result.rounds.append(_round_record(summary))
-            if summary.status == "completed":
+            result.rounds.append(record)
+            if record["status"] == "completed":
                 completed += 1
-                acc = summary.metrics.get("accuracy")
+                acc = record["accuracy"]
                 status = (
-                    f"participants {summary.participants}/{summary.selected}  accuracy {acc:.3f}  "
-                    if acc is not None
-                    else ""
-                ) + f"{summary.seconds:.2f}s/round"
+                    f"participants {record['participants']}/{record['selected']}  "
+                    + ("" if acc is None else f"accuracy {acc:.3f}  ")
+                    + f"{record['seconds']:.2f}s/round"
+                )
             else:
-                status = f"round {summary.number} failed: {summary.failure_reason}"
+                status = f"round {record['round']} failed: {record['failure_reason']}"
                 console.print(f"[yellow]{status}")
             progress.update(bar, completed=completed, status=status)
 
@@ -409,7 +773,10 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Federated training of {result.model}: {config.clients} devices")
+    table = Table(
+        title=f"Federated training of {result.model}: {config.clients} devices in "
+        f"{result.device_processes} process(es), {result.clients_per_round} per round"
+    )
     # Federated accuracy (the devices' held-out data, summed counts) beside the server's.
     federated = {
         e["version"]: e["federated_accuracy"]
@@ -418,11 +785,12 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
     }
     columns = ["round", "version", "participants", "dropouts", "accuracy"]
     columns += ["federated accuracy"] if federated else []
-    for col in (*columns, "loss", "seconds"):
+    for col in (*columns, "loss", "seconds", "MB/device"):
         table.add_column(col, justify="right")
     for r in result.rounds:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        per_device = r.get("bytes_per_device")
         fed = federated.get(r["version"])
         cells = [
             str(r["round"]),
@@ -432,17 +800,28 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
             acc,
         ]
         cells += [("-" if fed is None else f"{fed:.4f}")] if federated else []
-        table.add_row(*cells, loss, f"{r['seconds']:.2f}")
+        per_device_mb = "-" if per_device is None else f"{per_device / 1e6:.2f}"
+        table.add_row(*cells, loss, f"{r['seconds']:.2f}", per_device_mb)
     console = Console()
     console.print(table)
     done = [r for r in result.rounds if r["status"] == "completed"]
-    secs = [r["seconds"] for r in done]
-    if done:
+    if done and result.median_round_seconds is not None:
+        acc = done[-1]["accuracy"]
         console.print(
-            f"final accuracy {done[-1]['accuracy']:.4f} after {len(done)} rounds; "
-            f"median round {statistics.median(secs):.2f}s; total {result.wall_seconds:.1f}s "
-            f"(device start-up {result.startup_seconds:.1f}s)"
+            ("" if acc is None else f"final accuracy {acc:.4f} after {len(done)} rounds; ")
+            + f"median round {result.median_round_seconds:.2f}s; total "
+            f"{result.wall_seconds:.1f}s (device start-up {result.startup_seconds:.1f}s)",
+            soft_wrap=True,
         )
+    console.print(
+        f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB (sum of PSS of the server "
+        f"and {max(0, result.memory_processes - 1)} other processes, sampled every "
+        f"{result.memory_interval_s:g}s; sum of RSS {result.peak_rss_bytes / 2**30:.2f} GiB); "
+        f"CPU: server {result.server_cpu_seconds:.1f}s, devices "
+        f"{result.devices_cpu_seconds:.1f}s; load average {result.load_average[0]:.2f} at the "
+        f"start, {result.load_average[-1]:.2f} at the end",
+        soft_wrap=True,
+    )
     eps = [r["epsilon"] for r in done if r.get("epsilon") is not None]
     if eps:
         from common.privacy import privacy_status

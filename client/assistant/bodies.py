@@ -15,9 +15,12 @@ personal head sees inputs of one scale. The last layer of the shared model
 
 Alone, this body loses to hashed n-grams trained from scratch on CLINC150
 intents it never saw (64 dimensions cannot separate what 4,096 n-gram buckets
-do); beside the n-grams at half weight it wins (`benchmarks/personal.py`,
-README "Figures"). So the trainer's default (`default_body()`) is that stack,
-and hashed n-grams alone when no fastText body exists.
+do). So the trainer's default (`default_body()`) stacks it beside the n-grams
+(hashed n-grams alone when no fastText body exists), and the personal head
+uses it as a nearest-centroid expert beside the n-gram head
+(`intents.fit_with_prototypes`): better than scratch with 15 intents per
+user, a tie or a small win with 5 (`benchmarks/personal.py`, README
+"Figures").
 
 Body files are `.npz` read with `allow_pickle=False`.
 """
@@ -59,6 +62,12 @@ class FastTextBody:
     features: TextFeatures
     name: str
     intents: tuple[str, ...] = ()  # what the body was trained on (documentation)
+    # Learned elsewhere: the personal head's prototype prior comes from its columns.
+    pretrained = True
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedding.shape[1])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         ids = featurize(texts, self.features)
@@ -114,12 +123,15 @@ def fasttext_body(home: Path | None = None) -> FastTextBody | None:
 
 
 # The fastText body's weight next to the n-grams (weight 1) in the trainer's default body,
-# chosen by a sweep over 0.3-1.5 on one held-out draw of intents (README, "Figures").
+# chosen by a sweep over 0.3-1.5 on one held-out draw of intents (README, "Figures") when
+# the body's columns were linear features. With the centroid expert the head ignores the
+# columns' scale (the n-gram head is fitted on its own columns, rescaled), so it only
+# names the stack: changing it would retrain every user's head for nothing.
 FASTTEXT_WEIGHT = 0.5
 
 
 def default_body(home: Path | None = None) -> TextBody:
-    """The trainer's default: hashed n-grams beside the fastText body at half weight.
+    """The trainer's default: hashed n-grams beside the fastText body (its centroid expert).
 
     Hashed n-grams alone when no fastText body is on the device (nor shipped).
     """

@@ -8,8 +8,9 @@ else the shipped one), reports validation accuracy, then refits on every example
 (warm-started) and stores the result as a new personal version, which
 becomes active; any earlier version can be made active again (`rollback`).
 The default body (`bodies.default_body`) is hashed n-grams beside the federated
-or shipped fastText body at half weight (measured better than either alone:
-README, "Figures"); any `TextBody` can be passed in.
+or shipped fastText body; the fastText body joins the head as a
+nearest-centroid expert over the user's intents (`intents.fit_with_prototypes`,
+README "Figures"); any `TextBody` can be passed in.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class CustomModelTrainer:
             "unknown_threshold": threshold,
             "warm_start": warm is not None,
             "body": self.body.name,
+            "prior_scale": metrics["prior_scale"],
             "optimization": "lbfgs" if optimization is None else optimization.describe(),
             "seconds": round(time.perf_counter() - started, 3),
         }

@@ -496,6 +496,11 @@ class RoundCoordinator:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def available_devices(self) -> int:
+        """Devices that checked in and wait for a task now (a progress display's figure)."""
+        return len(self._available)
+
     def pause(self) -> None:
         """Start no more rounds; an open round still finishes. Waiting devices are let go."""
         with self._cond:
@@ -2063,7 +2068,7 @@ class RoundCoordinator:
             participant.bytes_in += session.total_bytes
             self._cond.notify_all()
 
-    def _commit_masked(self, session: UploadSession, vector: np.ndarray) -> None:
+    def _commit_masked(self, session: UploadSession, parts: list[np.ndarray]) -> None:
         with self._cond:
             rnd, participant = session.round, session.participant
             if self._round is not rnd or rnd.closing or rnd.secagg is None:
@@ -2071,7 +2076,7 @@ class RoundCoordinator:
                     ErrorKind.FAILED_PRECONDITION,
                     f"round {rnd.id} closed before the upload completed; check in again",
                 )
-            rnd.secagg.end_upload(participant.device_id, vector.view(np.uint32))
+            rnd.secagg.end_upload(participant.device_id, [p.view(np.uint32) for p in parts])
             crash_point("upload")
             participant.status = Status.UPLOADED
             participant.bytes_in += session.total_bytes
@@ -2161,7 +2166,9 @@ class UploadSession:
                 buffer = self._coordinator._take_staging(self)
                 self.buffer = buffer
                 try:
-                    self.assembler = ChunkAssembler(self.total_bytes, buffer)
+                    self.assembler = ChunkAssembler(
+                        self.total_bytes, buffer, keep_chunks=self.keep_chunks
+                    )
                 except ValueError as exc:
                     self.abort()
                     raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
@@ -2170,6 +2177,9 @@ class UploadSession:
             except ValueError as exc:
                 self.abort()
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+
+    # Keep chunks uncopied until commit (MaskedUploadSession) instead of staging them.
+    keep_chunks = False
 
     def _finish_vector(self) -> np.ndarray:
         self._check_open()
@@ -2217,13 +2227,28 @@ class UploadSession:
 
 
 class MaskedUploadSession(UploadSession):
-    """A secure-aggregation upload: uint32 residues, checked for length only, added mod 2^32."""
+    """A secure-aggregation upload: uint32 residues, checked for length only, added mod 2^32.
+
+    Its chunks are not copied into the staging buffer: they stay in gRPC's message
+    buffers (read-only bytes) and are added to the sum, part by part, at commit. The
+    staging buffer is still taken at the first data chunk: it bounds the uploads in
+    flight, whose chunks hold as much memory, and holds a stream cut mid-value.
+    """
+
+    keep_chunks = True
 
     def commit(self) -> None:
         with self._lock:
             try:
-                vector = self._finish_vector()
-                self._coordinator._commit_masked(self, vector)
+                self._check_open()
+                if self.assembler is None:
+                    self._finish_vector()  # raises: nothing was received
+                assert self.assembler is not None
+                try:
+                    parts = self.assembler.finish_parts()
+                except ValueError as exc:
+                    raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+                self._coordinator._commit_masked(self, parts)
             except FederationError:
                 self.abort()
                 raise

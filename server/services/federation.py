@@ -145,9 +145,11 @@ async def _receive_stream(
     """Header first, then data chunks into a staged session; commit or abort it whole.
 
     Messages arrive unparsed (see `register_federation`) and are read as FramedChunk,
-    so each data byte is copied once: from gRPC's buffer into the staging buffer. The
-    session takes its staging buffer at the first data chunk (waiting, as a coroutine,
-    while none is free); the stream ending, idling or breaking gives it back.
+    so each data byte is copied at most once: from gRPC's buffer into the staging
+    buffer (a plain update), or not at all (a masked one: its chunks are added to the
+    sum from gRPC's buffers at commit, see MaskedUploadSession). The session takes its
+    staging buffer at the first data chunk (waiting, as a coroutine, while none is
+    free); the stream ending, idling or breaking gives it back.
     """
     session = None
     try:

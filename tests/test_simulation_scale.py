@@ -1,0 +1,161 @@
+"""`xeno-fl simulate` with devices sharing processes: own identities, exact secure sums.
+
+Six devices in two worker processes (three device threads each, taking turns
+at training and masking) run two secure-aggregation rounds against the real
+server. Each device must have registered on its own (its own sealed store,
+identity key and token, the ones the server holds), and each new version must
+be the previous one moved by the weighted mean of the six devices' clipped
+updates, which this test recomputes from their data: the devices' local
+training is deterministic given its seed, and the only difference allowed is
+the fixed-point rounding of secure aggregation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from client.runtime import ClientConfig, load_partition
+from client.storage import IdentityStore, LocalStore
+from client.training import LocalTrainingConfig, train_local
+from common.atrest import Sealer, load_key
+from common.models import build_model
+from common.quantize import FixedPoint, clip_l2
+from server.app import ServerConfig
+from server.store import Store
+from xeno.procmem import TreeMemorySampler, process_tree, tree_memory
+from xeno.simulation import SimulationConfig, run_simulation
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"clients": 10, "clients_per_round": 11}, "--clients-per-round"),
+        ({"clients": 10, "clients_per_round": -1}, "--clients-per-round"),
+        ({"clients": 10, "device_processes": 11}, "--device-processes"),
+        ({"clients": 10, "compute_slots": 0}, "--compute-slots"),
+        ({"clients": 0}, "--clients"),
+    ],
+)
+def test_a_simulation_refuses_a_layout_it_cannot_run(
+    settings: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SimulationConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_defaults_share_processes_only_past_sixteen_devices() -> None:
+    assert (SimulationConfig(clients=10).processes, SimulationConfig(clients=10).cohort) == (10, 10)
+    big = SimulationConfig(clients=1000)
+    assert (big.processes, big.cohort) == (4, 100)
+    assert SimulationConfig(clients=1000, clients_per_round=250).phase_timeout == 62.5
+
+
+def test_tree_memory_counts_the_children() -> None:
+    """The sampler sums the whole tree: a child's 50 MB are in this process's figures."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; b = b'x' * (50 << 20); print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # its 50 MB are written
+        assert child.pid in process_tree(os.getpid())
+        with TreeMemorySampler(interval=0.05) as sampler:
+            pass
+        assert sampler.peak_processes >= 2
+        assert sampler.peak_pss_bytes >= tree_memory(child.pid).pss_bytes >= 50 << 20
+        assert sampler.peak_rss_bytes >= sampler.peak_pss_bytes
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_devices_sharing_processes_keep_their_own_identity_and_sum_exactly(
+    tmp_path: Path,
+) -> None:
+    n, rounds, epochs = 6, 2, 1
+    config = SimulationConfig(
+        clients=n,
+        rounds=rounds,
+        device_processes=2,
+        local_epochs=epochs,
+        db=f"sqlite:///{tmp_path}/sim.db",
+        data_key_file=str(tmp_path / "xeno.key"),
+        devices_dir=str(tmp_path / "devices"),
+        report=str(tmp_path / "report.json"),
+        progress=False,
+    )
+    result = run_simulation(config)
+    assert result.device_processes == 2 and result.clients_per_round == n
+    assert [r["status"] for r in result.rounds] == ["completed"] * rounds
+    assert all(r["participants"] == n and r["secagg"]["degree"] >= 1 for r in result.rounds)
+    # The figures the README quotes: the whole tree's peak memory, bytes per device.
+    report = json.loads(Path(config.report or "").read_text())
+    assert report["peak_memory_bytes"] > 100e6 and report["memory_processes"] >= 3
+    assert report["peak_rss_bytes"] >= report["peak_memory_bytes"]
+    assert report["bytes_per_device"] > 0 and report["median_round_seconds"] > 0
+
+    # Each device: its own folder, identity key and token, the ones the server holds.
+    store = Store(config.db, Sealer(load_key("", "XENO_DATA_KEY")))
+    held = store.device_credentials()
+    assert len(held) == n
+    sealer = Sealer(load_key("", "XENO_DEVICE_KEY"))
+    seen_ids, seen_tokens = set(), set()
+    for i in range(n):
+        local = LocalStore(tmp_path / "devices" / f"device-{i}", sealer)
+        creds = local.load_credentials(result.server)
+        assert creds is not None, f"device {i} has no credentials of its own"
+        identity = IdentityStore(local).load_or_create().public_key()
+        token_digest, identity_key = held[creds.device_id]
+        assert token_digest == hashlib.sha256(creds.token.encode()).hexdigest()
+        assert identity_key == identity.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        seen_ids.add(creds.device_id)
+        seen_tokens.add(creds.token)
+    assert len(seen_ids) == len(seen_tokens) == n
+
+    # Each round's new version: the base moved by the weighted mean of the clipped updates.
+    defaults = ServerConfig()
+    model = build_model(store.get_model(result.model).spec)  # type: ignore[union-attr]
+    training = LocalTrainingConfig(
+        local_epochs=epochs,
+        batch_size=defaults.batch_size,
+        learning_rate=0.05,
+        momentum=defaults.momentum,
+    )
+    fp = FixedPoint.for_round(defaults.secagg_clip_norm, n, defaults.secagg_max_weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the devices train
+    try:
+        for r in result.rounds:
+            base = store.load_version(result.model, r["version"] - 1).astype(np.float64)
+            new = store.load_version(result.model, r["version"]).astype(np.float64)
+            total, weights = np.zeros_like(base), 0
+            for i in range(n):
+                shard = load_partition(
+                    ClientConfig(task=config.task, num_partitions=n, alpha=config.alpha), i
+                )
+                seed = (config.seed * 1000 + i) * 1_000_003 + r["round"]
+                update = train_local(model, base.astype(np.float32), shard, training, seed)
+                weight = min(update.num_examples, fp.max_weight)
+                total += clip_l2(update.delta, fp.clip_norm)[0].astype(np.float64) * weight
+                weights += weight
+            bound = fp.error_bound(n) / (weights / fp.max_weight)
+            error = float(np.max(np.abs((new - base) - total / weights)))
+            # A missing, doubled or foreign update would be off by ~1/6 of one (>1e-3).
+            assert error <= bound + 1e-5, (r["round"], error, bound)
+    finally:
+        torch.set_num_threads(threads)
