@@ -159,3 +159,30 @@ def test_devices_sharing_processes_keep_their_own_identity_and_sum_exactly(
             assert error <= bound + 1e-5, (r["round"], error, bound)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_distributed_dp_noise_is_shared_by_most_of_the_cohort() -> None:
+    """Each device adds 1/n_min of the noise: n_min is 90% of the cohort, not --min-clients.
+
+    With the server's default (n_min = --min-clients = 2) every device of a
+    100-device cohort would add half the target noise, 45 times the variance the
+    accountant's epsilon needs for a sum of 90.
+    """
+    from common.tasks import TaskName
+    from xeno.simulation import _server_config
+
+    def policy(**settings: object):  # type: ignore[no-untyped-def]
+        config = SimulationConfig(dp="distributed", dp_target_epsilon=8.0, rounds=5, **settings)
+        return _server_config(config, TaskName.INTENTS).user_dp_policy()
+
+    big = policy(clients=1000, clients_per_round=100)
+    assert big is not None and big.min_contributors == 90
+    assert policy(clients=10).min_contributors == 9
+    assert policy(clients=3).min_contributors == 3
+    assert policy(clients=100, dp_min_contributors=40).min_contributors == 40
+    # The guarantee is the sum's: the noise multiplier for the target does not depend on n_min.
+    assert big.noise_multiplier == pytest.approx(
+        policy(clients=1000, clients_per_round=100, dp_min_contributors=2).noise_multiplier
+    )
+    plain = SimulationConfig(clients=100)
+    assert _server_config(plain, TaskName.INTENTS).user_dp_policy() is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -192,6 +193,14 @@ class SimulationConfig:
     )
     dp_clip_norm: float = setting(
         0.5, "L2 clip of each device's update under DP", "XENO_DP_CLIP_NORM"
+    )
+    dp_delta: float = setting(1e-5, "delta of the user-level guarantee", "XENO_DP_DELTA")
+    dp_min_contributors: int = setting(
+        0,
+        "distributed DP: fewest updates whose noise adds up to the target, so each device "
+        "adds 1/this of it; smaller sums are never unmasked (0: 90%% of the cohort, "
+        "rounded up, leaving room for a tenth of it to drop out)",
+        "XENO_DP_MIN_CONTRIBUTORS",
     )
     dp_sgd_target_epsilon: float = setting(
         0.0,
@@ -428,6 +437,21 @@ def _worker_main(configs: list[ClientConfig], compute_slots: int) -> None:
         t.join()
 
 
+def dp_min_contributors(config: SimulationConfig, cohort: int) -> int:
+    """How many devices' noise shares make up the target noise under distributed DP.
+
+    Each device adds 1/n_min of the noise, so the server's default of --min-clients
+    (2 here) would have every one of a 100-device cohort add half of it: 50 times the
+    variance the guarantee needs. A simulation knows its cohort, so it asks for 90% of
+    it (a round whose survivors are fewer is never unmasked).
+    """
+    if config.dp_min_contributors > 0:
+        return config.dp_min_contributors
+    if config.dp != "distributed":
+        return 0
+    return max(min(config.min_clients, cohort), math.ceil(0.9 * cohort))
+
+
 def _server_config(config: SimulationConfig, task: TaskName) -> ServerConfig:
     intents = task is TaskName.INTENTS
     learning_rate = config.learning_rate or (INTENTS_LEARNING_RATE if intents else 0.05)
@@ -464,6 +488,8 @@ def _server_config(config: SimulationConfig, task: TaskName) -> ServerConfig:
         dp=config.dp,
         dp_target_epsilon=config.dp_target_epsilon,
         dp_clip_norm=config.dp_clip_norm,
+        dp_delta=config.dp_delta,
+        dp_min_contributors=dp_min_contributors(config, cohort),
         privacy_budget=config.privacy_budget,
         dp_sgd=config.dp_sgd_target_epsilon > 0,
         dp_sgd_target_epsilon=config.dp_sgd_target_epsilon,
@@ -827,7 +853,7 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
         from common.privacy import privacy_status
 
         console.print(
-            f"user-level privacy of the model: epsilon {eps[-1]:.3f} at delta 1e-5 "
+            f"user-level privacy of the model: epsilon {eps[-1]:.3f} at delta {config.dp_delta:g} "
             f"({privacy_status(eps[-1])}); ledger: xeno-fl admin --db {result.db} privacy-report",
             soft_wrap=True,
         )
