@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -750,23 +750,27 @@ class DeviceClient:
             )
         secagg = None
         if task.secagg.enabled:
-            assert self._creds is not None
-            secagg = SecAggDevice(
-                self._stub,
-                self._metadata(),
-                self._creds.device_id,
-                self.identities.load_or_create(),
-                self.identities,
-                task,
-                timeout=lambda: remaining() + 60,
-                policy=SecAggPolicy(
-                    min_cohort=self.config.min_secagg_cohort,
-                    corrupt_fraction=self.config.secagg_corrupt_fraction,
-                ),
-                compute=self.host.compute,
-            )
+            secagg = self._secagg_device(task, remaining)
         self._pending = _PendingTask(task.round_id, result, manifest, secagg, deadline)
         self._deliver(task, self._pending)
+
+    def _secagg_device(self, task: pb.Task, remaining: Callable[[], float]) -> SecAggDevice:
+        """The device side of the task's SecAgg+ round (checks, keys, masking)."""
+        assert self._creds is not None
+        return SecAggDevice(
+            self._stub,
+            self._metadata(),
+            self._creds.device_id,
+            self.identities.load_or_create(),
+            self.identities,
+            task,
+            timeout=lambda: remaining() + 60,
+            policy=SecAggPolicy(
+                min_cohort=self.config.min_secagg_cohort,
+                corrupt_fraction=self.config.secagg_corrupt_fraction,
+            ),
+            compute=self.host.compute,
+        )
 
     def _run_evaluation(self, task: pb.Task, user_spend: Spend | None) -> None:
         """An evaluation-only task: score the version on held-out data, report the counts.
@@ -797,21 +801,7 @@ class DeviceClient:
                 task.round_id, task.model_name, USER_LEVEL, DISTRIBUTED, user_spend, cfg.delta
             )
         if task.secagg.enabled:
-            assert self._creds is not None
-            secagg = SecAggDevice(
-                self._stub,
-                self._metadata(),
-                self._creds.device_id,
-                self.identities.load_or_create(),
-                self.identities,
-                task,
-                timeout=lambda: remaining() + 60,
-                policy=SecAggPolicy(
-                    min_cohort=self.config.min_secagg_cohort,
-                    corrupt_fraction=self.config.secagg_corrupt_fraction,
-                ),
-                compute=self.host.compute,
-            )
+            secagg = self._secagg_device(task, remaining)
             secagg.run(np.asarray(counts, dtype=np.float64), 1)
         else:
             try:

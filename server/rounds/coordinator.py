@@ -1270,26 +1270,11 @@ class RoundCoordinator:
         return CheckInOutcome(task=self._task_info(rnd))
 
     def _task_info(self, rnd: _Round) -> TaskInfo:
-        if rnd.evaluation:
-            policy = self.config.user_dp
-            return TaskInfo(
-                round_id=rnd.id,
-                round_number=rnd.number,
-                model_name=self.model_name,
-                model_version=rnd.base_version,
-                model=self.model,
-                fit=rnd.fit,
-                deadline_unix_ms=rnd.deadline_unix_ms,
-                model_bytes=len(rnd.model_bytes),
-                secagg=rnd.secagg_task,
-                # The counts' clip (every count in [0, max examples]) is what the noise is for.
-                user_dp=(
-                    replace(policy, clip_norm=rnd.clip, target_quantile=0.0)
-                    if policy is not None
-                    else None
-                ),
-                eval_max_examples=self.config.eval_max_examples,
-            )
+        policy = self.config.user_dp
+        user_dp = replace(policy, clip_norm=rnd.clip) if policy is not None else None
+        if rnd.evaluation and user_dp is not None:
+            # The counts' clip (every count in [0, max examples]) is what the noise is for.
+            user_dp = replace(user_dp, target_quantile=0.0)
         return TaskInfo(
             round_id=rnd.id,
             round_number=rnd.number,
@@ -1300,12 +1285,9 @@ class RoundCoordinator:
             deadline_unix_ms=rnd.deadline_unix_ms,
             model_bytes=len(rnd.model_bytes),
             secagg=rnd.secagg_task,
-            user_dp=(
-                replace(self.config.user_dp, clip_norm=rnd.clip)
-                if self.config.user_dp is not None
-                else None
-            ),
-            dp_sgd=self._dp_sgd_task,
+            user_dp=user_dp,
+            dp_sgd=None if rnd.evaluation else self._dp_sgd_task,
+            eval_max_examples=self.config.eval_max_examples if rnd.evaluation else 0,
         )
 
     def _active_round(self, round_id: str) -> _Round:
