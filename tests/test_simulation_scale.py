@@ -186,3 +186,57 @@ def test_distributed_dp_noise_is_shared_by_most_of_the_cohort() -> None:
     )
     plain = SimulationConfig(clients=100)
     assert _server_config(plain, TaskName.INTENTS).user_dp_policy() is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_simulation_and_its_device_processes(tmp_path: Path) -> None:
+    """`docker-compose stop` or `kill` must not leave the device worker processes running."""
+    import signal
+    import time
+
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xeno.cli",
+            "simulate",
+            "--clients",
+            "4",
+            "--device-processes",
+            "2",
+            "--rounds",
+            "1000",
+            "--no-progress",
+            "--db",
+            f"sqlite:///{tmp_path / 'sim.db'}",
+            "--data-key-file",
+            str(tmp_path / "key"),
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    tree: list[int] = []
+    while len(tree) < 4:  # this process, the forkserver, and the two device workers
+        assert sim.poll() is None, sim.communicate()[0]
+        assert time.monotonic() < deadline, "the device workers never started"
+        time.sleep(0.2)
+        tree = process_tree(sim.pid)
+    sim.send_signal(signal.SIGTERM)
+    out, _ = sim.communicate(timeout=60)
+    assert sim.returncode == 130, out
+    assert "simulation stopped" in out
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, [p for p in tree if _alive(p)]
+        time.sleep(0.2)

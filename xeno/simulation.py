@@ -875,8 +875,21 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
         console.print(f"report: {config.report}", soft_wrap=True)
 
 
+def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM (docker-compose stop, kill) takes Ctrl-C's path: run_simulation's cleanup
+    # stops the device processes; the default action would leave them running.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def simulate(config: SimulationConfig) -> int:
-    result = run_simulation(config)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        result = run_simulation(config)
+    except KeyboardInterrupt:
+        print("simulation stopped; its device processes have left")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_result(result, config)
     completed = sum(r["status"] == "completed" for r in result.rounds)
     if completed < config.rounds:
