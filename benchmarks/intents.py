@@ -481,6 +481,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
+        "--users", type=int, default=100, help="users of the personalization part (all per round)"
+    )
+    parser.add_argument(
         "--parts",
         default=",".join(PARTS),
         help=f"comma-separated parts to run, of {', '.join(PARTS)}; the others are kept "
@@ -565,9 +568,9 @@ def main() -> None:
         out["fed1000"] = federated(1000, args.rounds, args.cohort_1000, **common)
     if "personalization" in parts:
         fedrep = federated(
-            100,
+            args.users,
             args.rounds,
-            100,
+            args.users,
             personalization=True,
             score_personal=True,
             personal_epochs=args.personal_epochs,

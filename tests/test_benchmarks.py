@@ -56,8 +56,16 @@ def test_poisoning_benchmark_reports_every_run() -> None:
 
 
 @pytest.mark.slow
-def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
-    line = _json_line("benchmarks/intents.py", "--overhead-only", "--repeats", "1")
+def test_intents_benchmark_measures_dp_sgd_overhead(tmp_path: Path) -> None:
+    line = _json_line(
+        "benchmarks/intents.py",
+        "--parts",
+        "overhead",
+        "--repeats",
+        "1",
+        "--results",
+        str(tmp_path / "intents.json"),  # never the repository's figures
+    )
     assert isinstance(line["dp_sgd_overhead"], float) and line["dp_sgd_overhead"] > 0
     seconds = line["dp_sgd_epoch_seconds"]
     assert isinstance(seconds, dict)
@@ -65,10 +73,11 @@ def test_intents_benchmark_measures_dp_sgd_overhead() -> None:
 
 
 @pytest.mark.slow
-def test_intents_benchmark_compares_global_and_personalized_accuracy() -> None:
+def test_intents_benchmark_compares_global_and_personalized_accuracy(tmp_path: Path) -> None:
     line = _json_line(
         "benchmarks/intents.py",
-        "--personalization-only",
+        "--parts",
+        "personalization",
         "--users",
         "4",
         "--rounds",
@@ -77,11 +86,16 @@ def test_intents_benchmark_compares_global_and_personalized_accuracy() -> None:
         "1",
         "--personal-epochs",
         "1",
+        "--results",
+        str(tmp_path / "intents.json"),
     )
     for key in ("mean_global_accuracy", "mean_personalized_accuracy"):
         assert isinstance(line[key], float) and 0 <= line[key] <= 1
-    fedrep = line["personalization"]
-    assert isinstance(fedrep, dict) and fedrep["users"] == 4 and len(fedrep["per_round"]) == 2
+    run = line["personalization"]
+    assert isinstance(run, dict) and run["users"] == 4 and len(run["accuracy_curve"]) == 2
+    fedrep = run["personalization"]
+    assert fedrep["method"] == "fedrep"
+    assert fedrep["mean_global_accuracy"] == line["mean_global_accuracy"]
 
 
 @pytest.mark.slow
