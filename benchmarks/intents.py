@@ -189,7 +189,7 @@ def dp_sgd_overhead(repeats: int, batch_size: int = 32) -> dict[str, float]:
         order = torch.randperm(len(y))
         for s in range(0, len(y), batch_size):
             idx = order[s : s + batch_size]
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         return time.process_time() - began
