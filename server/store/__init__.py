@@ -666,14 +666,7 @@ class Store:
         Returns the definition removed. KeyError: the model has no definition.
         """
         with self._session.begin() as s:
-            row = s.scalar(
-                select(ModelDefinitionRow)
-                .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
-                .where(ModelRow.name == name)
-                .with_for_update()
-            )
-            if row is None:
-                raise KeyError(name)
+            row = _locked_definition(s, name)
             removed = _definition(name, row)
             s.delete(row)
             return removed
@@ -684,14 +677,7 @@ class Store:
         KeyError: the model has no definition.
         """
         with self._session.begin() as s:
-            row = s.scalar(
-                select(ModelDefinitionRow)
-                .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
-                .where(ModelRow.name == name)
-                .with_for_update()
-            )
-            if row is None:
-                raise KeyError(name)
+            row = _locked_definition(s, name)
             if row.paused == paused:
                 return False
             row.paused = paused
@@ -1113,6 +1099,19 @@ def _definition_row(model_id: int, d: ModelDefinition, now: datetime) -> ModelDe
         source=d.source,
         updated_at=now,
     )
+
+
+def _locked_definition(s: Session, name: str) -> ModelDefinitionRow:
+    """The model's definition row, locked for this transaction; KeyError: none."""
+    row = s.scalar(
+        select(ModelDefinitionRow)
+        .join(ModelRow, ModelDefinitionRow.model_id == ModelRow.id)
+        .where(ModelRow.name == name)
+        .with_for_update()
+    )
+    if row is None:
+        raise KeyError(name)
+    return row
 
 
 def _definition(name: str, row: ModelDefinitionRow) -> ModelDefinition:
