@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -102,8 +101,16 @@ def call_without_waiting(fn: Callable[..., T], *args: Any) -> T:
     return contextvars.copy_context().run(run)
 
 
+class Lock(Protocol):
+    """What `hold` needs of a lock (Lock, RLock, Condition)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 @contextlib.contextmanager
-def hold(lock: threading.Condition) -> Iterator[None]:
+def hold(lock: Lock) -> Iterator[None]:
     """`with lock`, except in `call_without_waiting`: its first lock is only tried.
 
     Only the first: once a call holds a lock it may change state, so from then on

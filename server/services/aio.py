@@ -62,9 +62,14 @@ RECHECK_S = {Change.ROUND: 5.0, Change.PHASE: 5.0, Change.STAGING: 5.0}
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Until `event` is set or `timeout` seconds have passed."""
+    """Until `event` is set or `timeout` seconds have passed.
+
+    `asyncio.timeout` rather than `wait_for`, which wraps the wait in a new Task (with
+    its own futures and callbacks) for each of the ~500 phase waits of a secure round.
+    """
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        async with asyncio.timeout(max(0.0, timeout)):
+            await event.wait()
 
 
 class Changes:
