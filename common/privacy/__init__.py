@@ -112,7 +112,8 @@ def _opacus_rdp() -> Any:
     spec = importlib.util.find_spec("opacus")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("opacus is not installed; its RDP analysis is Xeno FL's accountant")
-    path = Path(list(spec.submodule_search_locations)[0]) / "accountants" / "analysis" / "rdp.py"
+    package = Path(next(iter(spec.submodule_search_locations)))
+    path = package / "accountants" / "analysis" / "rdp.py"
     loader = importlib.machinery.SourceFileLoader("xeno_opacus_rdp", str(path))
     module: ModuleType = importlib.util.module_from_spec(
         importlib.util.spec_from_loader(loader.name, loader)  # type: ignore[arg-type]
