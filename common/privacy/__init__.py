@@ -135,7 +135,10 @@ def gaussian_epsilon(
     if kind is AccountantKind.RDP:
         # What Opacus's RDPAccountant computes for this history, from its analysis module.
         rdp = _opacus_rdp().compute_rdp(
-            q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(DEFAULT_ORDERS)
+            q=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            orders=list(DEFAULT_ORDERS),
         )
         return rdp_to_epsilon(DEFAULT_ORDERS, np.asarray(rdp, dtype=np.float64), delta)
     from opacus.accountants import PRVAccountant
