@@ -47,7 +47,6 @@ from common.secagg import (
     encrypt_share,
     generate_keypair,
     keys_message,
-    neighbours,
     sign_keys,
     split,
     verify_keys,
@@ -61,7 +60,12 @@ from common.secagg.crypto import (
     share_point,
     survivors_message,
 )
-from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_bound
+from common.secagg.graph import (
+    DEFAULT_CORRUPT_FRACTION,
+    graph_seed,
+    neighbourhood,
+    threshold_bound,
+)
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
 
@@ -565,8 +569,9 @@ class SecAggDevice:
     ) -> dict[str, pb.RoundKeys]:
         if self.me not in participants:
             raise SecAggProtocolError("the participant list does not include this device")
-        self.graph = neighbours(
-            participants, advertised.degree, graph_seed(self.round_id, participants)
+        # My row and my neighbours' (the holders of the secrets I may reveal shares of).
+        self.graph = neighbourhood(
+            participants, advertised.degree, graph_seed(self.round_id, participants), self.me
         )
         expected = self.graph[self.me]
         peers = {k.device_id: k for k in advertised.neighbours}
