@@ -251,7 +251,7 @@ class SecAggDevice:
         return response
 
     def _pause(self, seconds: float) -> None:
-        """Wait before a resend; raise DeviceStoppingError if the device is asked to stop meanwhile."""
+        """Wait before a resend; DeviceStoppingError if the device is asked to stop meanwhile."""
         if self.stop.wait(seconds):
             raise DeviceStoppingError(
                 "the device is stopping; the round goes on without it (dropout recovery)"
