@@ -55,7 +55,7 @@ from client.protection import (
     check_task,
 )
 from client.retry import retry_after_s
-from client.secagg import SecAggDevice, SecAggPolicy
+from client.secagg import DeviceStoppingError, SecAggDevice, SecAggPolicy
 from client.storage import Credentials, IdentityStore, LocalStore
 from client.training import (
     LOCAL_OPTIMIZER_KEY,
@@ -503,6 +503,9 @@ class DeviceClient:
             except EnrollmentRefusedError as exc:
                 log.error("%s; %s", exc, exc.hint)
                 return 2
+            except DeviceStoppingError as exc:
+                log.info("%s", exc)
+                break
             except (RuntimeError, ValueError, FloatingPointError, StopIteration) as exc:
                 delay = self.backoff.next_delay()
                 log.error("task failed: %s; checking in again in %.1fs", exc, delay)
@@ -771,6 +774,7 @@ class DeviceClient:
                 corrupt_fraction=self.config.secagg_corrupt_fraction,
             ),
             compute=self.host.compute,
+            stop=self.stop,
         )
 
     def _run_evaluation(self, task: pb.Task, user_spend: Spend | None) -> None:

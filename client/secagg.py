@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -176,6 +177,10 @@ def check_noise(task: pb.Task) -> None:
         )
 
 
+class DeviceStoppingError(RuntimeError):
+    """The device was asked to stop while a secure-aggregation call waited to be resent."""
+
+
 class SecAggDevice:
     """Runs the secure-aggregation phases of one round for one device."""
 
@@ -191,8 +196,12 @@ class SecAggDevice:
         rng: np.random.Generator | None = None,
         policy: SecAggPolicy | None = None,
         compute: AbstractContextManager[object] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.stub = stub
+        # The device's stop event: a resend waits on it, so a device asked to stop while
+        # the server is away leaves now instead of retrying until the phase times out.
+        self.stop = stop if stop is not None else threading.Event()
         # Held while encoding, and while masking and uploading: devices that share a
         # process (a simulation) take turns at those, so that not all hold their
         # model-sized buffers at once (client.runtime.SharedHost).
@@ -239,11 +248,18 @@ class SecAggDevice:
                 wait = delay * random.uniform(0.5, 1.0)
                 if hint := retry_after_s(err):
                     wait = max(hint, delay) * random.uniform(1.0, 1.5)
-            time.sleep(wait)
+            self._pause(wait)
             delay = min(delay * 2, 2.0)
             self.resends += 1
         self.report.bytes_received += response.ByteSize()
         return response
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a resend; DeviceStoppingError if the device is asked to stop meanwhile."""
+        if self.stop.wait(seconds):
+            raise DeviceStoppingError(
+                "the device is stopping; the round goes on without it (dropout recovery)"
+            )
 
     def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
         """The device's keys for the round and their signature, made once per round."""
@@ -638,7 +654,7 @@ class SecAggDevice:
                     break  # the first stream was accepted; its answer was lost
                 if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-            time.sleep(delay)
+            self._pause(delay)
             delay = min(delay * 2, 2.0)
             self.resends += 1
             resent = True

@@ -431,7 +431,11 @@ def _worker_main(configs: list[ClientConfig], compute_slots: int) -> None:
         if len(configs) > 1
         else SharedHost()
     )
-    clients = [prepare_device(c, stop, host) for c in configs]
+    clients = []
+    for c in configs:
+        if stop.is_set():  # stopped while preparing: leave quietly, nothing has run yet
+            return
+        clients.append(prepare_device(c, stop, host))
     threads = [
         threading.Thread(target=_run_client, args=(c,), name=f"device-{c.config.partition}")
         for c in clients
@@ -636,12 +640,17 @@ def _run_simulation(config: SimulationConfig) -> SimulationResult:
         cpu.start([w.pid for w in workers])
         watcher = threading.Thread(target=cpu.watch, args=(sampler.stopped,), daemon=True)
         watcher.start()
+        finished = False
         try:
             _collect(server, events, config, result, started)
             result.federated_evaluation = federated_evaluation(server.store, result.model)
+            finished = True
         finally:
             result.server_cpu_seconds = _cpu_seconds() - cpu_start
-            for w in workers:
+            # After the last round the server tells each device the federation ended, so
+            # the workers leave by themselves; a stopped simulation (SIGTERM, Ctrl-C, an
+            # error) has told them nothing, and waiting for that would only delay the stop.
+            for w in workers if finished else ():
                 w.join(timeout=15 + 0.01 * config.clients)
             for w in workers:
                 if w.is_alive():
