@@ -105,7 +105,8 @@ def train_local(
     load_flat_into_module(model, global_vector)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for p in params]
+    # FedProx's anchor (a copy of the global weights) only when it has a term to pull toward.
+    anchors = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
     optimizer = make_optimizer(params, config)
     generator = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(data.x)
