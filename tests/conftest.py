@@ -39,6 +39,12 @@ os.environ.setdefault("XENO_MIN_SECAGG_COHORT", "2")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: `pytest -n 2` then spreads the long ones over both workers from
+    the start, instead of leaving one worker with a minute-long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _postgres_urls() -> list[str]:
     return ["postgres"] if os.environ.get("XENO_TEST_POSTGRES_URL") else []
 

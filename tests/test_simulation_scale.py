@@ -84,6 +84,7 @@ def test_tree_memory_counts_the_children() -> None:
         child.wait()
 
 
+@pytest.mark.slow
 def test_devices_sharing_processes_keep_their_own_identity_and_sum_exactly(
     tmp_path: Path,
 ) -> None:
