@@ -126,3 +126,31 @@ def hold(lock: Lock) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def hold_all(*locks: Lock) -> Iterator[None]:
+    """`hold` for several locks, taken in this order (released in reverse).
+
+    In `call_without_waiting` every one of them is only tried: when any is taken, those
+    already acquired are released and WouldWait is raised, nothing having changed. For a
+    call on the event loop that needs a second lock before it changes anything (an
+    upload's session lock, then the coordinator's), so that a long holder of the second
+    (the unmasking, a Forget waiting on the database) never stalls the loop.
+    """
+    taken: list[Lock] = []
+    try:
+        if _no_wait.get():
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    raise WouldWait
+                taken.append(lock)
+            _no_wait.set(False)
+        else:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()

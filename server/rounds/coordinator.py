@@ -39,7 +39,15 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted, hold
+from server.errors import (
+    Change,
+    ErrorKind,
+    FederationError,
+    Pending,
+    RoundCompleted,
+    hold,
+    hold_all,
+)
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -2132,9 +2140,10 @@ class UploadSession:
         The transport reads the first data chunk only then, so an upload queued for a
         buffer leaves its data in gRPC's flow-controlled window (256 KiB) instead of
         holding a whole chunk in server memory: memory stays O(d + n x window).
-        The transport runs it on its event loop: the session's lock is taken with `hold`.
+        The transport runs it on its event loop: the session's and the coordinator's locks
+        are only tried there (`hold_all`; the pool takes over when either is held).
         """
-        with hold(self._lock):
+        with hold_all(self._lock, self._coordinator._cond):
             self._check_open()
             if self.assembler is None:
                 self._coordinator._check_staging(self, take=False)
@@ -2142,10 +2151,13 @@ class UploadSession:
     def add_chunk(self, data: bytes | memoryview) -> None:
         """Copy one chunk in; Pending (call again) while no staging buffer is free.
 
-        Runs on the transport's event loop (the first chunk through `call_without_waiting`,
-        so the session's lock is taken with `hold`).
+        Runs on the transport's event loop. The first chunk, which takes a staging buffer
+        under the coordinator's lock, comes through `call_without_waiting`: both locks are
+        only tried (`hold_all`); later chunks take only the session's lock.
         """
-        with hold(self._lock):
+        first = self.assembler is None  # set once, under the lock: None now may be stale
+        locks = (self._lock, self._coordinator._cond) if first else (self._lock,)
+        with hold_all(*locks):
             self._check_open()
             if self.assembler is None:
                 if not data:
@@ -2227,11 +2239,11 @@ class MaskedUploadSession(UploadSession):
 
     keep_chunks = True
     # The transport commits it on its event loop: no hop to the pool and back per upload
-    # (the add is ~1 ms for 1M elements; the session's lock is taken with `hold`).
+    # (the add is ~1 ms for 1M elements; both locks are only tried there, `hold_all`).
     commit_on_loop = True
 
     def commit(self) -> None:
-        with hold(self._lock):
+        with hold_all(self._lock, self._coordinator._cond):
             try:
                 self._check_open()
                 if self.assembler is None:

@@ -16,7 +16,9 @@ pool: they run on the event loop itself, unless the coordinator's lock is taken
 (`hold` raises `WouldWait` before anything changed), and only then in the pool.
 The hop to a worker thread and back cost more server CPU than such a call's own
 work: ~100 us of futex wake-ups, self-pipe writes and GIL hand-offs per call,
-for ~1,300 calls in a secure round of 100 devices.
+for ~1,300 calls in a secure round of 100 devices. A masked upload's buffer wait,
+first chunk and commit run there the same way (`hold_all` over the session's and
+the coordinator's locks).
 """
 
 from __future__ import annotations
