@@ -867,7 +867,8 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
     console.print(
         f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB (sum of PSS of the server "
         f"and {max(0, result.memory_processes - 1)} other processes, sampled every "
-        f"{result.memory_interval_s:g}s; sum of RSS {result.peak_rss_bytes / 2**30:.2f} GiB); "
+        f"{result.memory_interval_s:g}s as the RSS grows; sum of RSS "
+        f"{result.peak_rss_bytes / 2**30:.2f} GiB); "
         f"CPU: server {result.server_cpu_seconds:.1f}s, devices "
         f"{result.devices_cpu_seconds:.1f}s; load average {result.load_average[0]:.2f} at the "
         f"start, {result.load_average[-1]:.2f} at the end",
