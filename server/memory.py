@@ -15,7 +15,11 @@ gRPC, numpy), and every full collection walks all of them. A secure round's stat
 (share maps, commitments) triggers several full collections: ~0.16 s of the
 server's CPU in `benchmarks/secagg.py`. `freeze_startup_heap` moves what start-up
 built into the permanent generation once, so later collections walk only what
-the server allocated since.
+the server allocated since, and raises the young generation's threshold from 700
+to `YOUNG_THRESHOLD` allocations: each call allocates a few hundred short-lived
+objects (asyncio futures, handles, gRPC wrappers), nearly all freed by reference
+counting, so collecting every 700 mostly walked the calls in flight, ~0.02 s of a
+100-device secure round in gen-0 and gen-1 collections.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling on 64-bit; also turns off its dynamic threshold
 TRIM_THRESHOLD = 256 << 20
+YOUNG_THRESHOLD = 10_000  # allocations between young-generation collections (default 700)
 
 _tuned = False
 _frozen = False
@@ -61,7 +66,8 @@ def freeze_startup_heap() -> None:
     Once per process, at the first server start: what start-up built (imports, the
     store, the servicers) lives as long as the process, so walking it on every full
     collection is wasted. Objects that become garbage later are still freed by
-    reference counting; only cycles among objects alive right now would stay.
+    reference counting; only cycles among objects alive right now would stay. The young
+    generation's threshold is raised to YOUNG_THRESHOLD (see the module docstring).
     """
     global _frozen
     if _frozen:
@@ -69,3 +75,6 @@ def freeze_startup_heap() -> None:
     _frozen = True
     gc.collect()
     gc.freeze()
+    young, middle, old = gc.get_threshold()
+    if 0 < young < YOUNG_THRESHOLD:  # 0: the collector is off; a higher one is kept
+        gc.set_threshold(YOUNG_THRESHOLD, middle, old)

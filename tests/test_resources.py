@@ -585,6 +585,29 @@ def test_on_loop_calls_run_on_the_loop_and_in_the_pool_only_when_their_lock_is_t
     assert state == ["plain", "waited", "inline", "pooled"]
 
 
+@pytest.mark.parametrize(
+    ("before", "after"), [((700, 10, 10), (10_000, 10, 10)), ((50_000, 5, 5), (50_000, 5, 5))]
+)
+def test_server_start_raises_the_young_gc_threshold_and_keeps_a_higher_one(
+    before: tuple[int, int, int], after: tuple[int, int, int]
+) -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: the threshold is process-wide and set once per process.
+    code = (
+        "import gc\n"
+        f"gc.set_threshold(*{before!r})\n"
+        "from server.memory import freeze_startup_heap\n"
+        "freeze_startup_heap()\n"
+        "print(gc.get_threshold(), gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == f"{after!r} True"
+
+
 def test_hold_all_on_the_loop_only_tries_each_lock_and_keeps_none_when_one_is_taken() -> None:
     from server.errors import WouldWait, call_without_waiting, hold_all
 
