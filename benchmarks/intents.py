@@ -422,8 +422,8 @@ FED_DEFAULTS: dict[str, Any] = {
     # rate 2 (the mean of non-IID updates moves each class's head row by only the share of
     # users that hold the class). Measured at 100 devices against Adam 0.1 (a plateau near
     # 60% from round 10: its steps are too coarse), Adam 0.01 (slower: 82.6% at round 16
-    # where 0.03 had it at round 12), a 0.9-per-round decay of the local rate (no gain by round 12), FedAvgM 0.7
-    # (slower) and FedAdam over local SGD (chance after 10 rounds); README.
+    # where 0.03 had it at round 12), a 0.9-per-round decay of the local rate (no gain by
+    # round 12), FedAvgM 0.7 (slower) and FedAdam over local SGD (chance after 10 rounds).
     "rounds": 30,
     "local_epochs": 5,
     "lr": 0.03,
@@ -462,14 +462,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.plot(eps, acc, "o-", label="federated, user-level DP (Skellam, SecAgg+)")
         for e, a in zip(eps, acc, strict=True):
             ax.annotate(f"{a:.1f}", (e, a), textcoords="offset points", xytext=(4, -12))
-    if "fed1000" in results:
+    reference = results.get("dp_reference")
+    if reference is not None:
         ax.axhline(
-            100 * results["fed1000"]["accuracy"],
+            100 * reference["accuracy"],
             ls="--",
             c="gray",
-            label="federated, no DP (1,000 devices)",
+            label=f"same model and rounds, no DP ({reference['parameters']:,} parameters)",
         )
-    if "central" in results:
+    central_size = results.get("central", {}).get("parameters")
+    if central_size is not None and (reference is None or reference["parameters"] == central_size):
         ax.axhline(
             100 * results["central"]["accuracy"], ls=":", c="black", label="central (one process)"
         )
@@ -521,6 +523,10 @@ def main() -> None:
     parser.add_argument("--dp-epsilons", default="1,3,8")
     parser.add_argument("--dp-clip-norm", type=float, default=FED_DEFAULTS["dp_clip"])
     parser.add_argument("--dp-rounds", type=int, default=FED_DEFAULTS["dp_rounds"])
+    parser.add_argument(
+        "--dp-buckets", type=int, default=0, help="the DP runs' model buckets (0: the default)"
+    )
+    parser.add_argument("--dp-dim", type=int, default=0, help="the DP runs' model dim (0: default)")
     parser.add_argument("--personal-epochs", type=int, default=5, help="FedRep head epochs")
     parser.add_argument(
         "--personal-lr", type=float, default=FED_DEFAULTS["personal_lr"], help="FedRep head rate"
@@ -587,6 +593,7 @@ def main() -> None:
         out["personalization"] = fedrep
     if "dp" in parts:
         dp = out.setdefault("dp", {})
+        size = {"buckets": args.dp_buckets, "dim": args.dp_dim}
         for eps in (float(e) for e in args.dp_epsilons.split(",")):
             dp[f"{eps:g}"] = federated(
                 1000,
@@ -594,8 +601,11 @@ def main() -> None:
                 args.cohort_1000,
                 dp_epsilon=eps,
                 dp_clip=args.dp_clip_norm,
+                **size,
                 **common,
             )
+        # The same model and rounds without DP: what the epsilons' accuracy is compared with.
+        out["dp_reference"] = federated(1000, args.dp_rounds, args.cohort_1000, **size, **common)
     for report in args.simulate_report:
         sim = json.loads(report.read_text())
         done = [r for r in sim["rounds"] if r["status"] == "completed"]
@@ -634,6 +644,8 @@ def _summarize(out: dict[str, Any]) -> None:
         out["mean_personalized_accuracy"] = p["mean_personalized_accuracy"]
     if "dp" in out:
         out["dp_accuracy"] = {e: r["accuracy"] for e, r in out["dp"].items()}
+    if "dp_reference" in out:
+        out["dp_reference_accuracy"] = out["dp_reference"]["accuracy"]
 
 
 if __name__ == "__main__":
