@@ -433,7 +433,7 @@ FED_DEFAULTS: dict[str, Any] = {
     "cohort_1000": 1000,
     "dp_clip": 1.0,
     "dp_rounds": 12,
-    "personal_lr": 0.01,
+    "personal_lr": 0.003,
 }
 
 RESULTS = Path(__file__).resolve().parent / "results" / "intents.json"
