@@ -6,16 +6,16 @@ What `xeno-fl simulate --task intents` asks of each device of a round, timed
 as CPU of this thread (`time.thread_time`, one torch thread), so that other
 processes' load on a shared machine does not enter it:
 
-  train_s      local training (5 epochs, batch 16, the simulation's learning
-               rate) on one simulated CLINC150 user's shard, when the users
-               are --users (a user of 100 holds ~120 queries, of 1,000 ~12)
+  train_s      local training (5 epochs, batch 16, the simulation's optimizer
+               and rate: Adam at 0.1) on one simulated CLINC150 user's shard, when
+               the users are --users (a user of 100 holds ~120 queries, of 1,000 ~12)
   secagg_s     the device side of SecAgg+ but the masking, for a cohort of n:
-               the neighbour graph over the n participants, verifying the k
+               the device's and its neighbours' rows of the graph, verifying the k
                neighbours' signed keys, Shamir-sharing two secrets among k + 1
-               holders, 2k key agreements, k AES-GCM shares and 2(k + 1)
+               holders, k key agreements, k AES-GCM shares sealed and opened, 2(k + 1)
                commitments (`client.secagg`'s own functions)
   mask_s       encoding and masking the ~400k-value update: k + 1 AES-CTR
-               expansions and additions (`SecAggDevice.mask`)
+               keystreams added in one blocked pass (`SecAggDevice.mask`)
 
 k is the degree the server derives for n (`common.secagg.graph.derive_params`).
 Multiplied by the cohort and divided by the cores, the sum is a floor under a
@@ -55,11 +55,13 @@ def _train_cost(users: int, repeats: int) -> dict[str, Any]:
     from common.models import build_model
     from common.tasks import TaskName, model_spec_for, simulated_shard
     from common.tensors import flatten_state_dict
-    from xeno.simulation import INTENTS_LEARNING_RATE
+    from xeno.simulation import INTENTS_LEARNING_RATE, INTENTS_LOCAL_OPTIMIZER
 
     model = build_model(model_spec_for(TaskName.INTENTS, []))
     weights = flatten_state_dict(model.state_dict())
-    training = LocalTrainingConfig(5, 16, INTENTS_LEARNING_RATE, 0.0, 0.9)
+    training = LocalTrainingConfig(
+        5, 16, INTENTS_LEARNING_RATE, 0.0, 0.9, optimizer=INTENTS_LOCAL_OPTIMIZER
+    )
     shard = simulated_shard(TaskName.INTENTS, 0, users, 0.5, 0)
     data = shard.featurized(model.features)  # type: ignore[union-attr,arg-type]
     train_local(model, weights, data, training)  # warm-up
@@ -75,17 +77,22 @@ def _cohort_cost(n: int, d: int, repeats: int) -> dict[str, Any]:
     from common.quantize import FixedPoint
     from common.secagg import (
         agree,
+        decrypt_share,
         encrypt_share,
         generate_keypair,
         keys_message,
-        neighbours,
-        prg_uint32,
         sign_keys,
         split,
         verify_keys,
     )
-    from common.secagg.crypto import mask_info, share_commitment, share_key_info, share_point
-    from common.secagg.graph import derive_params, graph_seed
+    from common.secagg.crypto import (
+        apply_masks,
+        mask_info,
+        share_commitment,
+        share_key_info,
+        share_point,
+    )
+    from common.secagg.graph import derive_params, graph_seed, neighbourhood
     from common.secagg.shamir import encode_share
     from xeno.simulation import INTENTS_SECAGG_CLIP_NORM
 
@@ -108,7 +115,7 @@ def _cohort_cost(n: int, d: int, repeats: int) -> dict[str, Any]:
     }
 
     def secagg() -> None:
-        graph = neighbours(participants, k, graph_seed(round_id, participants))
+        graph = neighbourhood(participants, k, graph_seed(round_id, participants), me)
         assert len(graph[me]) == k
         for p in peers:
             message = keys_message(round_id, p, enc[p].public, msk[p].public)
@@ -123,20 +130,19 @@ def _cohort_cost(n: int, d: int, repeats: int) -> dict[str, Any]:
             share_commitment(round_id, me, p, 1, encode_share(key_shares[x]))
             share_commitment(round_id, me, p, 2, encode_share(seed_shares[x]))
             if p != me:
-                encrypt_share(agree(enc[me].private, enc[p].public, info), blob, b"ad")
-                agree(enc[me].private, enc[p].public, info)  # the receiver's decryption
+                # One agreement per neighbour: its key also opens the neighbour's share.
+                key = agree(enc[me].private, enc[p].public, info)
+                decrypt_share(key, encrypt_share(key, blob, b"ad"), b"ad")
 
     fp = FixedPoint.for_round(INTENTS_SECAGG_CLIP_NORM, n, 1000)
 
-    def mask() -> None:
+    def mask() -> None:  # as SecAggDevice.run and .mask
         encoded = fp.encode(update, 12, rng)
-        masked = prg_uint32(os.urandom(32), encoded.size)
-        masked += encoded
-        scratch = np.empty(encoded.size, dtype=np.uint32)
         info = mask_info(round_id)
-        for p in peers:
-            seed = agree(msk[me].private, msk[p].public, info)
-            masked += prg_uint32(seed, encoded.size, scratch)
+        masks = [(os.urandom(32), 1)] + [
+            (agree(msk[me].private, msk[p].public, info), 1 if me < p else -1) for p in peers
+        ]
+        apply_masks(encoded, masks)
 
     return {
         "degree": k,

@@ -609,9 +609,11 @@ def main() -> None:
     for report in args.simulate_report:
         sim = json.loads(report.read_text())
         done = [r for r in sim["rounds"] if r["status"] == "completed"]
-        clients = max(r["selected"] for r in done)
+        # Keyed by the fleet (a 1,000-device fleet selects 100 per round by default).
+        clients = sim.get("clients") or max(r["selected"] for r in done)
         out.setdefault("simulation", {})[str(clients)] = {
             "report": str(report),
+            "clients_per_round": max(r["selected"] for r in done),
             "rounds": len(done),
             "accuracy": done[-1]["accuracy"],
             "median_round_seconds": statistics.median(r["seconds"] for r in done),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -47,13 +48,12 @@ from common.secagg import (
     encrypt_share,
     generate_keypair,
     keys_message,
-    neighbours,
-    prg_uint32,
     sign_keys,
     split,
     verify_keys,
 )
 from common.secagg.crypto import (
+    apply_masks,
     mask_info,
     share_ad,
     share_commitment,
@@ -61,7 +61,12 @@ from common.secagg.crypto import (
     share_point,
     survivors_message,
 )
-from common.secagg.graph import DEFAULT_CORRUPT_FRACTION, graph_seed, threshold_bound
+from common.secagg.graph import (
+    DEFAULT_CORRUPT_FRACTION,
+    graph_seed,
+    neighbourhood,
+    threshold_bound,
+)
 from common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
 from common.tensors import CHUNK_BYTES, iter_chunks
 
@@ -172,6 +177,10 @@ def check_noise(task: pb.Task) -> None:
         )
 
 
+class DeviceStoppingError(RuntimeError):
+    """The device was asked to stop while a secure-aggregation call waited to be resent."""
+
+
 class SecAggDevice:
     """Runs the secure-aggregation phases of one round for one device."""
 
@@ -187,8 +196,12 @@ class SecAggDevice:
         rng: np.random.Generator | None = None,
         policy: SecAggPolicy | None = None,
         compute: AbstractContextManager[object] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.stub = stub
+        # The device's stop event: a resend waits on it, so a device asked to stop while
+        # the server is away leaves now instead of retrying until the phase times out.
+        self.stop = stop if stop is not None else threading.Event()
         # Held while encoding, and while masking and uploading: devices that share a
         # process (a simulation) take turns at those, so that not all hold their
         # model-sized buffers at once (client.runtime.SharedHost).
@@ -235,11 +248,18 @@ class SecAggDevice:
                 wait = delay * random.uniform(0.5, 1.0)
                 if hint := retry_after_s(err):
                     wait = max(hint, delay) * random.uniform(1.0, 1.5)
-            time.sleep(wait)
+            self._pause(wait)
             delay = min(delay * 2, 2.0)
             self.resends += 1
         self.report.bytes_received += response.ByteSize()
         return response
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a resend; DeviceStoppingError if the device is asked to stop meanwhile."""
+        if self.stop.wait(seconds):
+            raise DeviceStoppingError(
+                "the device is stopping; the round goes on without it (dropout recovery)"
+            )
 
     def round_keys(self) -> tuple[KeyPair, KeyPair, bytes]:
         """The device's keys for the round and their signature, made once per round."""
@@ -298,12 +318,17 @@ class SecAggDevice:
         key_shares = split(mask.private_bytes(), [points[h] for h in holders], t)
         seed_shares = split(self_seed, [points[h] for h in holders], t)
         share_info = share_key_info(self.round_id)
+        # One key agreement per neighbour: the key that encrypts my share to v also
+        # opens v's share to me (X25519 is symmetric, the context is the same).
+        share_keys = {
+            v: agree(enc.private, peers[v].encryption_public_key, share_info) for v in peers
+        }
         outgoing = [
             pb.EncryptedShare(
                 sender=self.me,
                 receiver=v,
                 ciphertext=encrypt_share(
-                    agree(enc.private, peers[v].encryption_public_key, share_info),
+                    share_keys[v],
                     encode_share(key_shares[points[v]]) + encode_share(seed_shares[points[v]]),
                     share_ad(self.round_id, self.me, v),
                 ),
@@ -342,7 +367,7 @@ class SecAggDevice:
                     f"server relayed a share from non-neighbour {share.sender}"
                 )
             plain = decrypt_share(
-                agree(enc.private, peers[share.sender].encryption_public_key, share_info),
+                share_keys[share.sender],
                 share.ciphertext,
                 share_ad(self.round_id, share.sender, self.me),
             )
@@ -560,8 +585,9 @@ class SecAggDevice:
     ) -> dict[str, pb.RoundKeys]:
         if self.me not in participants:
             raise SecAggProtocolError("the participant list does not include this device")
-        self.graph = neighbours(
-            participants, advertised.degree, graph_seed(self.round_id, participants)
+        # My row and my neighbours' (the holders of the secrets I may reveal shares of).
+        self.graph = neighbourhood(
+            participants, advertised.degree, graph_seed(self.round_id, participants), self.me
         )
         expected = self.graph[self.me]
         peers = {k.device_id: k for k in advertised.neighbours}
@@ -589,19 +615,18 @@ class SecAggDevice:
         peers: dict[str, pb.RoundKeys],
         shared_with_me: set[str],
     ) -> np.ndarray:
-        """encoded + PRG(b) + sum over neighbours that shared keys of +-PRG(s_uv), mod 2^32."""
-        n = encoded.size
-        masked = prg_uint32(self_seed, n)
-        masked += encoded
-        scratch = np.empty(n, dtype=np.uint32)
+        """encoded + PRG(b) + sum over neighbours that shared keys of +-PRG(s_uv), mod 2^32.
+
+        One pass over the update (`apply_masks`: every keystream added block by block
+        while the block is in cache) instead of one full-length expansion and addition
+        per mask: 16 -> 10 ms for the intent model's 400k values and 47 masks.
+        """
         info = mask_info(self.round_id)
-        for v in sorted(shared_with_me):
-            seed = agree(mask.private, peers[v].mask_public_key, info)
-            if self.me < v:
-                masked += prg_uint32(seed, n, scratch)
-            else:
-                masked -= prg_uint32(seed, n, scratch)
-        return masked
+        masks = [(self_seed, 1)] + [
+            (agree(mask.private, peers[v].mask_public_key, info), 1 if self.me < v else -1)
+            for v in sorted(shared_with_me)
+        ]
+        return apply_masks(encoded.astype("<u4", copy=True), masks)
 
     def _upload(self, masked: np.ndarray) -> None:
         data = masked.astype("<u4", copy=False).tobytes()
@@ -629,7 +654,7 @@ class SecAggDevice:
                     break  # the first stream was accepted; its answer was lost
                 if err.code() not in RESEND or time.monotonic() + delay > give_up:
                     raise
-            time.sleep(delay)
+            self._pause(delay)
             delay = min(delay * 2, 2.0)
             self.resends += 1
             resent = True

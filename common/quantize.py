@@ -160,11 +160,20 @@ class FixedPoint:
         clipped, norm = clip_l2(update, self.clip_norm)
         w = min(max(int(weight), 1), self.max_weight)
         out = np.empty(update.size + 1, dtype=np.uint32)
-        scaled = clipped.astype(np.float64) * (self.scale * w / self.max_weight)
-        rounded = stochastic_round(scaled, rng)
+        scaled = np.multiply(clipped, self.scale * w / self.max_weight, dtype=np.float64)
         if self.noise_variance > 0:
+            rounded = stochastic_round(scaled, rng)
             rounded += skellam_noise(self.noise_variance, rounded.size, rng)
-        out[:-1] = rounded.astype(np.uint32)  # wraps negatives mod 2^32
+            out[:-1] = rounded.astype(np.uint32)  # wraps negatives mod 2^32
+        else:
+            # The same draws and result as stochastic_round, in place: |value| <= C s + 1
+            # < 2^31, so each rounded value is exactly an int32, whose bits are its residue
+            # mod 2^32 (the uint32 written). 14 -> 6 ms for the intent model's 400k values.
+            floor = np.floor(scaled)
+            frac = np.subtract(scaled, floor, out=scaled)
+            up = np.less(rng.random(frac.shape), frac)
+            np.add(floor, up, out=floor)
+            np.copyto(out[:-1].view(np.int32), floor, casting="unsafe")
         if self.indicator_scale:
             inside = 0.5 if norm <= self.clip_norm else -0.5
             bit = stochastic_round(np.array([inside * self.indicator_scale]), rng)

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from hypothesis import settings
 
 from client.runtime import ClientConfig, DeviceClient, data_source
 from common.pb import federation_pb2 as pb
@@ -20,6 +21,13 @@ from common.pb import federation_pb2_grpc
 from server.app import ServerConfig, XenoServer
 
 torch.set_num_threads(1)
+
+# CI replays the same property-test examples every run (no test may pass or fail by
+# the draw); a developer's run explores fresh examples, and a failure it finds is kept
+# in .hypothesis/ and becomes a plain regression test.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # Data keys for servers and devices started by the tests (subprocesses inherit them).
 os.environ.setdefault("XENO_DATA_KEY", "11" * 32)
@@ -29,6 +37,12 @@ os.environ.setdefault("XENO_DEVICE_KEY", "22" * 32)
 os.environ.setdefault("XENO_MIN_SECAGG_COHORT", "2")
 # The desktop app's tests (pytest-qt) draw into memory: no display is needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: `pytest -n 2` then spreads the long ones over both workers from
+    the start, instead of leaving one worker with a minute-long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _postgres_urls() -> list[str]:

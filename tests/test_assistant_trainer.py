@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_versions_warm_start_and_rollback(trainer: CustomModelTrainer) -> None:
     second = trainer.train_intent_classifier()
     assert second["version"] == 2 and second["warm_start"] is True
     # The default body's fastText part joins as the centroid expert, recorded per version.
-    assert second["prior_scale"] == 1.0 == trainer.versions()[1]["metrics"]["prior_scale"]
+    assert second["prior_scale"] == 2.0 == trainer.versions()[1]["metrics"]["prior_scale"]
     assert [v["active"] for v in trainer.versions()] == [False, True]
     trainer.rollback(1)
     assert [v["active"] for v in trainer.versions()] == [True, False]
@@ -295,6 +296,24 @@ def test_shipped_body_is_small_and_embeds_to_unit_vectors() -> None:
     assert isinstance(fasttext_body(Path("/nonexistent")), FastTextBody)
 
 
+def test_idf_weights_count_each_bucket_once_per_text() -> None:
+    from client.assistant.bodies import idf_weights
+    from common.text import TextFeatures, feature_strings, fnv1a_32
+
+    texts = ["book a table", "book book a flight", "what's my balance", "", "!!!"]
+    features = TextFeatures(buckets=97)
+    got = idf_weights(texts, features)
+    # The plain reference: the set of each text's buckets, counted over texts.
+    df = [0] * features.buckets
+    for text in texts:
+        strings = feature_strings(text, features.char_min, features.char_max)
+        for bucket in {fnv1a_32(f.encode()) % features.buckets for f in strings}:
+            df[bucket] += 1
+    want = [math.log((1 + len(texts)) / (1 + d)) + 1 for d in df]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got.shape == (97,) and got.max() == pytest.approx(math.log(6) + 1)
+
+
 def test_a_federated_body_on_the_device_wins_over_the_shipped_one(tmp_path: Path) -> None:
     from client.assistant.bodies import device_body_path, fasttext_body, load_body, save_body
     from common.text import TextFeatures
@@ -449,7 +468,7 @@ def test_prior_scale_threshold_and_temperature_are_chosen_on_validation() -> Non
     pairs = examples(80, seed=6)
     texts, labels = [t for t, _ in pairs], [i for _, i in pairs]
     _h, default = train_head(stack, texts, labels)
-    assert default["prior_scale"] == PRIOR_SCALES[0] == 1.0
+    assert default["prior_scale"] == PRIOR_SCALES[0] == 2.0
     head, metrics = train_head(stack, texts, labels, prior_scales=(0.0, 1.0, 4.0))
     losses = metrics["prior_validation_nll"]
     assert set(losses) == {"0", "1", "4"}

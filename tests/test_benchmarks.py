@@ -206,7 +206,7 @@ def test_personal_benchmark_compares_body_and_scratch() -> None:
         "finetune-scratch",
     }
     # The default's centroid expert is recorded per user; scratch has none to use.
-    assert curve["5"]["arms"]["default"]["prior_scale"]["mean"] == 1.0
+    assert curve["5"]["arms"]["default"]["prior_scale"]["mean"] == 2.0
     assert curve["5"]["arms"]["scratch"]["prior_scale"]["mean"] == 0.0
     assert curve["5"]["default_minus_no_prior_accuracy"] is not None
 

@@ -244,3 +244,46 @@ def test_temporary_files_of_a_killed_write_are_removed_when_the_device_starts(
     client.close()
     assert sorted(p.name for p in state.iterdir()) == ["notes.txt"]
     assert client.store.remove_leftovers() == []
+
+
+class UnreachableFor:
+    """A device's stub for which the server is gone for `method`: every call UNAVAILABLE."""
+
+    def __init__(self, stub: Any, method: str) -> None:
+        self._stub = stub
+        self._method = method
+        self.refused = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._stub, name)
+        if name != self._method:
+            return real
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.refused.set()
+            raise LostAnswer()
+
+        return call
+
+
+def test_a_device_stopped_while_it_resends_a_phase_call_leaves_at_once(
+    server_factory: Callable[..., XenoServer], clients: list[DeviceClient], tmp_path: Path
+) -> None:
+    """SIGTERM while the server is away mid-round: the device must not keep resending
+    until the phase gives up (a minute and more), it leaves the round and stops."""
+    server = server_factory(
+        rounds=1, clients_per_round=3, min_clients=3, secagg=True, secagg_phase_timeout=20.0
+    )
+    clients += [_device(server, tmp_path, i, 3) for i in range(3)]
+    away = UnreachableFor(clients[0]._stub, "ShareKeys")
+    clients[0]._stub = away  # type: ignore[assignment]
+    exit_code: list[int] = []
+    thread = threading.Thread(target=lambda: exit_code.append(clients[0].run()), daemon=True)
+    thread.start()
+    _run(clients[1:])
+    assert away.refused.wait(timeout=90), "the device never reached ShareKeys"
+    time.sleep(0.3)  # it is now between resends
+    clients[0].stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the stopped device kept resending"
+    assert exit_code == [0]

@@ -195,3 +195,16 @@ def test_msprt_edges() -> None:
     # A large true difference is found; a tiny sample of it is not yet.
     assert msprt(2000, 0.0, 1.0, 2000, 0.3, 1.0).p_value < 1e-6
     assert msprt(3, 0.0, 1.0, 3, 0.3, 1.0).p_value == 1.0
+
+
+def test_msprt_with_vanishing_variances_does_not_divide_by_zero() -> None:
+    # Found by hypothesis: V x (V + tau^2) underflowed to 0 for V near 1e-197.
+    a, b = np.array([0.0, 0.0]), np.array([0.0, 1.4890731303617704e-98])
+    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    r = msprt(2, 0.0, va, 2, float(b.mean()), vb)
+    # Scale-free: the same arms scaled by 1e98 give the same likelihood ratio and p-value.
+    s = msprt(2, 0.0, va * 1e196, 2, float(b.mean()) * 1e98, vb * 1e196)
+    assert r.log_likelihood_ratio == pytest.approx(s.log_likelihood_ratio, rel=1e-9)
+    assert r.p_value == pytest.approx(s.p_value, rel=1e-9)
+    assert r.ci_low <= r.difference <= r.ci_high
+    assert r.ci_high - r.ci_low == pytest.approx((s.ci_high - s.ci_low) * 1e-98, rel=1e-9)

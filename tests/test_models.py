@@ -430,6 +430,7 @@ def test_model_commands_need_the_operator_role(server_factory: Any, tmp_path: Pa
     assert [e.actor for e in entries] == ["admin otto (operator)"]
 
 
+@pytest.mark.slow
 def test_admin_models_commands(server_factory: Any) -> None:
     import json
     import subprocess

@@ -59,6 +59,34 @@ def test_skellam_rdp_first_term_is_the_gaussian_rdp() -> None:
     np.testing.assert_allclose(rdp, [a / 2 for a in orders], rtol=1e-5)
 
 
+@pytest.mark.parametrize(("z", "q", "steps"), [(1.1, 0.01, 10_000), (0.7, 0.2, 50), (3.0, 1.0, 3)])
+def test_rdp_epsilon_is_opacus_rdp_accountants(z: float, q: float, steps: int) -> None:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(z, q, steps)]
+    expected = acc.get_epsilon(1e-5, alphas=list(DEFAULT_ORDERS))
+    assert gaussian_epsilon(z, q, steps, 1e-5) == pytest.approx(expected, rel=1e-12)
+    assert epsilon_of([Spend(Mechanism.GAUSSIAN, z, q, steps)], 1e-5) == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_privacy_estimate_does_not_load_torch() -> None:
+    """The estimate needs only Opacus's numpy RDP analysis, not its 4-second training stack."""
+    code = (
+        "import sys\n"
+        "from xeno.cli import main\n"
+        "main(['privacy', 'estimate', '--noise-multiplier', '1.1', '--sample-rate', '0.01',"
+        " '--steps', '100', '--json'])\n"
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_privacy_estimate_cli_json() -> None:
     base = [sys.executable, "-m", "xeno.cli", "privacy", "estimate"]
     out = subprocess.run(

@@ -99,53 +99,75 @@ def _healthy(address: str) -> bool:
     return status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _wait_healthy(server: subprocess.Popen[str], address: str) -> None:
+    # How fast it restarts is a figure (benchmarks/restart.py), not a test: this
+    # bound only keeps a wedged start from hanging the suite on a loaded machine.
+    give_up = time.monotonic() + 90
+    while not _healthy(address):
+        assert server.poll() is None, server.communicate()[0]
+        assert time.monotonic() < give_up, "the restarted server never became healthy"
+        time.sleep(0.2)
+
+
+def _rounds_and_versions(db: str) -> tuple[list[tuple[int, str]], list[int]]:
+    store = Store(db)
+    try:
+        rounds = [(r.number, r.status) for r in store.list_rounds("digits-mlp")]
+        return rounds, [v.version for v in store.list_versions("digits-mlp")]
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_at", ["upload", "unmask", "version-write"])
-def test_server_killed_mid_round_resumes_consistent(crash_at: str, tmp_path: Path) -> None:
+def test_server_killed_at_each_step_of_a_round_resumes_consistent(tmp_path: Path) -> None:
+    """SIGKILL the server while devices upload, while it unmasks, and while it writes the
+    new version, one kill after another with the same devices running throughout: each
+    restart marks the killed round failed, and the version chain never skips or repeats."""
     db = f"sqlite:///{tmp_path}/fl.db"
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    server = _server(port, db, rounds=3, crash_at=crash_at)
+    crash_points = ["upload", "unmask", "version-write"]
+    server = _server(port, db, rounds=3, crash_at=crash_points[0])
+    started = [server]
     clients = [_device(address, i, tmp_path) for i in range(3)]
-    restarted = None
+    killed_rounds: list[int] = []
     try:
-        out, _ = server.communicate(timeout=120)
-        assert server.returncode == -signal.SIGKILL, out
-        assert f"crash point {crash_at}" in out
-        store = Store(db)
-        before = [(r.number, r.status) for r in store.list_rounds("digits-mlp")]
-        versions_before = [v.version for v in store.list_versions("digits-mlp")]
-        store.close()
-        assert before[-1][1] == "running"  # the killed round, left as it was
-        # How fast it restarts is a figure (benchmarks/restart.py), not a test: this
-        # bound only keeps a wedged start from hanging the suite on a loaded machine.
-        give_up = time.monotonic() + 90
-        restarted = _server(port, db, rounds=2, crash_at=None)
-        while not _healthy(address):
-            assert restarted.poll() is None, restarted.communicate()[0]
-            assert time.monotonic() < give_up, "the restarted server never became healthy"
-            time.sleep(0.2)
-        for c in clients:  # devices reconnect by themselves and finish
+        for i, crash_at in enumerate(crash_points):
+            out, _ = server.communicate(timeout=120)
+            assert server.returncode == -signal.SIGKILL, out
+            assert f"crash point {crash_at}" in out
+            rounds, versions = _rounds_and_versions(db)
+            assert rounds[-1][1] == "running"  # the killed round, left as it was
+            killed_rounds.append(rounds[-1][0])
+            following = crash_points[i + 1] if i + 1 < len(crash_points) else None
+            server = _server(port, db, rounds=2 if following is None else 3, crash_at=following)
+            started.append(server)
+            _wait_healthy(server, address)
+            after, versions_after = _rounds_and_versions(db)
+            # the restart fails the killed round and keeps every version written before it
+            assert dict(after)[killed_rounds[-1]] == "failed"
+            assert versions_after[: len(versions)] == versions
+        for c in clients:  # devices reconnect by themselves, three times, and finish
             c_out, _ = c.communicate(timeout=150)
             assert c.returncode == 0, c_out
-        out, _ = restarted.communicate(timeout=60)
-        assert restarted.returncode == 0, out
+        out, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, out
     finally:
-        for p in [server, *clients, *([restarted] if restarted else [])]:
+        for p in [*started, *clients]:
             p.kill()
     store = Store(db)
     rounds = store.list_rounds("digits-mlp")
     versions = store.list_versions("digits-mlp")
     store.close()
-    interrupted = next(r for r in rounds if r.number == before[-1][0])
-    assert interrupted.status == "failed" and "restarted" in interrupted.failure_reason
+    for number in killed_rounds:
+        interrupted = next(r for r in rounds if r.number == number)
+        assert interrupted.status == "failed" and "restarted" in interrupted.failure_reason
     # every completed round made exactly one version, in a chain, nothing applied twice
     completed = [r for r in rounds if r.status == "completed"]
     assert len(completed) == len(versions) - 1
     assert [v.version for v in versions] == list(range(1, len(versions) + 1))
     assert all(v.parent_version == v.version - 1 for v in versions[1:])
-    assert [v.version for v in versions][: len(versions_before)] == versions_before
-    assert sum(r.number > interrupted.number and r.status == "completed" for r in rounds) == 2
+    assert sum(r.number > killed_rounds[-1] and r.status == "completed" for r in rounds) == 2
 
 
 @pytest.mark.slow

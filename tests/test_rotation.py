@@ -327,6 +327,7 @@ def test_rotation_killed_while_it_renames_pseudonyms_is_finished_by_running_it_a
         store.close()
 
 
+@pytest.mark.slow
 def test_rotate_key_bad_input(db_url: str, tmp_path: Path) -> None:
     _federation(db_url, OLD, rounds=1).close()
     key_file = tmp_path / "old.key"

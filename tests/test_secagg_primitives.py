@@ -27,7 +27,7 @@ from common.secagg import (
     verify_keys,
 )
 from common.secagg.crypto import apply_masks, share_ad
-from common.secagg.graph import graph_seed
+from common.secagg.graph import graph_seed, neighbourhood
 
 
 @settings(max_examples=25, deadline=None)
@@ -147,6 +147,19 @@ def test_neighbour_graph_is_regular_symmetric_and_shared(n: int) -> None:
     assert graph == neighbours(list(reversed(ids)), params.degree, graph_seed("r", ids))
 
 
+@pytest.mark.parametrize("n", [2, 3, 10, 57, 100, 200])
+def test_a_devices_neighbourhood_is_its_rows_of_the_whole_graph(n: int) -> None:
+    ids = [f"d{i:03d}" for i in range(n)]
+    degree = derive_params(n).degree if n > 2 else 1
+    seed = graph_seed("r", ids)
+    graph = neighbours(ids, degree, seed)
+    for me in ids:
+        rows = neighbourhood(list(reversed(ids)), degree, seed, me)
+        assert rows == {u: graph[u] for u in [me, *graph[me]]}
+    with pytest.raises(ValueError, match="not participants"):
+        neighbours(ids, degree, seed, ["stranger"])
+
+
 def test_derived_params_grow_logarithmically_and_meet_the_failure_target() -> None:
     # Semi-honest (no corrupt devices assumed): the degree grows like log n.
     small, big = derive_params(100, corrupt_fraction=0), derive_params(1000, corrupt_fraction=0)
@@ -200,6 +213,29 @@ def test_fixed_point_sum_never_wraps_and_stays_within_the_bound(seed: int, n: in
     )
     assert np.max(np.abs(decoded - exact)) <= fp.error_bound(n)
     assert weight_sum == pytest.approx(sum(min(int(w), 100) for w in weights) / 100)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 1000),
+    spread=st.sampled_from([1e-3, 0.3, 50.0, 1e4]),
+    weight=st.integers(-3, 5000),
+)
+def test_encoding_is_stochastic_rounding_of_the_clipped_weighted_update(
+    seed: int, n: int, spread: float, weight: int
+) -> None:
+    """The encoding against its definition: SR(clip(x) s w / W) mod 2^32, the same draws."""
+    fp = FixedPoint.for_round(clip_norm=7.0, max_clients=n, max_weight=1000)
+    x = np.random.default_rng(seed).normal(0, spread, 301).astype(np.float32)
+    x[:3] = [0.0, -0.0, x[3]]
+    w = min(max(weight, 1), 1000)
+    scaled = clip_l2(x, 7.0)[0].astype(np.float64) * (fp.scale * w / 1000)
+    expected = stochastic_round(scaled, np.random.default_rng(seed + 1)) % (1 << 32)
+    encoded = fp.encode(x, weight, np.random.default_rng(seed + 1))
+    assert encoded.dtype == np.uint32 and encoded.size == 302
+    np.testing.assert_array_equal(encoded[:-1].astype(np.int64), expected)
+    assert encoded[-1] == w
 
 
 def test_stochastic_rounding_is_unbiased() -> None:

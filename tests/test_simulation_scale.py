@@ -84,6 +84,37 @@ def test_tree_memory_counts_the_children() -> None:
         child.wait()
 
 
+def test_sampler_reads_pss_when_the_tree_grows_or_the_interval_passes() -> None:
+    """Full reads (smaps_rollup) only when RSS grew past RSS_STEP or full_interval passed."""
+    sampler = TreeMemorySampler(interval=0.05, full_interval=3600)
+    sampler.sample()
+    assert sampler.samples == 1
+    assert not sampler.tick()  # nothing grew: only the RSS counters were read
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; b = b'x' * (200 << 20); print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # its 200 MB are written
+        assert sampler.tick()  # the tree grew: PSS read at once
+        assert sampler.peak_pss_bytes >= tree_memory(child.pid).pss_bytes >= 200 << 20
+        assert not sampler.tick()
+        assert (sampler.samples, sampler.ticks) == (2, 3)
+    finally:
+        child.kill()
+        child.wait()
+    always = TreeMemorySampler(interval=0.05, full_interval=1e-9)
+    assert always.tick() and always.tick() and always.samples == 2
+    with pytest.raises(ValueError, match="positive"):
+        TreeMemorySampler(full_interval=0)
+
+
+@pytest.mark.slow
 def test_devices_sharing_processes_keep_their_own_identity_and_sum_exactly(
     tmp_path: Path,
 ) -> None:

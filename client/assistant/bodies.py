@@ -18,9 +18,12 @@ intents it never saw (64 dimensions cannot separate what 4,096 n-gram buckets
 do). So the trainer's default (`default_body()`) stacks it beside the n-grams
 (hashed n-grams alone when no fastText body exists), and the personal head
 uses it as a nearest-centroid expert beside the n-gram head
-(`intents.fit_with_prototypes`): better than scratch with 15 intents per
-user, a tie or a small win with 5 (`benchmarks/personal.py`, README
-"Figures").
+(`intents.fit_with_prototypes`). The shipped body is trained for that use:
+label smoothing, and each row multiplied by its bucket's IDF, so a text's
+vector is the IDF-weighted mean of its n-grams (`clinc150_body`); with it the
+personal head beats scratch on intents the body never saw, at 3 to 15 intents
+per user (`benchmarks/personal.py`, README "Figures"). A federated body is
+used as the device received it (no IDF: the device has no corpus to count).
 
 Body files are `.npz` read with `allow_pickle=False`.
 """
@@ -40,11 +43,13 @@ from client.assistant.keys import atomic_write, xeno_home
 from common.text import PAD, TextFeatures, featurize
 
 __all__ = [
+    "LABEL_SMOOTHING",
     "SHIPPED_BODY",
     "FastTextBody",
     "default_body",
     "device_body_path",
     "fasttext_body",
+    "idf_weights",
     "load_body",
     "save_body",
 ]
@@ -129,6 +134,11 @@ def fasttext_body(home: Path | None = None) -> FastTextBody | None:
 # names the stack: changing it would retrain every user's head for nothing.
 FASTTEXT_WEIGHT = 0.5
 
+# Label smoothing of the body's training (`train_fasttext_body`): chosen with the IDF
+# folding of `clinc150_body` on held-out draws of CLINC150 intents (`benchmarks/personal.py
+# --seed 0` and `--seed 2`; README, "Figures").
+LABEL_SMOOTHING = 0.2
+
 
 def default_body(home: Path | None = None) -> TextBody:
     """The trainer's default: hashed n-grams beside the fastText body (its centroid expert).
@@ -150,12 +160,15 @@ def train_fasttext_body(
     seed: int = 0,
     features: TextFeatures | None = None,
     dim: int = 64,
+    label_smoothing: float = LABEL_SMOOTHING,
 ) -> np.ndarray:
     """Train the fastText-style intent model centrally; return its embedding (the body).
 
     The same recipe as the federated workload's central baseline
-    (`benchmarks/intents.py`): Adam, batch 32, one thread, seeded, so the same
-    inputs give the same bytes.
+    (`benchmarks/intents.py`: Adam, batch 32, one thread, seeded, so the same
+    inputs give the same bytes), with label smoothing (`LABEL_SMOOTHING`): a
+    body for intents it never saw should not spend its dimensions on making
+    the 120-150 it trains on infinitely separable.
     """
     import torch
     from torch import nn
@@ -177,17 +190,38 @@ def train_fasttext_body(
             for start in range(0, len(y), 32):
                 idx = order[start : start + 32]
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
+                nn.functional.cross_entropy(
+                    model(x[idx]), y[idx], label_smoothing=label_smoothing
+                ).backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
         return np.asarray(model.embedding.weight.detach().numpy(), dtype=np.float32)
     finally:
         torch.set_num_threads(previous)
 
 
+def idf_weights(texts: Sequence[str], features: TextFeatures) -> np.ndarray:
+    """Inverse document frequency of each bucket over texts: log((1 + N) / (1 + df)) + 1.
+
+    (buckets,) float64; a bucket no text has gets the largest weight, log(1 + N) + 1.
+    """
+    ids = featurize(texts, features)
+    rows, cols = np.nonzero(ids != PAD)
+    # Each (text, bucket) pair once: a bucket counts once per text however often it occurs.
+    pairs = np.unique(rows * np.int64(features.buckets) + ids[rows, cols])
+    df = np.bincount(pairs % features.buckets, minlength=features.buckets)
+    return np.asarray(np.log((1.0 + len(texts)) / (1.0 + df)) + 1.0)
+
+
 def clinc150_body(
     exclude: Sequence[str] = (), epochs: int = 8, seed: int = 0
 ) -> tuple[np.ndarray, TextFeatures, tuple[str, ...]]:
-    """A body trained on CLINC150's in-scope training queries, less the `exclude` intents."""
+    """A body trained on CLINC150's in-scope training queries, less the `exclude` intents.
+
+    Each bucket's row is multiplied by its IDF over those queries (`idf_weights`):
+    `FastTextBody.embed` normalizes the mean of the rows, so the folded rows give
+    the IDF-weighted mean. A text's vector then leans on its rarer n-grams (the
+    words that name an intent) rather than on the ones every query has.
+    """
     from common.data.clinc150 import load_clinc150
 
     data = load_clinc150()
@@ -199,4 +233,5 @@ def clinc150_body(
     labels = remap[data.train.labels[rows]]
     features = TextFeatures()
     embedding = train_fasttext_body(texts, labels, len(kept), epochs, seed=seed, features=features)
-    return embedding, features, tuple(data.intents[i] for i in kept)
+    folded = embedding * idf_weights(texts, features)[:, None]
+    return np.asarray(folded, dtype=np.float32), features, tuple(data.intents[i] for i in kept)

@@ -22,9 +22,15 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib.machinery
+import importlib.util
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +96,32 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float
         raise ValueError("delta must be in (0, 1)")
 
 
+@functools.cache
+def _opacus_rdp() -> Any:
+    """Opacus's RDP analysis (`opacus.accountants.analysis.rdp`), without Opacus's training stack.
+
+    Importing it the usual way runs `opacus/__init__`, which imports torch and the
+    privacy engine: about 4 s of start-up for `xeno-fl privacy estimate` and for the
+    server's first ledger entry, which need only this module's numpy/scipy functions.
+    It is the installed file itself, loaded on its own; a process that already has
+    Opacus imported (a device) uses that module.
+    """
+    name = "opacus.accountants.analysis.rdp"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("opacus")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("opacus is not installed; its RDP analysis is Xeno FL's accountant")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    path = package / "accountants" / "analysis" / "rdp.py"
+    loader = importlib.machinery.SourceFileLoader("xeno_opacus_rdp", str(path))
+    module: ModuleType = importlib.util.module_from_spec(
+        importlib.util.spec_from_loader(loader.name, loader)  # type: ignore[arg-type]
+    )
+    loader.exec_module(module)
+    return module
+
+
 def gaussian_epsilon(
     noise_multiplier: float,
     sample_rate: float,
@@ -99,13 +131,20 @@ def gaussian_epsilon(
 ) -> float:
     """Epsilon of `steps` compositions of the sampled Gaussian mechanism (Opacus accountants)."""
     _check(noise_multiplier, sample_rate, steps, delta)
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
     kind = AccountantKind(accountant)
-    acc = RDPAccountant() if kind is AccountantKind.RDP else PRVAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
     if kind is AccountantKind.RDP:
-        return float(acc.get_epsilon(delta, alphas=list(DEFAULT_ORDERS)))
+        # What Opacus's RDPAccountant computes for this history, from its analysis module.
+        rdp = _opacus_rdp().compute_rdp(
+            q=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            orders=list(DEFAULT_ORDERS),
+        )
+        return rdp_to_epsilon(DEFAULT_ORDERS, np.asarray(rdp, dtype=np.float64), delta)
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta))
 
 
@@ -153,9 +192,7 @@ def skellam_rdp(orders: Sequence[float], variance: float, l2: float, l1: float) 
 
 def rdp_to_epsilon(orders: Sequence[float], rdp: np.ndarray, delta: float) -> float:
     """The (epsilon, delta) conversion Opacus uses (Balle et al. 2020)."""
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    eps, _ = _opacus_rdp().get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -231,11 +268,9 @@ def _rdp_cached(spend: Spend, orders: tuple[float, ...]) -> tuple[float, ...]:
 
 def _rdp_uncached(spend: Spend, orders: Sequence[float]) -> np.ndarray:
     if spend.mechanism is Mechanism.GAUSSIAN:
-        from opacus.accountants.analysis.rdp import compute_rdp
-
         _check(spend.noise_multiplier, spend.sample_rate, spend.steps, 0.5)
         return np.asarray(
-            compute_rdp(
+            _opacus_rdp().compute_rdp(
                 q=spend.sample_rate,
                 noise_multiplier=spend.noise_multiplier,
                 steps=spend.steps,

@@ -116,21 +116,33 @@ def graph_seed(round_id: str, participants: Sequence[str]) -> bytes:
     return h.digest()
 
 
-def neighbours(participants: Sequence[str], degree: int, seed: bytes) -> dict[str, list[str]]:
-    """Each participant's neighbours in the relabelled Harary graph H(degree, n)."""
+def neighbours(
+    participants: Sequence[str],
+    degree: int,
+    seed: bytes,
+    of: Sequence[str] | None = None,
+) -> dict[str, list[str]]:
+    """Each participant's neighbours in the relabelled Harary graph H(degree, n).
+
+    With `of`, only those participants' rows (the same lists as in the whole graph): a
+    device needs its own and its neighbours' (`neighbourhood`), k + 1 of the n rows.
+    """
     ids = sorted(participants)
     n = len(ids)
+    rows = ids if of is None else sorted(set(of))
+    if not set(rows) <= set(ids):
+        raise ValueError("rows asked of devices that are not participants")
     if n < 2:
-        return {i: [] for i in ids}
+        return {i: [] for i in rows}
     if degree >= n - 1:
-        return {u: [v for v in ids if v != u] for u in ids}
+        return {u: [v for v in ids if v != u] for u in rows}
     # The relabelling orders devices by SHA-256(seed || id): portable to any language,
     # unlike a library RNG stream.
     ring = sorted(ids, key=lambda u: hashlib.sha256(seed + u.encode()).digest())
     position = {u: i for i, u in enumerate(ring)}
     half = degree // 2
     out: dict[str, list[str]] = {}
-    for u in ids:
+    for u in rows:
         i = position[u]
         near = {ring[(i + j) % n] for j in range(1, half + 1)} | {
             ring[(i - j) % n] for j in range(1, half + 1)
@@ -139,3 +151,15 @@ def neighbours(participants: Sequence[str], degree: int, seed: bytes) -> dict[st
             near.add(ring[(i + n // 2) % n])
         out[u] = sorted(near)
     return out
+
+
+def neighbourhood(
+    participants: Sequence[str], degree: int, seed: bytes, device: str
+) -> dict[str, list[str]]:
+    """The rows of `device` and of each of its neighbours: what one device checks.
+
+    The same lists as `neighbours` without `of`, for k + 1 of the n rows: at n = 1,000
+    (k = 82) about 2 ms instead of 17 per device and round.
+    """
+    own = neighbours(participants, degree, seed, [device])[device]
+    return neighbours(participants, degree, seed, [device, *own])

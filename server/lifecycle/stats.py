@@ -210,9 +210,13 @@ def msprt(
     special = _scipy_special()
     # log1p keeps log((V + tau^2) / V) exact when tau^2 is tiny next to V (few results).
     log_ratio_vars = float(special.log1p(tau2 / v))
-    log_lr = -0.5 * log_ratio_vars + diff * diff * tau2 / (2 * v * (v + tau2))
+    # Scaled by sqrt(V) first: with tiny variances V x (V + tau^2) underflows to zero
+    # while d^2 / V and tau^2 / (V + tau^2) are ordinary numbers.
+    z = diff / math.sqrt(v)
+    shrink = tau2 / (v + tau2)
+    log_lr = -0.5 * log_ratio_vars + 0.5 * z * z * shrink
     p = min(1.0, math.exp(-log_lr))
-    half = math.sqrt(v * (v + tau2) / tau2 * (log_ratio_vars - 2 * math.log(alpha)))
+    half = math.sqrt(v) * math.sqrt((log_ratio_vars - 2 * math.log(alpha)) / shrink)
     return MsprtResult(diff, p, diff - half, diff + half, log_lr, math.sqrt(tau2))
 
 
