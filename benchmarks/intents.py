@@ -6,6 +6,8 @@
     python benchmarks/intents.py --parts fed100           # 100 devices, and personalization
     python benchmarks/intents.py --parts fed1000          # 1,000 devices
     python benchmarks/intents.py --parts dp --dp-epsilons 1,3,8   # user-level DP, 1,000 devices
+        # (--dp-buckets/--dp-dim: a smaller model for the DP runs; `dp_reference` is the same
+        # model and rounds without DP, what their accuracy is compared with)
     python benchmarks/intents.py --parts none --simulate-report R.json  # fold in a real run
 
 Each run updates --results (benchmarks/results/intents.json: the parts not run
@@ -477,10 +479,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         )
     ax.set_xscale("log")
     ax.set_xticks([1, 3, 8], labels=["1", "3", "8"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(r"user-level $\varepsilon$ ($\delta = 10^{-6}$)")
     ax.set_ylabel("in-scope test accuracy (%)")
     ax.set_title("CLINC150 intent model, 1,000 simulated devices")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
