@@ -22,7 +22,8 @@ XENO_BENCH_PERF=FILE records the server process alone with `perf record -g` from
 the start of the round to its end (perf must be installed); XENO_BENCH_PYSPY=FILE
 does the same with `py-spy record --native` (Python frames too), as collapsed stacks.
 server_thread_cpu_s splits the server's CPU by thread (the asyncio loop, the worker
-pool, gRPC's own threads, the round driver).
+pool, gRPC's own threads, the round driver); server_minor_faults counts the server
+process's page faults during the round.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def worker(address, indices, d, drop, drop_phase, state_dir, ready, go, results)
 
 def isolated_mask_seconds(d: int, degree: int, n: int) -> float:
     """One device's quantize + masks with `degree` neighbours, alone on the machine."""
+    from client.secagg import mask_update
     from common.quantize import FixedPoint
-    from common.secagg import agree, generate_keypair, prg_uint32
+    from common.secagg import agree, generate_keypair
     from common.secagg.crypto import mask_info
 
     fp = FixedPoint.for_round(10.0, n, 1000)
@@ -158,15 +160,14 @@ def isolated_mask_seconds(d: int, degree: int, n: int) -> float:
     rng = np.random.default_rng(0)
     times = []
     for _ in range(5):
+        # What SecAggDevice.mask does: the key agreements, then the device's own masking.
         start = time.perf_counter()
         encoded = fp.encode(update, weight, rng)
-        masked = encoded + prg_uint32(bytes(32), encoded.size)
-        for j, pk in enumerate(peers):
-            mask = prg_uint32(agree(me.private, pk, mask_info("r")), encoded.size)
-            if j % 2:
-                masked += mask
-            else:
-                masked -= mask
+        pairwise = [
+            (agree(me.private, pk, mask_info("r")), 1 if j % 2 else -1)
+            for j, pk in enumerate(peers)
+        ]
+        mask_update(encoded, bytes(32), pairwise)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -174,6 +175,10 @@ def isolated_mask_seconds(d: int, degree: int, n: int) -> float:
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def thread_cpu() -> dict[str, float]:
@@ -272,7 +277,7 @@ def main() -> None:
         gc.callbacks.append(gc_timer)
         tracked = len(gc.get_objects())
         threads_start = thread_cpu()
-        cpu_start, wall_start = cpu(), time.perf_counter()
+        cpu_start, wall_start, faults_start = cpu(), time.perf_counter(), minor_faults()
         phase_cpu: dict[str, float] = {}
         phase_threads: dict[str, dict[str, float]] = {}
         last_phase, last_cpu, last_threads = ["advertise"], [cpu_start], [threads_start]
@@ -330,6 +335,7 @@ def main() -> None:
         go.set()
         assert server.coordinator.wait_finished(timeout=900), "round did not finish"
         server_cpu = cpu() - cpu_start
+        server_faults = minor_faults() - faults_start
         threads_end = thread_cpu()
         on_change()
         if profiler is not None:
@@ -373,6 +379,7 @@ def main() -> None:
                     for phase, per in phase_threads.items()
                 },
                 "server_gc_s": [round(x, 3) for x in gc_time],
+                "server_minor_faults": server_faults,
                 "gc_tracked_objects": tracked,
                 "server_thread_cpu_s": {
                     k: round(v - threads_start.get(k, 0.0), 2)

@@ -177,6 +177,19 @@ def check_noise(task: pb.Task) -> None:
         )
 
 
+def mask_update(
+    encoded: np.ndarray, self_seed: bytes, pairwise: list[tuple[bytes, int]]
+) -> np.ndarray:
+    """encoded + PRG(self_seed) + sum of sign x PRG(seed) over `pairwise`, mod 2^32 (a copy).
+
+    All masks are expanded and added block by block while in cache (`apply_masks`):
+    the same vector as expanding each 1M-element mask and adding it, in ~0.6x the time
+    (one pass over the vector instead of two per neighbour).
+    """
+    masked = np.array(encoded, dtype="<u4", copy=True)
+    return apply_masks(masked, [(self_seed, 1), *pairwise])
+
+
 class DeviceStoppingError(RuntimeError):
     """The device was asked to stop while a secure-aggregation call waited to be resent."""
 
@@ -617,16 +630,16 @@ class SecAggDevice:
     ) -> np.ndarray:
         """encoded + PRG(b) + sum over neighbours that shared keys of +-PRG(s_uv), mod 2^32.
 
-        One pass over the update (`apply_masks`: every keystream added block by block
+        One pass over the update (`mask_update`: every keystream added block by block
         while the block is in cache) instead of one full-length expansion and addition
         per mask: 16 -> 10 ms for the intent model's 400k values and 47 masks.
         """
         info = mask_info(self.round_id)
-        masks = [(self_seed, 1)] + [
+        pairwise = [
             (agree(mask.private, peers[v].mask_public_key, info), 1 if self.me < v else -1)
             for v in sorted(shared_with_me)
         ]
-        return apply_masks(encoded.astype("<u4", copy=True), masks)
+        return mask_update(encoded, self_seed, pairwise)
 
     def _upload(self, masked: np.ndarray) -> None:
         data = masked.astype("<u4", copy=False).tobytes()

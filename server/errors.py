@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -102,8 +101,16 @@ def call_without_waiting(fn: Callable[..., T], *args: Any) -> T:
     return contextvars.copy_context().run(run)
 
 
+class Lock(Protocol):
+    """What `hold` needs of a lock (Lock, RLock, Condition)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 @contextlib.contextmanager
-def hold(lock: threading.Condition) -> Iterator[None]:
+def hold(lock: Lock) -> Iterator[None]:
     """`with lock`, except in `call_without_waiting`: its first lock is only tried.
 
     Only the first: once a call holds a lock it may change state, so from then on
@@ -119,3 +126,31 @@ def hold(lock: threading.Condition) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def hold_all(*locks: Lock) -> Iterator[None]:
+    """`hold` for several locks, taken in this order (released in reverse).
+
+    In `call_without_waiting` every one of them is only tried: when any is taken, those
+    already acquired are released and WouldWait is raised, nothing having changed. For a
+    call on the event loop that needs a second lock before it changes anything (an
+    upload's session lock, then the coordinator's), so that a long holder of the second
+    (the unmasking, a Forget waiting on the database) never stalls the loop.
+    """
+    taken: list[Lock] = []
+    try:
+        if _no_wait.get():
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    raise WouldWait
+                taken.append(lock)
+            _no_wait.set(False)
+        else:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()

@@ -585,6 +585,50 @@ def test_on_loop_calls_run_on_the_loop_and_in_the_pool_only_when_their_lock_is_t
     assert state == ["plain", "waited", "inline", "pooled"]
 
 
+def test_hold_all_on_the_loop_only_tries_each_lock_and_keeps_none_when_one_is_taken() -> None:
+    from server.errors import WouldWait, call_without_waiting, hold_all
+
+    session, coordinator = threading.RLock(), threading.Condition(threading.RLock())
+    state: list[str] = []
+
+    def upload_step(name: str) -> None:
+        with hold_all(session, coordinator):  # an upload's session lock, then the round's
+            state.append(name)
+            with coordinator:  # held: taken again without waiting
+                pass
+
+    upload_step("plain")  # outside the transport: both locks, waiting as usual
+    taken, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # a long holder of the second lock (the unmasking, say)
+        with coordinator:
+            taken.set()
+            release.wait(10)
+
+    other = threading.Thread(target=holder)
+    other.start()
+    assert taken.wait(5)
+    with pytest.raises(WouldWait):
+        call_without_waiting(upload_step, "refused")
+    assert state == ["plain"]  # nothing changed
+    # The first lock was given back: another thread takes it at once.
+    grabbed: list[bool] = []
+
+    def grab() -> None:
+        grabbed.append(session.acquire(timeout=1))
+        if grabbed[-1]:
+            session.release()
+
+    grabber = threading.Thread(target=grab)
+    grabber.start()
+    grabber.join(5)
+    assert grabbed == [True]
+    release.set()
+    other.join(5)
+    call_without_waiting(upload_step, "inline")  # both free: taken, and the step runs
+    assert state == ["plain", "inline"]
+
+
 def test_secure_aggregation_phase_calls_are_the_ones_run_on_the_loop() -> None:
     from server.services.aio import _ON_LOOP
     from server.services.federation import FederationServicer

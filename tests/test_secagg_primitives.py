@@ -116,6 +116,24 @@ def test_apply_masks_adds_and_subtracts_each_whole_keystream(length: int) -> Non
     np.testing.assert_array_equal(total, expected)
 
 
+def test_device_masking_is_the_update_plus_each_whole_mask() -> None:
+    from client.secagg import mask_update
+
+    length = 300_001  # not a whole number of blocks
+    rng = np.random.default_rng(7)
+    encoded = rng.integers(0, 1 << 32, length, dtype=np.uint64).astype(np.uint32)
+    before = encoded.copy()
+    self_seed = bytes([9]) * 32
+    pairwise = [(bytes([i]) * 32, sign) for i, sign in enumerate((1, -1, -1, 1))]
+    # the reference: PRG(b), then each neighbour's whole mask added or subtracted (mod 2^32)
+    expected = encoded.astype(np.int64) + prg_uint32(self_seed, length).astype(np.int64)
+    for seed, sign in pairwise:
+        expected = (expected + sign * prg_uint32(seed, length).astype(np.int64)) % (1 << 32)
+    masked = mask_update(encoded, self_seed, pairwise)
+    np.testing.assert_array_equal(masked, expected.astype(np.uint32))
+    np.testing.assert_array_equal(encoded, before)  # the encoded update is left as it was
+
+
 def test_apply_masks_refuses_bad_input_and_leaves_the_sum() -> None:
     total = np.arange(10, dtype=np.uint32)
     for bad, message in (

@@ -39,7 +39,15 @@ from common.quantize import FixedPoint
 from common.secagg import derive_params
 from common.secagg.graph import threshold_bound
 from common.tensors import WIRE_DTYPE, ChunkAssembler, Manifest, sha256_hex, to_wire
-from server.errors import Change, ErrorKind, FederationError, Pending, RoundCompleted, hold
+from server.errors import (
+    Change,
+    ErrorKind,
+    FederationError,
+    Pending,
+    RoundCompleted,
+    hold,
+    hold_all,
+)
 from server.faults import crash_point
 from server.privacy import (
     LEDGER_MECHANISM,
@@ -63,6 +71,9 @@ from server.strategies import FitInstructions, RobustStrategy, Strategy
 
 T = TypeVar("T")
 log = logging.getLogger("xeno.server.rounds")
+
+# The longest the round driver sleeps through an open secure-aggregation phase.
+SECAGG_DRIVER_WAIT_S = 0.5
 _RETRY_BASE_S = 0.1
 _RETRY_CAP_S = 2.0
 audit = logging.getLogger("xeno.audit")
@@ -485,6 +496,7 @@ class RoundCoordinator:
     def _signal(self, change: Change) -> None:
         if change is Change.PHASE:
             self._phase_cond.notify_all()
+            self._cond.notify_all()  # the driver sleeps through a phase (_driver_wait_s)
         for listener in self._change_listeners:
             listener(change)
 
@@ -1127,11 +1139,32 @@ class RoundCoordinator:
                 except Exception:
                     log.exception("round driver step failed")
                 with self._cond:
-                    self._cond.wait(interval_s)
+                    self._cond.wait(self._driver_wait_s(interval_s))
 
         self._heartbeat = self.clock()
         self._driver = threading.Thread(target=loop, name="round-driver", daemon=True)
         self._driver.start()
+
+    def _driver_wait_s(self, interval_s: float) -> float:
+        """How long the driver may sleep before its next step (called with the lock held).
+
+        While a secure round's phase is open there is nothing to do before the phase's
+        deadline: the calls that complete a phase close it and announce the change (which
+        wakes the driver, see `_signal`), and a finished round wakes it too. Polling at
+        `interval_s` anyway was ~0.02 s of server CPU per round of benchmarks/secagg.py.
+        The sleep is capped (SECAGG_DRIVER_WAIT_S) for what ends a phase without a call
+        announcing it (an upload stream breaking off, say).
+        """
+        rnd = self._round
+        if self._unsettled or rnd is None or rnd.closing or rnd.secagg is None:
+            return interval_s
+        secagg = rnd.secagg
+        if secagg.finished:
+            return interval_s
+        if rnd.sessions and secagg.phase not in (Phase.ADVERTISE, Phase.SHARE, Phase.UPLOAD):
+            return interval_s  # uploads too late to be added: the next step ends them
+        until = min(SECAGG_DRIVER_WAIT_S, secagg.phase_deadline - self.clock())
+        return max(interval_s, until)
 
     def health_problem(self) -> str:
         """Why the federation is not making progress it should make ("" when it is).
@@ -2132,15 +2165,24 @@ class UploadSession:
         The transport reads the first data chunk only then, so an upload queued for a
         buffer leaves its data in gRPC's flow-controlled window (256 KiB) instead of
         holding a whole chunk in server memory: memory stays O(d + n x window).
+        The transport runs it on its event loop: the session's and the coordinator's locks
+        are only tried there (`hold_all`; the pool takes over when either is held).
         """
-        with self._lock:
+        with hold_all(self._lock, self._coordinator._cond):
             self._check_open()
             if self.assembler is None:
                 self._coordinator._check_staging(self, take=False)
 
     def add_chunk(self, data: bytes | memoryview) -> None:
-        """Copy one chunk in; Pending (call again) while no staging buffer is free."""
-        with self._lock:
+        """Copy one chunk in; Pending (call again) while no staging buffer is free.
+
+        Runs on the transport's event loop. The first chunk, which takes a staging buffer
+        under the coordinator's lock, comes through `call_without_waiting`: both locks are
+        only tried (`hold_all`); later chunks take only the session's lock.
+        """
+        first = self.assembler is None  # set once, under the lock: None now may be stale
+        locks = (self._lock, self._coordinator._cond) if first else (self._lock,)
+        with hold_all(*locks):
             self._check_open()
             if self.assembler is None:
                 if not data:
@@ -2162,6 +2204,9 @@ class UploadSession:
 
     # Keep chunks uncopied until commit (MaskedUploadSession) instead of staging them.
     keep_chunks = False
+    # Whether `commit` is cheap enough for the transport's event loop (a plain update's
+    # checks and strategy run in the pool).
+    commit_on_loop = False
 
     def _finish_vector(self) -> np.ndarray:
         self._check_open()
@@ -2218,9 +2263,12 @@ class MaskedUploadSession(UploadSession):
     """
 
     keep_chunks = True
+    # The transport commits it on its event loop: no hop to the pool and back per upload
+    # (the add is ~1 ms for 1M elements; both locks are only tried there, `hold_all`).
+    commit_on_loop = True
 
     def commit(self) -> None:
-        with self._lock:
+        with hold_all(self._lock, self._coordinator._cond):
             try:
                 self._check_open()
                 if self.assembler is None:

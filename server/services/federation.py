@@ -165,7 +165,8 @@ async def _receive_stream(
             except DecodeError:
                 raise FederationError(ErrorKind.INVALID_ARGUMENT, "malformed header") from None
             session = await runner.run(begin, header, on_loop=begin_on_loop)
-            await runner.call(session.await_buffer)  # before reading any data (see there)
+            # Before reading any data (see there); the session's calls run on the loop.
+            await runner.call(session.await_buffer, on_loop=True)
             async for raw in messages:
                 msg = FramedChunk(raw)
                 if msg.WhichOneof("part") != "data":
@@ -173,12 +174,12 @@ async def _receive_stream(
                         ErrorKind.INVALID_ARGUMENT, "only data chunks may follow the header"
                     )
                 if session.assembler is None:  # the first data chunk: wait for a buffer
-                    await runner.call(session.add_chunk, msg.data)
+                    await runner.call(session.add_chunk, msg.data, on_loop=True)
                 else:  # a memcpy: cheaper here than a hop to the pool
                     session.add_chunk(msg.data)
         except ValueError as exc:
             raise FederationError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
-        await runner.run(session.commit)
+        await runner.run(session.commit, on_loop=session.commit_on_loop)
         received = session.received
         session = None
         return received
