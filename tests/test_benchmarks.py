@@ -99,6 +99,44 @@ def test_intents_benchmark_compares_global_and_personalized_accuracy(tmp_path: P
 
 
 @pytest.mark.slow
+def test_intents_benchmark_dp_part_runs_a_smaller_model_beside_its_reference(
+    tmp_path: Path,
+) -> None:
+    plot = tmp_path / "dp.png"
+    line = _json_line(
+        "benchmarks/intents.py",
+        "--parts",
+        "dp",
+        "--dp-epsilons",
+        "8",
+        "--dp-rounds",
+        "1",
+        "--cohort-1000",
+        "2",
+        "--dp-buckets",
+        "256",
+        "--dp-dim",
+        "4",
+        "--local-epochs",
+        "1",
+        "--results",
+        str(tmp_path / "intents.json"),
+        "--plot",
+        str(plot),
+    )
+    runs = line["dp"]
+    reference = line["dp_reference"]
+    assert isinstance(runs, dict) and isinstance(reference, dict)
+    private = runs["8"]
+    # 256 x 4 embedding, 150 x 4 head, 150 biases; the reference is the same model, no DP.
+    assert private["parameters"] == reference["parameters"] == 256 * 4 + 150 * 4 + 150
+    assert (private["buckets"], private["dim"]) == (256, 4)
+    assert private["dp"]["epsilon"] <= 8.0 + 1e-6 and "dp" not in reference
+    assert line["dp_reference_accuracy"] == reference["accuracy"]
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_robust_benchmark_times_every_rule() -> None:
     line = _json_line("benchmarks/robust.py", "--clients", "5", "--params", "1000", "--repeat", "1")
     seconds = line["seconds"]

@@ -51,19 +51,23 @@ from xeno.procmem import TreeMemorySampler
 log = logging.getLogger("xeno.simulate")
 
 INTENTS_LOCAL_OPTIMIZER = "adam"
-INTENTS_LEARNING_RATE = 0.1
-"""Local training of the text model: Adam (fresh moments each round) at 0.1. Its head starts at
+INTENTS_LEARNING_RATE = 0.03
+"""Local training of the text model: Adam (fresh moments each round) at 0.03. Its head starts at
 zero and its features are means of ~100 embedding rows that start at +-1/dim, so the head's bias
 gets gradients ~100x its weights' and the embedding's: no single SGD rate trains it from few local
 steps (a user of 120 queries: at 0.1 to 5, five local epochs left its own training accuracy at
-4-7%); Adam fits them in five epochs. SGD at 5 got going with 1,200 queries a user (README)."""
+4-7%); Adam fits them in five epochs. Of Adam's rates, 0.03 with FedAvg at server rate 2 trained
+best in process with 100 users (benchmarks/intents.py FED_DEFAULTS): 0.1 plateaued near 60%, 0.01
+was slower. SGD at 5 got going with 1,200 queries a user (README)."""
 
-INTENTS_PERSONAL_LR = 0.01
-"""FedRep's head rate under Adam (the server's 0.5 default is an SGD rate)."""
+INTENTS_PERSONAL_LR = 0.003
+"""FedRep's head rate under Adam (the server's 0.5 default is an SGD rate). 5 epochs of the head
+alone at 0.003 gained 4.1 points on 100 users' held-out queries over a model at 77.6% there, where
+0.01 lost 0.5 and 0.03 lost 7.7 (the head overfits a user's ~120 queries; README)."""
 
-INTENTS_SERVER_LR = 3.0
+INTENTS_SERVER_LR = 2.0
 """FedAvg's server rate for the text model: the mean of non-IID updates moves each intent's head
-row by only the share of users who hold that intent."""
+row by only the share of users who hold that intent (3 oscillated with Adam at 0.1 on devices)."""
 
 INTENTS_SECAGG_CLIP_NORM = 500.0
 """Secure aggregation's L2 clip for the text model: one local epoch over a few thousand queries
