@@ -99,6 +99,41 @@ def test_intents_benchmark_compares_global_and_personalized_accuracy(tmp_path: P
 
 
 @pytest.mark.slow
+def test_intents_benchmark_schedules_the_devices_rate_and_epochs(tmp_path: Path) -> None:
+    line = _json_line(
+        "benchmarks/intents.py",
+        "--parts",
+        "personalization",
+        "--users",
+        "3",
+        "--rounds",
+        "3",
+        "--local-epochs",
+        "2",
+        "--late-local-epochs",
+        "1",
+        "--late-from",
+        "1",
+        "--personal-epochs",
+        "1",
+        "--fed-lr",
+        "0.04",
+        "--fed-lr-schedule",
+        "cosine",
+        "--fed-lr-final",
+        "0.01",
+        "--results",
+        str(tmp_path / "intents.json"),
+    )
+    run = line["personalization"]
+    # Rounds 0, 1, 2: t = 0, 1/2, 1 of the half cosine from 0.04 to 0.01.
+    assert run["learning_rates"] == pytest.approx([0.04, 0.025, 0.01])
+    assert run["learning_rate_schedule"] == "cosine" and run["learning_rate_final"] == 0.01
+    assert (run["late_local_epochs"], run["late_from_round"]) == (1, 1)
+    assert len(run["accuracy_curve"]) == 2
+
+
+@pytest.mark.slow
 def test_intents_benchmark_dp_part_runs_a_smaller_model_beside_its_reference(
     tmp_path: Path,
 ) -> None:
