@@ -271,3 +271,19 @@ def test_sigterm_stops_the_simulation_and_its_device_processes(tmp_path: Path) -
     while any(_alive(pid) for pid in tree):
         assert time.monotonic() < deadline, [p for p in tree if _alive(p)]
         time.sleep(0.2)
+
+
+def test_a_stop_signal_is_acted_on_only_at_safe_points() -> None:
+    """A SIGTERM raised inside a worker's start left that worker unrecorded and running,
+    and the server's threads holding the stopped simulation open (CI saw it hang)."""
+    import signal
+
+    from xeno.simulation import _StopSignal
+
+    stop = _StopSignal()
+    stop.check()  # nothing asked: no raise
+    stop.handler(signal.SIGTERM, None)  # the handler itself never raises
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        stop.check()
+    stop.reset()
+    stop.check()

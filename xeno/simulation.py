@@ -430,6 +430,15 @@ def _worker_main(configs: list[ClientConfig], compute_slots: int) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        # A simulation that is gone (SIGKILL, a crash) cannot stop this process: its
+        # devices leave when it does instead of calling a dead server forever.
+        def leave_with_parent() -> None:
+            parent.join()
+            stop.set()
+
+        threading.Thread(target=leave_with_parent, name="parent-watch", daemon=True).start()
     host = (
         SharedHost(threading.Semaphore(compute_slots), keep_model=False)
         if len(configs) > 1
@@ -628,24 +637,25 @@ def _run_simulation(config: SimulationConfig) -> SimulationResult:
         server.start()
         result.server = server.address
         cpu_start = _cpu_seconds()
-        configs = _device_configs(config, task, server.address, state_root, device_key)
-        # Round-robin, so that every process holds a like share of each round's cohort.
-        workers = [
-            ctx.Process(
-                target=_worker_main,
-                args=(configs[w::processes], config.compute_slots),
-                name=f"devices-{w}",
-                daemon=True,
-            )
-            for w in range(processes)
-        ]
-        for w in workers:
-            w.start()
-        cpu.start([w.pid for w in workers])
-        watcher = threading.Thread(target=cpu.watch, args=(sampler.stopped,), daemon=True)
-        watcher.start()
+        workers: list[multiprocessing.process.BaseProcess] = []
         finished = False
         try:
+            _STOP.check()  # a stop asked for during start-up, acted on where cleanup follows
+            configs = _device_configs(config, task, server.address, state_root, device_key)
+            # Round-robin, so that every process holds a like share of each round's cohort.
+            for index in range(processes):
+                worker = ctx.Process(
+                    target=_worker_main,
+                    args=(configs[index::processes], config.compute_slots),
+                    name=f"devices-{index}",
+                    daemon=True,
+                )
+                worker.start()
+                workers.append(worker)
+                _STOP.check()
+            cpu.start([w.pid for w in workers if w.pid is not None])
+            watcher = threading.Thread(target=cpu.watch, args=(sampler.stopped,), daemon=True)
+            watcher.start()
             _collect(server, events, config, result, started)
             result.federated_evaluation = federated_evaluation(server.store, result.model)
             finished = True
@@ -745,6 +755,7 @@ def _await_registrations(
         show(f"starting devices: {registered}/{config.clients} registered")
         if registered >= config.clients:
             break
+        _STOP.check()
         time.sleep(1.0)
     else:
         log.warning(
@@ -785,6 +796,7 @@ def _collect(
         bar = progress.add_task("rounds", total=config.rounds, status="starting devices...")
         _await_registrations(server, config, lambda status: progress.update(bar, status=status))
         while completed < config.rounds or evaluated < evaluations_due:
+            _STOP.check()
             try:
                 record = events.get(timeout=1.0)
             except queue.Empty:
@@ -905,21 +917,46 @@ def print_result(result: SimulationResult, config: SimulationConfig) -> None:
         console.print(f"report: {config.report}", soft_wrap=True)
 
 
-def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    # SIGTERM (docker-compose stop, kill) takes Ctrl-C's path: run_simulation's cleanup
-    # stops the device processes; the default action would leave them running.
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopSignal:
+    """SIGTERM (docker-compose stop, kill) and Ctrl-C, acted on only at safe points.
+
+    The handler only notes the signal; `check()`, called where the simulation waits
+    (between worker starts, in the registration and round loops), turns it into a
+    KeyboardInterrupt there, so run_simulation's cleanup always runs whole: it stops
+    the device processes and the server. Raised asynchronously, at an arbitrary
+    point, it could land inside a worker's start (a process forked, its pid never
+    recorded, left running with the server's threads holding the simulation open).
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.requested = signum
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"signal {self.requested}")
+
+    def reset(self) -> None:
+        self.requested = None
+
+
+_STOP = _StopSignal()
 
 
 def simulate(config: SimulationConfig) -> int:
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    _STOP.reset()
+    previous = {sig: signal.signal(sig, _STOP.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = run_simulation(config)
     except KeyboardInterrupt:
         print("simulation stopped; its device processes have left")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _STOP.reset()
     print_result(result, config)
     completed = sum(r["status"] == "completed" for r in result.rounds)
     if completed < config.rounds:
